@@ -117,10 +117,17 @@ def constitution_check(folder):
 @click.option("--limit", type=int, default=None, help="Only the first N prompts.")
 @click.option("--chunk-size", type=int, default=None, help="Prompts per checkpoint (default 4x batch size); a kill loses at most one chunk.")
 @click.option("--early-stop/--no-early-stop", default=True, show_default=True, help="Stop a prompt's loop when the critique finds nothing to fix.")
+@click.option("--pair-mode", type=click.Choice(["revision", "samples"]), default="revision", show_default=True,
+              help="revision: initial response vs final revision; samples: two sampled responses (CAI RL stage).")
+@click.option("--label/--no-label", default=True, show_default=True,
+              help="Judge every pair against the constitution (AI label). --no-label keeps revision > initial, p_chosen = 1.")
+@click.option("--principles", "judge_principles", type=int, default=1, show_default=True,
+              help="Principles the judge averages over per pair (0 = all).")
 @click.option("--overwrite", is_flag=True, help="Start the output file afresh instead of resuming.")
 @handle_errors
 def generate(constitution_dir, prompts, out, model, backend, batch_size, device, trust_remote_code, base_url,
-             rounds, seed, max_new_tokens, temperature, limit, chunk_size, early_stop, overwrite):
+             rounds, seed, max_new_tokens, temperature, limit, chunk_size, early_stop, pair_mode, label,
+             judge_principles, overwrite):
     """Run critique -> revision loops and write preference pairs.
 
     \b
@@ -134,7 +141,8 @@ def generate(constitution_dir, prompts, out, model, backend, batch_size, device,
         constitution=constitution_dir, prompts=prompts, out=out, model=model, backend=backend,
         backend_options=backend_kwargs(backend, batch_size, device, trust_remote_code, base_url),
         rounds=rounds, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, limit=limit,
-        chunk_size=chunk_size, early_stop=early_stop, overwrite=overwrite,
+        chunk_size=chunk_size, early_stop=early_stop, overwrite=overwrite, pair_mode=pair_mode, label=label,
+        judge_principles=judge_principles or None,
     )
     summary = run_generate(cfg)
     click.echo(summary.line(), err=True)
@@ -145,11 +153,183 @@ def generate(constitution_dir, prompts, out, model, backend, batch_size, device,
 
 
 # -- train / score (issue 4: reward.py) ---------------------------------------------------------
-# TRAIN-COMMANDS-HERE
+@cli.command()
+@click.option("--pairs", required=True, type=click.Path(), help="Pairs: our rows (label.p_chosen), TRL rows or raw HH-RLHF; .jsonl/.jsonl.gz.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for the reward model (a standard Hugging Face folder).")
+@click.option("--base", default=None, help="HF id or folder of the backbone. Default: the embedded all-MiniLM-L6-v2.")
+@click.option("--labels", type=click.Choice(["soft", "hard"]), default="soft", show_default=True, help="soft: train on p_chosen; hard: on p rounded (0.5 rows dropped).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-length", type=int, default=None, help="Tokens per conversation+response (default: the base's limit, at most 512).")
+@click.option("--eval-pairs", type=click.Path(), default=None, help="Pairs to evaluate on each epoch (accuracy, mean margin).")
+@click.option("--limit", type=int, default=None, help="Only the first N valid pairs.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Pairs per device per step.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate.")
+@click.option("--margin", type=float, default=0.0, show_default=True, help="Margin scaled by label strength, m·|2p-1|.")
+@click.option("--center-rewards", type=float, default=0.0, show_default=True, help="Weight of the reward-centering term (TRL suggests 0.01).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bf16", "precision", flag_value="bf16", help="bf16 mixed precision (GPU only).")
+@click.option("--fp16", "precision", flag_value="fp16", help="fp16 mixed precision (GPU only).")
+@click.option("--fp32", "precision", flag_value="fp32", help="Full precision even on a GPU.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Save memory at the cost of compute.")
+@click.option("--fsdp", default="", help="FSDP mode for multi-GPU runs, e.g. 'full_shard auto_wrap'.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--save-steps", type=int, default=200, show_default=True, help="Checkpoint every N steps (for --resume).")
+@click.option("--max-steps", type=int, default=-1, help="Stop after N steps (smoke tests).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep checkpoint-* folders after the run finishes.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the base model's own Python code to run.")
+@handle_errors
+def train(pairs, out, base, labels, epochs, max_length, eval_pairs, limit, batch_size, grad_accum, lr, margin,
+          center_rewards, seed, precision, gradient_checkpointing, fsdp, device, save_steps, max_steps, resume,
+          keep_checkpoints, trust_remote_code):
+    """Train a reward model on soft AI labels or human labels.
+
+    Writes a standard Hugging Face folder (safetensors, tokenizer, model card,
+    cai_train_config.json) that loads with AutoModelForSequenceClassification.
+
+    \b
+    Examples:
+      cai train --pairs outputs/labelled.jsonl --out outputs/rm-ai
+      cai train --pairs ../shared/data/hh-rlhf-harmless/train.jsonl.gz --out outputs/rm-human \\
+          --eval-pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz
+      accelerate launch --multi_gpu -m cai train --pairs labelled.jsonl --base Qwen/Qwen2.5-1.5B --out outputs/rm
+    """
+    from cai.reward import TrainConfig, train_reward_model
+
+    cfg = TrainConfig(
+        pairs=pairs, out=out, base=base, labels=labels, epochs=epochs, max_length=max_length, eval_pairs=eval_pairs,
+        limit=limit, batch_size=batch_size, grad_accum=grad_accum, lr=lr, margin=margin, center_rewards=center_rewards,
+        seed=seed, precision=precision or "auto", gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
+        device=device, save_steps=save_steps, max_steps=max_steps, resume=resume, keep_checkpoints=keep_checkpoints,
+        trust_remote_code=trust_remote_code,
+    )
+    m = train_reward_model(cfg)
+    ev = f", eval accuracy {m['eval_accuracy']:.3f}, margin {m['eval_margin']:.3f}" if "eval_accuracy" in m else ""
+    click.echo(f"cai: reward model -> {out} (train loss {m['train_loss']:.4f}{ev}, {m['wall_s']:.0f}s)", err=True)
+
+
+@cli.command()
+@click.option("--rm", "rm_dir", required=True, type=click.Path(), help="Reward-model folder (from `cai train`, or any 1-output HF classifier).")
+@click.option("--pairs", required=True, type=click.Path(), help="Pairs to score (any format `cai train` reads).")
+@click.option("--out", required=True, help="JSONL of per-row rewards (id, r_chosen, r_rejected, margin); '-' for stdout.")
+@click.option("--limit", type=int, default=None, help="Only the first N valid pairs.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@handle_errors
+def score(rm_dir, pairs, out, limit, batch_size, device):
+    """Score pairs with a reward model: one row of rewards per pair.
+
+    \b
+    Example:
+      cai score --rm outputs/rm-human --pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz --out outputs/dev-scores.jsonl
+    """
+    from cai.reward import run_score
+
+    s = run_score(rm_dir, pairs, out, limit, batch_size=batch_size, device=device)
+    acc = f", accuracy vs labels {s['accuracy']:.3f} on {s['labelled']}" if s["labelled"] else ""
+    click.echo(
+        f"cai: scored {s['pairs']} pairs -> {out} ({s['skipped']} skipped, {s['truncated']} truncated{acc})", err=True
+    )
 
 
 # -- eval / compare (issue 5: evaluate.py) ------------------------------------------------------
-# EVAL-COMMANDS-HERE
+def eval_options(fn):
+    """Options `eval` and `compare` share: how the report's numbers are computed."""
+    opts = [
+        click.option("--shift-pairs", type=click.Path(), default=None, help="Pairs from another source (distribution-shift probe)."),
+        click.option("--bootstrap", type=int, default=2000, show_default=True, help="Bootstrap resamples per interval."),
+        click.option("--probes/--no-probes", default=True, show_default=True, help="Robustness probes (length, refusal, formatting)."),
+        click.option("--probe-limit", type=int, default=200, show_default=True, help="Refusal/format probes score 4 extra responses per pair: on the first N pairs only (0 = all)."),
+        click.option("--rm-batch-size", type=int, default=32, show_default=True, help="Sequences per forward pass when scoring."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@cli.command("eval")
+@click.option("--rm", "rms", required=True, multiple=True, type=click.Path(), help="Reward-model folder; repeat to compare several.")
+@click.option("--name", "names", multiple=True, help="Display name per --rm, in the same order (default: folder names).")
+@click.option("--pairs", required=True, type=click.Path(), help="Test pairs: our rows, TRL rows or raw HH-RLHF.")
+@click.option("--out", required=True, type=click.Path(), help="Report folder: metrics.json, report.md, report.html, *.png.")
+@click.option("--limit", type=int, default=None, help="Only the first N test pairs (and N shift pairs).")
+@eval_options
+@click.option("--max-length", type=int, default=None, help="Tokens per sequence (default: what each model was trained with).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@handle_errors
+def eval_cmd(rms, names, pairs, out, limit, shift_pairs, bootstrap, probes, probe_limit, rm_batch_size, max_length,
+             device, seed):
+    """Evaluate reward models on preference pairs: accuracy, calibration, paired tests, probes.
+
+    Writes metrics.json, report.md, a self-contained report.html and PNG plots. Trivial
+    baselines (always-first, shorter answer, longer answer) are in the same table.
+
+    \b
+    Example:
+      cai eval --rm outputs/rm-ai --rm outputs/rm-human \\
+          --pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz --out outputs/report
+    """
+    from cai.evaluate import EvalConfig, run_eval, summary_line
+
+    cfg = EvalConfig(rms=list(rms), names=list(names) or None, pairs=pairs, out=out, limit=limit,
+                     shift_pairs=shift_pairs, batch_size=rm_batch_size, max_length=max_length, device=device,
+                     bootstrap=bootstrap, seed=seed, probes=probes, probe_limit=probe_limit or None)
+    metrics = run_eval(cfg)
+    click.echo(summary_line(metrics, out), err=True)
+
+
+@cli.command()
+@click.option("--human-train", required=True, type=click.Path(), help="Human-labelled training pairs (raw HH-RLHF works).")
+@click.option("--test", required=True, type=click.Path(), help="Human-labelled test pairs.")
+@click.option("--constitution", "constitution_dir", required=True, type=click.Path(), help="The judge's constitution folder.")
+@click.option("--out", required=True, type=click.Path(), help="Study folder: report files and the steps/ cache.")
+@model_options
+@click.option("--base", default=None, help="Reward-model base for every RM (default: the embedded all-MiniLM-L6-v2).")
+@click.option("--limit", type=int, default=None, help="Only the first N training pairs (and N test pairs, unless --test-limit).")
+@click.option("--test-limit", type=int, default=None, help="Only the first N test pairs.")
+@click.option("--generated-pairs", type=click.Path(), default=None, help="`cai generate` pairs: train a third RM on them.")
+@click.option("--principles", type=int, default=1, show_default=True, help="Principles the judge averages over per pair.")
+@click.option("--cot", is_flag=True, help="The judge reasons before answering (slower).")
+@click.option("--labels", type=click.Choice(["soft", "hard"]), default="soft", show_default=True, help="Loss labels for every RM.")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-length", type=int, default=None, help="RM tokens per sequence (default: the base's, at most 512).")
+@click.option("--train-batch-size", type=int, default=16, show_default=True, help="RM training pairs per step.")
+@eval_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the up-front estimate of tokens and time, then stop.")
+@handle_errors
+def compare(human_train, test, constitution_dir, out, model, backend, batch_size, device, trust_remote_code, base_url,
+            base, limit, test_limit, generated_pairs, principles, cot, labels, epochs, max_length, train_batch_size,
+            shift_pairs, bootstrap, probes, probe_limit, rm_batch_size, seed, dry_run):
+    """The study: AI-label the human train pairs, train an AI-label and a human-label
+    reward model alike, evaluate both on the test pairs, and report.
+
+    The judge never sees the human labels. Every step is cached by content hash under
+    OUT/steps/, so a rerun after a crash, or with one setting changed, redoes only what
+    changed. An estimate of tokens and time is printed first (--dry-run stops there).
+
+    \b
+    Example (CPU, about half an hour):
+      cai compare --human-train ../shared/data/hh-rlhf-harmless/train.jsonl.gz \\
+          --test ../shared/data/hh-rlhf-harmless/dev.jsonl.gz \\
+          --constitution constitutions/harmless --out outputs/study --limit 300
+    """
+    from cai.compare import CompareConfig, command_line, run_compare, summary_line
+
+    cfg = CompareConfig(
+        human_train=human_train, test=test, constitution=constitution_dir, out=out, model=model, backend=backend,
+        backend_options=backend_kwargs(backend, batch_size, device, trust_remote_code, base_url), base=base,
+        limit=limit, test_limit=test_limit, generated_pairs=generated_pairs, shift_pairs=shift_pairs,
+        principles=principles, cot=cot, labels=labels, epochs=epochs, max_length=max_length,
+        train_batch_size=train_batch_size, score_batch_size=rm_batch_size, seed=seed, bootstrap=bootstrap, probes=probes,
+        probe_limit=probe_limit or None, device=device,
+        dry_run=dry_run, command=command_line(),
+    )
+    metrics = run_compare(cfg)
+    click.echo(summary_line(metrics, out), err=True)
+# EVAL-COMMANDS-END
 
 
 def main():

@@ -1,0 +1,439 @@
+"""LangChain backend: any LangChain chat model, or any OpenAI-compatible server (vLLM, TGI,
+SGLang, llama.cpp) via ``base_url``, with ``batch_size`` requests in flight.
+
+Three things differ from the local ``hf`` backend, and each is a choice documented here:
+
+* **Assistant prefixes.** A conversation whose last message is from the assistant is a prefix
+  to continue. vLLM (and SGLang) continue it when asked with
+  ``continue_final_message=True, add_generation_prompt=False``; servers that reject those fields
+  get the prefix folded into the last user message ("Begin your reply with: …") instead, and the
+  echoed prefix is cut from the reply. ``prefix="auto"`` settles this with one tiny request the
+  first time a prefix is needed. A server that silently *ignores* the fields (starting a fresh
+  assistant turn) cannot be detected; use ``prefix="fold"`` for it.
+* **Option log-probs** come from the server's ``top_logprobs`` for the first generated token
+  (``max_tokens=1, logprobs=True, top_logprobs=20``), not from the whole vocabulary. See
+  ``option_logprobs`` for how an option missing from that list is scored.
+* **No log-probs** (a provider or server that returns none): ``supports_logprobs`` becomes False
+  after one probe request, and the judge uses generated verdicts instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from cai.backends.base import Generation
+from cai.errors import CaiError, InputError
+
+PREFIX_MODES = ("auto", "continue", "fold")
+_CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
+
+
+class LangChainBackend:
+    name = "langchain"
+
+    def __init__(
+        self,
+        model: str | None,
+        *,
+        batch_size: int = 16,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int = 20,
+        prefix: str = "auto",
+        **kw,
+    ):
+        """
+        model: ``provider:model`` for ``init_chat_model`` (e.g. ``openai:gpt-4o-mini``), or with
+            ``base_url`` the name the server serves (None: the server's only model).
+        batch_size: requests in flight at once.
+        base_url: an OpenAI-compatible server, e.g. ``http://localhost:8000/v1``.
+        api_key: for ``base_url``; default ``$OPENAI_API_KEY``, else ``"EMPTY"`` (what vLLM expects
+            when started without ``--api-key``).
+        logprobs: None = find out with one probe request when first needed; True = require them;
+            False = never ask (the judge uses generated verdicts).
+        top_logprobs: alternatives the server lists per token (OpenAI and vLLM's default cap: 20).
+        prefix: how a trailing assistant message is sent: ``continue`` (vLLM's
+            continue_final_message), ``fold`` (into the last user message) or ``auto``.
+        kw: passed to the chat model (``timeout``, ``max_retries``, provider options).
+        """
+        if prefix not in PREFIX_MODES:
+            raise InputError(f"prefix mode {prefix!r} is not one of {', '.join(PREFIX_MODES)}")
+        self.batch_size = max(1, int(batch_size))
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.top_logprobs = int(top_logprobs)
+        self._logprobs = logprobs
+        self.stats = {
+            "requests": 0, "prompt_tokens": 0, "generated_tokens": 0,
+            "options_scored": 0, "options_floored": 0,
+        }
+        self._lock = threading.Lock()  # stats are updated from batch_size threads
+        if self.base_url:
+            self._init_server(model, api_key, kw)
+        else:
+            self._init_provider(model, api_key, kw)
+        # Without base_url, only OpenAI's own API could honour vLLM's continue flags; fold elsewhere.
+        if prefix == "auto" and not self._openai_compatible:
+            prefix = "fold"
+        self.prefix = prefix
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _init_server(self, model, api_key, kw):
+        import openai
+        from langchain_openai import ChatOpenAI
+
+        api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        served = self._served_models(openai, api_key, kw)
+        if model and model.startswith("openai:"):
+            model = model[len("openai:"):]
+        if not model:
+            if len(served) != 1:
+                raise InputError(
+                    f"{self.base_url} serves {len(served)} models ({', '.join(served) or 'none listed'}); "
+                    "pick one with --model"
+                )
+            model = served[0]
+        elif served and model not in served:
+            raise InputError(
+                f"model {model!r} is not served by {self.base_url}; it serves: {', '.join(served)} — "
+                "fix --model (vLLM: the name given to --served-model-name, else the model path)"
+            )
+        self.model_id = model  # the served name, not the URL: reruns on another replica still match
+        self.provider = "openai-compatible"
+        self.chat = ChatOpenAI(
+            model=model, base_url=self.base_url, api_key=api_key,
+            use_responses_api=False,  # chat completions is what every compatible server speaks
+            **kw,
+        )
+        self._openai_compatible = True
+
+    def _served_models(self, openai, api_key, kw) -> list[str]:
+        """GET /models: fails fast when nothing listens, and names the models when --model is off.
+        An empty list means the server does not list its models (then any name is sent as is)."""
+        client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key,
+            max_retries=kw.get("max_retries", 2), timeout=kw.get("timeout") or 30,
+        )
+        try:
+            return [m.id for m in client.models.list()]
+        except openai.APIConnectionError:
+            raise CaiError(self._unreachable()) from None
+        except openai.AuthenticationError:
+            raise CaiError(
+                f"{self.base_url} rejected the API key: set OPENAI_API_KEY to the key the server was "
+                "started with (vLLM: --api-key)"
+            ) from None
+        except openai.APIStatusError:
+            return []  # no /models route (some proxies); the first request will tell
+        finally:
+            client.close()
+
+    def _init_provider(self, model, api_key, kw):
+        if not model:
+            raise InputError(
+                "the langchain backend needs --model provider:model (e.g. openai:gpt-4o-mini, "
+                "anthropic:claude-sonnet-4-5), or --base-url for an OpenAI-compatible server"
+            )
+        from langchain.chat_models import init_chat_model
+
+        if api_key:
+            kw = dict(kw, api_key=api_key)
+        try:
+            self.chat = init_chat_model(model, **kw)
+        except ImportError as e:
+            raise InputError(
+                f"model {model!r} needs a LangChain integration that is not installed: {e}"
+            ) from None
+        except ValueError as e:
+            raise InputError(
+                f"cannot make a chat model from {model!r}: {str(e).splitlines()[0]} — use provider:model, "
+                "e.g. openai:gpt-4o-mini, or --base-url for an OpenAI-compatible server"
+            ) from None
+        except Exception as e:  # e.g. a missing API key, raised by the provider's constructor
+            raise InputError(f"cannot set up {model!r}: {str(e).splitlines()[0]}") from None
+        self.model_id = model
+        self.provider = model.split(":", 1)[0] if ":" in model else type(self.chat).__name__
+        fields = getattr(type(self.chat), "model_fields", {})
+        self._openai_compatible = "extra_body" in fields and "logprobs" in fields
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "model": self.model_id,
+            "provider": self.provider,
+            "base_url": self.base_url,
+            "batch_size": self.batch_size,
+            "prefix": self.prefix,
+            "logprobs": self._logprobs,  # None: not yet probed
+            "top_logprobs": self.top_logprobs,
+        }
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _call(self, messages: list[dict], **params):
+        """One chat request; provider errors become CaiError with the fix."""
+        params = self._params(params)
+        try:
+            msg = self.chat.invoke(messages, **params)
+        except Exception as e:
+            if not _from_provider(e):
+                raise  # a bug, not the server: keep the traceback
+            raise CaiError(self._explain(e)) from e
+        usage = getattr(msg, "usage_metadata", None) or {}
+        self._count(requests=1, prompt_tokens=usage.get("input_tokens", 0))
+        return msg
+
+    def _params(self, params: dict) -> dict:
+        if not self._openai_compatible:
+            for k in ("seed", "logprobs", "top_logprobs", "extra_body"):
+                params.pop(k, None)
+            return params
+        extra = {**(self.chat.extra_body or {}), **params.pop("extra_body", {})}
+        if self.base_url and "max_tokens" in params:
+            # langchain-openai sends max_completion_tokens; TGI ignores that field and reads only
+            # the older max_tokens, so servers get both (vLLM and SGLang take either).
+            extra["max_tokens"] = params["max_tokens"]
+        if extra:
+            params["extra_body"] = extra
+        return params
+
+    def _count(self, **deltas):
+        with self._lock:
+            for k, v in deltas.items():
+                self.stats[k] += v
+
+    def _map(self, fn, items: list):
+        """fn over items with batch_size in flight, results in input order. Threads, not asyncio:
+        safe to call from notebooks (already inside an event loop) and from any thread."""
+        if len(items) <= 1 or self.batch_size == 1:
+            return [fn(x) for x in items]
+        pool = ThreadPoolExecutor(max_workers=min(self.batch_size, len(items)), thread_name_prefix="cai-lc")
+        try:
+            out = list(pool.map(fn, items))
+        except BaseException:
+            # First error or Ctrl-C: drop what has not been sent yet, and do not wait for the rest.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return out
+
+    def _unreachable(self) -> str:
+        return f"cannot reach {self.base_url}: start the server or fix --base-url"
+
+    def _explain(self, e: Exception) -> str:
+        """A message that says what went wrong and what to do."""
+        from langchain_core import exceptions as lc
+
+        where = self.base_url or self.provider
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        if isinstance(e, lc.ModelConnectionError | ConnectionError) or "ConnectionError" in type(e).__name__:
+            if self.base_url:
+                return self._unreachable()
+            return f"cannot reach {where}: check the network and the provider's status"
+        if isinstance(e, lc.ModelTimeoutError):
+            return f"{where} timed out: lower --batch-size, or give the server more capacity"
+        if isinstance(e, lc.ModelAuthenticationError | lc.ModelPermissionDeniedError):
+            return (f"{where} rejected the API key: set the provider's key "
+                    "(OPENAI_API_KEY for OpenAI and for --base-url servers)")
+        if isinstance(e, lc.ModelNotFoundError):
+            return f"{where} has no model {self.model_id!r} ({first}): fix --model"
+        if isinstance(e, lc.ContextOverflowError):
+            return (f"a prompt is longer than {self.model_id}'s context ({first}): "
+                    "lower --max-new-tokens or shorten the prompts")
+        if isinstance(e, lc.ModelRateLimitError):
+            return f"{where} is rate-limiting ({first}): lower --batch-size"
+        if isinstance(e, lc.ModelAPIError):
+            return f"{where} failed ({first}): check the server's log; rerun the same command to resume"
+        if _is_rejection(e):
+            return (f"{where} rejected the request ({first}): check --max-new-tokens against the server's "
+                    f"limits (vLLM: --max-model-len; --max-logprobs >= {self.top_logprobs} for the judge)")
+        return f"{where}: {type(e).__name__}: {first}"
+
+    # -- assistant prefixes --------------------------------------------------------------------
+
+    def _settle_prefix(self, conversations: list[list[dict]]):
+        """auto: before the first batch with a prefix, one 1-token request decides between
+        continue and fold (settled once, not raced by batch_size threads)."""
+        if self.prefix != "auto":
+            return
+        conversation = next((c for c in conversations if c and c[-1]["role"] == "assistant"), None)
+        if conversation is None:
+            return
+        try:
+            self.chat.invoke(conversation, **self._params({"max_tokens": 1, "temperature": 0,
+                                                           "extra_body": _CONTINUE}))
+            self.prefix = "continue"
+        except Exception as e:
+            if not _from_provider(e):
+                raise
+            if not _is_rejection(e):
+                raise CaiError(self._explain(e)) from e
+            self.prefix = "fold"
+            print(f"cai: {self.base_url or self.provider} does not take continue_final_message; "
+                  "assistant prefixes are folded into the user turn instead", file=sys.stderr)
+
+    def _request(self, conversation: list[dict], instruction: str | None = None):
+        """(messages, extra params, prefix to cut from the reply)."""
+        if conversation[-1]["role"] != "assistant":
+            return conversation, {}, None
+        if self.prefix == "continue":
+            return conversation, ({"extra_body": _CONTINUE} if self._openai_compatible else {}), None
+        prefix = conversation[-1]["content"]
+        note = instruction or f"Begin your reply with: {prefix}"
+        head = [dict(m) for m in conversation[:-1]]
+        if head and head[-1]["role"] == "user":
+            head[-1]["content"] = f"{head[-1]['content']}\n\n{note}"
+        else:
+            head.append({"role": "user", "content": note})
+        return head, {}, prefix
+
+    # -- the two operations --------------------------------------------------------------------
+
+    def generate(self, conversations, *, max_new_tokens=256, temperature=0.0, seed=None):
+        sampled = bool(temperature and temperature > 0)
+
+        def one(item):
+            i, conv = item
+            messages, params, cut = self._request(conv)
+            if sampled and seed is not None:
+                # One seed per request: two copies of a conversation in one call (e.g. two samples
+                # for a pair) must not come back identical. Same arguments, same seeds on rerun.
+                params["seed"] = seed * 1_000_003 + i
+            msg = self._call(messages, max_tokens=max_new_tokens, temperature=temperature, **params)
+            text = _text(msg)
+            if cut and text.lstrip().startswith(cut.strip()):
+                text = text.lstrip()[len(cut.strip()):]  # the folded prefix echoed back
+            usage = getattr(msg, "usage_metadata", None) or {}
+            n = usage.get("output_tokens") or len(text.split())
+            self._count(generated_tokens=n)
+            return Generation(text.strip(), n)
+
+        self._settle_prefix(conversations)
+        return self._map(one, list(enumerate(conversations)))
+
+    @property
+    def supports_logprobs(self) -> bool:
+        if self._logprobs is None:
+            self._logprobs = self._probe_logprobs()
+        return self._logprobs
+
+    @supports_logprobs.setter
+    def supports_logprobs(self, value: bool):
+        self._logprobs = bool(value)
+
+    def _probe_logprobs(self) -> bool:
+        if not self._openai_compatible:
+            return False
+        try:
+            msg = self.chat.invoke([{"role": "user", "content": "Say OK."}], **self._params(dict(
+                max_tokens=1, temperature=0, logprobs=True, top_logprobs=self.top_logprobs)))
+        except Exception as e:
+            if not _from_provider(e):
+                raise
+            if not _is_rejection(e):
+                raise CaiError(self._explain(e)) from e
+            print(f"cai: {self.base_url or self.provider} rejected logprobs with top_logprobs="
+                  f"{self.top_logprobs} ({str(e).splitlines()[0][:200]}); the judge will use generated "
+                  "verdicts (vLLM: raise --max-logprobs to use log-probs)", file=sys.stderr)
+            return False
+        ok = _top_logprobs(msg) is not None
+        if not ok:
+            print(f"cai: {self.base_url or self.provider} returns no log-probs; "
+                  "the judge will use generated verdicts", file=sys.stderr)
+        return ok
+
+    def option_logprobs(self, prompts, options):
+        """Log-probability of each option as the first generated token, from the server's top list.
+
+        A listed token counts for an option when it equals the option after stripping whitespace
+        ("A" and " A" are the same answer; servers tokenise differently), summed over such tokens.
+        An option *absent* from the top list has a true log-prob of at most
+        ``bound = min(lowest listed log-prob, log(1 - listed probability mass))``; we score it
+        ``bound - log(2)``: half the most it could be. That keeps it below every listed token, never
+        claims more than the unlisted mass, and stays finite, so normalising over the options
+        gives a confident but never exactly 0/1 judgement. Such floors are counted in
+        ``stats["options_floored"]``; a judge that mostly sees floors is not following the format.
+        """
+        stripped = [o.strip() for o in options]
+        if not options or not all(stripped) or len(set(stripped)) != len(options):
+            raise InputError(f"options {options} must be distinct, non-blank single tokens such as 'A', 'B'")
+        if not self.supports_logprobs:
+            raise CaiError(
+                f"{self.base_url or self.provider} returns no log-probs, so options cannot be scored; "
+                "use the generated-verdict judge (or a server that returns logprobs, e.g. vLLM)"
+            )
+        instruction = f"Reply with only one of: {', '.join(options)}."
+
+        def one(prompt):
+            messages, params, _ = self._request(prompt, instruction=instruction)
+            msg = self._call(messages, max_tokens=1, temperature=0, logprobs=True,
+                             top_logprobs=self.top_logprobs, **params)
+            top = _top_logprobs(msg)
+            if top is None:
+                raise CaiError(f"{self.base_url or self.provider} returned a reply without log-probs; "
+                               "rerun with a server that returns logprobs")
+            return self._score(top, options)
+
+        self._settle_prefix(prompts)
+        return self._map(one, list(prompts))
+
+    def _score(self, top: list[tuple[str, float]], options: list[str]) -> list[float]:
+        listed = [lp for _, lp in top]
+        unlisted = 1.0 - sum(math.exp(lp) for lp in listed)
+        bound = min(min(listed), math.log(unlisted)) if unlisted > 1e-12 else min(listed)
+        floor = bound - math.log(2)
+        out = []
+        for o in options:
+            hits = [lp for tok, lp in top if tok.strip() == o.strip()]
+            self._count(options_scored=1)
+            if hits:
+                m = max(hits)
+                out.append(m + math.log(sum(math.exp(h - m) for h in hits)))
+            else:
+                self._count(options_floored=1)
+                out.append(floor)
+        return out
+
+
+def _text(msg) -> str:
+    content = msg.content
+    if isinstance(content, list):  # content blocks (some providers)
+        content = "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
+    return content or ""
+
+
+def _top_logprobs(msg) -> list[tuple[str, float]] | None:
+    """[(token, logprob)] for the first generated token, or None when the reply carries none."""
+    lp = (msg.response_metadata or {}).get("logprobs") or {}
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not content:
+        return None
+    first = content[0]
+    top = [(t["token"], float(t["logprob"])) for t in first.get("top_logprobs") or []]
+    if not top and "token" in first:  # top_logprobs not honoured: only the chosen token
+        top = [(first["token"], float(first["logprob"]))]
+    return top or None
+
+
+def _from_provider(e: Exception) -> bool:
+    """An error the server or provider SDK reported (turned into CaiError), not a bug of ours."""
+    from langchain_core.exceptions import ModelError
+
+    if isinstance(e, ModelError | ConnectionError | TimeoutError) or hasattr(e, "status_code"):
+        return True
+    sdk = type(e).__module__.split(".")[0]
+    return sdk in ("openai", "httpx", "httpx2", "httpcore", "anthropic", "google")
+
+
+def _is_rejection(e: Exception) -> bool:
+    """A 400/422 for the request's shape (an unknown field, say), not for its length."""
+    from langchain_core.exceptions import ContextOverflowError
+
+    if isinstance(e, ContextOverflowError):
+        return False
+    return getattr(e, "status_code", None) in (400, 422)

@@ -1,0 +1,323 @@
+"""The critique -> revision engine behind `cai generate`.
+
+For each prompt: an initial response, then N rounds of (critique under a principle, revision).
+Prompts advance *stage by stage in batches* — all initial responses of a chunk in one batched
+call, then all critiques, then all revisions — because batching is where the speed is. Chunks
+are checkpoints: each finished chunk is appended to the output before the next starts, so a kill
+loses at most the chunk in flight and a rerun resumes by id.
+
+The principle for (prompt, round) is drawn by an RNG keyed on (seed, prompt id, round), so the
+same arguments reproduce the same rows whatever the chunking or resume history.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from cai import __version__
+from cai.errors import InputError
+
+PAIR_MODES = ("revision", "samples")
+
+
+@dataclass
+class GenerateConfig:
+    constitution: str  # constitution folder
+    prompts: str  # prompt file (.jsonl[.gz], .txt, HH-RLHF)
+    out: str  # pairs JSONL, appended and resumable by id
+    model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
+    backend: str = "hf"
+    backend_options: dict = field(default_factory=dict)
+    rounds: int | None = None  # None = the constitution's default (else 2)
+    seed: int = 0
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy; samples mode uses sample_temperature for the two samples
+    limit: int | None = None
+    chunk_size: int | None = None  # prompts per checkpoint; default 4 x batch size
+    early_stop: bool = True  # stop a prompt's loop when its critique finds nothing to fix
+    overwrite: bool = False
+    pair_mode: str = "revision"  # revision: initial vs final revision; samples: two samples, judged
+    label: bool = True  # judge every pair with the constitution (AI label); False: p_chosen = 1
+    judge_principles: int | None = 1  # principles per judged pair (None = all)
+    sample_temperature: float = 0.8
+
+
+@dataclass
+class GenerateSummary:
+    out: str
+    written: int = 0
+    skipped_existing: int = 0
+    early_stopped: int = 0
+    identical: int = 0
+    judge_preferred_original: int = 0
+    seconds: float = 0.0
+    generated_tokens: int = 0
+    interrupted: bool = False
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        s = (
+            f"cai generate: {self.written} rows -> {self.out} ({self.skipped_existing} already there) in "
+            f"{self.seconds:.1f}s; {self.rows_per_s:.2f} rows/s, {self.tokens_per_s:.1f} tokens/s; "
+            f"{self.early_stopped} stopped early, {self.identical} unrevised (chosen == rejected)"
+        )
+        if self.judge_preferred_original:
+            s += f", judge preferred the original in {self.judge_preferred_original}"
+        if self.interrupted:
+            s += " — interrupted; rerun the same command to resume"
+        return s
+
+
+_LABEL_PREFIX = re.compile(
+    r"^\s*(\*\*)?(revision(request)?|revised response|rewritten response|response|critique(request)?)\s*(\*\*)?\s*:\s*",
+    re.IGNORECASE,
+)
+
+
+def clean_output(text: str) -> str:
+    """Drop a leading 'Revision:'-style label small models like to add."""
+    return _LABEL_PREFIX.sub("", text, count=1).strip()
+
+
+class _Interrupt:
+    """First Ctrl-C: finish the chunk in flight, then stop. Second Ctrl-C: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\ncai: stopping after the chunk in flight (Ctrl-C again to stop now)", file=sys.stderr)
+
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _validate(cfg: GenerateConfig, rounds: int):
+    if rounds < 0:
+        raise InputError(f"--rounds must be >= 0, not {rounds}")
+    if cfg.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, not {cfg.max_new_tokens}")
+    if cfg.pair_mode not in PAIR_MODES:
+        raise InputError(f"--pair-mode must be one of {', '.join(PAIR_MODES)}, not {cfg.pair_mode!r}")
+    if cfg.pair_mode == "samples" and not cfg.label:
+        raise InputError("--pair-mode samples needs the judge to order the pair; drop --no-label")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise InputError(f"--limit must be >= 1, not {cfg.limit}")
+
+
+def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
+    from tqdm.auto import tqdm
+
+    from cai.backends import load_backend
+    from cai.constitution import load_constitution
+    from cai.records import RowWriter, check_resume_meta, file_sha256, read_prompts
+
+    # Validate everything before touching the model or the output file.
+    const = load_constitution(cfg.constitution)
+    rounds = cfg.rounds if cfg.rounds is not None else int(const.defaults.get("rounds", 2))
+    _validate(cfg, rounds)
+    prompts = read_prompts(cfg.prompts, limit=cfg.limit)
+    writer = RowWriter(cfg.out, overwrite=cfg.overwrite)
+    backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
+
+    params = {
+        "rounds": rounds,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "early_stop": cfg.early_stop,
+        "pair_mode": cfg.pair_mode,
+        "label": cfg.label,
+        "judge_principles": cfg.judge_principles,
+    }
+    if cfg.pair_mode == "samples":
+        params["sample_temperature"] = cfg.sample_temperature
+    meta = {
+        "model": backend.model_id,
+        "backend": backend.name,
+        "constitution": {"name": const.name, "sha256": const.sha256},
+        "seed": cfg.seed,
+        "params": params,
+        "version": __version__,
+        "prompts": {"path": str(cfg.prompts), "sha256": file_sha256(cfg.prompts)},
+        "runtime": backend.describe(),
+    }
+    check_resume_meta(writer, meta)
+
+    todo = [p for p in prompts if p["id"] not in writer.done]
+    summary = GenerateSummary(out=str(cfg.out), skipped_existing=len(prompts) - len(todo))
+    batch = int(cfg.backend_options.get("batch_size", 16))
+    chunk_size = cfg.chunk_size or max(batch * 4, 8)
+    no_change = re.compile(const.defaults.get("no_change_pattern", r"^\W*no changes? needed"), re.IGNORECASE)
+
+    engine = _Engine(const, backend, cfg, rounds, no_change)
+    stages_per_prompt = engine.stages_per_prompt
+    t0 = time.perf_counter()
+    tokens0 = getattr(backend, "stats", {}).get("generated_tokens", 0)
+    bar = tqdm(total=len(todo) * stages_per_prompt, unit="step", desc="generate", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with _Interrupt() as stop, writer:
+        for s in range(0, len(todo), chunk_size):
+            chunk = todo[s : s + chunk_size]
+            rows = engine.run_chunk(chunk, meta, bar)
+            writer.write_many(rows)  # one whole line per row, fsynced: the checkpoint
+            summary.written += len(rows)
+            summary.early_stopped += sum(1 for r in rows if any(x.get("early_stop") for x in r["trace"]["rounds"]))
+            summary.identical += sum(1 for r in rows if r["label"].get("tie"))
+            summary.judge_preferred_original += sum(1 for r in rows if r["label"].get("revision_side") == "rejected")
+            summary.seconds = time.perf_counter() - t0
+            summary.generated_tokens = getattr(backend, "stats", {}).get("generated_tokens", 0) - tokens0
+            bar.set_postfix_str(f"{summary.rows_per_s:.2f} rows/s, {summary.tokens_per_s:.0f} tok/s")
+            if stop.requested:
+                summary.interrupted = len(todo) > s + len(chunk)
+                break
+    bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+class _Engine:
+    """Runs one chunk of prompts through the stages, each stage as one batched call."""
+
+    def __init__(self, const, backend, cfg: GenerateConfig, rounds: int, no_change):
+        self.c, self.b, self.cfg, self.rounds, self.no_change = const, backend, cfg, rounds, no_change
+        sampling = cfg.pair_mode == "samples"
+        self.stages_per_prompt = (2 if sampling else 1) + 2 * (0 if sampling else rounds) + (1 if cfg.label else 0)
+
+    def _gen(self, convs, stage: int, temperature=None):
+        t = self.cfg.temperature if temperature is None else temperature
+        gens = self.b.generate(convs, max_new_tokens=self.cfg.max_new_tokens, temperature=t,
+                               seed=self.cfg.seed * 1000 + stage)
+        return [clean_output(g.text) for g in gens]
+
+    def run_chunk(self, chunk: list[dict], meta: dict, bar) -> list[dict]:
+        n = len(chunk)
+        convs = [p["prompt"] for p in chunk]
+        if self.cfg.pair_mode == "samples":
+            a = self._gen(convs, 0, self.cfg.sample_temperature)
+            bar.update(n)
+            b = self._gen(convs, 1, self.cfg.sample_temperature)
+            bar.update(n)
+            traces = [{"samples": [x, y], "rounds": []} for x, y in zip(a, b)]
+            pairs = list(zip(a, b))
+        else:
+            initial = self._gen(convs, 0)
+            bar.update(n)
+            current = list(initial)
+            traces = [{"initial": x, "rounds": []} for x in initial]
+            active = list(range(n))
+            for r in range(self.rounds):
+                if not active:
+                    bar.update(2 * n * (self.rounds - r))
+                    break
+                principles = {i: self.c.draw(self.cfg.seed, chunk[i]["id"], r) for i in active}
+                crit_prompts = [
+                    self.c.render("critique", conversation=convs[i], response=current[i], principle=principles[i])
+                    for i in active
+                ]
+                critiques = dict(zip(active, self._gen(crit_prompts, 10 + 2 * r)))
+                bar.update(n)
+                to_revise = []
+                for i in active:
+                    done = self.cfg.early_stop and bool(self.no_change.search(critiques[i]))
+                    if done:
+                        traces[i]["rounds"].append(
+                            {"principle": principles[i].id, "critique": critiques[i], "revision": None, "early_stop": True}
+                        )
+                    else:
+                        to_revise.append(i)
+                rev_prompts = [
+                    self.c.render("revision", conversation=convs[i], response=current[i],
+                                  critique=critiques[i], principle=principles[i])
+                    for i in to_revise
+                ]
+                revisions = dict(zip(to_revise, self._gen(rev_prompts, 11 + 2 * r))) if to_revise else {}
+                bar.update(n)
+                for i in to_revise:
+                    rev = revisions[i]
+                    traces[i]["rounds"].append({"principle": principles[i].id, "critique": critiques[i], "revision": rev})
+                    if rev:  # an empty revision keeps the previous response (recorded as such)
+                        current[i] = rev
+                active = to_revise
+            pairs = list(zip(current, initial))  # (final revision, initial response)
+
+        labels = self._label(chunk, pairs, bar)
+        rows = []
+        for p, (x, y), trace, label in zip(chunk, pairs, traces, labels):
+            chosen, rejected = x, y
+            if label.get("swap"):
+                chosen, rejected = y, x
+            label.pop("swap", None)
+            rows.append({
+                "id": p["id"],
+                "prompt": p["prompt"],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "label": label,
+                "trace": trace,
+                "meta": meta,
+            })
+        return rows
+
+    def _label(self, chunk, pairs, bar) -> list[dict]:
+        """Labels for (x, y) pairs: x is the revision (or sample 1). 'swap' means y is chosen."""
+        n = len(chunk)
+        labels: list[dict | None] = [None] * n
+        judge_idx = []
+        for i, (x, y) in enumerate(pairs):
+            if x.strip() == y.strip():
+                # Nothing was revised: not a preference pair (kept for its trace; readers skip it).
+                labels[i] = {"p_chosen": 0.5, "source": "revision", "tie": True}
+            elif not self.cfg.label:
+                labels[i] = {"p_chosen": 1.0, "source": "revision"}
+            else:
+                judge_idx.append(i)
+        if judge_idx:
+            from cai.feedback import judge_pairs
+
+            rows = [
+                {"id": chunk[i]["id"], "prompt": chunk[i]["prompt"],
+                 "chosen": [{"role": "assistant", "content": pairs[i][0]}],
+                 "rejected": [{"role": "assistant", "content": pairs[i][1]}]}
+                for i in judge_idx
+            ]
+            judged = judge_pairs(self.b, self.c, rows, principles=self.cfg.judge_principles, seed=self.cfg.seed)
+            for i, lab in zip(judge_idx, judged):
+                lab = dict(lab)
+                if lab["p_chosen"] < 0.5:  # the judge prefers y: order the row by its label
+                    lab["swap"] = True
+                    lab["p_chosen"] = 1.0 - lab["p_chosen"]
+                    if "judge" in lab and "orders" in lab["judge"]:
+                        lab["judge"] = dict(lab["judge"], orders=[1.0 - p for p in lab["judge"]["orders"]])
+                if self.cfg.pair_mode == "revision":
+                    lab["revision_side"] = "rejected" if lab.get("swap") else "chosen"
+                labels[i] = lab
+        if self.cfg.label:
+            bar.update(n)
+        return labels
+
+
+def config_dict(cfg: GenerateConfig) -> dict:
+    return asdict(cfg)
