@@ -166,11 +166,15 @@ def _render(env, template_dir: Path, name: str, variables: dict) -> list[dict]:
 # ------------------------------------------------------------------------------ loading
 
 
-def parse_principle(path: Path) -> Principle:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError:
-        raise InputError("not UTF-8 text", path) from None
+        raise InputError("not UTF-8 text; save the file as UTF-8", path) from None
+
+
+def parse_principle(path: Path) -> Principle:
+    text = _read_text(path)
     parts = _SECTION.split(text)
     found: dict[str, str] = {}
     if parts[0].strip():
@@ -197,7 +201,7 @@ def parse_principle(path: Path) -> Principle:
 def _hash_folder(root: Path, files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in sorted(files):
-        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
         h.update(f.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -223,7 +227,7 @@ def load_constitution(path) -> Constitution:
     meta: dict = {}
     if meta_path.exists():
         try:
-            meta = tomllib.loads(meta_path.read_text(encoding="utf-8"))
+            meta = tomllib.loads(_read_text(meta_path))
         except tomllib.TOMLDecodeError as e:
             line = getattr(e, "lineno", None)
             m = re.search(r"line (\d+)", str(e))
@@ -241,15 +245,24 @@ def load_constitution(path) -> Constitution:
             raise InputError(f"template '{name}.jinja' is missing; every constitution needs {', '.join(REQUIRED_TEMPLATES)}", tdir)
     fdir = root / "fewshot"
     fewshot_files = sorted(fdir.glob("*.txt")) if fdir.is_dir() else []
-    fewshot = [f.read_text(encoding="utf-8").strip() for f in fewshot_files]
-    hashed = [meta_path, *files, *sorted(tdir.glob("*.jinja")), *fewshot_files]
+    fewshot = [_read_text(f) for f in fewshot_files]
+    hashed = [meta_path, *files, *sorted(tdir.rglob("*.jinja")), *fewshot_files]
+    defaults = meta.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise InputError("[defaults] must be a table of settings", meta_path)
+    if "rounds" in defaults and (not isinstance(defaults["rounds"], int) or defaults["rounds"] < 0):
+        raise InputError(f"defaults.rounds must be a whole number >= 0, not {defaults['rounds']!r}", meta_path)
+    try:
+        re.compile(defaults.get("no_change_pattern", ""))
+    except re.error as e:
+        raise InputError(f"defaults.no_change_pattern is not a valid regular expression ({e})", meta_path) from None
     c = Constitution(
         name=str(meta.get("name", root.name)),
         description=str(meta.get("description", "")),
         path=root,
         principles=principles,
         fewshot=fewshot,
-        defaults=dict(meta.get("defaults", {})),
+        defaults=dict(defaults),
         sha256=_hash_folder(root, hashed),
         _env=_make_env(tdir),
     )
@@ -263,6 +276,11 @@ def examples(c: Constitution) -> dict[str, list[dict]]:
     out = {}
     for t in sorted((c.path / "templates").glob("*.jinja")):
         out[t.stem] = c.render(t.stem, principle=p, question=p.compare, **SAMPLE)
+    if "compare" in out:  # the chain-of-thought branches too, both stages
+        c.render("compare", principle=p, question=p.compare, **dict(SAMPLE, cot=True, reasoning=""))
+        out["compare (--cot)"] = c.render(
+            "compare", principle=p, question=p.compare, **dict(SAMPLE, cot=True, reasoning="B refuses to help.")
+        )
     return out
 
 
