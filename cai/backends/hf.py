@@ -3,10 +3,18 @@
 Batching is where the speed is on both CPU and GPU: prompts are sorted by token length so a
 batch wastes little on padding, left-padded (decoder-only models continue from the right), and
 decoded together with the KV cache.
+
+Option log-probs (the judge) also share work *within* a call: the judge sends each pair in both
+orders and under several principles, and those prompts repeat the same long conversation. The
+prompts are merged into a prefix tree of their token ids and run level by level, so every
+shared span (the system prompt and instructions for all pairs, the conversation for one pair)
+goes through the model once and its KV cache is copied to the branches that continue it.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import sys
 
 from cai.backends.base import Generation
@@ -26,6 +34,7 @@ class HFBackend:
         device: str | None = None,
         trust_remote_code: bool = False,
         max_input_tokens: int = 4096,
+        share_prefix: bool = True,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,7 +46,12 @@ class HFBackend:
         self.dtype = pick_dtype(self.device)
         self.batch_size = max(1, int(batch_size))
         self.max_input_tokens = max_input_tokens
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "truncated_prompts": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "truncated_prompts": 0, "prefix_tokens_reused": 0,
+                      "computed_tokens": 0}
+        # Prefix sharing is checked once against the plain path on the first call (see
+        # _check_prefix_path); an architecture where it disagrees falls back to plain batches.
+        self.share_prefix = share_prefix
+        self._prefix_ok: bool | None = None
         try:
             self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             # safetensors only: pickle-based .bin weights can run code on load.
@@ -61,6 +75,9 @@ class HFBackend:
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self._torch = torch
+        params = inspect.signature(self.model.forward).parameters
+        # transformers 5 renamed past_key_values -> cache
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- rendering ---------------------------------------------------------------------
 
@@ -86,21 +103,26 @@ class HFBackend:
             "batch_size": self.batch_size,
         }
 
-    def _batches(self, texts: list[str]):
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, cut from the left to max_input_tokens (the end of a prompt matters most)."""
+        out = []
+        for r in self.tok(texts, add_special_tokens=False)["input_ids"]:
+            if len(r) > self.max_input_tokens:
+                r = r[-self.max_input_tokens :]
+                self.stats["truncated_prompts"] += 1
+            out.append(r)
+        return out
+
+    def _batches(self, texts: list[str] | None = None, ids: list[list[int]] | None = None):
         """Yield (indices, encoding) for length-sorted batches of at most batch_size."""
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        ids = self._encode(texts) if ids is None else ids
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
-            rows = []
-            for i in idx:
-                r = ids[i]
-                if len(r) > self.max_input_tokens:
-                    r = r[-self.max_input_tokens :]
-                    self.stats["truncated_prompts"] += 1
-                rows.append(r)
+            rows = [ids[i] for i in idx]
             enc = self.tok.pad({"input_ids": rows}, return_tensors="pt", padding=True)
             self.stats["prompt_tokens"] += sum(len(r) for r in rows)
+            self.stats["computed_tokens"] += enc["input_ids"].numel()
             yield idx, {k: v.to(self.device) for k, v in enc.items()}
 
     # -- the two operations --------------------------------------------------------------
@@ -141,11 +163,22 @@ class HFBackend:
         return ids
 
     def option_logprobs(self, prompts, options):
+        opt = self.option_token_ids(options)
+        ids = self._encode([self.render(p) for p in prompts])
+        if self.share_prefix and len(ids) > 1:
+            if self._prefix_ok is None:
+                self._prefix_ok = self._check_prefix_path(ids, opt)
+            if self._prefix_ok:
+                self.stats["prompt_tokens"] += sum(len(r) for r in ids)
+                return self._tree_logprobs(ids, opt)
+        return self._flat_logprobs(ids, opt)
+
+    def _flat_logprobs(self, ids, opt):
+        """Each prompt in full, in length-sorted left-padded batches."""
         torch = self._torch
-        opt = torch.tensor(self.option_token_ids(options), device=self.device)
-        texts = [self.render(p) for p in prompts]
-        out: list[list[float] | None] = [None] * len(texts)
-        for idx, enc in self._batches(texts):
+        opt = torch.tensor(opt, device=self.device)
+        out: list[list[float] | None] = [None] * len(ids)
+        for idx, enc in self._batches(ids=ids):
             with torch.inference_mode():
                 # logits_to_keep=1: only the last position's logits (saves a vocab-sized matmul per token)
                 logits = self.model(**enc, logits_to_keep=1).logits[:, -1, :].float()
@@ -153,6 +186,207 @@ class HFBackend:
             for j, i in enumerate(idx):
                 out[i] = lp[j].tolist()
         return out
+
+    def _tree_logprobs(self, ids, opt):
+        """The same numbers as _flat_logprobs, computing each shared prefix once.
+
+        The prompts form a radix tree of token ids. The trunk every prompt shares is run once
+        (batch 1); the subtrees under it (for the judge: one pair's conversation, then its
+        orders and principles) are packed into batches of at most batch_size prompts and run
+        one tree level per forward pass, each node continuing its parent's KV cache. A node's
+        tokens are left-padded within its level, so padding sits *between* levels; the
+        attention mask hides it and explicit position ids keep each row's positions contiguous.
+        """
+        root = _radix_tree(ids)
+        out: list[list[float] | None] = [None] * len(ids)
+
+        def record(nodes, lp):
+            for j, node in enumerate(nodes):
+                for i in node.ends:
+                    out[i] = lp[j].tolist()
+
+        if len(root.kids) == 1 and not root.ends:
+            trunk = next(iter(root.kids.values()))
+            _unshare_short(trunk)
+            trunk_state, lp = self._extend(None, [trunk], None, opt)
+            record([trunk], lp)
+            units = list(trunk.kids.values())
+        else:
+            _unshare_short(root)
+            trunk_state, units = None, list(root.kids.values())
+        self.stats["prefix_tokens_reused"] += sum(len(r) for r in ids) - _tree_tokens(root)
+        for batch in self._pack(units):
+            nodes, parents, state = batch, [0] * len(batch) if trunk_state else None, None
+            while nodes:
+                base = copy.deepcopy(trunk_state) if state is None and trunk_state else state
+                state, lp = self._extend(base, nodes, parents, opt)
+                record(nodes, lp)
+                parents = [j for j, n in enumerate(nodes) for _ in n.kids]
+                nodes = [k for n in nodes for k in n.kids.values()]
+        return out
+
+    def _pack(self, units):
+        """Batches of subtrees: at most batch_size prompts each, and a subtree joins a batch only
+        while the padding it causes stays within a budget of the batch's real tokens (10% on a
+        CPU, 100% on a GPU). On a CPU a bigger batch buys almost nothing — with ~100 tokens per
+        row the matmuls are already large — so padding is pure loss; a GPU trades some padding
+        for parallelism."""
+        budget = 0.1 if self.device == "cpu" else 1.0
+        units = sorted(units, key=_longest)
+        batch, widths, real, leaves = [], [], 0, 0
+        for u in units:
+            prof, u_real, u_leaves = _profile(u), _tree_tokens(u), _leaves(u)
+            merged = [(max(a[0], b[0]), a[1] + b[1]) for a, b in _zip_longest(widths, prof)]
+            cost = sum(w * n for w, n in merged)
+            if batch and (leaves + u_leaves > self.batch_size or cost > (1 + budget) * (real + u_real)):
+                yield batch
+                batch, widths, real, leaves = [], [], 0, 0
+                merged = prof
+            batch.append(u)
+            widths, real, leaves = merged, real + u_real, leaves + u_leaves
+        if batch:
+            yield batch
+
+    def _extend(self, state, nodes, parents, opt):
+        """Run each node's tokens after its parent's row of ``state``; return the new state and
+        the option log-probs after each node's last token."""
+        torch = self._torch
+        width = max(len(n.toks) for n in nodes)
+        ids = torch.full((len(nodes), width), self.tok.pad_token_id, dtype=torch.long)
+        new_mask = torch.zeros((len(nodes), width), dtype=torch.long)
+        for j, n in enumerate(nodes):
+            ids[j, width - len(n.toks) :] = torch.tensor(n.toks)
+            new_mask[j, width - len(n.toks) :] = 1
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
+        self.stats["computed_tokens"] += ids.numel()  # padding included: the work actually done
+        if state is None:
+            cache, mask, lens = None, new_mask, new_mask.sum(1)
+            pos = (new_mask.cumsum(1) - 1).clamp(min=0)
+        else:
+            cache, past_mask, past_lens = state
+            sel = torch.tensor(parents, device=self.device)
+            cache.batch_select_indices(sel)
+            past_mask, past_lens = past_mask[sel], past_lens[sel]
+            mask = torch.cat([past_mask, new_mask], dim=1)
+            pos = past_lens[:, None] + (new_mask.cumsum(1) - 1).clamp(min=0)
+            lens = past_lens + new_mask.sum(1)
+        with torch.inference_mode():
+            res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: cache})
+        lp = torch.log_softmax(res.logits[:, -1, :].float(), dim=-1)[:, torch.tensor(opt, device=self.device)]
+        new_cache = getattr(res, "cache", None)
+        if new_cache is None:
+            new_cache = res.past_key_values
+        return (new_cache, mask, lens), lp
+
+    def _check_prefix_path(self, ids, opt) -> bool:
+        """Once per backend: the prefix tree and plain batches must give the same numbers on two
+        of this call's prompts (cheap insurance for architectures with unusual caches)."""
+        sample = ids[:2]
+        try:
+            a = self._tree_logprobs(sample, opt)
+            b = self._flat_logprobs(sample, opt)
+        except Exception as e:  # noqa: BLE001 - any failure means: use the plain path
+            _warn(f"shared-prefix scoring unavailable for this model ({type(e).__name__}: {e}); using plain batches")
+            return False
+        tol = 1e-3 if self.dtype == self._torch.float32 else 0.1
+        diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+        if diff > tol:
+            _warn(f"shared-prefix scoring differs from plain batches by {diff:.3g} on this model; using plain batches")
+            return False
+        return True
+
+
+class _Node:
+    __slots__ = ("toks", "kids", "ends")
+
+    def __init__(self, toks):
+        self.toks = toks  # the tokens on the edge into this node (never empty below the root)
+        self.kids: dict[int, _Node] = {}  # first token -> child
+        self.ends: list[int] = []  # prompts that end exactly here
+
+
+def _radix_tree(seqs: list[list[int]]) -> _Node:
+    root = _Node([])
+    for i, s in enumerate(seqs):
+        node, pos = root, 0
+        while True:
+            if pos == len(s):
+                node.ends.append(i)
+                break
+            child = node.kids.get(s[pos])
+            if child is None:
+                leaf = _Node(list(s[pos:]))
+                leaf.ends.append(i)
+                node.kids[s[pos]] = leaf
+                break
+            t, k, m = child.toks, 0, min(len(child.toks), len(s) - pos)
+            while k < m and t[k] == s[pos + k]:
+                k += 1
+            if k < len(t):  # split the edge where this prompt leaves it
+                mid = _Node(t[:k])
+                child.toks = t[k:]
+                mid.kids[child.toks[0]] = child
+                node.kids[s[pos]] = mid
+                child = mid
+            node, pos = child, pos + k
+    if root.ends:
+        raise InputError("an empty prompt cannot be scored")
+    return root
+
+
+# A span shorter than this is not worth sharing: it would tie unrelated prompts (all those that
+# start with "How do I") into one batch whose deeper levels pad each other's lengths.
+MIN_SHARED_TOKENS = 32
+
+
+def _unshare_short(node):
+    """Push short shared spans below ``node`` down into their children, recursively."""
+    kids, out = list(node.kids.values()), []
+    while kids:
+        k = kids.pop()
+        if k.kids and not k.ends and len(k.toks) < MIN_SHARED_TOKENS:
+            for g in k.kids.values():
+                g.toks = k.toks + g.toks
+                kids.append(g)
+        else:
+            out.append(k)
+    # keys no longer matter once the tree is built (merged children may share a first token)
+    node.kids = {i: k for i, k in enumerate(reversed(out))}
+    for k in out:
+        _unshare_short(k)
+
+
+def _walk(node):
+    yield node
+    for k in node.kids.values():
+        yield from _walk(k)
+
+
+def _tree_tokens(root) -> int:
+    return sum(len(n.toks) for n in _walk(root))
+
+
+def _leaves(node) -> int:
+    return sum(len(n.ends) for n in _walk(node))
+
+
+def _profile(node) -> list[tuple[int, int]]:
+    """(widest edge, node count) per tree level: the shape of the forward passes it needs."""
+    out, frontier = [], [node]
+    while frontier:
+        out.append((max(len(n.toks) for n in frontier), len(frontier)))
+        frontier = [k for n in frontier for k in n.kids.values()]
+    return out
+
+
+def _zip_longest(a, b):
+    for i in range(max(len(a), len(b))):
+        yield (a[i] if i < len(a) else (0, 0)), (b[i] if i < len(b) else (0, 0))
+
+
+def _longest(node) -> int:
+    return len(node.toks) + max((_longest(k) for k in node.kids.values()), default=0)
 
 
 def _warn(msg: str):

@@ -1,0 +1,541 @@
+"""AI preference labels: the constitution as judge (DESIGN.md, "The judge").
+
+For every pair and each of K principles, the compare template is rendered twice — the row's
+`chosen` shown as option (A), then as option (B) — and the judge's probability of each option
+letter is read from the model's next-token log-probabilities, normalised over the two letters
+(the Constitutional AI paper's multiple-choice method). Small judges lean hard toward one
+position, so the two orders are averaged; both stay in the row::
+
+    label = {"p_chosen": mean(orders), "source": "ai",
+             "judge": {"orders": [p(chosen) when shown first, p(chosen) when shown second],
+                       "principles": [ids], "by_principle": {id: [first, second]},
+                       "method": "logprob" | "cot" | "verdict", "model": ..., ...}}
+
+Every probability here is about the row's own `chosen`, whichever letter it was shown under.
+
+Variants: an ensemble over K principles (averaged per order); chain of thought (the judge writes
+its reasoning first, then the letters are scored after it, clamped to a band as in the CAI paper
+because reasoning makes small judges overconfident); and a generated verdict for backends that
+expose no log-probs (an unparseable answer counts as 0.5, its raw text is kept, and it is counted).
+
+`summarize` turns labelled rows into the numbers a user needs before trusting the labels:
+position consistency, the mean P(first option), the mean margin, and agreement with prior human
+labels with a 95% Wilson interval, overall and per principle, plus plain warnings when the judge
+is no better than chance, than the "pick the shorter answer" rule, or than its own position bias.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cai.errors import InputError
+from cai.records import response_text
+
+OPTIONS = ("A", "B")
+VERDICT_MAX_NEW_TOKENS = 8  # "A) ..." is all a verdict needs; more only costs time
+LOW_CONSISTENCY = 0.6  # below this, most pairs get a winner that depends on where it was shown
+STRONG_POSITION_BIAS = 0.15  # |mean P(first option) - 0.5| above this is called out
+FEW_HUMAN_LABELS = 30
+SHORTER_RULE_PUBLISHED = 0.553  # "pick the shorter answer" on HH harmless-base test (DESIGN.md)
+
+
+# ============================================================================ the judge
+
+
+def _render(constitution, row: dict, principle, chosen_first: bool, cot: bool, reasoning: str) -> list[dict]:
+    chosen, rejected = response_text(row["chosen"]), response_text(row["rejected"])
+    a, b = (chosen, rejected) if chosen_first else (rejected, chosen)
+    return constitution.render(
+        "compare",
+        conversation=row["prompt"],
+        response_a=a,
+        response_b=b,
+        question=principle.compare,
+        principle=principle,
+        options=list(OPTIONS),
+        cot=cot,
+        reasoning=reasoning,
+    )
+
+
+def _p_first(logprobs) -> float | None:
+    """P(option A) normalised over the two options; None when neither option is scored."""
+    la, lb = (float(x) if x is not None else -math.inf for x in logprobs[:2])
+    if not (math.isfinite(la) or math.isfinite(lb)):
+        return None
+    if not math.isfinite(lb):
+        return 1.0
+    if not math.isfinite(la):
+        return 0.0
+    return 1.0 / (1.0 + math.exp(lb - la))
+
+
+_VERDICT_START = re.compile(r"^[\s(\[*\"']*([A-Z])\s*(?:[)\].,:;*\"']|$)")
+_VERDICT_SAID = re.compile(r"(?i:answer|option|response|choice)\s*(?:is)?\s*:?\s*\(?\s*([A-Z])\s*(?:\)|\b)")
+
+
+def parse_verdict(text: str, options=OPTIONS) -> str | None:
+    """The option letter a generated verdict names, or None when it names none (or both).
+
+    Accepts what follows the template's "The answer is: (" prefix ("A)", "B", "(A) because ..."),
+    and "answer is B" / "option (A)" anywhere in a longer reply.
+    """
+    t = (text or "").strip()
+    m = _VERDICT_START.match(t)
+    if m and m.group(1) in options:
+        return m.group(1)
+    said = set(_VERDICT_SAID.findall(t)) & set(options)
+    if len(said) == 1:
+        return said.pop()
+    bracketed = {o for o in options if re.search(rf"\(\s*{re.escape(o)}\s*\)", t)}
+    return bracketed.pop() if len(bracketed) == 1 else None
+
+
+def _clean_reasoning(text: str) -> str:
+    """The reasoning up to where the model announces an answer itself: the second stage asks
+    for the letter right after it, so a restated answer would only be scored twice."""
+    t = (text or "").strip()
+    m = re.search(r"\btherefore,? the answer is", t, re.I)
+    return t[: m.start()].strip() if m else t
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _update(progress, n: int):
+    if progress is None:
+        return
+    if hasattr(progress, "update"):
+        progress.update(n)
+    else:
+        progress(n)
+
+
+def judge_pairs(backend, constitution, rows: list[dict], *, principles: int | None = 1, cot: bool = False,
+                clamp: tuple[float, float] = (0.4, 0.6), seed: int = 0, progress=None,
+                max_new_tokens: int = 128) -> list[dict]:
+    """rows are pairs-contract rows (prompt/chosen/rejected messages, id). Returns one `label` dict per row:
+    {"p_chosen": float, "source": "ai", "judge": {"orders": [p_chosen_shown_first, p_chosen_shown_second],
+     "principles": [ids], "method": "logprob"|"cot"|"verdict", "model": ..., ...}}  (p_chosen about the row's own chosen).
+
+    principles: K principles per pair, drawn by a seeded RNG keyed on (seed, row id); None = all.
+    cot: reasoning first (up to max_new_tokens), then the letters; each probability clamped to `clamp`.
+    All prompts of the call go to the backend at once (one option_logprobs call; two with cot),
+    so pass a chunk of pairs, not one pair at a time. `progress` is a tqdm bar or a callable(n).
+    """
+    if not rows:
+        return []
+    if principles is not None and principles < 0:
+        raise InputError(f"principles must be a positive number or None (all), not {principles}")
+    lo, hi = clamp
+    if not (0.0 <= lo <= 0.5 <= hi <= 1.0):
+        raise InputError(f"clamp band {list(clamp)} must satisfy 0 <= low <= 0.5 <= high <= 1, e.g. 0.4 0.6")
+    logprobs = bool(getattr(backend, "supports_logprobs", False))
+    method = "verdict" if not logprobs else "cot" if cot else "logprob"
+
+    # One job per (pair, principle, order); order 0 shows the row's chosen as (A).
+    drawn = [constitution.sample(seed, str(r["id"]), principles) for r in rows]
+    jobs = [(i, p, order) for i, ps in enumerate(drawn) for p in ps for order in (0, 1)]
+    reasoning = [""] * len(jobs)
+    if cot:
+        first = [_render(constitution, rows[i], p, order == 0, True, "") for i, p, order in jobs]
+        gens = backend.generate(first, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+        reasoning = [_clean_reasoning(g.text) for g in gens]
+    prompts = [_render(constitution, rows[i], p, order == 0, cot, reasoning[j]) for j, (i, p, order) in enumerate(jobs)]
+
+    raw: list[str | None] = [None] * len(jobs)
+    verdicts: list[str | None] = [None] * len(jobs)
+    if logprobs:
+        p_first = [_p_first(lp) for lp in backend.option_logprobs(prompts, list(OPTIONS))]
+    else:
+        gens = backend.generate(prompts, max_new_tokens=VERDICT_MAX_NEW_TOKENS, temperature=0.0, seed=seed)
+        raw = [g.text for g in gens]
+        verdicts = [parse_verdict(t) for t in raw]
+        p_first = [None if v is None else 1.0 if v == OPTIONS[0] else 0.0 for v in verdicts]
+
+    labels = []
+    per_row: list[list[int]] = [[] for _ in rows]
+    for j, (i, _, _) in enumerate(jobs):
+        per_row[i].append(j)
+    for i, row in enumerate(rows):
+        by_principle: dict[str, list[float]] = {}
+        unparsed = 0
+        for j in per_row[i]:
+            _, p, order = jobs[j]
+            pf = p_first[j]
+            if pf is None:
+                unparsed += 1
+                pf = 0.5
+            pc = pf if order == 0 else 1.0 - pf  # about the row's chosen, whichever letter it had
+            if cot:
+                pc = min(max(pc, lo), hi)
+            by_principle.setdefault(p.id, [0.5, 0.5])[order] = pc
+        orders = [_mean(v[0] for v in by_principle.values()), _mean(v[1] for v in by_principle.values())]
+        judge = {
+            "orders": [round(o, 6) for o in orders],
+            "principles": list(by_principle),
+            "by_principle": {k: [round(x, 6) for x in v] for k, v in by_principle.items()},
+            "method": method,
+            "model": getattr(backend, "model_id", None),
+            "options": list(OPTIONS),
+        }
+        if cot:
+            judge["cot"] = True
+            judge["clamp"] = [lo, hi]
+            judge["reasoning"] = {}
+            for j in per_row[i]:
+                judge["reasoning"].setdefault(jobs[j][1].id, ["", ""])[jobs[j][2]] = reasoning[j]
+        if not logprobs:
+            judge["verdicts"], judge["raw"] = {}, {}
+            for j in per_row[i]:
+                pid, order = jobs[j][1].id, jobs[j][2]
+                judge["verdicts"].setdefault(pid, [None, None])[order] = verdicts[j]
+                judge["raw"].setdefault(pid, [None, None])[order] = raw[j]
+        if unparsed or not logprobs:
+            judge["unparsed"] = unparsed
+        labels.append({"p_chosen": round(_mean(orders), 6), "source": "ai", "judge": judge})
+    _update(progress, len(rows))
+    return labels
+
+
+# ============================================================================ summary statistics
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (sound near 0, 1 and for small n)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _human_prior(label: dict) -> float | None:
+    """p_chosen of the nearest human label under label.prior (relabelling nests priors)."""
+    prior = label.get("prior") if isinstance(label, dict) else None
+    while isinstance(prior, dict):
+        if prior.get("source") == "human" and prior.get("p_chosen") is not None:
+            return float(prior["p_chosen"])
+        prior = prior.get("prior")
+    return None
+
+
+def _agrees(p: float, human: float) -> float:
+    """1 when the judge picks the human's side, 0 when the other, 0.5 for a judge tie."""
+    if p == 0.5:
+        return 0.5
+    return float((p > 0.5) == (human > 0.5))
+
+
+def _rate(values: list[float]) -> dict:
+    n = len(values)
+    k = sum(values)
+    lo, hi = wilson_interval(k, n)
+    return {"n": n, "agreement": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)] if n else None}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Summary statistics of labelled rows (pure: no files, no model).
+
+    rows              every row given
+    judged            rows whose label has judge.orders
+    position_consistency  share of judged rows where both orders prefer the same response
+    mean_p_first      mean probability given to whichever response was shown first
+    mean_abs_margin   mean |p_chosen - 0.5| (how decided the labels are)
+    human             agreement with human priors (label.prior.source == "human"), 95% Wilson
+                      interval, each order alone, and the "pick the shorter answer" rule on the
+                      same pairs; judge ties count one half
+    per_principle     the same per principle (from judge.by_principle)
+    unparsed          verdicts that named no option (scored 0.5)
+    warnings          plain sentences for a weak judge
+    """
+    judged, consistent, p_first, margins = 0, 0, [], []
+    agree, agree_o = [], ([], [])
+    shorter = []
+    per: dict[str, dict[str, list]] = {}
+    unparsed = unparsed_rows = 0
+    for r in rows:
+        label = r.get("label") or {}
+        judge = label.get("judge") or {}
+        orders = judge.get("orders")
+        if not (isinstance(orders, list) and len(orders) == 2 and None not in orders):
+            continue
+        judged += 1
+        o0, o1 = float(orders[0]), float(orders[1])
+        p = label.get("p_chosen")
+        p = (o0 + o1) / 2 if p is None else float(p)
+        consistent += (o0 - 0.5) * (o1 - 0.5) > 0
+        p_first.append((o0 + (1.0 - o1)) / 2)  # order 0: chosen first; order 1: rejected first
+        margins.append(abs(p - 0.5))
+        u = int(judge.get("unparsed") or 0)
+        unparsed += u
+        unparsed_rows += u > 0
+        human = _human_prior(label)
+        if human is not None and human == 0.5:
+            human = None  # a human tie has no side to agree with
+        for pid, po in (judge.get("by_principle") or {}).items():
+            d = per.setdefault(pid, {"agree": [], "consistent": []})
+            d["consistent"].append(float((po[0] - 0.5) * (po[1] - 0.5) > 0))
+            if human is not None:
+                d["agree"].append(_agrees((po[0] + po[1]) / 2, human))
+        if human is None:
+            continue
+        agree.append(_agrees(p, human))
+        agree_o[0].append(_agrees(o0, human))
+        agree_o[1].append(_agrees(o1, human))
+        lc, lr = len(response_text(r.get("chosen") or [])), len(response_text(r.get("rejected") or []))
+        # the shorter response is `chosen` when lc < lr; a human p_chosen > 0.5 picks chosen
+        shorter.append(0.5 if lc == lr else float((lc < lr) == (human > 0.5)))
+
+    out: dict = {
+        "rows": len(rows),
+        "judged": judged,
+        "position_consistency": round(consistent / judged, 4) if judged else None,
+        "mean_p_first": round(_mean(p_first), 4) if judged else None,
+        "mean_abs_margin": round(_mean(margins), 4) if judged else None,
+        "unparsed": unparsed,
+        "unparsed_rows": unparsed_rows,
+        "human": None,
+        "per_principle": {},
+    }
+    if agree:
+        h = _rate(agree)
+        h["ties"] = sum(1 for a in agree if a == 0.5)
+        h["agreement_by_order"] = [_rate(agree_o[0])["agreement"], _rate(agree_o[1])["agreement"]]
+        h["shorter_rule"] = round(_mean(shorter), 4)
+        out["human"] = h
+    for pid, d in sorted(per.items()):
+        entry = {"rows": len(d["consistent"]), "position_consistency": round(_mean(d["consistent"]), 4)}
+        if d["agree"]:
+            entry.update(_rate(d["agree"]))
+        out["per_principle"][pid] = entry
+    out["warnings"] = _warnings(out)
+    return out
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _warnings(s: dict) -> list[str]:
+    w = []
+    h = s.get("human")
+    if h:
+        a, (lo, hi), n = h["agreement"], h["ci95"], h["n"]
+        if hi < 0.5:
+            w.append(f"agreement with humans ({_pct(a)}, 95% CI {_pct(lo)}–{_pct(hi)}) is BELOW chance: "
+                     "the judge tends to prefer the response humans rejected; do not train on these labels")
+        elif lo <= 0.5:
+            w.append(f"agreement with humans ({_pct(a)}, 95% CI {_pct(lo)}–{_pct(hi)}, n={n}) is within noise of "
+                     "chance (50%): these labels carry little or no signal; use a stronger --model")
+        if a < h["shorter_rule"]:
+            w.append(f"agreement with humans ({_pct(a)}) is below the 'pick the shorter answer' rule on the same "
+                     f"pairs ({_pct(h['shorter_rule'])}; {_pct(SHORTER_RULE_PUBLISHED)} on the HH harmless test set)")
+        if n < FEW_HUMAN_LABELS:
+            w.append(f"only {n} pairs carry human labels: the agreement interval is wide; label more pairs to judge the judge")
+    c = s.get("position_consistency")
+    if c is not None and c < LOW_CONSISTENCY:
+        w.append(f"low position consistency ({_pct(c)}): for most pairs the winner depends on which response is "
+                 "shown first, not on what it says; averaging both orders hides this bias but leaves weak labels")
+    pf = s.get("mean_p_first")
+    if pf is not None and abs(pf - 0.5) > STRONG_POSITION_BIAS:
+        w.append(f"strong position bias: the response shown {'first' if pf > 0.5 else 'second'} gets "
+                 f"{_pct(max(pf, 1 - pf))} on average; one order alone would be mostly position, not content")
+    if s.get("unparsed"):
+        w.append(f"{s['unparsed']} verdicts in {s['unparsed_rows']} rows named no option and were scored 0.5; "
+                 "their raw text is in label.judge.raw")
+    return w
+
+
+def format_summary(s: dict) -> list[str]:
+    """The summary as the lines `cai label` prints."""
+    if not s.get("judged"):
+        return [f"rows: {s.get('rows', 0)}, none with judge labels"]
+    lines = [
+        f"rows: {s['rows']}   position consistency: {_pct(s['position_consistency'])}   "
+        f"mean P(first option): {s['mean_p_first']:.3f}   mean |p-0.5|: {s['mean_abs_margin']:.3f}"
+    ]
+    h = s.get("human")
+    if h:
+        lines.append(
+            f"agreement with humans: {_pct(h['agreement'])} (95% CI {_pct(h['ci95'][0])}–{_pct(h['ci95'][1])}, n={h['n']}; "
+            f"one order alone {_pct(h['agreement_by_order'][0])} / {_pct(h['agreement_by_order'][1])}; "
+            f"'pick the shorter' {_pct(h['shorter_rule'])})"
+        )
+        per = {k: v for k, v in s.get("per_principle", {}).items() if v.get("n")}
+        if len(per) > 1:
+            lines.append("per principle: " + ", ".join(
+                f"{k} {_pct(v['agreement'])} [{_pct(v['ci95'][0])}–{_pct(v['ci95'][1])}] n={v['n']}" for k, v in per.items()))
+    else:
+        lines.append("agreement with humans: n/a (the input carries no human labels)")
+    lines += [f"warning: {x}" for x in s.get("warnings", [])]
+    return lines
+
+
+# ============================================================================ `cai label`
+
+
+@dataclass
+class LabelConfig:
+    """Everything `cai label` needs; written (as meta.params) next to every labelled row."""
+
+    pairs: str  # input: our pairs rows, TRL preference rows or raw HH-RLHF rows (.jsonl / .jsonl.gz)
+    constitution: str  # constitution folder whose compare template and principles judge the pairs
+    out: str  # labelled pairs JSONL (appended, resumable by id); <out-stem>.summary.json beside it
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    backend: str = "hf"  # "hf" or "langchain"
+    backend_options: dict = field(default_factory=dict)  # passed to the backend (batch_size, device, ...)
+    principles: int | None = 1  # K principles averaged per pair (seeded draw); None or 0: all of them
+    cot: bool = False  # reasoning before the answer, probabilities clamped to `clamp`
+    clamp: tuple[float, float] = (0.4, 0.6)  # the CAI paper's band for CoT probabilities
+    max_new_tokens: int = 128  # CoT reasoning length
+    seed: int = 0  # principle draws
+    limit: int | None = None  # only the first N pairs of the input
+    chunk_size: int = 16  # pairs per checkpoint: a kill loses at most one chunk
+    skip_bad: bool = False  # count and report malformed rows instead of stopping at the first
+    overwrite: bool = False  # start the output afresh instead of resuming
+
+
+@dataclass
+class LabelSummary:
+    out: str
+    summary_path: str
+    labelled: int = 0  # pairs judged by this run
+    resumed: int = 0  # pairs already in the output (skipped)
+    skipped: int = 0  # bad input rows skipped with --skip-bad
+    duplicates: int = 0  # repeated ids in the input (first kept)
+    seconds: float = 0.0  # judging time (model loading excluded)
+    pairs_per_s: float = 0.0
+    stats: dict = field(default_factory=dict)  # summarize() over the output rows of this input
+    skipped_lines: list = field(default_factory=list)  # (line, message) for the first skips
+
+    def line(self) -> str:
+        parts = [f"labelled {self.labelled} pairs"
+                 + (f" in {self.seconds:.1f} s ({self.pairs_per_s:.2f} pairs/s)" if self.labelled else "")]
+        if self.resumed:
+            parts.append(f"{self.resumed} already done")
+        if self.skipped:
+            parts.append(f"{self.skipped} bad rows skipped")
+        return ", ".join(parts) + f" -> {self.out}"
+
+    def lines(self) -> list[str]:
+        out = [self.line()]
+        for n, msg in self.skipped_lines[:5]:
+            out.append(f"skipped: {msg}")
+        if self.skipped > 5:
+            out.append(f"skipped: ... and {self.skipped - 5} more")
+        out += format_summary(self.stats)
+        out.append(f"summary: {self.summary_path}")
+        return out
+
+
+def summary_path(out) -> Path:
+    """<out-stem>.summary.json beside the output (labelled.jsonl -> labelled.summary.json)."""
+    out = Path(out)
+    name = out.name
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    return out.with_name(name + ".summary.json")
+
+
+def _output_row(row: dict, label: dict, meta: dict) -> dict:
+    """Input orientation kept; the judge's label replaces the old one, which moves to label.prior."""
+    label = dict(label, prior=row.get("label"))
+    m = dict(meta)
+    if row.get("meta"):
+        m["prior"] = row["meta"]
+    head = {"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "label": label}
+    rest = {k: v for k, v in row.items() if k not in head and k != "meta"}
+    return {**head, **rest, "meta": m}
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a kill never leaves half a summary
+
+
+def run_label(cfg: LabelConfig) -> LabelSummary:
+    """Label a pairs file with the judge; resumable by id. Returns the run's summary."""
+    from tqdm.auto import tqdm
+
+    from cai import __version__
+    from cai.backends import load_backend
+    from cai.constitution import load_constitution
+    from cai.records import RowWriter, check_resume_meta, file_sha256, read_pairs, read_rows
+
+    principles = cfg.principles or None
+    if principles is not None and principles < 0:
+        raise InputError(f"--principles must be a positive number or 'all', not {principles}")
+    if cfg.chunk_size < 1:
+        raise InputError(f"--chunk-size must be at least 1, not {cfg.chunk_size}")
+    lo, hi = cfg.clamp
+    if not (0.0 <= lo <= 0.5 <= hi <= 1.0):
+        raise InputError(f"--clamp {lo} {hi}: need 0 <= low <= 0.5 <= high <= 1, e.g. --clamp 0.4 0.6")
+    if Path(cfg.out).resolve() == Path(cfg.pairs).resolve():
+        raise InputError("--out is the input file; write the labels to a new file", cfg.out)
+    const = load_constitution(cfg.constitution)
+    read_stats: dict = {}
+    rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=read_stats)
+
+    # verdict_max_new_tokens only matters for backends without log-probs; always recorded so a
+    # resume can be checked before any model is loaded
+    params = {"principles": principles or "all", "cot": cfg.cot, "options": list(OPTIONS),
+              "verdict_max_new_tokens": VERDICT_MAX_NEW_TOKENS}
+    if cfg.cot:
+        params.update(clamp=[lo, hi], max_new_tokens=cfg.max_new_tokens)
+    meta = {
+        "constitution": {"name": const.name, "sha256": const.sha256},
+        "seed": cfg.seed,
+        "params": params,
+        "version": __version__,
+        "pairs": {"path": str(cfg.pairs), "sha256": file_sha256(cfg.pairs)},
+    }
+    writer = RowWriter(cfg.out, overwrite=cfg.overwrite)
+    check_resume_meta(writer, meta, keys=("constitution", "seed", "params"))  # before loading a model
+    todo = [r for r in rows if r["id"] not in writer.done]
+    s = LabelSummary(out=str(cfg.out), summary_path=str(summary_path(cfg.out)), resumed=len(rows) - len(todo),
+                     skipped=len(read_stats.get("skipped", [])), duplicates=read_stats.get("duplicates", 0),
+                     skipped_lines=list(read_stats.get("skipped", [])))
+    if todo:
+        backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
+        meta = {"model": backend.model_id, "backend": backend.name, **meta, "runtime": backend.describe()}
+        check_resume_meta(writer, meta)
+        bar = tqdm(total=len(rows), initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        try:
+            with writer:
+                for k in range(0, len(todo), cfg.chunk_size):
+                    chunk = todo[k : k + cfg.chunk_size]
+                    labels = judge_pairs(backend, const, chunk, principles=principles, cot=cfg.cot,
+                                         clamp=(lo, hi), seed=cfg.seed, progress=bar, max_new_tokens=cfg.max_new_tokens)
+                    writer.write_many(_output_row(r, lab, meta) for r, lab in zip(chunk, labels))
+                    s.labelled += len(chunk)
+        finally:
+            bar.close()
+            s.seconds = time.perf_counter() - t0
+            s.pairs_per_s = s.labelled / s.seconds if s.seconds > 0 else 0.0
+
+    ids = {r["id"] for r in rows}
+    done = [r for r in read_rows(cfg.out) if str(r.get("id")) in ids] if Path(cfg.out).exists() else []
+    s.stats = summarize(done)
+    _write_json(Path(s.summary_path), {
+        **s.stats,
+        "run": {"pairs": str(cfg.pairs), "out": str(cfg.out), "labelled": s.labelled, "resumed": s.resumed,
+                "skipped": s.skipped, "duplicates": s.duplicates, "seconds": round(s.seconds, 2),
+                "pairs_per_s": round(s.pairs_per_s, 4), "params": params, "seed": cfg.seed,
+                "constitution": {"name": const.name, "sha256": const.sha256}},
+    })
+    return s

