@@ -19,7 +19,7 @@ pairs:
             - batch calibration (each order's log-odds centred on its mean over the run; free),
             - for scale: the "pick the shorter answer" rule and each presentation order alone.
 
-    .venv/bin/python bench/bench_label.py                   # defaults: ~12-15 min on 2 shared CPU cores
+    .venv/bin/python bench/bench_label.py                   # defaults: ~8-15 min on 2 shared CPU cores, by load
     .venv/bin/python bench/bench_label.py --limit 500 --naive 50 --naive-ensemble 10 --variants 500 --cot 100   # full run (hours on CPU)
     .venv/bin/python bench/bench_label.py --limit 8 --naive 2 --naive-ensemble 1 --variants 4   # smoke test (~2 min)
 

@@ -225,6 +225,8 @@ def _free_accelerator():
 def _align(data_dir: Path, d: Path, summary) -> dict:
     """Undo the swaps and write the two training files with the same ids in the same order:
     train-human.jsonl (human labels) and train-ai.jsonl (judge labels, human label as prior)."""
+    from cai.feedback import flip_label
+
     human = read_rows(data_dir / "human.jsonl")
     swaps = json.loads((data_dir / "swaps.json").read_text())
     labelled = {str(r["id"]): r for r in read_rows(d / "labelled.jsonl")}
@@ -239,18 +241,9 @@ def _align(data_dir: Path, d: Path, summary) -> dict:
         if p is None:  # the judge's output could not be read: counted, kept out of both files
             null += 1
             continue
-        if swaps[h["id"]]:
-            p = 1.0 - p
-            j = dict(label.get("judge") or {})
-            # The judged row's chosen is our rejected. Its [shown first, shown second] becomes ours as
-            # [1 − its second, 1 − its first]: our chosen was shown first exactly when its chosen was second.
-            j["orders"] = _flip_orders(j.get("orders"))
-            if isinstance(j.get("by_principle"), dict):
-                j["by_principle"] = {k: _flip_orders(v) for k, v in j["by_principle"].items()}
-            for k in ("verdicts", "raw", "reasoning"):  # per principle [first, second]: same reorder
-                if isinstance(j.get(k), dict):
-                    j[k] = {pid: v[::-1] if isinstance(v, list) else v for pid, v in j[k].items()}
-            label["judge"] = j
+        if swaps[h["id"]]:  # the judged row's chosen is our rejected: the same judgement, reoriented
+            label = flip_label(label)
+            p = label["p_chosen"]
         label.update(p_chosen=p, source="ai", prior=h["label"], swapped_for_judge=bool(swaps[h["id"]]))
         h_out.append(h)
         a_out.append(
@@ -281,13 +274,6 @@ def _align(data_dir: Path, d: Path, summary) -> dict:
         "warnings": stats.get("warnings", []),
         "per_principle": stats.get("per_principle", {}),
     }
-
-
-def _flip_orders(o):
-    """[p shown first, p shown second] about one response -> the same about the other response."""
-    if isinstance(o, list) and len(o) == 2 and None not in o:
-        return [1.0 - o[1], 1.0 - o[0]]
-    return o
 
 
 def label_agreement(ai_rows: list[dict], n_boot: int, seed: int) -> dict:

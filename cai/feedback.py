@@ -207,6 +207,31 @@ def judge_pairs(backend, constitution, rows: list[dict], *, principles: int | No
     return labels
 
 
+def flip_label(label: dict) -> dict:
+    """The same judgement about the *other* response (when a row's chosen/rejected are swapped).
+
+    p_chosen -> 1 - p. Per-order figures [shown first, shown second] become
+    [1 - second, 1 - first]: the new chosen was shown first exactly when the old one was second.
+    Per-principle reasoning/verdicts/raw text [first, second] are reordered the same way.
+    """
+    def orders(o):
+        return [1.0 - o[1], 1.0 - o[0]] if isinstance(o, list) and len(o) == 2 and None not in o else o
+
+    out = dict(label)
+    if out.get("p_chosen") is not None:
+        out["p_chosen"] = 1.0 - out["p_chosen"]
+    j = dict(out.get("judge") or {})
+    if j:
+        j["orders"] = orders(j.get("orders"))
+        if isinstance(j.get("by_principle"), dict):
+            j["by_principle"] = {k: orders(v) for k, v in j["by_principle"].items()}
+        for k in ("verdicts", "raw", "reasoning"):
+            if isinstance(j.get(k), dict):
+                j[k] = {pid: v[::-1] if isinstance(v, list) else v for pid, v in j[k].items()}
+        out["judge"] = j
+    return out
+
+
 # ============================================================================ summary statistics
 
 

@@ -122,15 +122,19 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
         raise InputError(f"cannot read ({e}); is it really {'gzip' if path.suffix == '.gz' else 'text'}?", path)
 
 
+def _parse_line(path, n: int, text: str) -> dict:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"bad JSON ({e.msg}); fix or delete this line", path, n) from None
+    if not isinstance(row, dict):
+        raise InputError("each line must be a JSON object", path, n)
+    return row
+
+
 def iter_json_rows(path) -> Iterator[tuple[int, dict]]:
     for n, text in _iter_lines(path):
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"bad JSON ({e.msg}); fix or delete this line", path, n) from None
-        if not isinstance(row, dict):
-            raise InputError("each line must be a JSON object", path, n)
-        yield n, row
+        yield n, _parse_line(path, n, text)
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -242,26 +246,21 @@ def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: di
     """Read any pairs format in DESIGN.md into pairs-contract rows.
 
     With ``skip_bad`` malformed rows are counted in ``stats['skipped']`` (with their line
-    numbers) instead of raising. Identical chosen/rejected is a bad row.
+    numbers) instead of raising. Identical chosen/rejected is a bad row, except in rows that
+    `generate` marked ``label.tie`` (its loop changed nothing): those are skipped and counted in
+    ``stats['ties']``.
     """
     path = Path(path)
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", [])
     rows, seen = [], set()
-    lines = iter_json_rows(path)
-    while True:
+    for n, text in _iter_lines(path):
         try:
-            n, raw = next(lines)
-        except StopIteration:
-            break
-        except InputError as e:
-            if not skip_bad or e.line is None:
-                raise
-            stats["skipped"].append((e.line, str(e)))
-            # a bad JSON line does not end the file: carry on after it
-            lines = ((k, r) for k, r in iter_json_rows(path) if k > e.line)
-            continue
-        try:
+            raw = _parse_line(path, n, text)
+            if isinstance(raw.get("label"), dict) and raw["label"].get("tie"):
+                # `generate` rows whose loop changed nothing: kept for their trace, not a preference
+                stats["ties"] = stats.get("ties", 0) + 1
+                continue
             row = normalise_pair(raw, path, n)
             if response_text(row["chosen"]).strip() == response_text(row["rejected"]).strip():
                 raise InputError("'chosen' and 'rejected' are identical; nothing to compare", path, n)

@@ -295,7 +295,7 @@ class _Engine:
             else:
                 judge_idx.append(i)
         if judge_idx:
-            from cai.feedback import judge_pairs
+            from cai.feedback import flip_label, judge_pairs
 
             rows = [
                 {"id": chunk[i]["id"], "prompt": chunk[i]["prompt"],
@@ -307,10 +307,7 @@ class _Engine:
             for i, lab in zip(judge_idx, judged):
                 lab = dict(lab)
                 if lab["p_chosen"] < 0.5:  # the judge prefers y: order the row by its label
-                    lab["swap"] = True
-                    lab["p_chosen"] = 1.0 - lab["p_chosen"]
-                    if "judge" in lab and "orders" in lab["judge"]:
-                        lab["judge"] = dict(lab["judge"], orders=[1.0 - p for p in lab["judge"]["orders"]])
+                    lab = dict(flip_label(lab), swap=True)
                 if self.cfg.pair_mode == "revision":
                     lab["revision_side"] = "rejected" if lab.get("swap") else "chosen"
                 labels[i] = lab

@@ -222,3 +222,39 @@ def test_default_model_end_to_end(default_model_dir, tmp_path):
     rows = _rows(out)
     assert len(rows) == 2 and rows[0]["meta"]["model"] == "smollm2-135m-instruct"
     assert all(r["rejected"][0]["content"].strip() for r in rows)  # a real model says something
+
+
+@pytest.mark.parametrize("mode", ["revision", "samples"])
+def test_generate_labels_pairs_with_the_judge(mode, tiny_model, tmp_path):
+    out = tmp_path / f"{mode}.jsonl"
+    res = _run(_gen_args(tiny_model, _prompt_file(tmp_path, 3), out, "--pair-mode", mode, "--no-early-stop",
+                         "--rounds", "1"))
+    assert res.exit_code == 0, res.output
+    rows = _rows(out)
+    assert len(rows) == 3
+    for r in rows:
+        lab = r["label"]
+        if lab.get("tie"):
+            continue
+        assert lab["source"] == "ai" and lab["p_chosen"] >= 0.5  # rows are ordered by the AI label
+        o = lab["judge"]["orders"]
+        assert len(o) == 2 and abs((o[0] + o[1]) / 2 - lab["p_chosen"]) < 1e-5
+        if mode == "revision":
+            side = lab["revision_side"]
+            final = r["trace"]["rounds"][-1]["revision"] or r["trace"]["initial"]
+            assert r[side][0]["content"] == final
+        else:
+            assert {r["chosen"][0]["content"], r["rejected"][0]["content"]} == set(r["trace"]["samples"])
+
+
+def test_flip_label_reorients_every_per_order_field():
+    from cai.feedback import flip_label
+
+    lab = {"p_chosen": 0.3, "source": "ai",
+           "judge": {"orders": [0.2, 0.4], "by_principle": {"x": [0.2, 0.4]}, "reasoning": {"x": ["first", "second"]}}}
+    f = flip_label(lab)
+    assert f["p_chosen"] == pytest.approx(0.7)
+    assert f["judge"]["orders"] == pytest.approx([0.6, 0.8])  # new chosen shown first = old shown second
+    assert f["judge"]["by_principle"]["x"] == pytest.approx([0.6, 0.8])
+    assert f["judge"]["reasoning"]["x"] == ["second", "first"]
+    assert flip_label(f)["judge"]["orders"] == pytest.approx([0.2, 0.4])
