@@ -163,7 +163,7 @@ def _naive(backend, const, rows, seed, k):
         for p in const.sample(seed, r["id"], k):
             for order in (0, 1):
                 text = backend.render(_render(const, r, p, order == 0, False, ""))
-                enc = tok(text, return_tensors="pt", add_special_tokens=False)
+                enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
                 tokens += enc["input_ids"].numel()
                 with torch.inference_mode():
                     logits = model(**enc).logits[0, -1].float()
