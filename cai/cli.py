@@ -103,6 +103,18 @@ def constitution_check(folder):
     click.echo("\nOK")
 
 
+def _principles_option(ctx, param, value):
+    if value is None or str(value).lower() == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise click.BadParameter(f"{value!r}: pass a number of principles (1, 2, ...) or 'all'")
+    return k
+
+
 # -- generate ----------------------------------------------------------------------------------
 
 @cli.command()
@@ -121,8 +133,8 @@ def constitution_check(folder):
               help="revision: initial response vs final revision; samples: two sampled responses (CAI RL stage).")
 @click.option("--label/--no-label", default=True, show_default=True,
               help="Judge every pair against the constitution (AI label). --no-label keeps revision > initial, p_chosen = 1.")
-@click.option("--principles", "judge_principles", type=int, default=1, show_default=True,
-              help="Principles the judge averages over per pair (0 = all).")
+@click.option("--principles", "judge_principles", default="1", show_default=True, callback=_principles_option,
+              help="Principles the judge averages over per pair: K (a seeded draw per pair) or 'all'.")
 @click.option("--overwrite", is_flag=True, help="Start the output file afresh instead of resuming.")
 @handle_errors
 def generate(constitution_dir, prompts, out, model, backend, batch_size, device, trust_remote_code, base_url,
@@ -142,25 +154,13 @@ def generate(constitution_dir, prompts, out, model, backend, batch_size, device,
         backend_options=backend_kwargs(backend, batch_size, device, trust_remote_code, base_url),
         rounds=rounds, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, limit=limit,
         chunk_size=chunk_size, early_stop=early_stop, overwrite=overwrite, pair_mode=pair_mode, label=label,
-        judge_principles=judge_principles or None,
+        judge_principles=judge_principles,
     )
     summary = run_generate(cfg)
     click.echo(summary.line(), err=True)
 
 
 # -- label (issue 3: feedback.py) --------------------------------------------------------------
-def _principles_option(ctx, param, value):
-    if value is None or str(value).lower() == "all":
-        return None
-    try:
-        k = int(value)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise click.BadParameter(f"{value!r}: pass a number of principles (1, 2, ...) or 'all'")
-    return k
-
-
 @cli.command()
 @click.option("--pairs", required=True, type=click.Path(), help="Pairs to label: cai rows, TRL preference rows or raw HH-RLHF (.jsonl/.jsonl.gz).")
 @click.option("--constitution", "constitution_dir", required=True, type=click.Path(), help="Constitution folder (its compare template and principles judge).")

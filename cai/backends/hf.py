@@ -52,6 +52,9 @@ class HFBackend:
         # _check_prefix_path); an architecture where it disagrees falls back to plain batches.
         self.share_prefix = share_prefix
         self._prefix_ok: bool | None = None
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every start is noise
         try:
             self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             # safetensors only: pickle-based .bin weights can run code on load.
