@@ -130,6 +130,28 @@ def test_sigkill_then_resume(tiny_model, tmp_path):
     assert len(ids) == 24 and len(set(ids)) == 24
 
 
+def test_ctrl_c_stops_after_the_chunk_in_flight(tiny_model, tmp_path):
+    """SIGINT: the chunk in flight is finished and written whole, the run exits 0 and says how to resume."""
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"Tell me fact number {i} about the sun.\n" for i in range(24)))
+    out = tmp_path / "pairs.jsonl"
+    args = [sys.executable, "-m", "cai", *_gen_args(tiny_model, prompts, out, "--no-label", "--chunk-size", "2")]
+    args[args.index("--max-new-tokens") + 1] = "24"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    rows = _rows(out)  # every line is whole JSON
+    assert len(rows) % 2 == 0 and 2 <= len(rows) < 24  # whole chunks only
+    assert _run(_gen_args(tiny_model, prompts, out, "--no-label", "--chunk-size", "2",
+                          "--max-new-tokens", "24")).exit_code == 0
+    assert len({r["id"] for r in _rows(out)}) == 24
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 def _bad_constitution(tmp_path, mutate) -> Path:
