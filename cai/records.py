@@ -115,11 +115,9 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 if text.strip():
                     yield n, text
     except UnicodeDecodeError:
-        raise InputError("not UTF-8 text (binary file?); pass a .jsonl, .jsonl.gz or .txt file", path, n + 1)
+        raise InputError("not UTF-8 text (binary file?); pass a .jsonl, .jsonl.gz or .txt file", path, n + 1) from None
     except (gzip.BadGzipFile, EOFError, OSError) as e:
-        if isinstance(e, InputError):
-            raise
-        raise InputError(f"cannot read ({e}); is it really {'gzip' if path.suffix == '.gz' else 'text'}?", path)
+        raise InputError(f"cannot read ({e}); is it really {'gzip' if path.suffix == '.gz' else 'text'}?", path) from None
 
 
 def _parse_line(path, n: int, text: str) -> dict:
@@ -176,7 +174,7 @@ def read_prompts(path, limit: int | None = None) -> list[dict]:
             if limit and len(rows) >= limit:
                 break
     else:
-        for n, text in _iter_lines(path):
+        for _, text in _iter_lines(path):
             msgs = [{"role": "user", "content": text.strip()}]
             rid = stable_id(msgs)
             if rid not in seen:

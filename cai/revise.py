@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from cai import __version__
 from cai.errors import InputError
@@ -314,7 +314,3 @@ class _Engine:
         if self.cfg.label:
             bar.update(n)
         return labels
-
-
-def config_dict(cfg: GenerateConfig) -> dict:
-    return asdict(cfg)
