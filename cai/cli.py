@@ -345,6 +345,7 @@ def eval_cmd(rms, names, pairs, out, limit, shift_pairs, bootstrap, probes, prob
 @click.option("--cot", is_flag=True, help="The judge reasons before answering (slower).")
 @click.option("--labels", type=click.Choice(["soft", "hard"]), default="soft", show_default=True, help="Loss labels for every RM.")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="Reward-model peak learning rate.")
 @click.option("--max-length", type=int, default=None, help="RM tokens per sequence (default: the base's, at most 512).")
 @click.option("--train-batch-size", type=int, default=16, show_default=True, help="RM training pairs per step.")
 @eval_options
@@ -352,7 +353,7 @@ def eval_cmd(rms, names, pairs, out, limit, shift_pairs, bootstrap, probes, prob
 @click.option("--dry-run", is_flag=True, help="Print the up-front estimate of tokens and time, then stop.")
 @handle_errors
 def compare(human_train, test, constitution_dir, out, model, backend, batch_size, device, trust_remote_code, base_url,
-            base, limit, test_limit, generated_pairs, principles, cot, labels, epochs, max_length, train_batch_size,
+            base, limit, test_limit, generated_pairs, principles, cot, labels, epochs, lr, max_length, train_batch_size,
             shift_pairs, bootstrap, probes, probe_limit, rm_batch_size, seed, dry_run):
     """The study: AI-label the human train pairs, train an AI-label and a human-label
     reward model alike, evaluate both on the test pairs, and report.
@@ -374,7 +375,7 @@ def compare(human_train, test, constitution_dir, out, model, backend, batch_size
         human_train=human_train, test=test, constitution=constitution_dir, out=out, model=model, backend=backend,
         backend_options=backend_kwargs(backend, batch_size, device, trust_remote_code, base_url), base=base,
         limit=limit, test_limit=test_limit, generated_pairs=generated_pairs, shift_pairs=shift_pairs,
-        principles=principles, cot=cot, labels=labels, epochs=epochs, max_length=max_length,
+        principles=principles, cot=cot, labels=labels, epochs=epochs, lr=lr, max_length=max_length,
         train_batch_size=train_batch_size, score_batch_size=rm_batch_size, seed=seed, bootstrap=bootstrap, probes=probes,
         probe_limit=probe_limit or None, device=device,
         dry_run=dry_run, command=command_line(),

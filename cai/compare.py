@@ -54,6 +54,7 @@ class CompareConfig:
     cot: bool = False
     labels: str = "soft"  # loss labels for every RM (human labels are p = 1 either way)
     epochs: float = 1.0
+    lr: float = 5e-5  # reward-model peak learning rate (cai train's default)
     max_length: int | None = None
     train_batch_size: int = 16  # RM training pairs per step
     score_batch_size: int = 32  # sequences per forward pass when scoring
@@ -321,6 +322,7 @@ def _train_config(cfg: CompareConfig, pairs, limit, out):
         base=cfg.base,
         labels=cfg.labels,
         epochs=cfg.epochs,
+        lr=cfg.lr,
         max_length=cfg.max_length,
         limit=limit,
         batch_size=cfg.train_batch_size,

@@ -275,7 +275,9 @@ def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: di
         if limit and len(rows) >= limit:
             break
     if not rows:
-        raise InputError("no usable pairs in the file", path)
+        first = stats["skipped"][0][1] if stats["skipped"] else None
+        why = f"; first problem: {first}" if first else (" (every row is an unrevised tie)" if stats.get("ties") else "")
+        raise InputError(f"no usable pairs in the file{why}", path)
     return rows
 
 
