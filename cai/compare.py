@@ -26,7 +26,7 @@ import numpy as np
 
 from cai.errors import InputError
 from cai.evaluate import _pct, annotate, evaluate, load_pairset, mean_ci, rm_provenance, rm_scorer
-from cai.records import file_sha256, read_pairs, read_rows, response_text
+from cai.records import file_sha256, read_pairs, read_rows, response_text, write_json, write_jsonl
 
 STEP_VERSION = 1  # bump when a step's code changes what it writes: old caches are then ignored
 WITHHELD = {
@@ -77,17 +77,8 @@ def _log(msg: str):
     print(f"cai compare: {msg}", file=sys.stderr, flush=True)
 
 
-def _write_jsonl(path: Path, rows: list[dict]):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    tmp.replace(path)
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-    tmp.replace(path)
 
 
 # ============================================================================ the step cache
@@ -124,7 +115,7 @@ class Steps:
                 return d, rec["result"]
         resumed = d.exists()
         d.mkdir(parents=True, exist_ok=True)
-        _write_json(d / "inputs.json", {"step": name, "key": key, **inputs})
+        write_json(d / "inputs.json", {"step": name, "key": key, **inputs})
         _log(
             f"[{i}/{len(self.plan)}] {name}: {'resuming' if resumed else 'running'}"
             + (f" (estimate ~{_dur(est)})" if est else "")
@@ -133,7 +124,7 @@ class Steps:
         t0 = time.time()
         result = fn(d)
         secs = round(time.time() - t0, 1)
-        _write_json(
+        write_json(
             marker,
             {
                 "name": name,
@@ -182,9 +173,9 @@ def _prepare(cfg: CompareConfig, d: Path) -> dict:
                 "label": dict(WITHHELD),
             }
         )
-    _write_jsonl(d / "human.jsonl", human)
-    _write_jsonl(d / "judge-input.jsonl", judge)
-    _write_json(d / "swaps.json", swaps)
+    write_jsonl(d / "human.jsonl", human)
+    write_jsonl(d / "judge-input.jsonl", judge)
+    write_json(d / "swaps.json", swaps)
     skipped = stats.get("skipped", [])
     return {
         "n": len(rows),
@@ -259,14 +250,14 @@ def _align(data_dir: Path, d: Path, summary) -> dict:
         raise InputError(
             "the judge produced no usable label; see the labelling summary", d / "labelled.jsonl"
         )
-    _write_jsonl(d / "train-human.jsonl", h_out)
-    _write_jsonl(d / "train-ai.jsonl", a_out)
+    write_jsonl(d / "train-human.jsonl", h_out)
+    write_jsonl(d / "train-ai.jsonl", a_out)
     from cai.feedback import summarize
 
     run = {k: getattr(summary, k, None) for k in ("labelled", "resumed", "seconds", "pairs_per_s")}
     # cai label's own summary, now against the real human labels (they are the priors of train-ai.jsonl)
     stats = summarize(a_out)
-    _write_json(d / "train-ai.summary.json", stats)
+    write_json(d / "train-ai.summary.json", stats)
     return {
         "n": len(a_out),
         "missing": missing,
@@ -380,7 +371,7 @@ def _cached_speed(cache: Path, path: str, kind: str, device: str, seq_len: int, 
     if key not in known:
         known[key] = _probe_speed(path, kind, device, seq_len, batch)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(cache, known)
+        write_json(cache, known)
     return known[key]
 
 
@@ -616,7 +607,7 @@ def run_compare(cfg: CompareConfig) -> dict:
             probes=cfg.probes,
             probe_limit=cfg.probe_limit,
         )
-        _write_json(d / "metrics.full.json", m)
+        write_json(d / "metrics.full.json", m)
         return {"file": str(d / "metrics.full.json")}
 
     eval_inputs = {

@@ -26,9 +26,7 @@ is no better than chance, than the "pick the shorter answer" rule, or than its o
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import sys
 import time
@@ -36,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import InputError
-from cai.records import response_text
+from cai.records import response_text, write_json
 
 OPTIONS = ("A", "B")
 VERDICT_MAX_NEW_TOKENS = 8  # "A) ..." is all a verdict needs; more only costs time
@@ -486,10 +484,6 @@ def _output_row(row: dict, label: dict, meta: dict) -> dict:
     return {**head, **rest, "meta": m}
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a kill never leaves half a summary
 
 
 def run_label(cfg: LabelConfig) -> LabelSummary:
@@ -556,7 +550,7 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     ids = {r["id"] for r in rows}
     done = [r for r in read_rows(cfg.out) if str(r.get("id")) in ids] if Path(cfg.out).exists() else []
     s.stats = summarize(done)
-    _write_json(Path(s.summary_path), {
+    write_json(Path(s.summary_path), {
         **s.stats,
         "run": {"pairs": str(cfg.pairs), "out": str(cfg.out), "labelled": s.labelled, "resumed": s.resumed,
                 "skipped": s.skipped, "duplicates": s.duplicates, "seconds": round(s.seconds, 2),

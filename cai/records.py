@@ -369,6 +369,23 @@ class RowWriter:
         self.close()
 
 
+def write_json(path, obj):
+    """Write a JSON file atomically (temp file + rename): a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows: Iterable[dict]):
+    """Write a whole JSONL file atomically (for derived files; run outputs use RowWriter)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
 def read_rows(path) -> list[dict]:
     """Rows of one of our own output files (no normalisation)."""
     return [row for _, row in iter_json_rows(path)]

@@ -32,7 +32,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from cai import __version__
 from cai.errors import InputError
 from cai.models import DEFAULT_REWARD_BASE, pick_device, pick_dtype, resolve_reward_base
-from cai.records import file_sha256, read_pairs, to_transcript
+from cai.records import file_sha256, read_pairs, to_transcript, write_json
 
 CONFIG_NAME = "cai_train_config.json"  # written next to every artifact; also marks a folder as ours
 DEFAULT_BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -523,7 +523,7 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
         if not cfg.resume:  # a finished earlier artifact being replaced: its checkpoints go too
             for c in _checkpoints(out):
                 shutil.rmtree(c)
-        _write_json(out / CONFIG_NAME, record)
+        write_json(out / CONFIG_NAME, record)
 
     # The Trainer prints log dicts to stdout; stdout is for data only (STYLE.md).
     with contextlib.redirect_stdout(sys.stderr):
@@ -544,7 +544,7 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
             for c in _checkpoints(out):
                 shutil.rmtree(c)
         record.update(status="done", metrics=metrics)
-        _write_json(out / CONFIG_NAME, record)
+        write_json(out / CONFIG_NAME, record)
         (out / "README.md").write_text(_model_card(record))
     return metrics
 
@@ -557,10 +557,6 @@ def _checkpointing_arg(on: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _model_card(rec: dict) -> str:
