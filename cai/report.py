@@ -39,6 +39,12 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     models = metrics["models"]
     written = []
 
+    def save(fig, name: str):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
     # accuracy with intervals, models and baselines on one axis
     rows = [(n, m["accuracy"]) for n, m in models.items()] + [
         (f"[baseline] {n}", b["accuracy"]) for n, b in metrics["baselines"].items()
@@ -60,10 +66,7 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_yticks(range(len(rows)), [n for n, _ in reversed(rows)])
     ax.set_xlabel("accuracy on test pairs (ties ½), 95% bootstrap CI")
     ax.set_xlim(0, 1)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    written.append("accuracy.png")
+    save(fig, "accuracy.png")
 
     # reliability of σ(Δ)
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -84,10 +87,7 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title("Reliability")
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
-    plt.close(fig)
-    written.append("reliability.png")
+    save(fig, "reliability.png")
 
     # margin distribution
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -105,10 +105,7 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_ylabel("pairs")
     ax.legend(fontsize=8)
     ax.set_title("Margin distribution")
-    fig.tight_layout()
-    fig.savefig(out / "margins.png", dpi=110)
-    plt.close(fig)
-    written.append("margins.png")
+    save(fig, "margins.png")
 
     # length bias: accuracy when the preferred answer is longer vs shorter
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -129,10 +126,7 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_ylabel("accuracy (95% CI)")
     ax.legend(fontsize=8)
     ax.set_title("Length bias: a fair model scores alike on both")
-    fig.tight_layout()
-    fig.savefig(out / "length_bias.png", dpi=110)
-    plt.close(fig)
-    written.append("length_bias.png")
+    save(fig, "length_bias.png")
     return written
 
 

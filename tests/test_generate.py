@@ -101,18 +101,25 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
     assert res.exit_code == 2 and "different seed" in res.output and out.read_bytes() == before
 
 
-def test_sigkill_then_resume(tiny_model, tmp_path):
-    """Kill -9 mid-run (and tear the last line), rerun: every id once, earlier rows byte-identical."""
+def _start_long_run(tiny_model, tmp_path, min_rows: int, stderr=subprocess.DEVNULL):
+    """`cai generate` on 24 prompts in chunks of 2, in a subprocess, returned once it has written
+    at least `min_rows` rows: (process, output path, the command line)."""
     prompts = tmp_path / "many.txt"
     prompts.write_text("".join(f"Tell me fact number {i} about the moon.\n" for i in range(24)))
     out = tmp_path / "pairs.jsonl"
     args = [sys.executable, "-m", "cai", *_gen_args(tiny_model, prompts, out, "--no-label", "--chunk-size", "2")]
     args[args.index("--max-new-tokens") + 1] = "24"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < min_rows):
         time.sleep(0.05)
+    return proc, out, args
+
+
+def test_sigkill_then_resume(tiny_model, tmp_path):
+    """Kill -9 mid-run (and tear the last line), rerun: every id once, earlier rows byte-identical."""
+    proc, out, args = _start_long_run(tiny_model, tmp_path, min_rows=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert out.exists(), "no rows were written before the kill"
@@ -122,7 +129,7 @@ def test_sigkill_then_resume(tiny_model, tmp_path):
     assert 4 <= n_before < 24, "the kill must land mid-run"
     with open(out, "ab") as f:  # a torn line, as a kill inside write() leaves
         f.write(b'{"id": "torn", "prompt": [{"ro')
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = out.read_bytes()
     assert data.startswith(complete)
@@ -132,23 +139,14 @@ def test_sigkill_then_resume(tiny_model, tmp_path):
 
 def test_ctrl_c_stops_after_the_chunk_in_flight(tiny_model, tmp_path):
     """SIGINT: the chunk in flight is finished and written whole, the run exits 0 and says how to resume."""
-    prompts = tmp_path / "many.txt"
-    prompts.write_text("".join(f"Tell me fact number {i} about the sun.\n" for i in range(24)))
-    out = tmp_path / "pairs.jsonl"
-    args = [sys.executable, "-m", "cai", *_gen_args(tiny_model, prompts, out, "--no-label", "--chunk-size", "2")]
-    args[args.index("--max-new-tokens") + 1] = "24"
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
-        time.sleep(0.05)
+    proc, out, args = _start_long_run(tiny_model, tmp_path, min_rows=2, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-2000:]
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
     rows = _rows(out)  # every line is whole JSON
     assert len(rows) % 2 == 0 and 2 <= len(rows) < 24  # whole chunks only
-    assert _run(_gen_args(tiny_model, prompts, out, "--no-label", "--chunk-size", "2",
-                          "--max-new-tokens", "24")).exit_code == 0
+    assert _run(args[3:]).exit_code == 0  # the same arguments, in-process
     assert len({r["id"] for r in _rows(out)}) == 24
 
 
