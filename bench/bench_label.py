@@ -193,7 +193,7 @@ def main():
 
     dev, train = DATA / "dev.jsonl.gz", DATA / "train.jsonl.gz"
     if not dev.exists():
-        print(f"skipped: shared HH-RLHF data not found at {DATA} (see DESIGN.md)")
+        print(f"skipped: shared HH-RLHF data not found at {DATA} (see docs/pairs-contract.md)")
         return
 
     import torch

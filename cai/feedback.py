@@ -1,4 +1,4 @@
-"""AI preference labels: the constitution as judge (DESIGN.md, "The judge").
+"""AI preference labels: the constitution as judge (the method: docs/judge.md).
 
 For every pair and each of K principles, the compare template is rendered twice — the row's
 `chosen` shown as option (A), then as option (B) — and the judge's probability of each option
@@ -41,7 +41,7 @@ VERDICT_MAX_NEW_TOKENS = 8  # "A) ..." is all a verdict needs; more only costs t
 LOW_CONSISTENCY = 0.6  # below this, most pairs get a winner that depends on where it was shown
 STRONG_POSITION_BIAS = 0.15  # |mean P(first option) - 0.5| above this is called out
 FEW_HUMAN_LABELS = 30
-SHORTER_RULE_PUBLISHED = 0.553  # "pick the shorter answer" on HH harmless-base test (DESIGN.md)
+SHORTER_RULE_PUBLISHED = 0.553  # "pick the shorter answer" on HH harmless-base test (docs/judge.md)
 
 
 # ============================================================================ the judge
@@ -482,8 +482,6 @@ def _output_row(row: dict, label: dict, meta: dict) -> dict:
     head = {"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "label": label}
     rest = {k: v for k, v in row.items() if k not in head and k != "meta"}
     return {**head, **rest, "meta": m}
-
-
 
 
 def run_label(cfg: LabelConfig) -> LabelSummary:

@@ -241,7 +241,7 @@ def response_text(messages: list[dict]) -> str:
 
 
 def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: dict | None = None) -> list[dict]:
-    """Read any pairs format in DESIGN.md into pairs-contract rows.
+    """Read any pairs format in docs/pairs-contract.md into pairs-contract rows.
 
     With ``skip_bad`` malformed rows are counted in ``stats['skipped']`` (with their line
     numbers) instead of raising. Identical chosen/rejected is a bad row, except in rows that

@@ -1,9 +1,10 @@
 """Reward models: train them on soft AI labels or human labels, and score pairs with them.
 
-The objective is DESIGN.md's soft-label Bradley–Terry loss. Everything else (checkpoints,
-resume, gradient accumulation, mixed precision, DDP/FSDP under `accelerate launch` / `torchrun`)
-is transformers' Trainer, so this module holds only what is specific to reward models: how a pair
-becomes tokens, how a batch is laid out, the loss, and the artifact's paperwork.
+The objective is the soft-label Bradley–Terry loss on label.p_chosen (`compute_loss`). Everything
+else (checkpoints, resume, gradient accumulation, mixed precision, DDP/FSDP under `accelerate
+launch` / `torchrun`) is transformers' Trainer, so this module holds only what is specific to
+reward models: how a pair becomes tokens, how a batch is laid out, the loss, and the artifact's
+paperwork.
 
 Imports torch and transformers at the top (the Trainer subclass needs them); cli.py imports this
 module inside the commands, so `cai --help` stays instant.
@@ -525,7 +526,7 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
                 shutil.rmtree(c)
         write_json(out / CONFIG_NAME, record)
 
-    # The Trainer prints log dicts to stdout; stdout is for data only (STYLE.md).
+    # The Trainer prints log dicts to stdout; stdout is for data only (docs/style.md).
     with contextlib.redirect_stdout(sys.stderr):
         result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
         metrics = {k: v for k, v in result.metrics.items()}
@@ -555,8 +556,6 @@ def _checkpointing_arg(on: bool) -> dict:
         return {}
     names = TrainingArguments.__dataclass_fields__
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
-
-
 
 
 def _model_card(rec: dict) -> str:

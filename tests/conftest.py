@@ -81,7 +81,7 @@ def tiny_reward_base(tmp_path_factory) -> Path:
 def hh_dev() -> Path:
     p = SHARED_DATA / "dev.jsonl.gz"
     if not p.exists():
-        pytest.skip(f"shared HH-RLHF data not found at {SHARED_DATA} (see DESIGN.md)")
+        pytest.skip(f"shared HH-RLHF data not found at {SHARED_DATA} (see docs/pairs-contract.md)")
     return p
 
 
@@ -89,5 +89,5 @@ def hh_dev() -> Path:
 def hh_train() -> Path:
     p = SHARED_DATA / "train.jsonl.gz"
     if not p.exists():
-        pytest.skip(f"shared HH-RLHF data not found at {SHARED_DATA} (see DESIGN.md)")
+        pytest.skip(f"shared HH-RLHF data not found at {SHARED_DATA} (see docs/pairs-contract.md)")
     return p
