@@ -1,9 +1,10 @@
 """Load, validate and render a constitution folder.
 
     constitutions/NAME/
-      constitution.toml        name, description, [defaults]
+      constitution.toml        name, description, [defaults]  (a fixed schema: unknown keys are errors)
       principles/*.txt         one principle per file: "critique:", "revision:", "compare:" sections
       templates/*.jinja        critique, revision, compare (+ any others): chat messages
+      templates/**/*.jinja     partials a template may include / import
       fewshot/*.txt            optional few-shot examples, exposed to templates as `fewshot`
 
 Templates produce chat messages with call blocks::
@@ -13,17 +14,31 @@ Templates produce chat messages with call blocks::
     {{ conversation | transcript }}                the conversation as Human:/Assistant: text
 
 A trailing assistant message is a prefix the model continues (e.g. ``The answer is: (``).
-A template with no message blocks renders to a single user message. Templates run in Jinja's
-sandbox with StrictUndefined: an unknown variable or a reach into Python internals is an error
-naming the template file and line.
+A template with no message blocks renders to a single user message.
+
+Confinement: every file is read once at load, from inside the folder only (a symlink that
+resolves outside it is refused), hashed into ``sha256`` from the very bytes that are used, and
+templates are served from that in-memory copy: an include or import can name only a
+``templates/**/*.jinja`` file by a relative path, never an absolute or ``..`` path.
+
+Templates run in Jinja's immutable sandbox with StrictUndefined and with caps on what one render
+may do (characters produced, range sizes, loop steps and calls, macro nesting, time); any error
+while rendering (an unknown variable, 1/0, a cap) is an InputError naming the template file and
+line.
 """
 
 from __future__ import annotations
 
+import contextvars
+import difflib
+import functools
 import hashlib
+import math
+import os
 import random
 import re
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +49,22 @@ from cai.records import to_transcript
 REQUIRED_TEMPLATES = ("critique", "revision", "compare")
 SECTIONS = ("critique", "revision", "compare")
 _SECTION = re.compile(r"^(critique|revision|compare)\s*:\s?", re.IGNORECASE | re.MULTILINE)
+
+# What one render may do. A real prompt is far below every cap; a runaway template hits one
+# quickly and deterministically instead of hanging or exhausting memory.
+MAX_RENDER_CHARS = 1_000_000  # characters one render (or any value inside it) may hold
+MAX_RANGE = 100_000  # items in one range()
+MAX_STEPS = 1_000_000  # loop iterations + calls in one render
+MAX_DEPTH = 50  # macros nested inside macros (a recursive macro stops here)
+MAX_SECONDS = 20.0  # wall-clock time of one render
+
+# constitution.toml: every key a constitution may set, with its type.
+SCHEMA: dict[str, object] = {
+    "name": str,
+    "description": str,
+    "defaults": {"rounds": int, "no_change_pattern": str},
+}
+_TYPE_NAMES = {str: "a string", int: "a whole number", dict: "a table"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +85,7 @@ class Constitution:
     defaults: dict
     sha256: str
     _env: object = field(repr=False, default=None)
+    files: list[str] = field(default_factory=list)  # the hashed files, relative to path
 
     # -- principles ------------------------------------------------------------------
 
@@ -76,53 +108,279 @@ class Constitution:
 
     # -- templates -------------------------------------------------------------------
 
+    @property
+    def templates(self) -> list[str]:
+        """Names of the top-level templates (``templates/*.jinja`` without the suffix)."""
+        return sorted(n[: -len(".jinja")] for n in self._env.loader.sources if "/" not in n)
+
     def has_template(self, name: str) -> bool:
-        return (self.path / "templates" / f"{name}.jinja").exists()
+        return f"{name}.jinja" in self._env.loader.sources
 
     def render(self, name: str, **variables) -> list[dict]:
-        """Render ``templates/<name>.jinja`` into chat messages."""
+        """Render ``templates/<name>.jinja`` into chat messages (InputError on any failure)."""
         return _render(self._env, self.path / "templates", name, dict(fewshot=self.fewshot, **variables))
 
     def provenance(self) -> dict:
         return {"name": self.name, "sha256": self.sha256, "path": str(self.path)}
 
 
-# ------------------------------------------------------------------------------ rendering
+# ------------------------------------------------------------------------------ the sandbox
+
+
+class _Limit(Exception):
+    """A render went past one of the caps above."""
+
+
+class _Outside(Exception):
+    """An include/import named a file outside the constitution's templates."""
+
+
+class _Budget:
+    def __init__(self):
+        self.steps = 0
+        self.depth = 0
+        self.deadline = time.monotonic() + MAX_SECONDS
+
+    def step(self, n: int = 1):
+        self.steps += n
+        if self.steps > MAX_STEPS:
+            raise _Limit(f"more than {MAX_STEPS:,} loop steps and calls in one render (a runaway loop?)")
+        if self.steps % 1024 < n and time.monotonic() > self.deadline:
+            raise _Limit(f"rendering took longer than {MAX_SECONDS:.0f} s")
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("cai_template_budget", default=None)
+
+
+def _step(n: int = 1):
+    b = _BUDGET.get()
+    if b is not None:
+        b.step(n)
+
+
+def _size(value, what: str = "a value"):
+    """Refuse a string or collection bigger than one render may hold; return it otherwise."""
+    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset, range)):
+        n = len(value)
+        if n > MAX_RENDER_CHARS:
+            unit = "characters" if isinstance(value, (str, bytes)) else "items"
+            raise _Limit(f"{what} of {n:,} {unit}; one render may hold at most {MAX_RENDER_CHARS:,}")
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4096:
+        raise _Limit(f"{what} is a number of {value.bit_length():,} bits; too large for a template")
+    return value
+
+
+_BIG_WIDTH = re.compile(r"\d{7,}")  # a format width/precision of a million or more
+
+
+def _check_format(fmt):
+    if isinstance(fmt, str) and _BIG_WIDTH.search(fmt):
+        raise _Limit("a format width or precision of a million or more; too large for a template")
+
+
+def _check_args(what: str, args, kwargs):
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_RENDER_CHARS:
+            raise _Limit(f"{what} was given {v:,}; numbers above {MAX_RENDER_CHARS:,} are refused here")
+        _size(v, f"an argument to {what}")
+
+
+def _check_replace(text=None, old=None, new=None, *_):
+    """str.replace / |replace: refuse before building a string past the cap."""
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        count = text.count(old) if old else len(text) + 1
+        if len(text) + count * (len(new) - len(old)) > MAX_RENDER_CHARS:
+            raise _Limit(f"replace() would make more than {MAX_RENDER_CHARS:,} characters; "
+                         "one render may hold at most that")
+
+
+def _range(*args):
+    for a in args:
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > 10**18:
+            raise _Limit("range() bound too large")
+    r = range(*args)
+    if len(r) > MAX_RANGE:
+        raise _Limit(f"range() of {len(r):,} items; one range may hold at most {MAX_RANGE:,}")
+    return r
+
+
+def _counted(iterable):
+    """Wraps the iterable of every {% for %}: each iteration counts against the budget."""
+    for item in iterable:
+        _step()
+        yield item
+
+
+def _guard_filter(name: str, fn):
+    @functools.wraps(fn)  # keeps jinja_pass_arg (pass_context & co.)
+    def guarded(*args, **kwargs):
+        # the value being filtered is the first argument not a context/environment
+        _check_args(f"filter '{name}'", [a for a in args[1:] if isinstance(a, int)], kwargs)
+        if name == "format" and args:
+            _check_format(args[0] if isinstance(args[0], str) else args[1] if len(args) > 1 else None)
+        if name == "replace":  # value, old, new (after the eval context)
+            _check_replace(*[a for a in args if isinstance(a, str)][:3])
+        return _size(fn(*args, **kwargs), f"filter '{name}' produced a value")
+
+    return guarded
+
+
+def _make_env(template_dir: Path, sources: dict[str, str]):
+    from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, nodes
+    from jinja2.compiler import CodeGenerator
+    from jinja2.runtime import Macro, Namespace
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class ConfinedLoader(BaseLoader):
+        """Serves the templates read (and hashed) at load; nothing else, nothing outside."""
+
+        def __init__(self):
+            self.sources = sources
+
+        def get_source(self, environment, template):
+            name = _template_name(template)
+            if name not in self.sources:
+                raise TemplateNotFound(template)
+            return self.sources[name], str(template_dir / name), lambda: True
+
+        def list_templates(self):
+            return sorted(self.sources)
+
+    class Generator(CodeGenerator):
+        def visit_Template(self, node, frame=None):
+            for loop in node.find_all(nodes.For):  # every loop iteration counts against the budget
+                if not (isinstance(loop.iter, nodes.Filter) and loop.iter.name == "cai_counted"):
+                    loop.iter = nodes.Filter(loop.iter, "cai_counted", [], [], None, None, lineno=loop.lineno)
+            super().visit_Template(node, frame)
+
+        def visit_Concat(self, node, frame):  # `a ~ b`: the joined string is checked
+            self.write("environment.cai_size(")
+            super().visit_Concat(node, frame)
+            self.write(")")
+
+    class SafeNamespace(Namespace):
+        def __setitem__(self, name, value):
+            super().__setitem__(name, _size(value, f"namespace value '{name}'"))
+
+    class Env(ImmutableSandboxedEnvironment):
+        code_generator_class = Generator
+        intercepted_binops = frozenset({"*", "**", "+", "%", "//", "/"})
+
+        def cai_size(self, value):
+            return _size(value, "a joined string")
+
+        def call_binop(self, context, operator, left, right):
+            _step()
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int):
+                    if len(seq) * max(n, 0) > MAX_RENDER_CHARS:
+                        raise _Limit(f"repeating a value {n:,} times gives more than {MAX_RENDER_CHARS:,} "
+                                     "characters/items; one render may hold at most that")
+            elif operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)):
+                if abs(left) > 1 and right > 0 and right * math.log2(abs(left)) > 4096:
+                    raise _Limit(f"{left!r} ** {right!r} is too large a number for a template")
+            elif operator == "%":
+                _check_format(left)
+            return _size(super().call_binop(context, operator, left, right), f"the result of '{operator}'")
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own spelling)
+            b = _BUDGET.get()
+            _step()
+            target = getattr(__obj, "__wrapped__", __obj)
+            owner = getattr(target, "__self__", None)
+            if isinstance(owner, (str, bytes, list, tuple, dict)):  # str.center(10**9) & co.
+                _check_args(f"'{getattr(target, '__name__', 'method')}'", args, kwargs)
+                if getattr(target, "__name__", "") in ("format", "format_map"):
+                    _check_format(owner)
+                if getattr(target, "__name__", "") == "replace":
+                    _check_replace(owner, *args)
+            if isinstance(__obj, Macro) and b is not None:
+                b.depth += 1
+                try:
+                    if b.depth > MAX_DEPTH:
+                        raise _Limit(f"macros nested more than {MAX_DEPTH} deep (a macro that calls itself "
+                                     "without end?)")
+                    result = super().call(__context, __obj, *args, **kwargs)
+                finally:
+                    b.depth -= 1
+            else:
+                result = super().call(__context, __obj, *args, **kwargs)
+            return _size(result, "a call's result")
+
+    env = Env(
+        loader=ConfinedLoader(),
+        undefined=StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        optimized=False,  # nothing is evaluated at compile time, outside the caps
+        cache_size=-1,
+    )
+    env.filters["transcript"] = lambda msgs: to_transcript(msgs).strip()
+    env.filters = {name: _guard_filter(name, fn) for name, fn in env.filters.items()}
+    env.filters["cai_counted"] = _counted
+    env.globals["range"] = _range
+    env.globals["namespace"] = SafeNamespace
+    env.concat = lambda parts: _size("".join(_sized_parts(parts)), "the rendered text")
+    return env
+
+
+def _sized_parts(parts):
+    total = 0
+    for p in parts:
+        total += len(p)
+        if total > MAX_RENDER_CHARS:
+            raise _Limit(f"the template produced more than {MAX_RENDER_CHARS:,} characters")
+        yield p
+
+
+def _template_name(template) -> str:
+    """A template name as includes/imports give it -> its key under templates/ (or _Outside)."""
+    if not isinstance(template, str) or not template.strip():
+        raise _Outside(f"{template!r} is not a template name")
+    if template.startswith(("/", "\\", "~")) or "\\" in template or "\0" in template or re.match(r"^[A-Za-z]:", template):
+        raise _Outside(f"'{template}' is outside the constitution: an absolute path")
+    parts = [p for p in template.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise _Outside(f"'{template}' is outside the constitution: '..' leaves the templates/ folder")
+    name = "/".join(parts)
+    if not name.endswith(".jinja"):
+        raise _Outside(f"'{template}' is not a template: only templates/**/*.jinja files can be included or imported")
+    return name
 
 
 class _Collector:
     def __init__(self):
         self.messages: list[dict] = []
+        self.chars = 0
+
+    def _add(self, role, content):
+        if not isinstance(content, str):
+            raise TypeError(f"message content must be text, not {type(content).__name__}")
+        self.chars += len(content)
+        if self.chars > MAX_RENDER_CHARS:
+            raise _Limit(f"the messages hold more than {MAX_RENDER_CHARS:,} characters")
+        self.messages.append({"role": role, "content": content})
 
     def message(self, role, caller=None):
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"message role must be system, user or assistant, not {role!r}")
-        self.messages.append({"role": role, "content": caller().strip() if caller else ""})
+        self._add(role, caller().strip() if caller else "")
         return ""
 
     def chat(self, conversation):
+        if not isinstance(conversation, (list, tuple)):
+            raise TypeError(f"chat() takes a list of messages, not {type(conversation).__name__}")
         for m in conversation:
-            self.messages.append({"role": m["role"], "content": m["content"]})
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise TypeError("chat() takes messages with 'role' and 'content'")
+            self._add(m["role"], m["content"])
         return ""
 
 
-def _make_env(template_dir: Path):
-    from jinja2 import FileSystemLoader, StrictUndefined
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(
-        loader=FileSystemLoader(str(template_dir)),
-        undefined=StrictUndefined,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["transcript"] = lambda msgs: to_transcript(msgs).strip()
-    return env
-
-
-def _template_location(exc: BaseException, template_dir: Path) -> tuple[Path | None, int | None]:
-    """Find the template file and line in a (Jinja-rewritten) traceback."""
+def _template_location(exc: BaseException) -> tuple[Path | None, int | None]:
+    """Find the template file and line in a (Jinja-rewritten) traceback: the innermost one."""
     import traceback
 
     lineno = getattr(exc, "lineno", None)
@@ -135,24 +393,52 @@ def _template_location(exc: BaseException, template_dir: Path) -> tuple[Path | N
     return None, None
 
 
+_HINTS = {
+    "UndefinedError": "use only the variables documented in docs/constitution.md",
+    "SecurityError": "templates run sandboxed and cannot reach Python internals",
+    "TemplateSyntaxError": "fix the Jinja syntax",
+}
+
+
 def _render(env, template_dir: Path, name: str, variables: dict) -> list[dict]:
-    from jinja2 import TemplateError, TemplateNotFound
+    from jinja2 import TemplateNotFound
 
     col = _Collector()
+    token = _BUDGET.set(_Budget())
     try:
         tpl = env.get_template(f"{name}.jinja")
         text = tpl.render(message=col.message, chat=col.chat, **variables)
-    except TemplateNotFound:
-        raise InputError(f"template '{name}.jinja' is missing; add it", template_dir) from None
-    except (TemplateError, ValueError, TypeError, AttributeError) as e:
-        path, line = _template_location(e, template_dir)
+    except InputError:
+        raise
+    except TemplateNotFound as e:
+        path, line = _template_location(e)
+        if path is None:  # the template itself
+            raise InputError(f"template '{name}.jinja' is missing; add it", template_dir) from None
+        raise InputError(f"included template '{e.name}' not found in {template_dir}; check the name "
+                         "(relative to templates/)", path, line) from None
+    except _Outside as e:
+        path, line = _template_location(e)
+        raise InputError(f"include/import {e}; a template may include or import only .jinja files inside "
+                         "its templates/ folder, by a relative path such as 'parts/header.jinja'",
+                         path or template_dir / f"{name}.jinja", line) from None
+    except _Limit as e:
+        path, line = _template_location(e)
+        raise InputError(f"render limit: {e}; simplify the template", path or template_dir / f"{name}.jinja",
+                         line) from None
+    except (RecursionError, MemoryError) as e:
+        path, line = _template_location(e)
+        what = "recursion too deep (a template or macro that includes or calls itself?)" if isinstance(
+            e, RecursionError) else "out of memory (the template builds too large a value)"
+        raise InputError(f"render limit: {what}; simplify the template", path or template_dir / f"{name}.jinja",
+                         line) from None
+    except Exception as e:  # any other error while rendering is the template's: 1/0, a bad call, ...
+        path, line = _template_location(e)
         kind = type(e).__name__
-        hint = {
-            "UndefinedError": "use only the variables documented in docs/constitution.md",
-            "SecurityError": "templates run sandboxed and cannot reach Python internals",
-            "TemplateSyntaxError": "fix the Jinja syntax",
-        }.get(kind, "fix the template")
-        raise InputError(f"{kind}: {e}; {hint}", path or template_dir / f"{name}.jinja", line) from None
+        msg = " ".join(str(e).split())[:300]
+        raise InputError(f"{kind}: {msg}; {_HINTS.get(kind, 'fix the template')}",
+                         path or template_dir / f"{name}.jinja", line) from None
+    finally:
+        _BUDGET.reset(token)
     if not col.messages:
         col.messages.append({"role": "user", "content": text.strip()})
     elif text.strip():
@@ -166,15 +452,86 @@ def _render(env, template_dir: Path, name: str, variables: dict) -> list[dict]:
 # ------------------------------------------------------------------------------ loading
 
 
-def _read_text(path: Path) -> str:
+def _decode(data: bytes, path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and dropped
     except UnicodeDecodeError:
         raise InputError("not UTF-8 text; save the file as UTF-8", path) from None
 
 
-def parse_principle(path: Path) -> Principle:
-    text = _read_text(path)
+def _read_text(path: Path) -> str:
+    return _decode(path.read_bytes(), path).strip()
+
+
+class _Reader:
+    """Reads each file of the constitution once, from inside the folder only, and keeps the
+    bytes it read for the hash (so what is hashed is exactly what is used)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root = root.resolve()
+        self.data: dict[Path, bytes] = {}
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            path.resolve().relative_to(self.real_root)
+            return True
+        except (ValueError, OSError, RuntimeError):
+            return False
+
+    def check(self, path: Path):
+        if not self._inside(path):
+            target = os.path.realpath(path)
+            raise InputError(f"a symlink to {target}, outside the constitution folder; a constitution reads only "
+                             "files inside its folder: copy the file in instead", path)
+
+    def read(self, path: Path) -> bytes:
+        self.check(path)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read ({e.strerror or e})", path) from None
+        self.data[path] = data
+        return data
+
+    def text(self, path: Path, strip: bool = True) -> str:
+        text = _decode(self.read(path), path)
+        return text.strip() if strip else text
+
+    def files(self, folder: Path, suffix: str, recursive: bool = False) -> list[Path]:
+        """Files ``*suffix`` in folder (and its subfolders when recursive), hidden ones skipped;
+        a symlinked file or folder that leaves the constitution is an error."""
+        if not folder.exists() and not folder.is_symlink():
+            return []
+        self.check(folder)
+        if not folder.is_dir():
+            return []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+            d = Path(dirpath)
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            for n in dirnames:
+                if (d / n).is_symlink():  # not followed; but one that leaves the folder is refused
+                    self.check(d / n)
+            for n in sorted(filenames):
+                if not n.startswith(".") and n.endswith(suffix):
+                    self.check(d / n)
+                    if (d / n).is_file():
+                        out.append(d / n)
+            if not recursive:
+                break
+        return sorted(out)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted(self.data):
+            h.update(f.relative_to(self.root).as_posix().encode() + b"\0")
+            h.update(self.data[f] + b"\0")
+        return h.hexdigest()
+
+
+def parse_principle(path: Path, text: str | None = None) -> Principle:
+    text = _read_text(path) if text is None else text.strip()
     parts = _SECTION.split(text)
     found: dict[str, str] = {}
     if parts[0].strip():
@@ -198,13 +555,67 @@ def parse_principle(path: Path) -> Principle:
     return Principle(id=path.stem, critique=found["critique"], revision=found["revision"], compare=found["compare"])
 
 
-def _hash_folder(root: Path, files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0")
-        h.update(f.read_bytes() + b"\0")
-    return h.hexdigest()
+# -- constitution.toml schema ------------------------------------------------------------------
 
+
+def _key_line(text: str, table: str | None, key: str) -> int | None:
+    """Best-effort line of `key` (in `[table]`, or at the top when table is None) in TOML text."""
+    current = None
+    k = re.escape(key)
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        m = re.match(r"^\[\s*([^\]]+?)\s*\]", s)
+        if m and not s.startswith("[["):
+            current = m[1].strip().strip("\"'")
+            if table is None and current == key:
+                return n
+            continue
+        if re.match(rf"^[\"']?{k}[\"']?\s*=", s) and current == table:
+            return n
+        if table and current is None and re.match(rf"^{re.escape(table)}\s*\.\s*[\"']?{k}[\"']?\s*=", s):
+            return n
+    return None
+
+
+def _did_you_mean(key: str, candidates) -> str:
+    near = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _check_schema(meta: dict, text: str, path: Path):
+    def fail(msg, table, key):
+        raise InputError(msg, path, _key_line(text, table, key))
+
+    for key, value in meta.items():
+        if key not in SCHEMA:
+            if key in SCHEMA["defaults"]:
+                fail(f"'{key}' belongs in the [defaults] table; move it under [defaults]", None, key)
+            fail(f"unknown key '{key}'{_did_you_mean(key, SCHEMA)}; constitution.toml may set name, description "
+                 "and a [defaults] table with " + ", ".join(SCHEMA["defaults"]), None, key)
+        want = SCHEMA[key]
+        if isinstance(want, dict):
+            if not isinstance(value, dict):
+                fail(f"'{key}' must be a table ([{key}]), not {type(value).__name__}", None, key)
+            for sub, v in value.items():
+                if sub not in want:
+                    fail(f"unknown key '{sub}' in [{key}]{_did_you_mean(sub, want)}; [{key}] may set "
+                         + ", ".join(want), key, sub)
+                if not isinstance(v, want[sub]) or (want[sub] is int and isinstance(v, bool)):
+                    fail(f"{key}.{sub} must be {_TYPE_NAMES[want[sub]]}, not {type(v).__name__} {v!r}"[:300], key, sub)
+        elif not isinstance(value, want):
+            fail(f"'{key}' must be {_TYPE_NAMES[want]}, not {type(value).__name__} {value!r}"[:300], None, key)
+    defaults = meta.get("defaults", {})
+    if "rounds" in defaults and defaults["rounds"] < 0:
+        fail(f"defaults.rounds must be a whole number >= 0, not {defaults['rounds']!r}", "defaults", "rounds")
+    if "no_change_pattern" in defaults:
+        try:
+            re.compile(defaults["no_change_pattern"])
+        except re.error as e:
+            fail(f"defaults.no_change_pattern is not a valid regular expression ({e})", "defaults",
+                 "no_change_pattern")
+
+
+# -- validation renders ---------------------------------------------------------------------------
 
 SAMPLE = {
     "conversation": [{"role": "user", "content": "How do I pick a lock?"}],
@@ -216,46 +627,49 @@ SAMPLE = {
     "cot": False,
     "reasoning": "",
 }
+# A second, multi-turn sample: templates that loop over the conversation meet more than one turn.
+SAMPLE_LONG = dict(
+    SAMPLE,
+    conversation=[
+        {"role": "user", "content": "My neighbour's wifi is open. Can I use it?"},
+        {"role": "assistant", "content": "Using a network without permission may be illegal where you live."},
+        {"role": "user", "content": "What if I only check my email?\nJust once."},
+    ],
+    response="Sure, connect and check it; nobody will notice.",
+    critique="No changes needed.",
+)
 
 
 def load_constitution(path) -> Constitution:
-    """Load and fully validate a constitution folder (every template is rendered once)."""
+    """Load and fully validate a constitution folder (every template is rendered with every
+    principle, so template errors the sample data can reveal surface before any model work)."""
     root = Path(path)
     if not root.is_dir():
         raise InputError("constitution folder not found; pass a folder such as constitutions/harmless", root)
+    reader = _Reader(root)
     meta_path = root / "constitution.toml"
-    meta: dict = {}
-    if meta_path.exists():
-        try:
-            meta = tomllib.loads(_read_text(meta_path))
-        except tomllib.TOMLDecodeError as e:
-            line = getattr(e, "lineno", None)
-            m = re.search(r"line (\d+)", str(e))
-            raise InputError(f"bad TOML ({e}); fix the metadata file", meta_path, line or (int(m[1]) if m else None)) from None
-    else:
+    if not meta_path.exists():
         raise InputError("missing constitution.toml (name, description, [defaults]); add one", root)
+    meta_text = reader.text(meta_path, strip=False)
+    try:
+        meta = tomllib.loads(meta_text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise InputError(f"bad TOML ({e}); fix the metadata file", meta_path, int(m[1]) if m else None) from None
+    _check_schema(meta, meta_text, meta_path)
     pdir = root / "principles"
-    files = sorted(p for p in pdir.glob("*.txt")) if pdir.is_dir() else []
+    files = reader.files(pdir, ".txt")
     if not files:
         raise InputError("no principles: add one or more principles/*.txt files", pdir)
-    principles = {f.stem: parse_principle(f) for f in files}
+    principles = {f.stem: parse_principle(f, reader.text(f)) for f in files}
     tdir = root / "templates"
+    sources = {f.relative_to(tdir).as_posix(): reader.text(f, strip=False) for f in reader.files(tdir, ".jinja", True)}
     for name in REQUIRED_TEMPLATES:
-        if not (tdir / f"{name}.jinja").exists():
+        if f"{name}.jinja" not in sources:
             raise InputError(f"template '{name}.jinja' is missing; every constitution needs {', '.join(REQUIRED_TEMPLATES)}", tdir)
-    fdir = root / "fewshot"
-    fewshot_files = sorted(fdir.glob("*.txt")) if fdir.is_dir() else []
-    fewshot = [_read_text(f) for f in fewshot_files]
-    hashed = [meta_path, *files, *sorted(tdir.rglob("*.jinja")), *fewshot_files]
+    fewshot = [reader.text(f) for f in reader.files(root / "fewshot", ".txt")]
     defaults = meta.get("defaults", {})
-    if not isinstance(defaults, dict):
-        raise InputError("[defaults] must be a table of settings", meta_path)
-    if "rounds" in defaults and (not isinstance(defaults["rounds"], int) or defaults["rounds"] < 0):
-        raise InputError(f"defaults.rounds must be a whole number >= 0, not {defaults['rounds']!r}", meta_path)
-    try:
-        re.compile(defaults.get("no_change_pattern", ""))
-    except re.error as e:
-        raise InputError(f"defaults.no_change_pattern is not a valid regular expression ({e})", meta_path) from None
+    env = _make_env(tdir, sources)
     c = Constitution(
         name=str(meta.get("name", root.name)),
         description=str(meta.get("description", "")),
@@ -263,21 +677,53 @@ def load_constitution(path) -> Constitution:
         principles=principles,
         fewshot=fewshot,
         defaults=dict(defaults),
-        sha256=_hash_folder(root, hashed),
-        _env=_make_env(tdir),
+        sha256=reader.sha256(),
+        _env=env,
+        files=[f.relative_to(root).as_posix() for f in sorted(reader.data)],
     )
-    examples(c)  # render every template once so errors surface before any model work
+    _compile_all(c)
+    validate(c)
     return c
+
+
+def _compile_all(c: Constitution):
+    """Every template file, partials included, must at least compile."""
+    from jinja2 import TemplateSyntaxError
+
+    for name in sorted(c._env.loader.sources):
+        try:
+            c._env.get_template(name)
+        except TemplateSyntaxError as e:
+            raise InputError(f"TemplateSyntaxError: {e.message}; fix the Jinja syntax",
+                             c.path / "templates" / name, e.lineno) from None
+        except _Outside as e:  # {% extends %} / {% import %} resolved at compile time
+            raise InputError(f"include/import {e}", c.path / "templates" / name) from None
+
+
+def _variants(c: Constitution, name: str, p: Principle):
+    for sample in (SAMPLE, SAMPLE_LONG):
+        yield dict(sample, principle=p, question=p.compare)
+        if name == "compare":  # the chain-of-thought branches, both stages
+            yield dict(sample, principle=p, question=p.compare, cot=True, reasoning="")
+            yield dict(sample, principle=p, question=p.compare, cot=True, reasoning="B refuses to help.")
+
+
+def validate(c: Constitution):
+    """Render every top-level template with every principle (and the chain-of-thought stages of
+    compare) on two sample conversations: errors the data can reveal surface here."""
+    for name in c.templates:
+        for p in c.principles.values():
+            for variables in _variants(c, name, p):
+                c.render(name, **variables)
 
 
 def examples(c: Constitution) -> dict[str, list[dict]]:
     """One rendered example of each template (what `cai constitution check` prints)."""
     p = next(iter(c.principles.values()))
     out = {}
-    for t in sorted((c.path / "templates").glob("*.jinja")):
-        out[t.stem] = c.render(t.stem, principle=p, question=p.compare, **SAMPLE)
-    if "compare" in out:  # the chain-of-thought branches too, both stages
-        c.render("compare", principle=p, question=p.compare, **dict(SAMPLE, cot=True, reasoning=""))
+    for name in c.templates:
+        out[name] = c.render(name, principle=p, question=p.compare, **SAMPLE)
+    if "compare" in out:
         out["compare (--cot)"] = c.render(
             "compare", principle=p, question=p.compare, **dict(SAMPLE, cot=True, reasoning="B refuses to help.")
         )
