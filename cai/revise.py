@@ -178,7 +178,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     tokens0 = getattr(backend, "stats", {}).get("generated_tokens", 0)
     bar = tqdm(total=len(todo) * stages_per_prompt, unit="step", desc="generate", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    with _Interrupt() as stop, writer:
+    with bar, _Interrupt() as stop, writer:  # the bar closes (ends its line) on an error too
         for s in range(0, len(todo), chunk_size):
             chunk = todo[s : s + chunk_size]
             rows = engine.run_chunk(chunk, meta, bar)
