@@ -1,0 +1,399 @@
+"""`cai review`: a local web page where a person labels pairs blind.
+
+The server is the standard library's ``ThreadingHTTPServer`` (docs/architecture.md says why):
+one static page (``cai/static/review.*``) and a small JSON API. It binds 127.0.0.1, and every
+request — the page, its script and style, each API call — must carry the random token printed
+with the URL (403 otherwise). The page inserts all text with ``textContent``; the server never
+builds HTML from data.
+
+Pairs are shown in a seeded random order (``--seed``; ``--sample N`` keeps the first N of that
+order), and each pair's two responses in a seeded random left/right order. Nothing about the AI
+label, the judge or the critique/revision trace reaches the page until the person has answered
+that pair; then ``/api/reveal`` may show it.
+
+Every action is appended at once (written and fsynced) to ``--out`` as a pairs-contract row::
+
+    {"id": "<pair id>@<annotator>", "pair_id": "<pair id>", "prompt", "chosen", "rejected",
+     "label": {"p_chosen": 1.0 | 0.0 | 0.5 | null, "source": "human", "answer": "first" | "second"
+               | "tie" | "skip" | "undo", "revision": k, "annotator", "time", "shown": ["chosen",
+               "rejected"] (left to right), "position": i (place in the seeded order), "note"?},
+     "meta": {"tool": "cai review", "pairs": {"path", "sha256"}, "seed", "sample", "version"}}
+
+``p_chosen`` is in the row's own orientation (1 = the row's ``chosen`` is better) whatever side it
+was shown on. Answering a pair again (after an undo, or in a later session) appends a new row for
+the same id with the next ``revision``; readers keep the highest revision per id
+(``records.read_pairs`` does), and a latest row with ``p_chosen: null`` (a skip or an undo) means
+the pair has no label. Restarting the command resumes at the first pair without a kept answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import random
+import re
+import secrets
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from cai import __version__
+from cai.configs import ReviewConfig
+from cai.errors import InputError
+from cai.options import check_config
+from cai.records import RowWriter, claim_output, file_sha256, read_pairs, read_rows, response_text
+
+ANSWERS = {"first", "second", "tie", "skip"}
+VOID = ("skip", "undo")  # rows that leave the pair without a label
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"/review.js": ("review.js", "text/javascript"), "/review.css": ("review.css", "text/css")}
+_ANNOTATOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+MAX_NOTE = 2000
+MAX_BODY = 16_384
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def check_annotator(name: str) -> str:
+    if not _ANNOTATOR.match(name or ""):
+        raise InputError(
+            f"--annotator {name!r}: use 1-40 letters, digits, '.', '_' or '-' (it becomes part of each row id)"
+        )
+    return name
+
+
+def default_annotator() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "", os.environ.get("USER") or os.environ.get("USERNAME") or "")[:40]
+    return name if _ANNOTATOR.match(name) else "annotator"
+
+
+def seeded_order(ids: list[str], seed: int, sample: int | None) -> list[str]:
+    """The pairs a session shows, in order: a seeded shuffle, cut to the first ``sample``."""
+    order = list(ids)
+    random.Random(seed).shuffle(order)
+    return order[:sample] if sample else order
+
+
+def chosen_first(pair_id: str, seed: int) -> bool:
+    """Whether the row's `chosen` is shown on the left: a coin keyed on (seed, pair id)."""
+    return random.Random(f"cai-review:{seed}:{pair_id}").random() < 0.5
+
+
+def p_from_answer(answer: str, shown: list[str]) -> float | None:
+    """The answer as P(row's chosen is better): 1, 0 or 0.5; None for a skip."""
+    if answer == "tie":
+        return 0.5
+    if answer in ("first", "second"):
+        picked = shown[0] if answer == "first" else shown[1]
+        return 1.0 if picked == "chosen" else 0.0
+    return None
+
+
+class ReviewSession:
+    """The labelling state of one annotator over one seeded sample; all file writes go through here."""
+
+    def __init__(self, cfg: ReviewConfig, writer: RowWriter):
+        self.cfg = cfg
+        self.annotator = check_annotator(cfg.annotator or default_annotator())
+        stats: dict = {}
+        rows = read_pairs(cfg.pairs, skip_bad=True, stats=stats)
+        self.read_stats = stats
+        self.rows = {r["id"]: r for r in rows}
+        self.order = seeded_order(list(self.rows), cfg.seed, cfg.sample)
+        self.position = {pid: i for i, pid in enumerate(self.order)}
+        self.shown = {
+            pid: ["chosen", "rejected"] if chosen_first(pid, cfg.seed) else ["rejected", "chosen"] for pid in self.order
+        }
+        self.writer = writer
+        self.meta = {
+            "tool": "cai review",
+            "pairs": {"path": str(cfg.pairs), "sha256": file_sha256(cfg.pairs)},
+            "seed": cfg.seed,
+            "sample": cfg.sample,
+            "version": __version__,
+        }
+        self.lock = threading.Lock()
+        self.latest: dict[str, dict] = {}  # pair id -> latest label row by this annotator
+        self.answered: list[str] = []  # pair ids with a kept answer, in the order answered (undo pops)
+        self._resume()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _resume(self):
+        if not self.writer.path.exists():
+            return
+        for row in read_rows(self.writer.path):
+            lab = row.get("label") or {}
+            if lab.get("annotator") != self.annotator or "revision" not in lab:
+                continue
+            self._apply(str(row.get("pair_id") or row.get("id")), lab)
+
+    def _apply(self, pid: str, label: dict):
+        self.latest[pid] = label
+        if pid in self.answered:
+            self.answered.remove(pid)
+        if label.get("answer") != "undo":
+            self.answered.append(pid)
+
+    def done(self) -> int:
+        return sum(1 for pid in self.order if pid in self.answered)
+
+    def current(self) -> str | None:
+        kept = set(self.answered)
+        return next((pid for pid in self.order if pid not in kept), None)
+
+    def last_answered(self) -> str | None:
+        in_sample = [pid for pid in self.answered if pid in self.position]
+        return in_sample[-1] if in_sample else None
+
+    def view(self) -> dict:
+        """What the page may know now: the current pair, blind (no label, judge or trace)."""
+        pid = self.current()
+        last = self.last_answered()
+        out = {
+            "annotator": self.annotator,
+            "total": len(self.order),
+            "done": self.done(),
+            "out": str(self.writer.path),
+            "reveal": self.cfg.reveal,
+            "pair": None,
+            "last": None,
+        }
+        if pid is not None:
+            row, shown = self.rows[pid], self.shown[pid]
+            out["pair"] = {
+                "id": pid,
+                "position": self.position[pid] + 1,
+                "prompt": [{"role": m["role"], "content": m["content"]} for m in row["prompt"]],
+                "responses": [response_text(row[side]) for side in shown],
+            }
+        if last is not None:
+            out["last"] = {"id": last, "position": self.position[last] + 1, "answer": self.latest[last].get("answer")}
+        return out
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def _write(self, pid: str, answer: str, note: str = "") -> dict:
+        prev = self.latest.get(pid)
+        shown = self.shown[pid]
+        label = {
+            "p_chosen": p_from_answer(answer, shown),
+            "source": "human",
+            "answer": answer,
+            "revision": (prev["revision"] + 1) if prev else 0,
+            "annotator": self.annotator,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "shown": shown,
+            "position": self.position[pid],
+        }
+        if note:
+            label["note"] = note
+        src = self.rows[pid]
+        row = {
+            "id": f"{pid}@{self.annotator}",
+            "pair_id": pid,
+            "prompt": src["prompt"],
+            "chosen": src["chosen"],
+            "rejected": src["rejected"],
+            "label": label,
+            "meta": self.meta,
+        }
+        self.writer.write(row)
+        self.writer.sync()  # on disk before the page moves on
+        self._apply(pid, label)
+        return label
+
+    def answer(self, pid: str, answer: str, note: str = "") -> dict:
+        if answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {sorted(ANSWERS)}")
+        with self.lock:
+            if pid != self.current():
+                raise LookupError("that pair is not the current one (answered already?); reload")
+            self._write(pid, answer, note[:MAX_NOTE])
+            return self.view()
+
+    def undo(self) -> dict:
+        with self.lock:
+            pid = self.last_answered()
+            if pid is None:
+                raise LookupError("nothing to undo")
+            self._write(pid, "undo")
+            return self.view()
+
+    def reveal(self, pid: str) -> dict:
+        """The AI label and trace of a pair this annotator has answered (never before)."""
+        with self.lock:
+            if not self.cfg.reveal:
+                raise PermissionError("reveal is off for this session (--no-reveal)")
+            if pid not in self.position or pid not in self.answered:
+                raise PermissionError("answer the pair first")
+            row, shown, mine = self.rows[pid], self.shown[pid], self.latest[pid]
+        lab = row.get("label") or {}
+        judge = lab.get("judge") or {}
+        p = lab.get("p_chosen")
+        p_first = None if p is None else (float(p) if shown[0] == "chosen" else 1.0 - float(p))
+        trace = row.get("trace") or {}
+        steps = [
+            {"principle": str(r.get("principle", "")), "critique": str(r.get("critique", "")),
+             "revision": str(r.get("revision", ""))}
+            for r in trace.get("rounds") or [] if isinstance(r, dict)
+        ]
+        return {
+            "id": pid,
+            "your_answer": mine.get("answer"),
+            "label_source": str(lab.get("source", "unknown")),
+            "p_first": p_first,
+            "principles": [str(x) for x in judge.get("principles") or []],
+            "method": str(judge.get("method", "")),
+            "model": str((row.get("meta") or {}).get("model", "")),
+            "initial_is": ("first" if shown[0] == "rejected" else "second") if steps else None,
+            "rounds": steps,
+        }
+
+
+# ============================================================================ HTTP
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "cai-review"
+    sys_version = ""
+    session: ReviewSession
+    token: str
+
+    def log_message(self, fmt, *args):  # quiet: the terminal shows one URL, not a request log
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", CSP)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj):
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+
+    def _authorised(self) -> bool:
+        url = urlsplit(self.path)
+        given = self.headers.get("X-Cai-Token") or (parse_qs(url.query).get("token") or [""])[0]
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            self._send(HTTPStatus.FORBIDDEN, b"403: missing or wrong token; open the URL cai review printed\n",
+                       "text/plain; charset=utf-8")
+            return False
+        return True
+
+    def do_GET(self):
+        if not self._authorised():
+            return
+        path = urlsplit(self.path).path
+        if path == "/":
+            page = (STATIC / "review.html").read_text(encoding="utf-8").replace("{{token}}", self.token)
+            self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
+        elif path in ASSETS:
+            name, ctype = ASSETS[path]
+            self._send(HTTPStatus.OK, (STATIC / name).read_bytes(), ctype + "; charset=utf-8")
+        elif path == "/api/state":
+            self._json(HTTPStatus.OK, self.session.view())
+        elif path == "/api/reveal":
+            pid = (parse_qs(urlsplit(self.path).query).get("id") or [""])[0]
+            try:
+                self._json(HTTPStatus.OK, self.session.reveal(pid))
+            except PermissionError as e:
+                self._json(HTTPStatus.FORBIDDEN, {"error": str(e)})
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        if not self._authorised():
+            return
+        path = urlsplit(self.path).path
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n > MAX_BODY or "application/json" not in (self.headers.get("Content-Type") or ""):
+                raise ValueError("send a small application/json body")
+            body = json.loads(self.rfile.read(n) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            if path == "/api/answer":
+                view = self.session.answer(str(body.get("id", "")), str(body.get("answer", "")),
+                                           str(body.get("note") or ""))
+            elif path == "/api/undo":
+                view = self.session.undo()
+            else:
+                return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+        except (ValueError, json.JSONDecodeError) as e:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except LookupError as e:
+            return self._json(HTTPStatus.CONFLICT, {"error": str(e), "state": self.session.view()})
+        except OSError as e:  # the disk refused the row: say so on the page, keep serving
+            return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"could not save the answer: {e}"})
+        self._json(HTTPStatus.OK, view)
+
+
+class ReviewServer:
+    """The session plus its HTTP server; ``url`` carries the token."""
+
+    def __init__(self, session: ReviewSession, host: str = "127.0.0.1", port: int = 0, token: str | None = None):
+        self.token = token or secrets.token_urlsafe(18)
+        handler = type("Handler", (_Handler,), {"session": session, "token": self.token})
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
+        self.httpd.daemon_threads = True
+        self.session = session
+        h, p = self.httpd.server_address[:2]
+        self.url = f"http://{h}:{p}/?token={self.token}"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "ReviewServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def run_review(cfg: ReviewConfig, ready=None) -> dict:
+    """Serve the page until Ctrl-C (or until ``ready(server)`` returns, for tests); return a summary."""
+    check_config(cfg)
+    check_annotator(cfg.annotator or default_annotator())
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"cai review: warning: listening on {cfg.host}; anyone who can reach it and has the token can label",
+              file=sys.stderr)
+    with claim_output(cfg.out, inputs=[cfg.pairs]):
+        with RowWriter(cfg.out) as writer:
+            session = ReviewSession(cfg, writer)
+            server = ReviewServer(session, cfg.host, cfg.port).start()
+            skipped = len(session.read_stats.get("skipped", []))
+            note = f"; {skipped} malformed rows left out" if skipped else ""
+            print(f"cai review: {session.done()}/{len(session.order)} pairs answered by {session.annotator}{note}",
+                  file=sys.stderr)
+            print(f"cai review: {server.url}  (Ctrl-C to stop; answers are saved as you go)", file=sys.stderr,
+                  flush=True)
+            try:
+                if ready is not None:
+                    ready(server)
+                else:
+                    while True:
+                        time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.close()
+            return {"done": session.done(), "total": len(session.order), "out": str(cfg.out),
+                    "annotator": session.annotator}
