@@ -170,12 +170,41 @@ def _size(value, what: str = "a value"):
     return value
 
 
-_BIG_WIDTH = re.compile(r"\d{7,}")  # a format width/precision of a million or more
+# widths and precisions in %-formats and {:...} format specs
+_WIDTHS = re.compile(r"%[-+ #0]*(\d*)(?:\.(\d+))?[a-zA-Z%]|\{[^{}:]*:[^{}\d]*(\d*)(?:\.(\d+))?[^{}]*\}")
 
 
 def _check_format(fmt):
-    if isinstance(fmt, str) and _BIG_WIDTH.search(fmt):
-        raise _Limit("a format width or precision of a million or more; too large for a template")
+    """A format string whose widths/precisions add up past the cap would build too long a string."""
+    if isinstance(fmt, str) and ("%" in fmt or "{" in fmt):
+        total = sum(int(n) for m in _WIDTHS.finditer(fmt) for n in m.groups() if n)
+        if total > MAX_RENDER_CHARS:
+            raise _Limit(f"format widths and precisions adding up to {total:,}; one render may hold at most "
+                         f"{MAX_RENDER_CHARS:,} characters")
+
+
+def _check_growth(what: str, pieces: int, piece: int):
+    """Refuse an operation that would make `pieces` copies of something `piece` long, past the cap."""
+    if pieces * piece > MAX_RENDER_CHARS:
+        raise _Limit(f"{what} would make more than {MAX_RENDER_CHARS:,} characters; one render may hold at most that")
+
+
+def _check_multiplying(name: str, value, args, kwargs):
+    """join, indent and expandtabs multiply one input by another: check before building."""
+    if name == "join" and isinstance(value, str) and args and isinstance(args[0], (list, tuple)):
+        _check_growth("join()", len(args[0]), len(value))  # str.join(list)
+    elif name == "join" and isinstance(value, (list, tuple, str)):
+        sep = args[0] if args else kwargs.get("d", "")
+        if isinstance(sep, str):
+            _check_growth("join", len(value), len(sep))
+    elif name == "indent" and isinstance(value, str):
+        width = args[0] if args else kwargs.get("width", 4)
+        width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+        _check_growth("indent", value.count("\n") + 1, width)
+    elif name == "expandtabs" and isinstance(value, str):
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            _check_growth("expandtabs()", value.count("\t"), size)
 
 
 def _check_args(what: str, args, kwargs):
@@ -220,6 +249,10 @@ def _guard_filter(name: str, fn):
             _check_format(args[0] if isinstance(args[0], str) else args[1] if len(args) > 1 else None)
         if name == "replace":  # value, old, new (after the eval context)
             _check_replace(*[a for a in args if isinstance(a, str)][:3])
+        if name in ("join", "indent"):
+            rest = [a for a in args if not hasattr(a, "environment") and not hasattr(a, "autoescape")]
+            if rest:
+                _check_multiplying(name, rest[0], rest[1:], kwargs)
         return _size(fn(*args, **kwargs), f"filter '{name}' produced a value")
 
     return guarded
@@ -295,6 +328,7 @@ def _make_env(template_dir: Path, sources: dict[str, str]):
                     _check_format(owner)
                 if getattr(target, "__name__", "") == "replace":
                     _check_replace(owner, *args)
+                _check_multiplying(getattr(target, "__name__", ""), owner, args, kwargs)
             if isinstance(__obj, Macro) and b is not None:
                 b.depth += 1
                 try:
@@ -322,6 +356,7 @@ def _make_env(template_dir: Path, sources: dict[str, str]):
     env.filters["cai_counted"] = _counted
     env.globals["range"] = _range
     env.globals["namespace"] = SafeNamespace
+    env.globals.pop("lipsum", None)  # lipsum(10**6) would write for minutes; templates have no use for it
     env.concat = lambda parts: _size("".join(_sized_parts(parts)), "the rendered text")
     return env
 

@@ -100,6 +100,14 @@ FAULTS = {
         lambda d, t: _write(d, CRITIQUE, '{% include "/etc/passwd" %}\n'),
         ["critique.jinja:1", "'/etc/passwd' is outside the constitution"],
     ),
+    "include absolute path, ignore missing": (
+        lambda d, t: _write(d, CRITIQUE, '{% include "/etc/passwd" ignore missing %}\n'),
+        ["critique.jinja:1", "outside the constitution"],
+    ),
+    "include a list holding an outside path": (
+        lambda d, t: _write(d, CRITIQUE, '{% include ["/etc/passwd", "revision.jinja"] %}\n'),
+        ["critique.jinja:1", "outside the constitution"],
+    ),
     "include .. path": (
         lambda d, t: _write(d, CRITIQUE, 'x\n{% include "../constitution.toml" %}\n'),
         ["critique.jinja:2", "outside the constitution", "'..'"],
@@ -211,6 +219,18 @@ FAULTS = {
     "huge replace": (
         lambda d, t: _write(d, CRITIQUE, _critique_with('{% set s = "x" * 999999 %}{{ s | replace("x", s) }}')),
         ["critique.jinja:2", "replace()"],
+    ),
+    "huge string by join": (
+        lambda d, t: _write(d, CRITIQUE, _critique_with('{% set s = "x" * 999999 %}{{ s | list | join(s) }}')),
+        ["critique.jinja:2", "join"],
+    ),
+    "huge string by indent": (
+        lambda d, t: _write(d, CRITIQUE, _critique_with('{{ ("\\n" * 999999) | indent(999999) }}')),
+        ["critique.jinja:2", "indent"],
+    ),
+    "many format widths": (
+        lambda d, t: _write(d, CRITIQUE, _critique_with('{{ ("%999999s" * 1000) % ((1,) * 1000) }}')),
+        ["critique.jinja:2", "format widths"],
     ),
     "huge number": (
         lambda d, t: _write(d, CRITIQUE, _critique_with("{{ 9 ** 99999 }}")),
