@@ -34,6 +34,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -251,9 +252,18 @@ class ReviewSession:
             "principles": [str(x) for x in judge.get("principles") or []],
             "method": str(judge.get("method", "")),
             "model": str((row.get("meta") or {}).get("model", "")),
-            "initial_is": ("first" if shown[0] == "rejected" else "second") if steps else None,
+            "initial_is": _initial_side(row, shown) if steps else None,
             "rounds": steps,
         }
+
+
+def _initial_side(row: dict, shown: list[str]) -> str | None:
+    """'first' / 'second': where the model's initial answer (trace.initial) was shown, if it is one of the two."""
+    initial = str((row.get("trace") or {}).get("initial", "")).strip()
+    for i, side in enumerate(shown):
+        if initial and response_text(row[side]).strip() == initial:
+            return ("first", "second")[i]
+    return None
 
 
 # ============================================================================ HTTP
@@ -368,6 +378,10 @@ class ReviewServer:
         self.httpd.server_close()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_review(cfg: ReviewConfig, ready=None) -> dict:
     """Serve the page until Ctrl-C (or until ``ready(server)`` returns, for tests); return a summary."""
     check_config(cfg)
@@ -389,6 +403,7 @@ def run_review(cfg: ReviewConfig, ready=None) -> dict:
                 if ready is not None:
                     ready(server)
                 else:
+                    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
                     while True:
                         time.sleep(3600)
             except KeyboardInterrupt:

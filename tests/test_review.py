@@ -34,7 +34,7 @@ def make_pairs(path: Path, n: int = 12, xss_at: int | None = None) -> Path:
             "label": {"p_chosen": 0.7, "source": "ai",
                       "judge": {"orders": [0.8, 0.6], "principles": ["harm"], "by_principle": {"harm": [0.8, 0.6]},
                                 "method": "logprob"}},
-            "trace": {"initial": "x", "rounds": [{"principle": "harm", "critique": f"critique {i}", "revision": "y"}]},
+            "trace": {"initial": f"Careless answer {i}, which is longer than the other.", "rounds": [{"principle": "harm", "critique": f"critique {i}", "revision": "y"}]},
         })
     if xss_at is not None:
         r = rows[xss_at]
@@ -42,6 +42,7 @@ def make_pairs(path: Path, n: int = 12, xss_at: int | None = None) -> Path:
         r["chosen"][0]["content"] = "Chosen " + XSS
         r["rejected"][0]["content"] = "Rejected <b>bold?</b> " + XSS
         r["trace"]["rounds"][0]["critique"] = "Critique " + XSS
+        r["trace"]["initial"] = r["rejected"][0]["content"]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -105,6 +106,7 @@ def test_blind_until_answered_then_reveal(server):
     shown_first = chosen_first(pid, 0)
     assert rev["p_first"] == pytest.approx(0.7 if shown_first else 0.3)
     assert rev["rounds"][0]["critique"].startswith("critique")
+    assert rev["initial_is"] == ("second" if shown_first else "first")  # the initial answer is `rejected`
     # answering a pair that is no longer current is refused (a double key press answers nothing)
     assert _get(base + "api/answer", tok, {"id": pid, "answer": "first"})[0] == 409
     row = read_rows(out)[-1]

@@ -125,7 +125,7 @@
         ": it prefers " + side + ". You chose " + (NAMES[d.your_answer] || d.your_answer) + "."));
     }
     if (d.principles.length) box.appendChild(el("p", "", "Principles: " + d.principles.join(", ") + (d.method ? " (" + d.method + ")" : "")));
-    if (d.rounds.length) {
+    if (d.rounds.length && d.initial_is) {
       const rev = d.initial_is === "first" ? "Response 2" : "Response 1";
       const ini = d.initial_is === "first" ? "Response 1" : "Response 2";
       box.appendChild(el("p", "", ini + " is the model's initial answer; " + rev + " is its revision after these critiques:"));
