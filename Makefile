@@ -12,7 +12,7 @@ STAMP    := $(VENV)/.cai-installed
 # llama-cpp-python builds from source (~10 min once on 2 cores): only test and bench wait for it.
 LLAMA    := $(VENV)/.cai-llamacpp
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,20 @@ $(LLAMA): $(STAMP)
 	$(BIN)/pip install -q -e ".[test,llamacpp]"
 	touch $(LLAMA)
 
-install: $(STAMP)
+# The browser test of `cai review` drives Debian's chromium + chromium-driver (no download from
+# elsewhere). Best effort, only as root with apt-get, never interactive, never fails the build:
+# without them that test skips and says why.
+browser:
+	-@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium + chromium-driver (apt-get) for the browser test"; \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } || \
+	    echo "note: could not install chromium/chromium-driver; the browser test will skip"; \
+	else echo "note: chromium/chromium-driver missing (install them as root); the browser test will skip"; fi
+
+install: $(STAMP) browser
 
 # The main job on the embedded default model: critique -> revision -> AI label on the shipped prompts.
 demo: $(STAMP)
@@ -36,7 +49,7 @@ demo: $(STAMP)
 	    --out outputs/demo-pairs.jsonl --rounds 1 --seed 0 --max-new-tokens 64
 	@echo "pairs written to outputs/demo-pairs.jsonl"
 
-test: $(STAMP) $(LLAMA)
+test: $(STAMP) $(LLAMA) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(LLAMA)

@@ -247,18 +247,24 @@ def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: di
     numbers) instead of raising. Identical chosen/rejected is a bad row, except in rows that
     `generate` marked ``label.tie`` (its loop changed nothing): those are skipped and counted in
     ``stats['ties']``.
+
+    Rows with ``label.revision`` are answers from `cai review`: for one id the last revision
+    wins, and a last revision with ``p_chosen: null`` (a skip or an undo) leaves the pair out
+    (counted in ``stats['unlabelled']``).
     """
     path = Path(path)
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", [])
-    rows, seen = [], set()
+    rows, seen, revised = [], set(), {}
     for n, text in _iter_lines(path):
         try:
             raw = _parse_line(path, n, text)
-            if isinstance(raw.get("label"), dict) and raw["label"].get("tie"):
+            lab = raw.get("label")
+            if isinstance(lab, dict) and lab.get("tie"):
                 # `generate` rows whose loop changed nothing: kept for their trace, not a preference
                 stats["ties"] = stats.get("ties", 0) + 1
                 continue
+            answer = isinstance(lab, dict) and "revision" in lab
             row = normalise_pair(raw, path, n)
             if response_text(row["chosen"]).strip() == response_text(row["rejected"]).strip():
                 raise InputError("'chosen' and 'rejected' are identical; nothing to compare", path, n)
@@ -267,6 +273,9 @@ def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: di
                 raise
             stats["skipped"].append((n, str(e)))
             continue
+        if answer:
+            revised[row["id"]] = row if lab.get("p_chosen") is not None else None
+            continue
         if row["id"] in seen:
             stats["duplicates"] = stats.get("duplicates", 0) + 1
             continue
@@ -274,6 +283,12 @@ def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: di
         rows.append(row)
         if limit and len(rows) >= limit:
             break
+    for rid, row in revised.items():
+        if row is None:
+            stats["unlabelled"] = stats.get("unlabelled", 0) + 1
+        elif rid not in seen and not (limit and len(rows) >= limit):
+            seen.add(rid)
+            rows.append(row)
     if not rows:
         first = stats["skipped"][0][1] if stats["skipped"] else None
         why = f"; first problem: {first}" if first else (" (every row is an unrevised tie)" if stats.get("ties") else "")
