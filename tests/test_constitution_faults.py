@@ -1,5 +1,5 @@
-"""Fault injection for constitutions (issue 8, class 3 "templates reach outside / runtime errors
-escape", class 6 "constitution.toml keys pass silently", class 9 "byte-order marks").
+"""Fault injection for constitutions: templates that reach outside or whose runtime errors escape,
+constitution.toml keys that pass silently, byte-order marks.
 
 Every broken constitution must give exit 2, exactly one `Error:` line naming the file (and line
 where there is one), no traceback, its files' bytes unchanged, and no output left behind, from
