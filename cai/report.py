@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
-from cai.evaluate import BASELINES, _pct, _pts, public_metrics
+from cai.fmt import ci_txt as _ci_txt
+from cai.fmt import num as _f
+from cai.fmt import pct as _pct
+from cai.fmt import pts as _pts
+from cai.records import write_atomic, write_json, write_text
 
 PLOTS = ("accuracy.png", "reliability.png", "margins.png", "length_bias.png")
 
 
-def _ci_txt(d: dict) -> str:
-    lo, hi = d.get("ci", [None, None])
-    return "n/a" if lo is None else f"{_pct(lo)} – {_pct(hi)}"
+def public_metrics(metrics: dict) -> dict:
+    """metrics without the per-row arrays kept for plotting (keys starting with '_')."""
 
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if not k.startswith("_")}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
 
-def _f(x, fmt="{:.3f}") -> str:
-    return "n/a" if x is None else fmt.format(x)
+    return strip(metrics)
 
 
 # ============================================================================ plots
@@ -41,7 +48,7 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
 
     def save(fig, name: str):
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        write_atomic(out / name, lambda f: fig.savefig(f, dpi=110, format="png"))
         plt.close(fig)
         written.append(name)
 
@@ -342,7 +349,7 @@ def build_blocks(metrics: dict) -> list[tuple]:
             [
                 "Accuracy: share of test pairs where the reward of the preferred response is higher; |Δ| ≤ "
                 f"{metrics['settings']['tie_tol']:g} is a tie and counts ½.",
-                "Baselines: " + "; ".join(f"*{n}* — {d}" for n, (_, d) in BASELINES.items()) + ".",
+                "Baselines: " + "; ".join(f"*{n}* — {b['description']}" for n, b in metrics["baselines"].items()) + ".",
                 "Paired tests: McNemar on the pairs where the two models disagree (exact binomial below 50 discordant pairs, "
                 "continuity-corrected χ² above) and a paired bootstrap interval of the accuracy difference.",
                 "Probes reuse the test pairs: each number comes with its n and a 95% interval.",
@@ -556,8 +563,8 @@ def study_blocks(study: dict) -> list[tuple]:
     lab = study.get("labels")
     if lab:
         B.append(("h3", "AI labels against human labels (training pairs)"))
-        ag, pc = lab["agreement"], lab.get("position_consistency") or {}
-        sh = lab.get("shorter_rule_agreement") or {}
+        h = lab.get("human") or {}
+        ci = h.get("ci95") or [None, None]
         B.append(
             (
                 "table",
@@ -565,7 +572,8 @@ def study_blocks(study: dict) -> list[tuple]:
                     "judge",
                     "constitution",
                     "pairs labelled",
-                    "agreement with humans (95% CI)",
+                    "agreement with humans (95% Wilson CI)",
+                    "each order alone",
                     "'shorter answer' rule on the same pairs",
                     "position consistency",
                     "mean |p − ½|",
@@ -575,11 +583,12 @@ def study_blocks(study: dict) -> list[tuple]:
                     [
                         lab["judge"],
                         lab["constitution"],
-                        str(ag["n"]),
-                        f"{_pct(ag['value'])} ({_ci_txt(ag)})",
-                        f"{_pct(sh.get('value'))} ({_ci_txt(sh)})" if sh else "n/a",
-                        _pct(pc.get("value")),
-                        _f(lab.get("mean_confidence")),
+                        str(h.get("n", 0)),
+                        f"{_pct(h.get('agreement'))} ({_pct(ci[0])} – {_pct(ci[1])})" if h else "n/a",
+                        " / ".join(_pct(x) for x in h.get("agreement_by_order") or []) or "n/a",
+                        _pct(h.get("shorter_rule")),
+                        _pct(lab.get("position_consistency")),
+                        _f(lab.get("mean_abs_margin")),
                         str(lab.get("null_labels", 0)),
                     ]
                 ],
@@ -589,8 +598,9 @@ def study_blocks(study: dict) -> list[tuple]:
             (
                 "p",
                 "Agreement: share of training pairs where the judge's label (p ≥ ½ after averaging both answer "
-                "orders) picks the response the human annotators picked; p = ½ counts ½. Position consistency: share "
-                "of pairs where the judge prefers the same response in both orders.",
+                "orders) picks the response the human annotators picked; p = ½ counts ½. It is the same figure, "
+                "with the same interval, as `cai label`'s summary (cai.stats.agreement). Position consistency: "
+                "share of pairs where the judge prefers the same response in both orders.",
             )
         )
         if lab.get("notes"):
@@ -693,11 +703,9 @@ def write_report(metrics: dict, out) -> dict:
     """Write metrics.json, the PNGs, report.md and report.html into ``out``; return their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(public_metrics(metrics), indent=2, ensure_ascii=False))
-    tmp.replace(out / "metrics.json")  # atomic: a reader never sees half a file
+    write_json(out / "metrics.json", public_metrics(metrics))  # atomic: a reader never sees half a file
     write_plots(metrics, out)
     blocks = build_blocks(metrics)
-    (out / "report.md").write_text(render_md(blocks), encoding="utf-8")
-    (out / "report.html").write_text(render_html(blocks, out), encoding="utf-8")
+    write_text(out / "report.md", render_md(blocks))
+    write_text(out / "report.html", render_html(blocks, out))
     return {k: str(out / k) for k in ("metrics.json", "report.md", "report.html", *PLOTS)}
