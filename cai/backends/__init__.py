@@ -21,3 +21,4 @@ def load_backend(name: str, model: str | None, **options) -> "Backend":
         raise InputError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)(model, **options)
+
