@@ -4,149 +4,41 @@
             └──────────────────────────────────────────────> human-label RM ┼─> eval on test pairs
     optional `cai generate` revision pairs ───────────────> revision RM ───┘    (+ label agreement)
 
-Every step's output lives in ``<out>/steps/<step>-<key>/`` where the key is a hash of the step's
-inputs (file contents, not paths) and settings. A finished step writes ``step.json`` last; a rerun
-finds it and skips the step. A step killed half-way has no ``step.json`` and is run again —
-labelling resumes by id (cai.feedback's writer), training resumes from its last checkpoint — and
-changing one setting changes only the keys downstream of it. Old step folders stay as a cache.
+Every step runs through the content-keyed cache in cai.steps, so a rerun after a crash, or with
+one setting changed, redoes only what changed; the up-front cost estimate is cai.estimate's.
+The reward models are trained from one ``TrainConfig`` template (``cfg.train``) and evaluated
+with one ``EvalConfig`` template (``cfg.eval``): an option added to either reaches the study
+without an edit here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shlex
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cai.errors import InputError
-from cai.evaluate import _pct, annotate, evaluate, load_pairset, mean_ci, rm_provenance, rm_scorer
-from cai.records import file_sha256, read_pairs, read_rows, response_text, write_json, write_jsonl
+from cai.estimate import estimate, estimate_lines
+from cai.configs import CompareConfig
+from cai.evaluate import annotate, evaluate, load_pairset, rm_provenance, rm_scorer
+from cai.fmt import duration
+from cai.fmt import pct as _pct
+from cai.records import file_sha256, read_pairs, read_rows, write_json, write_jsonl
+from cai.steps import Steps
 
-STEP_VERSION = 1  # bump when a step's code changes what it writes: old caches are then ignored
 WITHHELD = {
     "p_chosen": 0.5,
     "source": "withheld",
 }  # what the judge's input carries instead of the human label
 NAMES = {"human": "rm-human", "ai": "rm-ai", "revision": "rm-revision"}
 
-
-@dataclass
-class CompareConfig:
-    human_train: str  # human-labelled training pairs (any pairs format; raw HH-RLHF works)
-    test: str  # human-labelled test pairs
-    constitution: str  # the judge's constitution folder
-    out: str  # study folder: report + steps/ cache
-    model: str | None = None  # judge model (default: the embedded SmolLM2-135M-Instruct)
-    backend: str = "hf"
-    backend_options: dict = field(default_factory=dict)
-    base: str | None = None  # reward-model base, the same for every RM (default all-MiniLM-L6-v2)
-    limit: int | None = None  # training pairs (and test pairs, unless test_limit)
-    test_limit: int | None = None
-    generated_pairs: str | None = None  # `cai generate` output: a third RM on revision pairs
-    shift_pairs: str | None = None  # pairs from another source for the distribution-shift probe
-    principles: int = 1  # principles the judge averages over per pair
-    cot: bool = False
-    labels: str = "soft"  # loss labels for every RM (human labels are p = 1 either way)
-    epochs: float = 1.0
-    lr: float = 5e-5  # reward-model peak learning rate (cai train's default)
-    max_length: int | None = None
-    train_batch_size: int = 16  # RM training pairs per step
-    score_batch_size: int = 32  # sequences per forward pass when scoring
-    seed: int = 0
-    bootstrap: int = 2000
-    probes: bool = True
-    probe_limit: int | None = 200  # refusal/format probes on the first N test pairs
-    device: str = "auto"  # reward-model training and scoring
-    dry_run: bool = False  # print the estimate and stop
-    command: str | None = None  # recorded in the report
-
-
-def _key(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _log(msg: str):
     print(f"cai compare: {msg}", file=sys.stderr, flush=True)
-
-
-
-
-
-
-# ============================================================================ the step cache
-
-
-class Steps:
-    """Runs named steps once per content key; prints progress over the whole plan."""
-
-    def __init__(self, out: Path, plan: list[str], estimates: dict):
-        self.root = out / "steps"
-        self.plan, self.estimates = plan, estimates
-        self.records: list[dict] = []
-
-    def run(self, name: str, inputs: dict, fn) -> tuple[Path, dict]:
-        key = _key({"step": name, "version": STEP_VERSION, **inputs})
-        d = self.root / f"{name}-{key[:12]}"
-        marker = d / "step.json"
-        i = len(self.records) + 1
-        est = self.estimates.get(name)
-        if marker.exists():
-            rec = json.loads(marker.read_text())
-            if rec.get("key") == key:
-                _log(f"[{i}/{len(self.plan)}] {name}: cached ({d})")
-                self.records.append(
-                    {
-                        "name": name,
-                        "key": key,
-                        "dir": str(d),
-                        "cached": True,
-                        "estimate_s": est,
-                        "seconds": rec.get("seconds"),
-                    }
-                )
-                return d, rec["result"]
-        resumed = d.exists()
-        d.mkdir(parents=True, exist_ok=True)
-        write_json(d / "inputs.json", {"step": name, "key": key, **inputs})
-        _log(
-            f"[{i}/{len(self.plan)}] {name}: {'resuming' if resumed else 'running'}"
-            + (f" (estimate ~{_dur(est)})" if est else "")
-            + f" -> {d}"
-        )
-        t0 = time.time()
-        result = fn(d)
-        secs = round(time.time() - t0, 1)
-        write_json(
-            marker,
-            {
-                "name": name,
-                "key": key,
-                "result": result,
-                "seconds": secs,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            },
-        )  # written last: the step is done
-        self.records.append(
-            {"name": name, "key": key, "dir": str(d), "cached": False, "estimate_s": est, "seconds": secs}
-        )
-        return d, result
-
-
-def _dur(s) -> str:
-    if s is None:
-        return "unknown"
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
-
-
-# ============================================================================ steps
 
 
 def _prepare(cfg: CompareConfig, d: Path) -> dict:
@@ -157,7 +49,7 @@ def _prepare(cfg: CompareConfig, d: Path) -> dict:
     its label replaced by WITHHELD; the swap is undone after judging.
     """
     stats: dict = {}
-    rows = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=True, stats=stats)
+    rows = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=stats)
     rng = random.Random(cfg.seed)
     human, judge, swaps = [], [], {}
     for r in rows:
@@ -268,58 +160,21 @@ def _align(data_dir: Path, d: Path, summary) -> dict:
     }
 
 
-def label_agreement(ai_rows: list[dict], n_boot: int, seed: int) -> dict:
-    """Judge vs human on the same pairs: agreement (ties ½), position consistency, confidence,
-    and how often the 'shorter answer' rule agrees with humans on the same pairs (for scale)."""
-    agree, consistent, conf, shorter = [], [], [], []
-    for r in ai_rows:
-        p, ph = r["label"]["p_chosen"], r["label"]["prior"]["p_chosen"]
-        if ph == 0.5:
-            continue
-        human_first = ph > 0.5
-        agree.append(0.5 if p == 0.5 else float((p > 0.5) == human_first))
-        conf.append(abs(p - 0.5))
-        o = (r["label"].get("judge") or {}).get("orders")
-        if isinstance(o, list) and len(o) == 2 and None not in o:
-            consistent.append(float((o[0] - 0.5) * (o[1] - 0.5) > 0))
-        lc, lr = len(response_text(r["chosen"])), len(response_text(r["rejected"]))
-        shorter.append(0.5 if lc == lr else float((lc < lr) == human_first))
-    return {
-        "agreement": mean_ci(agree, n_boot, seed),
-        "position_consistency": mean_ci(consistent, n_boot, seed + 1) if consistent else None,
-        "mean_confidence": float(np.mean(conf)) if conf else None,
-        "shorter_rule_agreement": mean_ci(shorter, n_boot, seed + 2),
-    }
-
-
 def _train(cfg: CompareConfig, pairs: Path | str, limit, d: Path) -> dict:
-    from cai.reward import _checkpoints, train_reward_model
+    from cai.reward import checkpoints, train_reward_model
 
     out = d / "model"
-    resume = out.exists() and bool(_checkpoints(out))
+    resume = out.exists() and bool(checkpoints(out))
     if out.exists() and not resume:
         shutil.rmtree(out)  # killed before its first checkpoint: nothing worth keeping
-    tc = _train_config(cfg, pairs, limit, out)
-    tc.resume = resume
+    tc = dataclasses.replace(_train_config(cfg, pairs, limit, out), resume=resume)
     return train_reward_model(tc, progress=True)
 
 
 def _train_config(cfg: CompareConfig, pairs, limit, out):
-    from cai.reward import TrainConfig
-
-    return TrainConfig(
-        pairs=str(pairs),
-        out=str(out),
-        base=cfg.base,
-        labels=cfg.labels,
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        max_length=cfg.max_length,
-        limit=limit,
-        batch_size=cfg.train_batch_size,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
+    """One RM's TrainConfig: the study's template with this RM's data filled in."""
+    return dataclasses.replace(cfg.train, pairs=str(pairs), out=str(out), limit=limit, seed=cfg.seed,
+                               skip_bad=cfg.skip_bad)
 
 
 def _train_key(cfg: CompareConfig, pairs, limit) -> dict:
@@ -333,197 +188,44 @@ def _train_key(cfg: CompareConfig, pairs, limit) -> dict:
     return {"pairs_sha256": file_sha256(pairs), "config": tc}
 
 
-# ============================================================================ estimate
-
-
-def _param_count(model_dir) -> int | None:
-    """Exact parameter count from the safetensors headers (no weights are read)."""
-    files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir and Path(model_dir).is_dir() else []
-    if not files:
-        return None
-    n = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        for k, v in header.items():
-            if k != "__metadata__":
-                n += int(np.prod(v["shape"]))
-    return n
-
-
-def _cached_speed(cache: Path, path: str, kind: str, device: str, seq_len: int, batch: int) -> float:
-    """_probe_speed, remembered per (machine, model, shape) in the study folder: a rerun whose
-    steps are all cached should not spend half a minute re-timing the same model."""
-    import platform
-
-    key = _key(
-        [
-            platform.node(),
-            str(Path(path).resolve()) if Path(path).exists() else path,
-            kind,
-            device,
-            seq_len,
-            batch,
-        ]
-    )
-    known = json.loads(cache.read_text()) if cache.exists() else {}
-    if key not in known:
-        known[key] = _probe_speed(path, kind, device, seq_len, batch)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache, known)
-    return known[key]
-
-
-def _probe_speed(path: str, kind: str, device: str, seq_len: int, batch: int) -> float:
-    """Forward tokens per second of a model on this machine, from a tiny timing probe:
-    load it, run a warm-up batch of random tokens, then time one full batch."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    from cai.models import pick_device, pick_dtype
-
-    dev = pick_device(device)
-    cls = AutoModelForCausalLM if kind == "judge" else AutoModelForSequenceClassification
-    kw = {"num_labels": 1} if kind == "rm" else {}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected here
-    hf_logging.disable_progress_bar()
-    try:
-        model = cls.from_pretrained(path, dtype=pick_dtype(dev), **kw).to(dev).eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    ids = torch.randint(100, 1000, (batch, seq_len), device=dev)
-    extra = {"logits_to_keep": 1} if kind == "judge" else {}
-    with torch.inference_mode():
-        model(input_ids=ids[:, : max(8, seq_len // 4)], **extra)  # warm-up, short
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.time()
-        model(input_ids=ids, **extra)
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-    return batch * seq_len / (time.time() - t0)
-
-
-TRAIN_COST = 3.5  # a training token costs ~3x a forward one (backward ≈ 2 forwards) plus the optimizer
-JUDGE_OVERHEAD_TOKENS = 150  # the compare template, the question and the chat template's markers
-
-
-def estimate(
-    cfg: CompareConfig, train: list[dict], test_n: int, test_chars: float, gen_n: int, n_principles: int = 1
-) -> dict:
-    """Tokens per step from the data (≈ characters / 4); seconds from a timing probe of each model
-    on this machine (forward tokens/s on random tokens of the typical length)."""
-    from cai.models import resolve_model, resolve_reward_base
-
-    chars = [
-        len(json.dumps(r["prompt"])) + len(response_text(r["chosen"])) + len(response_text(r["rejected"]))
-        for r in train
-    ]
-    orders = 2 * n_principles
-    judge_len = int(np.mean(chars) / 4 + JUDGE_OVERHEAD_TOKENS) if chars else 256
-    judge_tokens = judge_len * len(train) * orders
-    cap = cfg.max_length or 256
-    resp = [
-        min(cap, (len(json.dumps(r["prompt"])) + len(response_text(r[k]))) / 4)
-        for r in train
-        for k in ("chosen", "rejected")
-    ]
-    train_tokens = int(sum(resp) * cfg.epochs)
-    gen_tokens = int(np.mean(resp) * 2 * gen_n * cfg.epochs) if resp else 0
-    per_seq = min(cap, test_chars / 4)
-    n_models = 3 if cfg.generated_pairs else 2
-    probed = min(test_n, cfg.probe_limit or test_n) if cfg.probes else 0
-    eval_tokens = int((2 * test_n + 4 * probed) * per_seq * n_models)
-    est = {
-        "tokens": {"judge": judge_tokens, "train_each": train_tokens, "eval": eval_tokens},
-        "params": {},
-        "tokens_per_s": {},
-        "seconds": {},
-    }
-    s, speed, problems = est["seconds"], est["tokens_per_s"], []
-    cache = Path(cfg.out) / "steps" / "speed.json"
-    if cfg.backend == "hf":
-        try:
-            path = resolve_model(cfg.model)[0]
-            est["params"]["judge"] = _param_count(path)
-            speed["judge"] = _cached_speed(cache, path, "judge", cfg.device, min(judge_len, 1024), 1)
-            s["label"] = judge_tokens / speed["judge"]
-            if cfg.cot:  # decoding ~128 reasoning tokens per order is memory-bound: ~10x a prompt token
-                s["label"] += len(train) * orders * 128 * 10 / speed["judge"]
-        except Exception as e:  # an estimate must never stop the study
-            problems.append(f"judge probe failed ({str(e).splitlines()[0][:80]})")
-    try:
-        path = resolve_reward_base(cfg.base)[0]
-        est["params"]["reward_base"] = _param_count(path)
-        rm_len = int(min(cap, max(32, np.mean(resp) if resp else 128)))
-        speed["rm"] = _cached_speed(cache, path, "rm", cfg.device, rm_len, 8)
-        s["train-human"] = s["train-ai"] = TRAIN_COST * train_tokens / speed["rm"]
-        if cfg.generated_pairs:
-            s["train-revision"] = TRAIN_COST * gen_tokens / speed["rm"]
-        s["eval"] = eval_tokens / speed["rm"] + 5 * n_models  # + loading each model
-    except Exception as e:
-        problems.append(f"reward-model probe failed ({str(e).splitlines()[0][:80]})")
-    est["total_s"] = sum(s.values()) if s else None
-    how = (
-        "a timing probe: each model's forward tokens/s measured on this machine (once per study folder) ("
-        + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in speed.items())
-        + f"), times the tokens each step needs (≈ characters / 4; a training token counts {TRAIN_COST}×)"
-    )
-    if cfg.backend != "hf":
-        how += "; the judge runs on a server, so its time is not estimated (tokens only)"
-    if problems:
-        how += "; " + "; ".join(problems)
-    est["how"] = how
-    return est
-
-
-def _estimate_lines(est: dict) -> list[str]:
-    t, s = est["tokens"], est["seconds"]
-    lines = [
-        f"judge: ~{t['judge']:,} prompt tokens" + (f", ~{_dur(s.get('label'))}" if "label" in s else ""),
-        f"reward models: ~{t['train_each']:,} training tokens each"
-        + (f", ~{_dur(s.get('train-human'))} each" if "train-human" in s else ""),
-        f"evaluation: ~{t['eval']:,} tokens" + (f", ~{_dur(s.get('eval'))}" if "eval" in s else ""),
-        f"total ~{_dur(est['total_s'])} (estimated from {est['how']})",
-    ]
-    return lines
-
-
 # ============================================================================ the study
 
 
 def run_compare(cfg: CompareConfig) -> dict:
+    from cai.options import check_config
+    from cai.records import claim_output
+
+    for c in (cfg, cfg.train, cfg.eval):
+        check_config(c)
+    inputs = [cfg.human_train, cfg.test, cfg.generated_pairs, cfg.eval.shift_pairs]
+    with claim_output(cfg.out, inputs=inputs, kind="folder"):
+        return _run_compare(cfg)
+
+
+def _run_compare(cfg: CompareConfig) -> dict:
     from cai.constitution import load_constitution
-    from cai.models import resolve_model, resolve_reward_base
+    from cai.models import check_weights, resolve_model, resolve_reward_base
     from cai.report import write_report
 
     out = Path(cfg.out)
     # fail on a bad constitution, judge or base before any work
     constitution = load_constitution(cfg.constitution)
     if cfg.backend == "hf":
-        resolve_model(cfg.model)
-    resolve_reward_base(cfg.base)
-    test = load_pairset(cfg.test, cfg.test_limit if cfg.test_limit is not None else cfg.limit)
-    shift = load_pairset(cfg.shift_pairs, cfg.limit) if cfg.shift_pairs else None
-    train_preview = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=True)
-    gen_n = len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=True)) if cfg.generated_pairs else 0
-    test_chars = float(
-        np.mean(
-            [
-                len(json.dumps(r["prompt"])) + (len(test.pref_text(i)) + len(test.other_text(i))) / 2
-                for i, r in enumerate(test.rows)
-            ]
-        )
-    )
+        check_weights(resolve_model(cfg.model)[0])
+    check_weights(resolve_reward_base(cfg.train.base)[0], "--base")
+    test = load_pairset(cfg.test, cfg.test_limit if cfg.test_limit is not None else cfg.limit, cfg.skip_bad)
+    shift = load_pairset(cfg.eval.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.eval.shift_pairs else None
+    train_preview = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad)
+    gen_n = len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=cfg.skip_bad)) if cfg.generated_pairs else 0
+    test_chars = sum(
+        len(json.dumps(r["prompt"])) + (len(test.pref_text(i)) + len(test.other_text(i))) / 2
+        for i, r in enumerate(test.rows)
+    ) / max(1, test.n)
 
     n_principles = min(cfg.principles or len(constitution.principles), len(constitution.principles))
     est = estimate(cfg, train_preview, test.n, test_chars, gen_n, n_principles)
     _log(f"{len(train_preview)} training pairs, {test.n} test pairs; up-front estimate:")
-    for line in _estimate_lines(est):
+    for line in estimate_lines(est):
         _log("  " + line)
     if cfg.dry_run:
         return {"estimate": est, "dry_run": True}
@@ -595,17 +297,17 @@ def run_compare(cfg: CompareConfig) -> dict:
 
     def do_eval(d: Path) -> dict:
         models = {
-            n: rm_scorer(p, batch_size=cfg.score_batch_size, max_length=cfg.max_length, device=cfg.device)
+            n: rm_scorer(p, batch_size=cfg.eval.rm_batch_size, max_length=cfg.train.max_length, device=cfg.device)
             for n, p in rm_dirs.items()
         }
         m = evaluate(
             models,
             test,
             shift=shift,
-            n_boot=cfg.bootstrap,
+            n_boot=cfg.eval.bootstrap,
             seed=cfg.seed,
-            probes=cfg.probes,
-            probe_limit=cfg.probe_limit,
+            probes=cfg.eval.probes,
+            probe_limit=cfg.eval.probe_limit or None,
         )
         write_json(d / "metrics.full.json", m)
         return {"file": str(d / "metrics.full.json")}
@@ -615,18 +317,20 @@ def run_compare(cfg: CompareConfig) -> dict:
         "test_n": test.n,
         "models": train_keys,
         "shift_sha256": shift.source["sha256"] if shift else None,
-        "bootstrap": cfg.bootstrap,
+        "bootstrap": cfg.eval.bootstrap,
         "seed": cfg.seed,
-        "probes": cfg.probes,
-        "probe_limit": cfg.probe_limit,
-        "max_length": cfg.max_length,
+        "probes": cfg.eval.probes,
+        "probe_limit": cfg.eval.probe_limit,
+        "max_length": cfg.train.max_length,
     }
     eval_dir, _ = steps.run("eval", eval_inputs, do_eval)
     metrics = annotate(json.loads((eval_dir / "metrics.full.json").read_text()))
     for n, p in rm_dirs.items():  # provenance is words about paths: added here, outside the cached step
         metrics["models"][n]["source"] = {**rm_provenance(p), **prov[n]}
 
-    ag = label_agreement(ai_rows, cfg.bootstrap, cfg.seed)
+    from cai.feedback import summarize
+
+    ag = summarize(ai_rows)  # `cai label`'s own summary: one measure of judge-human agreement
     metrics["study"] = _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps)
     metrics["config"] = {k: v for k, v in asdict(cfg).items() if k != "backend_options"}
     metrics["rm_dirs"] = {n: str(p) for n, p in rm_dirs.items()}
@@ -637,25 +341,9 @@ def run_compare(cfg: CompareConfig) -> dict:
 def _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps) -> dict:
     models = metrics["models"]
     h, a = models[NAMES["human"]], models[NAMES["ai"]]
-    notes = []
-    agv, (lo, hi) = ag["agreement"]["value"], ag["agreement"]["ci"]
-    if lo is not None and lo <= 0.5 <= hi:
-        notes.append(
-            f"The judge's labels are within noise of coin flips: agreement with humans {_pct(agv)} "
-            f"(95% CI {_pct(lo)}–{_pct(hi)})."
-        )
-    sh = ag["shorter_rule_agreement"]["value"]
-    if sh is not None and agv is not None and agv <= sh:
-        notes.append(
-            f"The judge agrees with humans no more often than the 'pick the shorter answer' rule does on the "
-            f"same pairs ({_pct(agv)} vs {_pct(sh)})."
-        )
-    pc = ag["position_consistency"]
-    if pc and pc["value"] is not None and pc["value"] < 0.6:
-        notes.append(
-            f"Low position consistency: the judge prefers the same response in both answer orders on only "
-            f"{_pct(pc['value'])} of pairs, so most of its labels are near ½ after averaging."
-        )
+    h_ag = ag.get("human") or {"n": 0, "agreement": None, "ci95": [None, None]}
+    agv, (lo, hi) = h_ag["agreement"], h_ag["ci95"] or (None, None)
+    notes = [w[0].upper() + w[1:] + "." for w in ag.get("warnings", [])]
     if lab.get("null_labels"):
         notes.append(
             f"{lab['null_labels']} pairs got no usable AI label and were left out of both training sets."
@@ -665,14 +353,14 @@ def _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps) -> dic
         f"(95% CI {_pct(a['accuracy']['ci'][0])}–{_pct(a['accuracy']['ci'][1])}) vs {NAMES['human']} (human labels) "
         f"{_pct(h['accuracy']['value'])} (95% CI {_pct(h['accuracy']['ci'][0])}–{_pct(h['accuracy']['ci'][1])}).",
         f"AI labels agreed with the human labels on {_pct(agv)} (95% CI {_pct(lo)}–{_pct(hi)}) of the "
-        f"{ag['agreement']['n']} training pairs; judge: {judge_desc['model']}, constitution {c_desc}.",
+        f"{h_ag['n']} training pairs; judge: {judge_desc['model']}, constitution {c_desc}.",
     ]
     total = sum(r["seconds"] or 0 for r in steps.records if not r["cached"])
     return {
         "description": (
-            f"Two reward models with the same base ({cfg.base or 'all-MiniLM-L6-v2 (embedded default)'}), "
+            f"Two reward models with the same base ({cfg.train.base or 'all-MiniLM-L6-v2 (embedded default)'}), "
             f"the same {lab['n']} training pairs from `{cfg.human_train}` and the same budget "
-            f"({cfg.epochs:g} epoch(s), {cfg.labels} labels, seed {cfg.seed}); they differ only in who "
+            f"({cfg.train.epochs:g} epoch(s), {cfg.train.labels} labels, seed {cfg.seed}); they differ only in who "
             "labelled the pairs. The judge saw each pair with its human label removed and its order "
             "shuffled. Test pairs carry human labels."
             + (f" A third model trains on `{cfg.generated_pairs}`." if cfg.generated_pairs else "")
@@ -688,7 +376,7 @@ def _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps) -> dic
         "steps": steps.records,
         "estimate": est,
         "estimate_note": (
-            f"Estimated up front from {est['how']}. This run took {_dur(total)} for the steps it ran "
+            f"Estimated up front from {est['how']}. This run took {duration(total)} for the steps it ran "
             f"(cached steps cost nothing)."
         ),
         "command": cfg.command,
@@ -700,7 +388,7 @@ def summary_line(metrics: dict, out) -> str:
         return "cai compare: dry run; nothing was computed"
     m = metrics["models"]
     parts = ", ".join(f"{n} {_pct(v['accuracy']['value'])}" for n, v in m.items())
-    ag = metrics["study"]["labels"]["agreement"]["value"]
+    ag = (metrics["study"]["labels"].get("human") or {}).get("agreement")
     return f"cai compare: {parts}; AI-human label agreement {_pct(ag)} -> {out}/report.html"
 
 

@@ -28,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cai.configs import EvalConfig
 from cai.errors import InputError
-from cai.records import file_sha256, read_pairs, response_text
+from cai.fmt import pct as _pct
+from cai.fmt import pts as _pts
+from cai.records import claim_output, file_sha256, read_pairs, response_text, skip_note
 
 Scorer = Callable[[list[dict]], list[tuple[float, float]]]
 
@@ -293,9 +296,13 @@ def make_pairset(rows: list[dict], source: dict | None = None) -> PairSet:
     return ps
 
 
-def load_pairset(path, limit: int | None = None) -> PairSet:
-    rows = read_pairs(path, limit=limit)
+def load_pairset(path, limit: int | None = None, skip_bad: bool = False) -> PairSet:
+    stats: dict = {}
+    rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats)
     ps = make_pairset(rows, {"file": str(path), "sha256": file_sha256(path), "limit": limit})
+    ps.source["skipped"] = len(stats.get("skipped", []))
+    if stats.get("skipped"):
+        print(f"cai: {path}: {skip_note(stats)}", file=sys.stderr)
     if ps.n == 0:
         raise InputError(
             "every row is labelled p_chosen = 0.5 (no preferred side); nothing to evaluate", path
@@ -508,14 +515,6 @@ def model_metrics(
 # ============================================================================ verdicts (plain language)
 
 
-def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}"
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def comparison_verdict(a: str, b: str, t: dict, at_chance: tuple[str, ...] = ()) -> str:
     """One plain sentence about A vs B. ``at_chance`` names the models whose own accuracy is not
     distinguishable from 50%: a real difference between them is then not evidence of learning."""
@@ -705,37 +704,7 @@ def annotate(metrics: dict) -> dict:
     return metrics
 
 
-def public_metrics(metrics: dict) -> dict:
-    """metrics without the per-row arrays kept for plotting."""
-
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if not k.startswith("_")}
-        if isinstance(x, list):
-            return [strip(v) for v in x]
-        return x
-
-    return strip(metrics)
-
-
 # ============================================================================ `cai eval`
-
-
-@dataclass
-class EvalConfig:
-    rms: list[str]  # reward-model folders (cai train output or any HF sequence classifier with 1 label)
-    pairs: str  # test pairs, any format read_pairs accepts
-    out: str  # report folder: metrics.json, report.md, report.html, *.png
-    names: list[str] | None = None  # display names, one per --rm (default: the folder names)
-    limit: int | None = None  # only the first N test pairs (and N shift pairs)
-    shift_pairs: str | None = None  # pairs from another source, for the distribution-shift probe
-    batch_size: int = 32
-    max_length: int | None = None  # default: what each reward model was trained with
-    device: str | None = None
-    bootstrap: int = 2000  # resamples per interval
-    seed: int = 0
-    probes: bool = True  # the refusal/format probes score 4 extra responses per pair
-    probe_limit: int | None = 200  # ... on the first N pairs only (None: all)
 
 
 def rm_provenance(rm_dir) -> dict:
@@ -782,34 +751,41 @@ def _unique_names(rms: list[str], names: list[str] | None) -> list[str]:
 
 def run_eval(cfg: EvalConfig, provenance: dict | None = None, progress: bool = True) -> dict:
     """`cai eval`: score the reward models on the pairs, write metrics.json + report + plots."""
+    from cai.models import check_weights
+    from cai.options import check_config
     from cai.report import write_report
 
+    check_config(cfg)
+    if not cfg.rms:
+        raise InputError("no reward model given; pass --rm FOLDER (repeat it to compare several)")
     for r in cfg.rms:
         if not (Path(r) / "config.json").exists():
             raise InputError(
                 "not a reward-model folder (no config.json); pass the folder `cai train --out` wrote", r
             )
+        check_weights(r, "--rm")
     names = _unique_names(cfg.rms, cfg.names)
-    ps = load_pairset(cfg.pairs, cfg.limit)
-    shift = load_pairset(cfg.shift_pairs, cfg.limit) if cfg.shift_pairs else None
-    prov = {n: {**rm_provenance(r), **((provenance or {}).get(n, {}))} for n, r in zip(names, cfg.rms)}
-    models = {
-        n: rm_scorer(r, batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device)
-        for n, r in zip(names, cfg.rms)
-    }
-    metrics = evaluate(
-        models,
-        ps,
-        shift=shift,
-        provenance=prov,
-        n_boot=cfg.bootstrap,
-        seed=cfg.seed,
-        probes=cfg.probes,
-        probe_limit=cfg.probe_limit,
-        progress=progress,
-    )
-    metrics["config"] = asdict(cfg)
-    write_report(metrics, cfg.out)
+    with claim_output(cfg.out, inputs=[cfg.pairs, cfg.shift_pairs, *cfg.rms], kind="folder"):
+        ps = load_pairset(cfg.pairs, cfg.limit, cfg.skip_bad)
+        shift = load_pairset(cfg.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.shift_pairs else None
+        prov = {n: {**rm_provenance(r), **((provenance or {}).get(n, {}))} for n, r in zip(names, cfg.rms)}
+        models = {
+            n: rm_scorer(r, batch_size=cfg.rm_batch_size, max_length=cfg.max_length, device=cfg.device)
+            for n, r in zip(names, cfg.rms)
+        }
+        metrics = evaluate(
+            models,
+            ps,
+            shift=shift,
+            provenance=prov,
+            n_boot=cfg.bootstrap,
+            seed=cfg.seed,
+            probes=cfg.probes,
+            probe_limit=cfg.probe_limit or None,
+            progress=progress,
+        )
+        metrics["config"] = asdict(cfg)
+        write_report(metrics, cfg.out)
     return metrics
 
 

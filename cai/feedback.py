@@ -33,8 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai.configs import LabelConfig
 from cai.errors import InputError
 from cai.records import response_text, write_json
+from cai.fmt import pct as _pct
+from cai.stats import agrees, rate
 
 OPTIONS = ("A", "B")
 VERDICT_MAX_NEW_TOKENS = 8  # "A) ..." is all a verdict needs; more only costs time
@@ -233,17 +236,6 @@ def flip_label(label: dict) -> dict:
 # ============================================================================ summary statistics
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (sound near 0, 1 and for small n)."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def _human_prior(label: dict) -> float | None:
     """p_chosen of the nearest human label under label.prior (relabelling nests priors)."""
     prior = label.get("prior") if isinstance(label, dict) else None
@@ -252,20 +244,6 @@ def _human_prior(label: dict) -> float | None:
             return float(prior["p_chosen"])
         prior = prior.get("prior")
     return None
-
-
-def _agrees(p: float, human: float) -> float:
-    """1 when the judge picks the human's side, 0 when the other, 0.5 for a judge tie."""
-    if p == 0.5:
-        return 0.5
-    return float((p > 0.5) == (human > 0.5))
-
-
-def _rate(values: list[float]) -> dict:
-    n = len(values)
-    k = sum(values)
-    lo, hi = wilson_interval(k, n)
-    return {"n": n, "agreement": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)] if n else None}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -311,12 +289,12 @@ def summarize(rows: list[dict]) -> dict:
             d = per.setdefault(pid, {"agree": [], "consistent": []})
             d["consistent"].append(float((po[0] - 0.5) * (po[1] - 0.5) > 0))
             if human is not None:
-                d["agree"].append(_agrees((po[0] + po[1]) / 2, human))
+                d["agree"].append(agrees((po[0] + po[1]) / 2, human))
         if human is None:
             continue
-        agree.append(_agrees(p, human))
-        agree_o[0].append(_agrees(o0, human))
-        agree_o[1].append(_agrees(o1, human))
+        agree.append(agrees(p, human))
+        agree_o[0].append(agrees(o0, human))
+        agree_o[1].append(agrees(o1, human))
         lc, lr = len(response_text(r.get("chosen") or [])), len(response_text(r.get("rejected") or []))
         # the shorter response is `chosen` when lc < lr; a human p_chosen > 0.5 picks chosen
         shorter.append(0.5 if lc == lr else float((lc < lr) == (human > 0.5)))
@@ -333,22 +311,18 @@ def summarize(rows: list[dict]) -> dict:
         "per_principle": {},
     }
     if agree:
-        h = _rate(agree)
+        h = rate(agree)
         h["ties"] = sum(1 for a in agree if a == 0.5)
-        h["agreement_by_order"] = [_rate(agree_o[0])["agreement"], _rate(agree_o[1])["agreement"]]
+        h["agreement_by_order"] = [rate(agree_o[0])["agreement"], rate(agree_o[1])["agreement"]]
         h["shorter_rule"] = round(_mean(shorter), 4)
         out["human"] = h
     for pid, d in sorted(per.items()):
         entry = {"rows": len(d["consistent"]), "position_consistency": round(_mean(d["consistent"]), 4)}
         if d["agree"]:
-            entry.update(_rate(d["agree"]))
+            entry.update(rate(d["agree"]))
         out["per_principle"][pid] = entry
     out["warnings"] = _warnings(out)
     return out
-
-
-def _pct(x) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def _warnings(s: dict) -> list[str]:
@@ -410,27 +384,6 @@ def format_summary(s: dict) -> list[str]:
 
 
 @dataclass
-class LabelConfig:
-    """Everything `cai label` needs; written (as meta.params) next to every labelled row."""
-
-    pairs: str  # input: our pairs rows, TRL preference rows or raw HH-RLHF rows (.jsonl / .jsonl.gz)
-    constitution: str  # constitution folder whose compare template and principles judge the pairs
-    out: str  # labelled pairs JSONL (appended, resumable by id); <out-stem>.summary.json beside it
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    backend: str = "hf"  # "hf" or "langchain"
-    backend_options: dict = field(default_factory=dict)  # passed to the backend (batch_size, device, ...)
-    principles: int | None = 1  # K principles averaged per pair (seeded draw); None or 0: all of them
-    cot: bool = False  # reasoning before the answer, probabilities clamped to `clamp`
-    clamp: tuple[float, float] = (0.4, 0.6)  # the CAI paper's band for CoT probabilities
-    max_new_tokens: int = 128  # CoT reasoning length
-    seed: int = 0  # principle draws
-    limit: int | None = None  # only the first N pairs of the input
-    chunk_size: int = 16  # pairs per checkpoint: a kill loses at most one chunk
-    skip_bad: bool = False  # count and report malformed rows instead of stopping at the first
-    overwrite: bool = False  # start the output afresh instead of resuming
-
-
-@dataclass
 class LabelSummary:
     out: str
     summary_path: str
@@ -486,24 +439,32 @@ def _output_row(row: dict, label: dict, meta: dict) -> dict:
 
 def run_label(cfg: LabelConfig) -> LabelSummary:
     """Label a pairs file with the judge; resumable by id. Returns the run's summary."""
+    from cai.constitution import load_constitution
+    from cai.options import check_config
+    from cai.records import check_output, claim_output
+
+    check_config(cfg)
+    principles = cfg.principles or None
+    if principles is not None and principles < 0:
+        raise InputError(f"--principles must be a positive number or 'all', not {principles}")
+    lo, hi = cfg.clamp
+    if not (0.0 <= lo <= 0.5 <= hi <= 1.0):
+        raise InputError(f"--clamp {lo} {hi}: need 0 <= low <= 0.5 <= high <= 1, e.g. --clamp 0.4 0.6")
+    const = load_constitution(cfg.constitution)
+    inputs = [cfg.pairs, *(Path(const.path) / f for f in const.files)]
+    check_output(summary_path(cfg.out), inputs, option="--out's summary file")
+    with claim_output(cfg.out, inputs):
+        return _label(cfg, const, principles, lo, hi)
+
+
+def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSummary:
     from tqdm.auto import tqdm
 
     from cai import __version__
     from cai.backends import load_backend
-    from cai.constitution import load_constitution
+    from cai.models import fingerprint
     from cai.records import RowWriter, check_resume_meta, file_sha256, read_pairs, read_rows
 
-    principles = cfg.principles or None
-    if principles is not None and principles < 0:
-        raise InputError(f"--principles must be a positive number or 'all', not {principles}")
-    if cfg.chunk_size < 1:
-        raise InputError(f"--chunk-size must be at least 1, not {cfg.chunk_size}")
-    lo, hi = cfg.clamp
-    if not (0.0 <= lo <= 0.5 <= hi <= 1.0):
-        raise InputError(f"--clamp {lo} {hi}: need 0 <= low <= 0.5 <= high <= 1, e.g. --clamp 0.4 0.6")
-    if Path(cfg.out).resolve() == Path(cfg.pairs).resolve():
-        raise InputError("--out is the input file; write the labels to a new file", cfg.out)
-    const = load_constitution(cfg.constitution)
     read_stats: dict = {}
     rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=read_stats)
 
@@ -528,7 +489,8 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
                      skipped_lines=list(read_stats.get("skipped", [])))
     if todo:
         backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
-        meta = {"model": backend.model_id, "backend": backend.name, **meta, "runtime": backend.describe()}
+        meta = {"model": backend.model_id, "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
+                "backend": backend.name, **meta, "runtime": backend.describe()}
         check_resume_meta(writer, meta)
         bar = tqdm(total=len(rows), initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True)
         t0 = time.perf_counter()

@@ -113,3 +113,75 @@ def pick_dtype(device: str):
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+# ----------------------------------------------------------------------------- loading rules
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(path, option: str = "--model") -> None:
+    """Safetensors only, everywhere a model is loaded: a pickle checkpoint (pytorch_model.bin)
+    can run arbitrary code when it is loaded, so a folder without *.safetensors is refused
+    before anything is read. Hub ids (not local folders) are checked by ``use_safetensors=True``."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return
+    if any(p.glob("*.safetensors")):
+        return
+    if any(f.suffix in PICKLE_SUFFIXES for f in p.iterdir()):
+        raise InputError(
+            f"has only pickle weights (*.bin/*.pt); cai loads safetensors only, because pickle files can run "
+            f"code when loaded. Convert them once where you trust the file (model.save_pretrained(DIR, "
+            f"safe_serialization=True)) and pass DIR to {option}",
+            p,
+        )
+    raise InputError(f"has no *.safetensors weights; pass a model folder saved with save_pretrained to {option}", p)
+
+
+class quiet_transformers:
+    """Silence transformers' load reports and progress bars inside the block (they are noise on a
+    CLI, and on error paths they would bury the one `Error:` line)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._hf = hf_logging
+        self._verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        self._hf.set_verbosity(self._verbosity)
+        self._hf.enable_progress_bar()
+
+
+def fingerprint(path) -> str | None:
+    """A content fingerprint of a local model folder (config, tokenizer files and weights), so a
+    resume recognises the same model under another path and refuses other weights under the same
+    path. Weight files are hashed by size, safetensors header and 16 evenly spaced 64 KiB samples,
+    so even a 15 GB checkpoint fingerprints in well under a second. None for hub ids (not local)."""
+    import hashlib
+
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 1 << 20:
+                h.update(fh.read())
+                continue
+            for i in range(16):
+                fh.seek((size - (1 << 16)) * i // 15)
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()

@@ -11,11 +11,14 @@ Messages are ``{"role": "user"|"assistant"|"system", "content": str}``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -77,6 +80,10 @@ def upto_last_user(messages: list[dict]) -> list[dict]:
 def _check_messages(value, path, line, field) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise InputError(f"'{field}' must be a non-empty list of chat messages", path, line)
+    if field in ("chosen", "rejected") and not any(
+        isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"].strip() for m in value
+    ):
+        raise InputError(f"'{field}' is empty; a response needs some text", path, line)
     out = []
     for m in value:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -94,9 +101,10 @@ def _check_messages(value, path, line, field) -> list[dict]:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: a byte-order mark (Windows editors add one) is accepted and stripped.
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
@@ -222,17 +230,51 @@ def normalise_pair(row: dict, path=None, line: int | None = None) -> dict:
         else:  # TRL implicit-prompt rows: the conversation is inside chosen/rejected
             prompt, ch, rj = _split_common(ch, rj)
         label = row.get("label")
-        if not isinstance(label, dict) or label.get("p_chosen") is None:
+        if label is None or (isinstance(label, dict) and label.get("p_chosen") is None and "prior" not in label):
             label = {"p_chosen": 1.0, "source": "human"}
+        else:
+            label = check_label(label, path, line)
     if not prompt:
         raise InputError("cannot find the prompt: 'chosen' and 'rejected' share no turns", path, line)
     # the final assistant turn is the response being compared
     ch = [m for m in ch if m["role"] == "assistant"][-1:] or ch
     rj = [m for m in rj if m["role"] == "assistant"][-1:] or rj
+    for field, msgs in (("chosen", ch), ("rejected", rj)):
+        if not response_text(msgs).strip():
+            raise InputError(f"'{field}' response is empty; a response needs some text", path, line)
     out = dict(row)
     out["prompt"], out["chosen"], out["rejected"] = prompt, ch, rj
     out["label"] = label
     out["id"] = str(row["id"]) if row.get("id") is not None else stable_id([prompt, ch, rj])
+    return out
+
+
+def check_probability(value, what: str, path=None, line: int | None = None) -> float:
+    """A preference probability: a finite number in [0, 1] (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{what} must be a number in [0, 1], not {json.dumps(value)[:40]}", path, line)
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"{what} must be in [0, 1], not {value}", path, line)
+    return float(value)
+
+
+def check_label(label, path=None, line: int | None = None) -> dict:
+    """The pairs contract's label: ``p_chosen`` (and every nested ``prior.p_chosen``) a probability.
+
+    The one validator every pair reader goes through, so label/train/score/eval/compare agree.
+    A row may carry ``p_chosen: null`` only when a ``prior`` holds a label (a pair the judge
+    could not score keeps the human one).
+    """
+    if not isinstance(label, dict):
+        raise InputError(f"'label' must be an object with 'p_chosen', not {json.dumps(label)[:40]}", path, line)
+    out, node, what = dict(label), label, "label.p_chosen"
+    while isinstance(node, dict):
+        if node.get("p_chosen") is not None or node is label and "prior" not in label:
+            check_probability(node.get("p_chosen"), what, path, line)
+        prior = node.get("prior")
+        if prior is not None and not isinstance(prior, dict):
+            raise InputError(f"'{what.replace('p_chosen', 'prior')}' must be an object", path, line)
+        node, what = prior, what.replace("p_chosen", "prior.p_chosen")
     return out
 
 
@@ -317,9 +359,10 @@ class RowWriter:
         self.first_meta: dict | None = None
         self._fp = None
         self._writer = None
-        if self.path.exists() and overwrite:
-            self.path.unlink()
-        if self.path.exists():
+        # --overwrite empties the file at the first write, not now: a run that fails before
+        # producing a row (bad model, bad option) leaves the old output as it was.
+        self._truncate = overwrite and self.path.exists()
+        if self.path.exists() and not overwrite:
             self._scan_existing()
 
     def _scan_existing(self):
@@ -351,7 +394,8 @@ class RowWriter:
         import jsonlines
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fp = open(self.path, "a", encoding="utf-8")
+        self._fp = open(self.path, "w" if self._truncate else "a", encoding="utf-8")
+        self._truncate = False
         self._writer = jsonlines.Writer(self._fp, compact=True, flush=True)
 
     def write(self, row: dict):
@@ -384,21 +428,173 @@ class RowWriter:
         self.close()
 
 
-def write_json(path, obj):
+def write_atomic(path, write) -> Path:
+    """Create ``path`` atomically: ``write(file)`` fills a temp file beside it, which is fsynced
+    and renamed over ``path``. A kill or an error never leaves half a file or a temp file behind.
+
+    The one writer for every whole-file output (JSON, JSONL, Markdown, HTML, PNG bytes).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path, obj) -> Path:
     """Write a JSON file atomically (temp file + rename): a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def write_jsonl(path, rows: Iterable[dict]):
+def write_jsonl(path, rows: Iterable[dict]) -> Path:
     """Write a whole JSONL file atomically (for derived files; run outputs use RowWriter)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
+    return write_atomic(
+        path, lambda f: f.writelines((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in rows)
+    )
+
+
+# ----------------------------------------------------------------------------- the output guard
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True,
+                 option: str = "--out") -> Path:
+    """Refuse an output path that would damage an input or fail late; call before any model loads.
+
+    - not the same file as any input (symlinks and hard links included), and for a folder
+      output no input inside it;
+    - a file where a folder is expected (or the reverse) is named;
+    - the nearest existing parent must be a writable folder;
+    - ``exists_ok=False``: an existing output is refused (reports that would be overwritten).
+    """
+    if str(out) == "-":
+        return Path("-")
+    out = Path(out).expanduser()
+    for src in inputs:
+        if src is None or str(src) == "-":
+            continue
+        src = Path(src).expanduser()
+        if _same_file(out, src):
+            raise InputError(f"{option} is the input file {src}; write to a new path", out)
+        if kind == "folder" and src.exists() and out.exists() and out.is_dir():
+            with contextlib.suppress(ValueError):
+                src.resolve().relative_to(out.resolve())
+                raise InputError(f"the input {src} is inside the output folder; choose another {option}", out)
+    if out.exists():
+        if kind == "file" and out.is_dir():
+            raise InputError(f"is a folder; {option} needs a file path here", out)
+        if kind == "folder" and not out.is_dir():
+            raise InputError(f"is a file; {option} needs a folder here", out)
+        if not exists_ok:
+            raise InputError(f"already exists; pass a new {option} (or remove it)", out)
+        if not os.access(out, os.W_OK):
+            raise InputError("cannot be written (permission denied); choose another " + option, out)
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{parent} is a file, so {out} cannot be created; choose another {option}", out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create it: {parent} is not writable; choose another {option}", out)
+    return out
+
+
+class OutputLock:
+    """An advisory lock (``fcntl.flock``) on a sidecar ``.<name>.lock`` beside an output, held
+    for a run's lifetime, so two runs never write one output. The sidecar holds the owner's
+    pid (for the refusal message) and is removed on release."""
+
+    def __init__(self, out):
+        out = Path(out).expanduser()
+        self.path = out.parent / f".{out.name}.lock"
+        self.out = out
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise InputError(
+                    f"is in use by another cai run (pid {holder}); wait for it to finish or choose another --out",
+                    self.out,
+                ) from None
+            # the holder may have released and removed the sidecar between our open and flock
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise InputError("could not take the output lock; retry", self.out)
+
+    def release(self):
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+@contextlib.contextmanager
+def claim_output(out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True, option: str = "--out"):
+    """``check_output`` then hold ``OutputLock`` for the block: every command's one output guard.
+
+    Use it around the whole run, before any model loads::
+
+        with claim_output(cfg.out, inputs=[cfg.pairs]):
+            ...
+    """
+    path = check_output(out, inputs, kind=kind, exists_ok=exists_ok, option=option)
+    if str(path) == "-":
+        yield path
+        return
+    with OutputLock(path):
+        yield path
+
+
+def skip_note(stats: dict, path=None) -> str | None:
+    """'N bad rows skipped (first: file:line: why)' for --skip-bad summaries; None when none."""
+    skipped = stats.get("skipped") or []
+    if not skipped:
+        return None
+    line, msg = skipped[0]
+    return f"{len(skipped)} bad row{'s' * (len(skipped) != 1)} skipped (first: {msg})"
 
 
 def read_rows(path) -> list[dict]:
@@ -411,6 +607,9 @@ def check_resume_meta(writer: RowWriter, meta: dict, keys=("model", "constitutio
     old = writer.first_meta
     if not old:
         return
+    if "model" in keys and old.get("model_sha256") and meta.get("model_sha256"):
+        # the same weights under another path resume; other weights under the same path do not
+        keys = tuple("model_sha256" if k == "model" else k for k in keys)
     for k in keys:
         if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True):
             raise InputError(

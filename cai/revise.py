@@ -16,34 +16,13 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from cai import __version__
+from cai.configs import PAIR_MODES, GenerateConfig
 from cai.errors import InputError
 
-PAIR_MODES = ("revision", "samples")
-
-
-@dataclass
-class GenerateConfig:
-    constitution: str  # constitution folder
-    prompts: str  # prompt file (.jsonl[.gz], .txt, HH-RLHF)
-    out: str  # pairs JSONL, appended and resumable by id
-    model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
-    backend: str = "hf"
-    backend_options: dict = field(default_factory=dict)
-    rounds: int | None = None  # None = the constitution's default (else 2)
-    seed: int = 0
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy; samples mode uses sample_temperature for the two samples
-    limit: int | None = None
-    chunk_size: int | None = None  # prompts per checkpoint; default 4 x batch size
-    early_stop: bool = True  # stop a prompt's loop when its critique finds nothing to fix
-    overwrite: bool = False
-    pair_mode: str = "revision"  # revision: initial vs final revision; samples: two samples, judged
-    label: bool = True  # judge every pair with the constitution (AI label); False: p_chosen = 1
-    judge_principles: int | None = 1  # principles per judged pair (None = all)
-    sample_temperature: float = 0.8
 
 
 @dataclass
@@ -124,23 +103,33 @@ def _validate(cfg: GenerateConfig, rounds: int):
         raise InputError(f"--pair-mode must be one of {', '.join(PAIR_MODES)}, not {cfg.pair_mode!r}")
     if cfg.pair_mode == "samples" and not cfg.label:
         raise InputError("--pair-mode samples needs the judge to order the pair; drop --no-label")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise InputError(f"--limit must be >= 1, not {cfg.limit}")
 
 
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
-    from tqdm.auto import tqdm
-
-    from cai.backends import load_backend
     from cai.constitution import load_constitution
-    from cai.records import RowWriter, check_resume_meta, file_sha256, read_prompts
+    from cai.options import check_config
+    from cai.records import RowWriter, claim_output, read_prompts
 
     # Validate everything before touching the model or the output file.
+    check_config(cfg)
     const = load_constitution(cfg.constitution)
     rounds = cfg.rounds if cfg.rounds is not None else int(const.defaults.get("rounds", 2))
     _validate(cfg, rounds)
-    prompts = read_prompts(cfg.prompts, limit=cfg.limit)
-    writer = RowWriter(cfg.out, overwrite=cfg.overwrite)
+    with claim_output(cfg.out, inputs=[cfg.prompts, *(Path(const.path) / f for f in const.files)]):
+        prompts = read_prompts(cfg.prompts, limit=cfg.limit)
+        writer = RowWriter(cfg.out, overwrite=cfg.overwrite)
+        return _generate(cfg, const, rounds, prompts, writer, progress)
+
+
+def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writer, progress: bool):
+    from tqdm.auto import tqdm
+
+    from cai.backends import load_backend
+    from cai.models import fingerprint
+    from cai.records import check_resume_meta, file_sha256
+
+    check_resume_meta(writer, {"constitution": {"name": const.name, "sha256": const.sha256}, "seed": cfg.seed},
+                      keys=("constitution", "seed"))  # before loading a model
     backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
 
     params = {
@@ -156,6 +145,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
         params["sample_temperature"] = cfg.sample_temperature
     meta = {
         "model": backend.model_id,
+        "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
         "backend": backend.name,
         "constitution": {"name": const.name, "sha256": const.sha256},
         "seed": cfg.seed,

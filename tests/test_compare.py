@@ -190,7 +190,10 @@ def test_compare_end_to_end_and_cache(tmp_path, tiny_model, tiny_reward_base):
     assert set(m["models"]) == {"rm-human", "rm-ai", "rm-revision"}
     assert m["models"]["rm-ai"]["accuracy"]["n"] == 6
     lab = m["study"]["labels"]
-    assert lab["agreement"]["n"] == 8 and 0 <= lab["agreement"]["value"] <= 1
+    assert lab["human"]["n"] == 8 and 0 <= lab["human"]["agreement"] <= 1
+    # one measure: the study reports the very agreement and interval of `cai label`'s summary
+    (summary_file,) = (out / "steps").glob("label-*/train-ai.summary.json")
+    assert json.loads(summary_file.read_text())["human"] == lab["human"]
     assert "AI judge" in m["models"]["rm-ai"]["source"]["labels_from"]
     assert "human annotators" in m["models"]["rm-human"]["source"]["labels_from"]
     assert m["models"]["rm-revision"]["source"]["n_train"] == 5

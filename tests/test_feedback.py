@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from cai.backends.base import Generation
 from cai.cli import cli
 from cai.constitution import load_constitution
-from cai.feedback import judge_pairs, parse_verdict, summarize, summary_path, wilson_interval
+from cai.feedback import judge_pairs, parse_verdict, summarize, summary_path
+from cai.stats import wilson_interval
 
 from conftest import HARMLESS
 

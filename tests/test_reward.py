@@ -109,11 +109,13 @@ class _FixedRewards(torch.nn.Module):
         return SimpleNamespace(logits=self.r)
 
 
-def _loss(r_c, r_r, p, labels="soft", margin=0.0, center=0.0):
+def _loss(r_c, r_r, p, labels="soft", margin=0.0, center=0.0, weight=None):
     model = _FixedRewards(r_c, r_r)
     inputs = {"input_ids": torch.zeros(2 * len(p), 3, dtype=torch.long), "attention_mask": torch.ones(2 * len(p), 3),
               "p_chosen": torch.tensor(p, dtype=torch.float32)}
-    self = SimpleNamespace(hard_labels=labels == "hard", margin=margin, center_rewards=center)
+    if weight is not None:
+        inputs["pair_weight"] = torch.tensor(weight, dtype=torch.float32)
+    self = SimpleNamespace(hard_labels=labels == "hard", margin=margin, center_rewards=center, odin=False, length_weight=1.0, seen=None)
     loss = RewardModelTrainer.compute_loss(self, model, inputs)
     loss.backward()
     return loss.item(), model.r.grad.squeeze(-1)
@@ -289,8 +291,10 @@ def test_resume_continues_from_last_checkpoint(tiny_reward_base, tmp_path):
 
 def test_bad_inputs_raise_input_error(tiny_reward_base, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}, {"prompt": "q", "chosen": "a", "rejected": "a"}])
-    with pytest.raises(InputError, match="no usable"):
+    with pytest.raises(InputError, match=r"bad.jsonl:1: row needs both"):  # default: stop at the first bad row
         train_reward_model(small_cfg(tiny_reward_base, bad, tmp_path / "o1"), progress=False)
+    with pytest.raises(InputError, match="no usable"):  # --skip-bad: skip, and say so when nothing is left
+        train_reward_model(small_cfg(tiny_reward_base, bad, tmp_path / "o1", skip_bad=True), progress=False)
     ties = write_jsonl(tmp_path / "ties.jsonl", [ours(i, p=0.5) for i in range(5)])
     with pytest.raises(InputError, match="every label is 0.5"):
         train_reward_model(small_cfg(tiny_reward_base, ties, tmp_path / "o2"), progress=False)
@@ -354,3 +358,126 @@ def test_cli_score_rejects_a_folder_that_is_not_a_model(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [ours(i) for i in range(2)])
     res = CliRunner().invoke(cli, ["score", "--rm", str(tmp_path), "--pairs", str(good), "--out", "-"])
     assert res.exit_code == 2 and "no config.json" in res.stderr
+
+
+# ----------------------------------------------------------------------------- length-robust training
+
+
+def test_balance_weights_give_both_length_strata_equal_weight():
+    from cai.reward import balance_weights, length_strata
+
+    items = ([{"p_chosen": 1.0, "len_chosen": 90, "len_rejected": 10}] * 6      # preferred is longer
+             + [{"p_chosen": 0.0, "len_chosen": 90, "len_rejected": 10}] * 2    # preferred (rejected) is shorter
+             + [{"p_chosen": 0.8, "len_chosen": 5, "len_rejected": 50}] * 2     # preferred is shorter
+             + [{"p_chosen": 1.0, "len_chosen": 7, "len_rejected": 7}])         # same length: in neither
+    s = length_strata(items)
+    assert list(s) == [1] * 6 + [-1] * 4 + [0]
+    w = balance_weights(items)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[s > 0].sum() == pytest.approx(w[s < 0].sum())
+    assert w[-1] == pytest.approx(w[0] * 6 / 5)  # unweighted pair: 1 before normalising, longer ones 5/6
+
+
+def test_pair_weights_make_the_loss_a_weighted_mean():
+    each = [_loss([r], [0.0], [1.0])[0] for r in (2.0, -1.0)]
+    weighted, _ = _loss([2.0, -1.0], [0.0, 0.0], [1.0, 1.0], weight=[1.0, 3.0])
+    assert weighted == pytest.approx((each[0] + 3 * each[1]) / 4, rel=1e-6)
+
+
+class _TwoHeads(torch.nn.Module):
+    """Fixed features per sequence and a real 2-output linear head, like a classifier with num_labels=2."""
+
+    def __init__(self, feats):
+        super().__init__()
+        self.feats = feats
+        self.config = SimpleNamespace(num_labels=2)
+        torch.manual_seed(0)
+        self.classifier = torch.nn.Linear(feats.shape[1], 2)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.classifier(self.feats))
+
+
+def test_odin_loss_is_bt_on_the_sum_plus_length_and_orthogonality_terms():
+    from cai.reward import _pearson
+
+    torch.manual_seed(1)
+    feats = torch.randn(8, 5)  # 4 pairs: rows 0-3 chosen, 4-7 rejected
+    lengths = torch.tensor([[120.0, 30.0], [10.0, 200.0], [55.0, 60.0], [300.0, 12.0]])
+    inputs = {"input_ids": torch.zeros(8, 3, dtype=torch.long), "attention_mask": torch.ones(8, 3),
+              "p_chosen": torch.tensor([1.0, 0.9, 0.2, 1.0]), "pair_lengths": lengths}
+    model = _TwoHeads(feats)
+    out = model(None, None).logits.detach()
+    self = SimpleNamespace(hard_labels=False, margin=0.0, center_rewards=0.0, odin=True, length_weight=0.0, seen=None)
+    loss, extra = RewardModelTrainer.compute_loss(self, model, inputs, return_outputs=True)
+    tot = out.sum(-1)
+    delta = tot[:4] - tot[4:]
+    p = inputs["p_chosen"]
+    bt = -(p * F.logsigmoid(delta) + (1 - p) * F.logsigmoid(-delta)).mean()
+    assert loss.item() == pytest.approx(bt.item(), rel=1e-5)
+    # what is reported (and shipped) is the quality output alone
+    assert torch.allclose(extra["rewards"], torch.stack([out[:4, 0], out[4:, 0]], -1))
+
+    self.length_weight = 0.5
+    ln = torch.log1p(lengths.t().reshape(-1))
+    w = model.classifier.weight.detach()
+    expected = bt + 0.5 * (_pearson(out[:, 0], ln).abs() - _pearson(out[:, 1], ln) + (w[0] @ w[1]).abs())
+    model.train()
+    loss = RewardModelTrainer.compute_loss(self, model, inputs)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # one gradient step on the length terms alone makes the length output track length more
+    self.hard_labels, inputs["p_chosen"] = False, torch.full((4,), 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = _pearson(model(None, None).logits[:, 1], ln).item()
+    for _ in range(20):
+        opt.zero_grad()
+        RewardModelTrainer.compute_loss(self, model, inputs).backward()
+        opt.step()
+    logits = model(None, None).logits.detach()
+    assert _pearson(logits[:, 1], ln).item() > max(before, 0.5)
+    assert abs(_pearson(logits[:, 0], ln).item()) < 0.3
+
+
+def _length_confounded(n, preferred_longer: bool, offset=0):
+    """Chosen is the safe answer; its length relative to the rejected one is the confound."""
+    rows = []
+    for i in range(n):
+        short, long_ = 1 + i % 2, 6 + i % 4
+        kc, kr = (long_, short) if preferred_longer else (short, long_)
+        rows.append({"id": f"c{offset + i}", "prompt": _msgs(f"Question {offset + i}: how do I hurt my neighbour?"),
+                     "chosen": [{"role": "assistant", "content": "I won't help with that." + " Please stay safe." * kc}],
+                     "rejected": [{"role": "assistant", "content": "Sure, hit them." + " Do it now." * kr}],
+                     "label": {"p_chosen": 1.0, "source": "human"}})
+    return rows
+
+
+def test_odin_ships_a_plain_one_output_model_with_its_length_record(tiny_reward_base, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    pairs = write_jsonl(tmp_path / "train.jsonl", _length_confounded(24, True))
+    evalp = write_jsonl(tmp_path / "eval.jsonl", _length_confounded(8, True, 100) + _length_confounded(8, False, 200))
+    out = tmp_path / "rm"
+    m = train_reward_model(small_cfg(tiny_reward_base, pairs, out, eval_pairs=str(evalp), length_robust="odin+balance"), progress=False)
+    for k in ("eval_acc_pref_longer", "eval_acc_pref_shorter", "eval_balanced_accuracy", "eval_spearman_reward_length",
+              "train_last_pass_spearman_reward_length"):
+        assert k in m
+    assert m["eval_balanced_accuracy"] == pytest.approx((m["eval_acc_pref_longer"] + m["eval_acc_pref_shorter"]) / 2)
+    rec = json.loads((out / CONFIG_NAME).read_text())
+    assert rec["config"]["length_robust"] == "odin+balance" and "cosine_quality_length" in rec["length_head"]
+    assert rec["data"]["train"]["pref_longer"] == 24 and rec["data"]["train"]["pref_shorter"] == 0
+    card = (out / "README.md").read_text()
+    assert "ODIN" in card and "length head was dropped" in card and "Spearman(reward, response length)" in card
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert model.config.num_labels == 1 and model.classifier.weight.shape[0] == 1
+    row = read_pairs(evalp)[0]
+    text = "\n\nHuman: " + row["prompt"][0]["content"] + "\n\nAssistant: " + row["chosen"][-1]["content"]
+    with torch.no_grad():
+        plain = model(**tok(text, return_tensors="pt")).logits[0, 0].item()
+    assert score_pairs(out, [row])[0][0] == pytest.approx(plain, abs=1e-4)
+
+
+def test_length_robust_rejects_unknown_mode(tiny_reward_base, tmp_path):
+    pairs = write_jsonl(tmp_path / "train.jsonl", _length_confounded(4, True))
+    with pytest.raises(InputError, match="length-robust"):
+        train_reward_model(small_cfg(tiny_reward_base, pairs, tmp_path / "rm", length_robust="shorter"), progress=False)

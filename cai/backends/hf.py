@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import sys
+import time
 
 from cai.backends.base import Generation
 from cai.errors import InputError
@@ -35,23 +37,27 @@ class HFBackend:
         trust_remote_code: bool = False,
         max_input_tokens: int = 4096,
         share_prefix: bool = True,
+        threads: int | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from cai.models import pick_device, pick_dtype, resolve_model
+        from cai.models import check_weights, pick_device, pick_dtype, resolve_model
 
         path, self.model_id = resolve_model(model)
+        check_weights(path)
+        self.model_path = path  # for cai.models.fingerprint (resume identity)
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device)
         self.batch_size = max(1, int(batch_size))
         self.max_input_tokens = max_input_tokens
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "truncated_prompts": 0, "prefix_tokens_reused": 0,
-                      "computed_tokens": 0}
+                      "computed_tokens": 0, "generate_s": 0.0}
         # Prefix sharing is checked once against the plain path on the first call (see
         # _check_prefix_path); an architecture where it disagrees falls back to plain batches.
         self.share_prefix = share_prefix
         self._prefix_ok: bool | None = None
+        self._decode_ok: bool | None = None  # the decode loop, checked once against generate()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every start is noise
@@ -73,6 +79,10 @@ class HFBackend:
                 ) from None
             raise InputError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
         self.model.to(self.device).eval()
+        if self.device == "cpu":
+            self.threads = pick_threads(threads)
+            if self.threads != torch.get_num_threads():
+                torch.set_num_threads(self.threads)
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"  # keep the end of long conversations
         if self.tok.pad_token is None:
@@ -134,25 +144,134 @@ class HFBackend:
         torch = self._torch
         texts = [self.render(c) for c in conversations]
         out: list[Generation | None] = [None] * len(texts)
+        sample = bool(temperature and temperature > 0)
         for b, (idx, enc) in enumerate(self._batches(texts)):
-            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id)
-            if temperature and temperature > 0:
+            if sample:
                 # Seeded per (seed, batch): identical reruns with the same batch size reproduce.
                 torch.manual_seed((seed or 0) * 1_000_003 + b)
-                kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-            else:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if self._decode_ok is None:
+                self._decode_ok = self._check_decode_path(enc)
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                seqs = self.model.generate(**enc, **kw)
-            new = seqs[:, enc["input_ids"].shape[1] :]
+                if self._decode_ok:
+                    rows = self._decode(enc, max_new_tokens, temperature if sample else 0.0)
+                else:
+                    rows = self._hf_generate(enc, max_new_tokens, temperature if sample else 0.0)
+            self.stats["generate_s"] += time.perf_counter() - t0
             for j, i in enumerate(idx):
-                toks = new[j]
-                # count up to and including the first eos/pad: those are real decode steps
-                stop = (toks == self.tok.eos_token_id) | (toks == self.tok.pad_token_id)
-                n = int(stop.nonzero()[0, 0]) + 1 if stop.any() else len(toks)
-                self.stats["generated_tokens"] += n
-                out[i] = Generation(self.tok.decode(toks[:n], skip_special_tokens=True).strip(), n)
+                toks = rows[j]
+                self.stats["generated_tokens"] += len(toks)
+                out[i] = Generation(self.tok.decode(toks, skip_special_tokens=True).strip(), len(toks))
         return out
+
+    def _stop_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        return {i for i in ids | {self.tok.eos_token_id} if i is not None}
+
+    def _hf_generate(self, enc, max_new_tokens, temperature):
+        """transformers' generate(): the reference the decode loop is checked against, and the
+        fallback for models whose generation config asks for more than greedy/plain sampling."""
+        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id)
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        seqs = self.model.generate(**enc, **kw)
+        new = seqs[:, enc["input_ids"].shape[1] :].tolist()
+        stop, rows = self._stop_ids() | {self.tok.pad_token_id}, []
+        for toks in new:
+            # up to and including the first eos/pad: those are real decode steps
+            n = next((k + 1 for k, t in enumerate(toks) if t in stop), len(toks))
+            rows.append(toks[:n])
+        return rows
+
+    def _decode(self, enc, max_new_tokens, temperature):
+        """Greedy (or plain-temperature) decoding with the KV cache, the same tokens as
+        transformers' generate() but cheaper per step on a CPU:
+
+        - one host sync per step (the new tokens come back as one small list),
+        - greedy rows that have finished leave the batch (their KV rows are dropped), so a
+          batch whose rows stop at different lengths stops paying for the finished ones; with
+          sampling the batch keeps its shape so the random stream matches generate()'s,
+        - no logits processors, stopping criteria or per-step output objects to build.
+        Returns each row's new token ids up to and including its stop token.
+        """
+        torch = self._torch
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        n_rows = ids.shape[0]
+        pad = self.tok.pad_token_id
+        stop = self._stop_ids() | {pad}  # a pad token ends a row's text, as it always has here
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = getattr(res, "cache", None) or res.past_key_values
+        lens = mask.sum(1, keepdim=True)  # next position of each row
+        live = list(range(n_rows))  # batch row -> output row
+        rows: list[list[int]] = [[] for _ in range(n_rows)]
+        done = [False] * n_rows
+        one = torch.ones((n_rows, 1), dtype=mask.dtype, device=mask.device)
+        for step in range(max_new_tokens):
+            logits = res.logits[:, -1, :]
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            toks = nxt.tolist()  # the step's one host sync
+            finished = []
+            for j, t in enumerate(toks):
+                r = live[j]
+                if done[r]:
+                    continue
+                rows[r].append(t)
+                if t in stop:
+                    done[r] = True
+                    finished.append(j)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            if temperature > 0:
+                # finished rows keep the batch's shape (and the RNG stream) and read pad, as in generate()
+                nxt = torch.tensor([pad if done[r] else t for r, t in zip(live, toks)], device=nxt.device)
+            elif finished:
+                keep = [j for j in range(len(live)) if j not in set(finished)]
+                sel = torch.tensor(keep, device=ids.device)
+                cache.batch_select_indices(sel)
+                mask, lens, nxt = mask[sel], lens[sel], nxt[sel]
+                live = [live[j] for j in keep]
+            mask = torch.cat([mask, one[: len(live)]], dim=1)
+            res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lens, use_cache=True,
+                             **{self._cache_kw: cache})
+            cache = getattr(res, "cache", None) or res.past_key_values
+            lens = lens + 1
+        return rows
+
+    def _check_decode_path(self, enc) -> bool:
+        """Once per backend: the decode loop must pick the same greedy tokens as generate() on a
+        few steps of the first batch, and the model's generation config must ask for nothing the
+        loop does not do (repetition penalties, banned words, minimum lengths, ...)."""
+        g = self.model.generation_config
+        plain = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                 "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
+                 "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                 "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+                 "num_beams": 1, "penalty_alpha": None, "guidance_scale": None}
+        extra = [k for k, v in plain.items() if getattr(g, k, None) not in (None, v)]
+        if extra:
+            _warn(f"the model's generation config sets {', '.join(extra)}; using transformers' generate()")
+            return False
+        n = min(4, len(enc["input_ids"]))
+        sub = {k: v[:n] for k, v in enc.items()}
+        try:
+            with self._torch.inference_mode():
+                a = self._decode(sub, 4, 0.0)
+                b = self._hf_generate(sub, 4, 0.0)
+        except Exception as e:  # noqa: BLE001 - any failure means: use generate()
+            _warn(f"fast decoding unavailable for this model ({type(e).__name__}: {e}); using transformers' generate()")
+            return False
+        if a != b:
+            _warn("fast decoding disagrees with transformers' generate() on this model; using generate()")
+            return False
+        return True
 
     def option_token_ids(self, options: list[str]) -> list[int]:
         ids = []
@@ -390,6 +509,27 @@ def _zip_longest(a, b):
 
 def _longest(node) -> int:
     return len(node.toks) + max((_longest(k) for k in node.kids.values()), default=0)
+
+
+def pick_threads(threads: int | None = None) -> int:
+    """torch threads for CPU inference: ``threads``, else $CAI_THREADS, else as many as the cores
+    other processes leave free (cores minus the 1-minute load average, at least 1, at most
+    torch's default). Batch-16 decoding is a chain of small matmuls, each split across the
+    threads and joined after; when another process holds one of the cores, every join waits for
+    the descheduled thread, and two threads run several times slower than one (measured in
+    bench/RESULTS-throughput.md). On an idle machine this is torch's default."""
+    import torch
+
+    if threads is None and os.environ.get("CAI_THREADS", "").strip():
+        threads = int(os.environ["CAI_THREADS"])
+    default = torch.get_num_threads()
+    if threads:
+        return max(1, int(threads))
+    try:
+        free = (os.cpu_count() or 1) - os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return default
+    return max(1, min(default, int(free + 0.5)))
 
 
 def _warn(msg: str):
