@@ -395,6 +395,7 @@ class LabelSummary:
     pairs_per_s: float = 0.0
     stats: dict = field(default_factory=dict)  # summarize() over the output rows of this input
     skipped_lines: list = field(default_factory=list)  # (line, message) for the first skips
+    truncated: int = 0  # judge prompts cut to fit the model's input window
 
     def line(self) -> str:
         parts = [f"labelled {self.labelled} pairs"
@@ -403,6 +404,8 @@ class LabelSummary:
             parts.append(f"{self.resumed} already done")
         if self.skipped:
             parts.append(f"{self.skipped} bad rows skipped")
+        if self.truncated:
+            parts.append(f"{self.truncated} prompts cut to fit the model's input window")
         return ", ".join(parts) + f" -> {self.out}"
 
     def lines(self) -> list[str]:
@@ -464,6 +467,7 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
     from cai.backends import load_backend
     from cai.models import fingerprint
     from cai.records import RowWriter, check_resume_meta, file_sha256, read_pairs, read_rows
+    from cai.revise import warn_truncation
 
     read_stats: dict = {}
     rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=read_stats)
@@ -502,6 +506,7 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
                                          clamp=(lo, hi), seed=cfg.seed, progress=bar, max_new_tokens=cfg.max_new_tokens)
                     writer.write_many(_output_row(r, lab, meta) for r, lab in zip(chunk, labels))
                     s.labelled += len(chunk)
+                    s.truncated = warn_truncation(backend, s.truncated)
         finally:
             bar.close()
             s.seconds = time.perf_counter() - t0

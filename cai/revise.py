@@ -36,6 +36,7 @@ class GenerateSummary:
     seconds: float = 0.0
     generated_tokens: int = 0
     interrupted: bool = False
+    truncated: int = 0  # prompts longer than the backend's input window, cut to their last tokens
 
     @property
     def rows_per_s(self) -> float:
@@ -53,6 +54,8 @@ class GenerateSummary:
         )
         if self.judge_preferred_original:
             s += f", judge preferred the original in {self.judge_preferred_original}"
+        if self.truncated:
+            s += f"; {self.truncated} prompts were cut to fit the model's input window (their ends kept)"
         if self.interrupted:
             s += " — interrupted; rerun the same command to resume"
         return s
@@ -62,6 +65,15 @@ _LABEL_PREFIX = re.compile(
     r"^\s*(\*\*)?(revision(request)?|revised response|rewritten response|response|critique(request)?)\s*(\*\*)?\s*:\s*",
     re.IGNORECASE,
 )
+
+
+def warn_truncation(backend, before: int) -> int:
+    """Warn once (to stderr) when the backend first cuts an over-long prompt; returns the count."""
+    n = getattr(backend, "stats", {}).get("truncated_prompts", 0)
+    if n and not before:
+        print("cai: warning: a prompt is longer than the model's input window; it is cut to its last tokens "
+              "(counted in the summary)", file=sys.stderr, flush=True)
+    return n
 
 
 def clean_output(text: str) -> str:
@@ -180,6 +192,7 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
             summary.seconds = time.perf_counter() - t0
             summary.generated_tokens = getattr(backend, "stats", {}).get("generated_tokens", 0) - tokens0
             bar.set_postfix_str(f"{summary.rows_per_s:.2f} rows/s, {summary.tokens_per_s:.0f} tok/s")
+            summary.truncated = warn_truncation(backend, summary.truncated)
             if stop.requested:
                 summary.interrupted = len(todo) > s + len(chunk)
                 break

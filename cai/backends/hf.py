@@ -42,7 +42,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from cai.models import check_weights, pick_device, pick_dtype, resolve_model
+        from cai.models import check_weights, pick_device, pick_dtype, quiet_transformers, resolve_model
 
         path, self.model_id = resolve_model(model)
         check_weights(path)
@@ -62,11 +62,12 @@ class HFBackend:
 
         hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every start is noise
         try:
-            self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            # safetensors only: pickle-based .bin weights can run code on load.
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-            )
+            with quiet_transformers():  # load reports would bury the one `Error:` line
+                self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                # safetensors only: pickle-based .bin weights can run code on load.
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=self.dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+                )
         except OSError as e:
             raise InputError(
                 f"cannot load model {model!r}: {str(e).splitlines()[0]} — pass a local folder with "
