@@ -324,3 +324,23 @@ def test_chromium_skip_reason_names_the_packages(monkeypatch):
     monkeypatch.setattr(os.path, "exists", lambda p: False if p in (CHROMIUM, CHROMEDRIVER) else os.path.isfile(p))
     reason = _browser_missing()
     assert reason and "apt-get install -y chromium chromium-driver" in reason
+
+
+def test_cai_train_reads_the_answers(tiny_reward_base, tmp_path):
+    from click.testing import CliRunner
+
+    from cai.cli import cli
+
+    pairs = make_pairs(tmp_path / "pairs.jsonl", 6)
+    out = tmp_path / "human.jsonl"
+    with RowWriter(out) as w:
+        s = ReviewSession(ReviewConfig(pairs=str(pairs), out=str(out), annotator="a"), w)
+        for key in ("first", "second", "tie", "first", "skip", "second"):
+            s.answer(s.current(), key)
+        s.undo()  # the last "second" is taken back: five answers left, one of them a skip
+    rm = tmp_path / "rm"
+    res = CliRunner().invoke(cli, ["train", "--pairs", str(out), "--out", str(rm), "--base", str(tiny_reward_base),
+                                   "--max-length", "64", "--batch-size", "4", "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((rm / "cai_train_config.json").read_text())
+    assert rec["data"]["train"]["rows"] == 4 and rec["data"]["train"]["label_sources"] == {"human": 4}
