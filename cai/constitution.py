@@ -56,7 +56,7 @@ MAX_RENDER_CHARS = 1_000_000  # characters one render (or any value inside it) m
 MAX_RANGE = 100_000  # items in one range()
 MAX_STEPS = 1_000_000  # loop iterations + calls in one render
 MAX_DEPTH = 50  # macros nested inside macros (a recursive macro stops here)
-MAX_SECONDS = 20.0  # wall-clock time of one render
+MAX_SECONDS = 10.0  # wall-clock time of one render
 
 # constitution.toml: every key a constitution may set, with its type.
 SCHEMA: dict[str, object] = {
@@ -743,11 +743,19 @@ def _variants(c: Constitution, name: str, p: Principle):
             yield dict(sample, principle=p, question=p.compare, cot=True, reasoning="B refuses to help.")
 
 
+VALIDATE_SECONDS = 10.0  # past this, the sweep over further principles stops (heavy templates)
+
+
 def validate(c: Constitution):
     """Render every top-level template with every principle (and the chain-of-thought stages of
-    compare) on two sample conversations: errors the data can reveal surface here."""
-    for name in c.templates:
-        for p in c.principles.values():
+    compare) on two sample conversations: errors the data can reveal surface here. Every
+    template gets every variant with the first principle; the sweep over the other principles
+    stops once it has taken VALIDATE_SECONDS (only a very heavy template gets there)."""
+    start = time.monotonic()
+    for k, p in enumerate(c.principles.values()):
+        if k and time.monotonic() - start > VALIDATE_SECONDS:
+            break
+        for name in c.templates:
             for variables in _variants(c, name, p):
                 c.render(name, **variables)
 

@@ -508,3 +508,16 @@ def test_label_render_error_mid_run_keeps_earlier_rows(tiny_model, tmp_path):
                 "--chunk-size", "1", "--batch-size", "1"])
     _assert_refused_mid_run(res, "compare.jinja:1", "ZeroDivisionError")
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["p0", "p1"]
+
+
+def test_render_time_cap(tmp_path, monkeypatch):
+    import cai.constitution as constitution
+    from cai.errors import InputError
+
+    d = _copy(tmp_path)
+    c = load_constitution(d)
+    _write(d, "templates/slow.jinja", "{% for i in range(5000) %}{% endfor %}\n")
+    c = load_constitution(d)
+    monkeypatch.setattr(constitution, "MAX_SECONDS", 0.0)
+    with pytest.raises(InputError, match=r"slow\.jinja:1: render limit: rendering took longer than"):
+        c.render("slow", **constitution.SAMPLE, principle=c.principles["self-harm"], question="q")
