@@ -515,9 +515,24 @@ def test_render_time_cap(tmp_path, monkeypatch):
     from cai.errors import InputError
 
     d = _copy(tmp_path)
-    c = load_constitution(d)
     _write(d, "templates/slow.jinja", "{% for i in range(5000) %}{% endfor %}\n")
     c = load_constitution(d)
     monkeypatch.setattr(constitution, "MAX_SECONDS", 0.0)
     with pytest.raises(InputError, match=r"slow\.jinja:1: render limit: rendering took longer than"):
         c.render("slow", **constitution.SAMPLE, principle=c.principles["self-harm"], question="q")
+
+
+def test_what_is_rendered_is_what_was_hashed(tmp_path):
+    """Templates are served from the copy read at load: an edit on disk mid-run cannot slip in
+    text the recorded sha256 does not cover (nor a new symlink appear)."""
+    d = _copy(tmp_path)
+    _write(d, "templates/parts/ask.jinja", "CritiqueRequest: {{ principle.critique }}\n")
+    _write(d, CRITIQUE, '{{ chat(conversation) }}\n{% call message("user") %}{% include "parts/ask.jinja" %}'
+                        "{% endcall %}\n")
+    c = load_constitution(d)
+    args = dict(conversation=[{"role": "user", "content": "hi"}], response="r", principle=c.principles["self-harm"])
+    first = c.render("critique", **args)
+    _write(d, "templates/parts/ask.jinja", "EDITED {{ principle.critique }}\n")
+    (d / "templates/parts/ask.jinja").unlink()
+    os.symlink(_outside(tmp_path), d / "templates/parts/ask.jinja")
+    assert c.render("critique", **args) == first
