@@ -259,6 +259,14 @@ FAULTS = {
         lambda d, t: _write(d, CRITIQUE, _critique_with("{% for f in fewshot %}{{ 1 // 0 }}{% endfor %}")),
         ["critique.jinja:2", "ZeroDivisionError"],
     ),
+    "partial is not UTF-8": (
+        lambda d, t: (d / "templates/parts").mkdir() or (d / "templates/parts/x.jinja").write_bytes(b"caf\xe9\n"),
+        ["templates/parts/x.jinja", "not UTF-8"],
+    ),
+    "unknown filter in a partial": (
+        lambda d, t: _write(d, "templates/parts/x.jinja", "ok\n{{ response | shout }}\n"),
+        ["templates/parts/x.jinja:2", "shout"],
+    ),
     # -- constitution.toml schema ------------------------------------------------------------
     "typo 'round' in [defaults]": (
         lambda d, t: _write(d, TOML, 'name = "x"\n\n[defaults]\nround = 5\n'),
