@@ -243,7 +243,7 @@ def _counted(iterable):
 def _guard_filter(name: str, fn):
     @functools.wraps(fn)  # keeps jinja_pass_arg (pass_context & co.)
     def guarded(*args, **kwargs):
-        # the value being filtered is the first argument not a context/environment
+        # numbers given to a filter (after the value filtered) are capped: center(10**10) & co.
         _check_args(f"filter '{name}'", [a for a in args[1:] if isinstance(a, int)], kwargs)
         if name == "format" and args:
             _check_format(args[0] if isinstance(args[0], str) else args[1] if len(args) > 1 else None)
