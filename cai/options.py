@@ -150,6 +150,8 @@ def pick(cls, kwargs: dict, rename: dict | None = None) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for k, v in kwargs.items():
+        if k in (rename or {}) and k not in back:
+            continue  # under this command the field's option has another name; this one is another config's
         k = back.get(k, k)
         if k in names:
             out[k] = list(v) if isinstance(v, tuple) and k in _list_fields(cls) else v
@@ -167,7 +169,7 @@ def check_config(cfg, rename: dict | None = None) -> None:
     rename = rename or {}
     for f, _ in _fields(type(cfg)):
         v = getattr(cfg, f.name)
-        name = option_name(rename.get(f.name, f.name))
+        name = option_name(rename[f.name]) if f.name in rename else (f.metadata.get("cli") or [option_name(f.name)])[0]
         if v is None or isinstance(v, bool):
             continue
         if isinstance(v, float) and not math.isfinite(v):
