@@ -467,7 +467,7 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
     from cai.backends import load_backend
     from cai.models import fingerprint
     from cai.records import RowWriter, check_resume_meta, file_sha256, read_pairs, read_rows
-    from cai.revise import warn_truncation
+    from cai.backends.base import warn_truncation
 
     read_stats: dict = {}
     rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=read_stats)

@@ -20,6 +20,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 from cai import __version__
+from cai.backends.base import warn_truncation
 from cai.configs import PAIR_MODES, GenerateConfig
 from cai.errors import InputError
 
@@ -65,15 +66,6 @@ _LABEL_PREFIX = re.compile(
     r"^\s*(\*\*)?(revision(request)?|revised response|rewritten response|response|critique(request)?)\s*(\*\*)?\s*:\s*",
     re.IGNORECASE,
 )
-
-
-def warn_truncation(backend, before: int) -> int:
-    """Warn once (to stderr) when the backend first cuts an over-long prompt; returns the count."""
-    n = getattr(backend, "stats", {}).get("truncated_prompts", 0)
-    if n and not before:
-        print("cai: warning: a prompt is longer than the model's input window; it is cut to its last tokens "
-              "(counted in the summary)", file=sys.stderr, flush=True)
-    return n
 
 
 def clean_output(text: str) -> str:
