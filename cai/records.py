@@ -532,7 +532,13 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         import fcntl
 
+        missing = []  # folders this lock creates, removed again on release when still empty
+        d = self.path.parent
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._created = missing
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -563,6 +569,12 @@ class OutputLock:
                 os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
+        for d in getattr(self, "_created", []):  # innermost first; stops at the first non-empty one
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def __enter__(self):
         return self.acquire()

@@ -129,7 +129,8 @@ def ws(tmp_path, tiny_model, tiny_reward_base, tiny_rm):
 
 
 def _snapshot(root: Path) -> dict:
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes and every folder (None) under root."""
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 def assert_clean_failure(argv, root: Path, expect: str | None = None, allowed_new=()):
