@@ -751,7 +751,7 @@ def _unique_names(rms: list[str], names: list[str] | None) -> list[str]:
 
 def run_eval(cfg: EvalConfig, provenance: dict | None = None, progress: bool = True) -> dict:
     """`cai eval`: score the reward models on the pairs, write metrics.json + report + plots."""
-    from cai.models import check_weights
+    from cai.models import check_reward_model
     from cai.options import check_config
     from cai.report import write_report
 
@@ -759,11 +759,7 @@ def run_eval(cfg: EvalConfig, provenance: dict | None = None, progress: bool = T
     if not cfg.rms:
         raise InputError("no reward model given; pass --rm FOLDER (repeat it to compare several)")
     for r in cfg.rms:
-        if not (Path(r) / "config.json").exists():
-            raise InputError(
-                "not a reward-model folder (no config.json); pass the folder `cai train --out` wrote", r
-            )
-        check_weights(r, "--rm")
+        check_reward_model(r, "--rm")
     names = _unique_names(cfg.rms, cfg.names)
     with claim_output(cfg.out, inputs=[cfg.pairs, cfg.shift_pairs, *cfg.rms], kind="folder"):
         ps = load_pairset(cfg.pairs, cfg.limit, cfg.skip_bad)

@@ -185,3 +185,22 @@ def fingerprint(path) -> str | None:
                 fh.seek((size - (1 << 16)) * i // 15)
                 h.update(fh.read(1 << 16))
     return h.hexdigest()
+
+
+def check_reward_model(path, option: str = "--rm") -> None:
+    """A reward-model folder, checked from its files before anything loads: config.json with one
+    output (num_labels 1) and safetensors weights."""
+    import json
+
+    p = Path(path).expanduser()
+    cfg = p / "config.json"
+    if not cfg.exists():
+        raise InputError(f"not a model folder (no config.json); pass the --out folder of `cai train` to {option}", p)
+    try:
+        c = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"config.json is not readable JSON ({e})", p) from None
+    n = c.get("num_labels") or len(c.get("id2label") or {}) or 2  # transformers' default is 2
+    if n != 1:
+        raise InputError(f"has num_labels={n}; a reward model has exactly one output (train one with `cai train`)", p)
+    check_weights(p, option)

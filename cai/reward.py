@@ -36,6 +36,7 @@ from cai.configs import LENGTH_ROBUST, ScoreConfig, TrainConfig
 from cai.errors import InputError
 from cai.models import (
     DEFAULT_REWARD_BASE,
+    check_reward_model,
     check_weights,
     pick_device,
     pick_dtype,
@@ -890,6 +891,7 @@ def run_score(cfg: ScoreConfig) -> dict:
     against the rows' labels (rows labelled 0.5 left out).
     """
     check_config(cfg)
+    check_reward_model(cfg.rm, "--rm")
     with claim_output(cfg.out, inputs=[cfg.pairs]):
         stats: dict = {}
         rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=stats)

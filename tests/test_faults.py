@@ -319,10 +319,14 @@ def test_skip_bad_skips_counts_and_names_the_first(ws, cmd):
 
 
 @pytest.mark.parametrize("cmd", ["score", "eval"])
-def test_a_folder_that_is_not_a_reward_model_is_one_line(ws, cmd, tiny_reward_base):
-    # the bare BERT encoder has no classification head: num_labels is not 1
-    err = assert_clean_failure(ws["args"](cmd, rm=ws["dir"] / "nope"), ws["dir"])
-    assert "no config.json" in err
+@pytest.mark.parametrize("what", ["encoder", "missing"])
+def test_a_folder_that_is_not_a_reward_model_is_one_line(ws, cmd, what, tiny_reward_base):
+    """A bare encoder (no 1-output head) or no folder at all: the one `Error:` line is the whole
+    output — no transformers load report before it."""
+    rm = tiny_reward_base if what == "encoder" else ws["dir"] / "nope"
+    res = CliRunner().invoke(cli, ws["args"](cmd, rm=rm))
+    assert res.exit_code == 2 and res.output.startswith("Error:") and len(res.output.splitlines()) == 1, res.output
+    assert ("num_labels" if what == "encoder" else "no config.json") in res.output
 
 
 # ----------------------------------------------------------------------------- byte-order marks
