@@ -80,13 +80,13 @@ def _question_last(src: Path, dst: Path):
 
 def _few_shot(src: Path, dst: Path, const, examples: list[dict]):
     """A copy of the constitution whose compare prompt first shows worked examples as chat turns."""
-    from cai.feedback import _render
+    from cai.feedback import render_judge_prompt
 
     shutil.copytree(src, dst)
     p = const.principles[GENERAL]
     turns = []
     for ex, chosen_first in examples:
-        msgs = _render(const, ex, p, chosen_first, False, "")
+        msgs = render_judge_prompt(const, ex, p, chosen_first, False, "")
         answer = "A" if chosen_first else "B"
         turns.append(("user", msgs[0]["content"]))
         turns.append(("assistant", f"The answer is: ({answer})"))
@@ -153,7 +153,7 @@ def _naive(backend, const, rows, seed, k):
     Returns per pair the p_chosen of each (principle, order) and the mean tokens per pair."""
     import torch
 
-    from cai.feedback import _render
+    from cai.feedback import render_judge_prompt
 
     tok, model = backend.tok, backend.model
     ab = backend.option_token_ids(["A", "B"])
@@ -162,7 +162,7 @@ def _naive(backend, const, rows, seed, k):
         ps = []
         for p in const.sample(seed, r["id"], k):
             for order in (0, 1):
-                text = backend.render(_render(const, r, p, order == 0, False, ""))
+                text = backend.render(render_judge_prompt(const, r, p, order == 0, False, ""))
                 enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
                 tokens += enc["input_ids"].numel()
                 with torch.inference_mode():
@@ -201,7 +201,7 @@ def main():
 
     from cai.backends.hf import HFBackend
     from cai.constitution import load_constitution
-    from cai.feedback import LabelConfig, _render, format_summary, judge_pairs, run_label
+    from cai.feedback import LabelConfig, format_summary, judge_pairs, render_judge_prompt, run_label
     from cai.records import read_pairs, read_rows
 
     load = os.getloadavg()[0]

@@ -50,7 +50,7 @@ SHORTER_RULE_PUBLISHED = 0.553  # "pick the shorter answer" on HH harmless-base 
 # ============================================================================ the judge
 
 
-def _render(constitution, row: dict, principle, chosen_first: bool, cot: bool, reasoning: str) -> list[dict]:
+def render_judge_prompt(constitution, row: dict, principle, chosen_first: bool, cot: bool, reasoning: str) -> list[dict]:
     chosen, rejected = response_text(row["chosen"]), response_text(row["rejected"])
     a, b = (chosen, rejected) if chosen_first else (rejected, chosen)
     return constitution.render(
@@ -148,10 +148,10 @@ def judge_pairs(backend, constitution, rows: list[dict], *, principles: int | No
     jobs = [(i, p, order) for i, ps in enumerate(drawn) for p in ps for order in (0, 1)]
     reasoning = [""] * len(jobs)
     if cot:
-        first = [_render(constitution, rows[i], p, order == 0, True, "") for i, p, order in jobs]
+        first = [render_judge_prompt(constitution, rows[i], p, order == 0, True, "") for i, p, order in jobs]
         gens = backend.generate(first, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
         reasoning = [_clean_reasoning(g.text) for g in gens]
-    prompts = [_render(constitution, rows[i], p, order == 0, cot, reasoning[j]) for j, (i, p, order) in enumerate(jobs)]
+    prompts = [render_judge_prompt(constitution, rows[i], p, order == 0, cot, reasoning[j]) for j, (i, p, order) in enumerate(jobs)]
 
     raw: list[str | None] = [None] * len(jobs)
     verdicts: list[str | None] = [None] * len(jobs)
