@@ -259,7 +259,7 @@ def main():
             for r in sub:
                 p = const.sample(a.seed, r["id"], 1)[0]
                 for order in (0, 1):
-                    backend.option_logprobs([_render(const, r, p, order == 0, False, "")], ["A", "B"])
+                    backend.option_logprobs([render_judge_prompt(const, r, p, order == 0, False, "")], ["A", "B"])
             o_wall, o_cpu = since(t)
             backend.share_prefix = True
 
