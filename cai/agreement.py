@@ -141,16 +141,38 @@ def _bins(pairs: list[tuple[float, float, float]], k: int) -> list[dict]:
     return out
 
 
+def _flip(row) -> bool:
+    """Whether to turn a pair round into the orientation every figure is computed in.
+
+    Agreement rates do not depend on which response a file calls ``chosen``; Cohen's kappa
+    does (its chance term uses how often each rater picks ``chosen``), and `cai generate` puts
+    the judge's pick there, which would make the judge a constant rater and kappa 0 by
+    construction. So every pair is turned to (revision, initial) when its trace names the
+    initial answer, else to the two response texts in sorted order: a choice neither label made.
+    """
+    c, r = _texts(row)
+    initial = str((row.get("trace") or {}).get("initial", "")).strip()
+    if initial and initial in (c, r):
+        return c == initial
+    return c > r
+
+
 def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
+    flip = {pid: _flip(row) for pid, row in ai.items()}
+
+    def o(pid, p: float) -> float:  # a P(chosen) in the common orientation
+        return 1.0 - p if flip[pid] else p
+
     annotators = sorted({h["annotator"] for h in human})
     by_pair: dict[str, dict[str, float]] = {}
     for h in human:
-        by_pair.setdefault(h["pair_id"], {})[h["annotator"]] = h["p"]
+        by_pair.setdefault(h["pair_id"], {})[h["annotator"]] = o(h["pair_id"], h["p"])
     consensus = {pid: sum(v.values()) / len(v) for pid, v in by_pair.items()}
+    p_ai = {pid: o(pid, _ai_p(ai[pid])) for pid in consensus}
 
-    overall = agreement([(_ai_p(ai[pid]), c) for pid, c in consensus.items()])
+    overall = agreement([(p_ai[pid], c) for pid, c in consensus.items()])
     per_annotator = {
-        who: {**agreement([(_ai_p(ai[h["pair_id"]]), h["p"]) for h in human if h["annotator"] == who]),
+        who: {**agreement([(p_ai[pid], v[who]) for pid, v in by_pair.items() if who in v]),
               "answers": _answers([h for h in human if h["annotator"] == who])}
         for who in annotators
     }
@@ -161,24 +183,26 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
 
     def shorter(pid):
         c, r = _texts(ai[pid])
-        return 0.5 if len(c) == len(r) else float(len(c) < len(r))
+        return o(pid, 0.5 if len(c) == len(r) else float(len(c) < len(r)))
 
     baselines = {"shorter answer": agreement([(shorter(pid), c) for pid, c in consensus.items()])}
-    for i, name in enumerate(("judge, chosen shown first only", "judge, chosen shown second only")):
-        vals = [(float(o[i]), c) for pid, c in consensus.items()
-                if len(o := (ai[pid]["label"].get("judge") or {}).get("orders") or []) == 2 and None not in o]
+    for i, name in enumerate(("judge, `chosen` shown first only", "judge, `chosen` shown second only")):
+        vals = [(o(pid, float(j[i])), c) for pid, c in consensus.items()
+                if len(j := (ai[pid]["label"].get("judge") or {}).get("orders") or []) == 2 and None not in j]
         if vals:
             baselines[name] = agreement(vals)
 
     per_principle: dict[str, list] = {}
     for pid, c in consensus.items():
         for prin, p in _by_principle(ai[pid]).items():
-            per_principle.setdefault(prin, []).append((p, c))
-    conf = [(max(_ai_p(ai[pid]), 1 - _ai_p(ai[pid])), _ai_p(ai[pid]), c) for pid, c in consensus.items() if c != 0.5]
+            per_principle.setdefault(prin, []).append((o(pid, p), c))
+    conf = [(max(p_ai[pid], 1 - p_ai[pid]), p_ai[pid], c) for pid, c in consensus.items() if c != 0.5]
 
     return {
         "pairs": len(consensus),
         "annotators": annotators,
+        "orientation": {"revision_first": sum(1 for pid in consensus if (ai[pid].get("trace") or {}).get("initial")),
+                        "turned_round": sum(flip[pid] for pid in consensus)},
         "overall": overall,
         "per_annotator": per_annotator,
         "between_annotators": between,
@@ -228,7 +252,7 @@ def _ci(r: dict) -> str:
 
 
 def _kappa(r: dict) -> str:
-    return "n/a" if r.get("kappa") is None else f"{r['kappa']:+.2f}"
+    return "n/a" if r.get("kappa") is None else f"{r['kappa'] + 0.0:+.2f}".replace("-0.00", "+0.00")
 
 
 def _row(name: str, r: dict) -> list[str]:
@@ -254,7 +278,9 @@ def build_blocks(m: dict) -> list[tuple]:
     B.append(("p", "Agreement: share of pairs where the AI label (p > ½ after averaging both answer orders) picks "
               "the response people picked; an AI p = ½ counts ½; pairs people called a tie (or split on) have no "
               "side and are left out. 95% Wilson interval. Cohen's κ: agreement beyond what the two label rates "
-              "alone would give (0 = chance, 1 = perfect), on pairs where both picked a side."))
+              "alone would give (0 = chance, 1 = perfect), on pairs where both picked a side; computed with each pair "
+              "as (revision, initial) when it has a critique/revision trace, else with its two texts in sorted "
+              "order, so it does not depend on which response a file calls `chosen`."))
     B.append(("h2", "Between annotators"))
     if m["between_annotators"]:
         B.append(("table", HEAD, [_row(" vs ".join(b["annotators"]), b) for b in m["between_annotators"]]))
@@ -349,6 +375,6 @@ def run_agreement(cfg: AgreementConfig) -> dict:
 
 def summary_line(m: dict, out) -> str:
     o = m["overall"]
-    k = "n/a" if o["kappa"] is None else f"{o['kappa']:+.2f}"
+    k = _kappa(o)
     return (f"cai agreement: AI vs people {_ci(o)} on {o['n']} pairs, Cohen's kappa {k}; "
             f"{len(m['annotators'])} annotator(s) -> {Path(out) / 'agreement.html'}")

@@ -20,6 +20,7 @@ B_P = {0: 1.0, 1: 0.0, 2: 0.0, 4: 1.0}  # annotator b answers four pairs
 
 
 def ai_file(path):
+    """`chosen` sorts before `rejected` in every row, so the kappa orientation is the file's own."""
     rows = []
     for i, p in enumerate(AI_P):
         harm, help_ = min(1.0, p + 0.1), max(0.0, p - 0.1)
@@ -27,7 +28,7 @@ def ai_file(path):
             "id": f"pair-{i}",
             "prompt": [{"role": "user", "content": f"question {i}"}],
             "chosen": [{"role": "assistant", "content": f"answer {i} A"}],
-            "rejected": [{"role": "assistant", "content": f"answer {i} B, longer" if i % 2 else f"{i}B"}],
+            "rejected": [{"role": "assistant", "content": f"answer {i} B, longer" if i % 2 else f"answer {i} B"}],
             "label": {"p_chosen": p, "source": "ai",
                       "judge": {"orders": [p, p], "principles": ["harm", "help"],
                                 "by_principle": {"harm": [harm, harm], "help": [help_, help_]}}},
@@ -123,3 +124,27 @@ def test_unmatched_human_file_is_one_line_exit_2(tmp_path, files):
     assert r.exit_code == 2 and "none of the 1 human answers matches a pair" in r.output
     r = CliRunner().invoke(cli, ["agreement", "--ai", str(a), "--human", str(a), "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "has no AI labels" in r.output
+
+
+def test_kappa_does_not_depend_on_which_response_a_file_calls_chosen(tmp_path):
+    """`cai generate` puts the judge's pick in `chosen`: in that orientation the judge is a
+    constant rater and kappa is 0 whatever happens. Pairs are taken as (revision, initial)."""
+    rows, human = [], []
+    revision_wins = [True, True, True, False, True, False, False, True]  # the judge's pick
+    people_pick_revision = [True, True, False, False, True, False, True, True]
+    for i, (judge_rev, person_rev) in enumerate(zip(revision_wins, people_pick_revision)):
+        initial, revision = f"initial {i}", f"revised {i}"
+        ch, rj = (revision, initial) if judge_rev else (initial, revision)
+        row = {"id": f"g{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
+               "chosen": [{"role": "assistant", "content": ch}], "rejected": [{"role": "assistant", "content": rj}],
+               "label": {"p_chosen": 0.6, "source": "ai"}, "trace": {"initial": initial, "rounds": []}}
+        rows.append(row)
+        human.append({**row, "label": {"p_chosen": 1.0 if person_rev == judge_rev else 0.0, "source": "human"}})
+    ai, hu = tmp_path / "gen.jsonl", tmp_path / "people.jsonl"
+    ai.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hu.write_text("".join(json.dumps(r) + "\n" for r in human))
+    m = run_agreement(AgreementConfig(ai=str(ai), human=[str(hu)], out=str(tmp_path / "rep")))
+    expected = agreement([(0.6 if j else 0.4, 1.0 if p else 0.0) for j, p in zip(revision_wins, people_pick_revision)])
+    assert {k: m["overall"][k] for k in expected} == expected
+    assert m["overall"]["kappa"] not in (None, 0.0)
+    assert m["overall"]["agreement"] == agreement([(0.6, h["label"]["p_chosen"]) for h in human])["agreement"]
