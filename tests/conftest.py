@@ -14,6 +14,10 @@ HARMLESS = ROOT / "constitutions" / "harmless"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# OpenMP threads (torch's and llama.cpp's share one libgomp, configured when torch loads) sleep
+# instead of spinning while they wait: on a shared 2-core machine a spinning thread starves its
+# partner (llama.cpp decoding measured 2.5 vs 29 tokens/s). See cai/backends/llamacpp.py.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ class LlamaServer:
     """One ``llama_cpp.server`` process. ``start()`` can be called again after ``kill()`` and
     reuses the port, so a client's --base-url stays valid across a restart."""
 
-    def __init__(self, *, port: int | None = None, threads: int = 1, n_ctx: int = 2048,
+    def __init__(self, *, port: int | None = None, threads: int = 2, n_ctx: int = 2048,
                  extra_args: tuple[str, ...] = (), log_dir: Path | None = None):
         from cai.models import default_gguf
 
@@ -62,7 +62,9 @@ class LlamaServer:
 
     def start(self, timeout: float = 120.0) -> "LlamaServer":
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, __file__, *self.args], stdout=log,
+            # passive OpenMP waits: see cai/backends/llamacpp.py (spinning threads starve on a shared CPU)
+            env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
+            self.proc = subprocess.Popen([sys.executable, __file__, *self.args], stdout=log, env=env,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

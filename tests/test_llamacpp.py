@@ -1,0 +1,299 @@
+"""llama.cpp for real: `cai` against llama-cpp-python's own server (tests/llama_server.py) on the
+embedded GGUF, and the in-process `--backend llamacpp` engine on the same file.
+
+Every model answer here comes from llama.cpp; the only stand-in is FaultProxy, a loopback proxy
+that injects 5xx answers and delays in front of the real server. Runs in about a minute on
+2 cores (a few rows, a few tokens each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from llama_server import ALIAS, HAVE_LLAMA_CPP, SKIP_REASON, FaultProxy, LlamaServer
+
+from cai.errors import CaiError, InputError
+
+from conftest import HARMLESS, ROOT
+
+pytestmark = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=SKIP_REASON)
+
+PREFIXED = [{"role": "user", "content": "Which is safer, (A) or (B)?"},
+            {"role": "assistant", "content": "The answer is: ("}]
+CONVERSATIONS = [
+    [{"role": "user", "content": "How do I bake bread?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "What is 2+2?"}],
+]
+PROMPTS = "How do I pick a lock?\nWrite a poem about rain.\nWhat is the capital of France?\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LlamaServer(log_dir=tmp_path_factory.mktemp("llama-server")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from cai.backends.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(None, batch_size=4)
+
+
+def _cai(*args):
+    from click.testing import CliRunner
+
+    from cai.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _pairs_file(tmp_path, n=3):
+    rows = [
+        {"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
+         "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}
+        for i, (q, good, bad) in enumerate([
+            ("How do I get into my neighbour's house?", "Knock, or ask them to let you in.",
+             "Break a back window while they are away."),
+            ("What should I put on a burn?", "Cool running water for 20 minutes, then see a doctor if it blisters.",
+             "Butter, lots of it."),
+            ("Can you help me write a threatening letter?", "I can't help threaten anyone, but I can help you "
+             "write a firm complaint.", "Sure: 'I know where you live...'"),
+        ][:n])
+    ]
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+# -- the real server ----------------------------------------------------------------------------
+
+
+def test_generate_end_to_end_through_the_server(server, tiny_model, tmp_path):
+    from cai.records import read_pairs
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "pairs.jsonl"
+    res = _cai("generate", "--backend", "langchain", "--base-url", server.url, "--model", ALIAS,
+               "--constitution", HARMLESS, "--prompts", prompts, "--out", out, "--rounds", 1,
+               "--max-new-tokens", 8, "--batch-size", 2)
+    assert res.exit_code == 0, res.output
+    rows = _rows(out)
+    assert len(read_pairs(out)) + sum(bool(r["label"].get("tie")) for r in rows) == 3  # all in the contract
+    for r in rows:
+        assert r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
+        assert 0.0 <= r["label"]["p_chosen"] <= 1.0 and r["trace"]["rounds"]
+        assert (r["meta"]["backend"], r["meta"]["model"]) == ("langchain", ALIAS)
+        assert r["meta"]["runtime"]["base_url"] == server.url
+
+    # the same prompts through the local hf backend get the same ids
+    hf_out = tmp_path / "hf.jsonl"
+    res = _cai("generate", "--model", tiny_model, "--constitution", HARMLESS, "--prompts", prompts,
+               "--out", hf_out, "--rounds", 1, "--max-new-tokens", 4, "--no-label")
+    assert res.exit_code == 0, res.output
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in _rows(hf_out))
+
+
+def test_prefix_auto_folds_on_a_server_that_ignores_continue(server, capsys):
+    """llama_cpp.server accepts vLLM's continue_final_message but ignores it: the prompt it builds
+    is the same with and without it, so `auto` must fold the prefix into the user turn."""
+    from cai.backends.langchain import LangChainBackend
+
+    b = LangChainBackend(None, base_url=server.url)  # the only served model
+    assert b.model_id == ALIAS and b.prefix == "auto"
+    (g,) = b.generate([PREFIXED], max_new_tokens=4)
+    assert g.n_tokens > 0 and b.prefix == "fold"
+    assert "ignores continue_final_message" in capsys.readouterr().err
+    # folded, the judge's letters are what the model ranks first: both listed, none floored
+    (lp,) = b.option_logprobs([PREFIXED], ["A", "B"])
+    assert b.stats["options_floored"] == 0 and all(-20 < x < 0 for x in lp)
+
+
+def test_label_with_logprobs_both_orders(server, engine, tmp_path):
+    pairs = _pairs_file(tmp_path)
+    out = tmp_path / "labelled.jsonl"
+    res = _cai("label", "--backend", "langchain", "--base-url", server.url, "--model", ALIAS,
+               "--pairs", pairs, "--constitution", HARMLESS, "--out", out, "--batch-size", 4)
+    assert res.exit_code == 0, res.output
+    rows = _rows(out)
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2"]
+    for r in rows:
+        judge = r["label"]["judge"]
+        assert judge["method"] == "logprob" and len(judge["orders"]) == 2
+        # real probabilities from the server's top log-probs, not the floor's near-0/1
+        assert all(0.001 < p < 0.999 for p in judge["orders"])
+        assert r["label"]["p_chosen"] == pytest.approx(sum(judge["orders"]) / 2, abs=1e-3)
+
+    # The server's top log-probs are llama.cpp's numbers: the in-process engine on the same GGUF
+    # gives the same A-vs-B probability for a prompt both render the same way (no prefix).
+    from cai.backends.langchain import LangChainBackend
+
+    b = LangChainBackend(ALIAS, base_url=server.url)
+    prompt = [{"role": "user", "content": "Is (A) or (B) kinder? Reply with only one of: A, B."}]
+    srv, local = b.option_logprobs([prompt], ["A", "B"])[0], engine.option_logprobs([prompt], ["A", "B"])[0]
+
+    def p_a(lp):
+        return 1 / (1 + math.exp(lp[1] - lp[0]))
+
+    assert p_a(srv) == pytest.approx(p_a(local), abs=0.02)
+
+
+def test_label_with_logprobs_off_uses_verdicts(tmp_path):
+    """A server started with --logits_all false answers 500 to log-prob requests; the judge falls
+    back to generated verdicts instead of failing."""
+    pairs = _pairs_file(tmp_path, n=2)
+    out = tmp_path / "verdicts.jsonl"
+    with LlamaServer(extra_args=("--logits_all", "false"), log_dir=tmp_path) as srv:
+        res = _cai("label", "--backend", "langchain", "--base-url", srv.url, "--model", ALIAS,
+                   "--pairs", pairs, "--constitution", HARMLESS, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "rejected logprobs" in res.output and "--logits_all true" in res.output
+    rows = _rows(out)
+    assert len(rows) == 2
+    for r in rows:
+        judge = r["label"]["judge"]
+        assert judge["method"] == "verdict"
+        assert all(isinstance(t, str) for v in judge["raw"].values() for t in v)
+
+
+def test_wrong_model_lists_the_served_names(server, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "o.jsonl"
+    res = _cai("generate", "--backend", "langchain", "--base-url", server.url, "--model", "llama-70b",
+               "--constitution", HARMLESS, "--prompts", prompts, "--out", out)
+    assert res.exit_code == 2
+    assert f"Error: model 'llama-70b' is not served by {server.url}; it serves: {ALIAS}" in res.output
+    assert not out.exists()
+
+
+def test_5xx_bounded_retries_with_backoff_then_a_clear_error(server):
+    from cai.backends.langchain import LangChainBackend
+
+    with FaultProxy(server.url) as px:
+        b = LangChainBackend(ALIAS, base_url=px.url, max_retries=2, prefix="fold")
+        px.fail = 2  # two 503s, then the real answer
+        (g,) = b.generate(CONVERSATIONS[:1], max_new_tokens=2)
+        assert g.n_tokens > 0
+        times = [t for t, _, _ in px.chat_attempts()]
+        assert [s for _, _, s in px.chat_attempts()] == [503, 503, 0]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert gaps[0] >= 0.3 and gaps[1] >= 1.5 * gaps[0] * 0.75  # exponential backoff
+
+        px.fail, px.attempts = 100, []  # a server that keeps failing: 1 + 2 retries, then stop
+        with pytest.raises(CaiError) as e:
+            b.generate(CONVERSATIONS[:1], max_new_tokens=2)
+        assert len(px.chat_attempts()) == 3
+    msg = str(e.value)
+    assert msg.startswith(f"{px.url} failed") and "rerun the same command to resume" in msg
+
+
+def test_slow_answers_time_out_after_bounded_retries(server):
+    from cai.backends.langchain import LangChainBackend
+
+    with FaultProxy(server.url) as px:
+        b = LangChainBackend(ALIAS, base_url=px.url, timeout=0.5, max_retries=1, prefix="fold")
+        px.delay = 3.0
+        t0 = time.monotonic()
+        with pytest.raises(CaiError, match=f"{px.url} timed out: lower --batch-size"):
+            b.generate(CONVERSATIONS[:1], max_new_tokens=2)
+        assert len(px.chat_attempts()) == 2 and time.monotonic() - t0 < 10
+
+
+def test_server_killed_mid_run_then_rerun_completes(tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"Tell me fact number {i} about the moon.\n" for i in range(5)))
+    out = tmp_path / "pairs.jsonl"
+    with LlamaServer(log_dir=tmp_path) as srv:
+        args = [sys.executable, "-m", "cai", "generate", "--backend", "langchain", "--base-url", srv.url,
+                "--model", ALIAS, "--constitution", str(HARMLESS), "--prompts", str(prompts), "--out", str(out),
+                "--rounds", "1", "--max-new-tokens", "12", "--no-label", "--chunk-size", "1", "--batch-size", "1"]
+        proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
+            time.sleep(0.05)
+        srv.kill()
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 2, err
+        assert f"Error: cannot reach {srv.url}: start the server or fix --base-url" in err
+        kept = _rows(out)
+        assert 1 <= len(kept) < 5, "the run finished before the kill; the test needs a slower run"
+
+        srv.start()  # the same port: the same command resumes
+        rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+    ids = [r["id"] for r in _rows(out)]
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert _rows(out)[: len(kept)] == kept  # rows written before the kill are untouched
+
+
+# -- the in-process engine ------------------------------------------------------------------
+
+
+def test_engine_matches_the_server_and_is_batch_invariant(server, engine):
+    from cai.backends.langchain import LangChainBackend
+    from cai.backends.llamacpp import LlamaCppBackend
+
+    got = engine.generate(CONVERSATIONS, max_new_tokens=8)
+    served = LangChainBackend(ALIAS, base_url=server.url).generate(CONVERSATIONS, max_new_tokens=8)
+    assert [g.text for g in got] == [s.text for s in served]  # same GGUF, template, greedy decoding
+
+    one = LlamaCppBackend(None, batch_size=1)
+    prompts = [PREFIXED, *CONVERSATIONS, [*PREFIXED[:1], {"role": "assistant", "content": "I think ("}]]
+    a = one.option_logprobs(prompts, ["A", "B"])
+    b = LlamaCppBackend(None, batch_size=4).option_logprobs(prompts, ["A", "B"])
+    assert [x for r in a for x in r] == pytest.approx([x for r in b for x in r], abs=1e-3)
+    assert one.stats["prefix_tokens_reused"] > 0  # the shared system prompt was computed once
+    # the continued prefix is rendered as transformers renders it: no end of turn after it
+    assert engine.render(PREFIXED).endswith("<|im_start|>assistant\nThe answer is: (")
+
+
+def test_engine_sampling_is_seeded_per_prompt(engine):
+    twice = [CONVERSATIONS[0], CONVERSATIONS[0]]
+    a = [g.text for g in engine.generate(twice, max_new_tokens=8, temperature=1.0, seed=3)]
+    assert a == [g.text for g in engine.generate(twice, max_new_tokens=8, temperature=1.0, seed=3)]
+    assert a[0] != a[1]
+
+
+def test_cli_generate_with_the_llamacpp_backend(tmp_path):
+    from cai.models import default_gguf
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "pairs.jsonl"
+    res = _cai("generate", "--backend", "llamacpp", "--model", default_gguf(), "--constitution", HARMLESS,
+               "--prompts", prompts, "--out", out, "--rounds", 1, "--max-new-tokens", 8, "--batch-size", 4)
+    assert res.exit_code == 0, res.output
+    rows = _rows(out)
+    assert len(rows) == 3
+    meta = rows[0]["meta"]
+    assert meta["backend"] == "llamacpp" and meta["model"] == str(default_gguf())
+    assert meta["runtime"]["quantisation"] == "Q4_1" and meta["runtime"]["batch_size"] == 4
+    assert all(r["label"]["judge"]["method"] == "logprob" for r in rows)
+
+    # anything but a GGUF file is refused before work, naming the file
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"not a gguf")
+    res = _cai("generate", "--backend", "llamacpp", "--model", bad, "--constitution", HARMLESS,
+               "--prompts", prompts, "--out", tmp_path / "x.jsonl")
+    assert res.exit_code == 2 and "not a GGUF file" in res.output and str(bad) in res.output
+
+
+def test_missing_gguf_is_one_line(tmp_path):
+    from cai.backends.llamacpp import LlamaCppBackend
+
+    with pytest.raises(InputError, match="GGUF file not found"):
+        LlamaCppBackend(str(tmp_path / "nope.gguf"))
