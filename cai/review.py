@@ -118,7 +118,7 @@ class ReviewSession:
             "sample": cfg.sample,
             "version": __version__,
         }
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # one request at a time reads or changes the state
         self.latest: dict[str, dict] = {}  # pair id -> latest label row by this annotator
         self.answered: list[str] = []  # pair ids with a kept answer, in the order answered (undo pops)
         self._resume()
@@ -154,6 +154,10 @@ class ReviewSession:
 
     def view(self) -> dict:
         """What the page may know now: the current pair, blind (no label, judge or trace)."""
+        with self.lock:
+            return self._view()
+
+    def _view(self) -> dict:
         pid = self.current()
         last = self.last_answered()
         out = {

@@ -158,7 +158,8 @@ needs_browser = pytest.mark.skipif(_browser_missing() is not None, reason=str(_b
 
 
 @pytest.fixture
-def browser():
+def browser(monkeypatch):
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager, if ever consulted, must not download
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
