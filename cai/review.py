@@ -142,7 +142,8 @@ class ReviewSession:
             self.answered.append(pid)
 
     def done(self) -> int:
-        return sum(1 for pid in self.order if pid in self.answered)
+        kept = set(self.answered)
+        return sum(1 for pid in self.order if pid in kept)
 
     def current(self) -> str | None:
         kept = set(self.answered)
