@@ -195,7 +195,7 @@ def check_reward_model(path, option: str = "--rm") -> None:
     p = Path(path).expanduser()
     cfg = p / "config.json"
     if not cfg.exists():
-        raise InputError(f"not a model folder (no config.json); pass the --out folder of `cai train` to {option}", p)
+        raise InputError(f"not a reward-model folder (no config.json); pass the folder `cai train --out` wrote to {option}", p)
     try:
         c = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
