@@ -203,13 +203,14 @@ class RewardModelTrainer(Trainer):
     """
 
     def __init__(self, *args, labels: str = "soft", margin: float = 0.0, center_rewards: float = 0.0,
-                 odin: bool = False, length_weight: float = 1.0, **kwargs):
+                 odin: bool = False, length_weight: float = 1.0, length_sign: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.hard_labels = labels == "hard"
         self.margin = margin
         self.center_rewards = center_rewards
         self.odin = odin
         self.length_weight = length_weight
+        self.length_sign = length_sign
         self.seen = collections.deque(maxlen=len(self.train_dataset)) if self.train_dataset is not None else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -236,7 +237,11 @@ class RewardModelTrainer(Trainer):
             # log length: response lengths are heavy-tailed, and Pearson is sensitive to the tail
             length = torch.log1p(inputs["pair_lengths"].t().reshape(-1))  # [chosen…; rejected…] like `out`
             if length.std() > 0:
-                loss = loss + self.length_weight * (_pearson(out[:, 0], length).abs() - _pearson(out[:, 1], length))
+                # ODIN pushes the length head towards +length (its data favoured long answers); here the
+                # sign follows the training labels' own lean, so the length head can absorb "shorter is
+                # preferred" too (HH harmlessness), instead of fighting it.
+                rho_l = self.length_sign * _pearson(out[:, 1], length)
+                loss = loss + self.length_weight * (_pearson(out[:, 0], length).abs() - rho_l)
             w_q, w_l = _reward_head(getattr(model, "module", model)).weight[:2]
             loss = loss + self.length_weight * (w_q * w_l).sum().abs()
         q_c, q_r = out[:, 0].chunk(2)  # what is reported and shipped: the quality output alone
@@ -643,6 +648,7 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         center_rewards=cfg.center_rewards,
         odin=odin,
         length_weight=cfg.length_weight,
+        length_sign=-1.0 if train_info["pref_shorter"] > train_info["pref_longer"] else 1.0,
         callbacks=list(callbacks or []) + ([] if cfg.keep_checkpoints else [_SkipFinalCheckpoint()]),
     )
 
@@ -677,7 +683,7 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
             lm = length_metrics(seen[:, :2], seen[:, 2], seen[:, 3:])
             metrics.update({f"train_last_pass_{k}": v for k, v in lm.items()})
         if odin:  # ship the quality output alone: a plain 1-output reward model
-            record["length_head"] = _drop_length_head(model)
+            record["length_head"] = _drop_length_head(model) | {"sign": trainer.length_sign}
         trainer.save_model(str(out))  # safetensors + tokenizer + config (num_labels=1, pad id)
     # a pickle, redundant with cai_train_config.json; model hubs flag pickles, so leave none behind
     (out / "training_args.bin").unlink(missing_ok=True)
@@ -741,7 +747,8 @@ def _model_card(rec: dict) -> str:
         steps.append(
             "trained with two outputs on the same features, quality and length (ODIN, Chen et al. 2024): the "
             "Bradley–Terry loss is on their sum, the length output is pushed to correlate with response length "
-            "(in-batch Pearson on log characters) and the quality output not to, and their weight vectors to be "
+            f"(in-batch Pearson on log characters; {'positively' if rec.get('length_head', {}).get('sign', 1) > 0 else 'negatively'}, "
+            "the direction the training labels lean) and the quality output not to, and their weight vectors to be "
             f"orthogonal (weight {c.get('length_weight')}). **Only the quality output is in this folder**; the "
             f"length head was dropped after training (cosine between the two heads: {cos})"
         )

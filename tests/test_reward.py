@@ -115,7 +115,7 @@ def _loss(r_c, r_r, p, labels="soft", margin=0.0, center=0.0, weight=None):
               "p_chosen": torch.tensor(p, dtype=torch.float32)}
     if weight is not None:
         inputs["pair_weight"] = torch.tensor(weight, dtype=torch.float32)
-    self = SimpleNamespace(hard_labels=labels == "hard", margin=margin, center_rewards=center, odin=False, length_weight=1.0, seen=None)
+    self = SimpleNamespace(hard_labels=labels == "hard", margin=margin, center_rewards=center, odin=False, length_weight=1.0, length_sign=1.0, seen=None)
     loss = RewardModelTrainer.compute_loss(self, model, inputs)
     loss.backward()
     return loss.item(), model.r.grad.squeeze(-1)
@@ -408,7 +408,7 @@ def test_odin_loss_is_bt_on_the_sum_plus_length_and_orthogonality_terms():
               "p_chosen": torch.tensor([1.0, 0.9, 0.2, 1.0]), "pair_lengths": lengths}
     model = _TwoHeads(feats)
     out = model(None, None).logits.detach()
-    self = SimpleNamespace(hard_labels=False, margin=0.0, center_rewards=0.0, odin=True, length_weight=0.0, seen=None)
+    self = SimpleNamespace(hard_labels=False, margin=0.0, center_rewards=0.0, odin=True, length_weight=0.0, length_sign=1.0, seen=None)
     loss, extra = RewardModelTrainer.compute_loss(self, model, inputs, return_outputs=True)
     tot = out.sum(-1)
     delta = tot[:4] - tot[4:]
