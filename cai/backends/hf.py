@@ -195,6 +195,8 @@ class HFBackend:
         - greedy rows that have finished leave the batch (their KV rows are dropped), so a
           batch whose rows stop at different lengths stops paying for the finished ones; with
           sampling the batch keeps its shape so the random stream matches generate()'s,
+        - the KV cache is written in place into buffers sized for the whole generation, instead
+          of being copied into a one-token-longer tensor at every step in every layer,
         - no logits processors, stopping criteria or per-step output objects to build.
         Returns each row's new token ids up to and including its stop token.
         """
@@ -206,6 +208,7 @@ class HFBackend:
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
         res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = getattr(res, "cache", None) or res.past_key_values
+        _preallocate(cache, max_new_tokens)
         lens = mask.sum(1, keepdim=True)  # next position of each row
         live = list(range(n_rows))  # batch row -> output row
         rows: list[list[int]] = [[] for _ in range(n_rows)]
@@ -418,6 +421,59 @@ class HFBackend:
             _warn(f"shared-prefix scoring differs from plain batches by {diff:.3g} on this model; using plain batches")
             return False
         return True
+
+
+def _preallocate(cache, extra: int):
+    """Give each layer of a transformers DynamicCache room for ``extra`` more tokens, so a decode
+    step writes its keys/values in place (DynamicLayer.update concatenates: a copy of the whole
+    cache per layer per step). Caches of other kinds are left as they are."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(cache, "layers", None) or []:
+        if type(layer) is not DynamicLayer or not getattr(layer, "is_initialized", False) or layer.keys.dim() != 4:
+            continue
+        n = layer.keys.shape[-2]
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            buf = t.new_empty(t.shape[:-2] + (n + extra, t.shape[-1]))
+            buf[..., :n, :] = t
+            setattr(layer, "_" + name, buf)
+            setattr(layer, name, buf[..., :n, :])
+        layer.__class__ = _buffered_layer_class()
+
+
+def _buffered_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """A DynamicLayer whose keys/values are views into buffers with spare room at the end."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, t = self.keys.shape[-2], key_states.shape[-2]
+            if n + t > self._keys.shape[-2]:  # out of room: back to plain concatenation
+                self.__class__ = DynamicLayer
+                return super().update(key_states, value_states, *args, **kwargs)
+            self._keys[..., n : n + t, :] = key_states
+            self._values[..., n : n + t, :] = value_states
+            self.keys, self.values = self._keys[..., : n + t, :], self._values[..., : n + t, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            n = self.keys.shape[-2]
+            self._keys, self._values = self._keys[indices, ...], self._values[indices, ...]
+            self.keys, self.values = self._keys[..., :n, :], self._values[..., :n, :]
+
+    return BufferedLayer
+
+
+_BUFFERED_LAYER = None
+
+
+def _buffered_layer_class():
+    global _BUFFERED_LAYER
+    if _BUFFERED_LAYER is None:
+        _BUFFERED_LAYER = _buffered_layer()
+    return _BUFFERED_LAYER
 
 
 class _Node:

@@ -1,0 +1,335 @@
+"""`cai generate` against this machine's limit: fp32 GEMM peak, prefill/decode FLOP/s as fractions
+of it, and where the wall time goes.
+
+In one process, one run:
+  1. the fp32 matmul peak: torch.mm on 2048x2048 fp32 matrices with the thread count cai uses,
+     in GFLOP per wall second and per CPU-second (the second is steadier on a shared machine);
+  2. the model's linear layers alone at batch 16/32/64 rows (one decode step's matmuls on the real
+     weights): the most a batch-16 decode step could reach here;
+  3. `cai generate` (run_generate, the CLI's code path, with the backend loaded beforehand) on the
+     shipped prompts with forward hooks on the model and timers on the backend, split into:
+     model load, tokenisation, prefill forwards, decode forwards, the decode loop's Python between
+     forwards, detokenisation, the judge, and the rest (templates, cleaning, writing rows).
+     FLOPs per forward = 2 x (linear weights) x tokens computed + 2 x vocab x hidden per row whose
+     logits are computed + 4 x layers x heads x head_dim x attended positions per token.
+
+    .venv/bin/python bench/bench_roofline.py                      # 16 prompts, 1 round, 64 tokens, judge on
+    .venv/bin/python bench/bench_roofline.py --limit 4 --max-new-tokens 8   # smoke test
+
+Results: stdout and bench/RESULTS-roofline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+HARMLESS = ROOT / "constitutions" / "harmless"
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def clock():
+    return time.perf_counter(), time.process_time()
+
+
+def since(t):
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def load_avg() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def gemm_peak(seconds=3.0, n=2048):
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    k, t = 0, clock()
+    while time.perf_counter() - t[0] < seconds:
+        torch.mm(a, b)
+        k += 1
+    w, c = since(t)
+    f = 2 * n**3 * k
+    return f / w / 1e9, f / c / 1e9
+
+
+def linears_only(model, rows=(16, 32, 64), reps=3):
+    """One decode step's matmuls (every nn.Linear of the model, in order) on the real weights."""
+    import torch
+
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    n = sum(m.weight.numel() for m in lins)
+    out = {}
+    with torch.inference_mode():
+        for M in rows:
+            xs = {d: torch.randn(M, d) for d in {m.in_features for m in lins}}
+            best = None
+            for _ in range(reps):
+                t = clock()
+                for m in lins:
+                    m(xs[m.in_features])
+                w, c = since(t)
+                best = (w, c) if best is None or c < best[1] else best
+            out[M] = (2 * M * n / best[0] / 1e9, 2 * M * n / best[1] / 1e9, n * 4 / best[1] / 1e9)
+    return out
+
+
+class Profile:
+    """Forward hooks on the model + timers on the backend's methods."""
+
+    def __init__(self, backend):
+        import torch
+
+        self.b, self.torch = backend, torch
+        m = backend.model
+        cfg = m.config
+        self.layers, self.heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.lm = cfg.vocab_size * cfg.hidden_size
+        self.lin = sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear)) - (
+            self.lm if m.get_output_embeddings() is not None else 0)
+        self.phase = "generate"
+        self.t = defaultdict(lambda: [0.0, 0.0])  # name -> [wall, cpu]
+        self.flops = defaultdict(float)
+        self.tokens = defaultdict(int)  # computed (incl. padding) per kind
+        self.real = defaultdict(int)
+        self.calls = defaultdict(int)
+        self.b16 = [0.0, 0.0, 0.0]  # decode steps at the full batch of 16: flops, wall, cpu
+        self.waste_hf = 0  # row-steps generate() would have computed for finished rows
+        self._start = None
+        m.register_forward_pre_hook(self._pre, with_kwargs=True)
+        m.register_forward_hook(self._post, with_kwargs=True)
+        self._wrap("generate")
+        self._wrap("option_logprobs", phase="judge")
+        self._wrap("_encode")
+        self._wrap("render")
+        self._wrap_decode()
+        tok = backend.tok
+        dec = tok.decode
+
+        def decode(*a, **k):
+            t = clock()
+            try:
+                return dec(*a, **k)
+            finally:
+                self._add("detokenise", t)
+
+        tok.decode = decode
+
+    def _add(self, name, t):
+        w, c = since(t)
+        self.t[name][0] += w
+        self.t[name][1] += c
+
+    def _wrap(self, name, phase=None):
+        fn = getattr(self.b, name)
+
+        def wrapped(*a, **k):
+            old = self.phase
+            if phase:
+                self.phase = phase
+            t = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._add(f"{name}:{old}", t)
+                self.phase = old
+
+        setattr(self.b, name, wrapped)
+
+    def _wrap_decode(self):
+        fn = self.b._decode
+
+        def wrapped(enc, max_new, temperature):
+            rows = fn(enc, max_new, temperature)
+            lens = [len(r) for r in rows]
+            self.waste_hf += len(lens) * max(lens) - sum(lens)
+            return rows
+
+        self.b._decode = wrapped
+
+    def _pre(self, mod, args, kwargs):
+        self._start = clock()
+
+    def _post(self, mod, args, kwargs, out):
+        w, c = since(self._start)
+        ids = kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        B, T = ids.shape
+        kv = mask.shape[1] if mask is not None else T
+        keep = kwargs.get("logits_to_keep") or 0
+        logit_rows = B * (keep if keep else T)
+        attended = B * T * (kv - T) + B * T * (T + 1) / 2  # causal within the new tokens
+        f = 2 * self.lin * B * T + 2 * self.lm * logit_rows + 4 * self.layers * self.heads * self.head_dim * attended
+        kind = "judge" if self.phase == "judge" else ("decode" if T == 1 else "prefill")
+        self.flops[kind] += f
+        self.tokens[kind] += B * T
+        self.real[kind] += int(mask[:, -T:].sum()) if mask is not None else B * T
+        self.calls[kind] += 1
+        self.t["fwd:" + kind][0] += w
+        self.t["fwd:" + kind][1] += c
+        if kind == "decode" and B == 16:
+            self.b16[0] += f
+            self.b16[1] += w
+            self.b16[2] += c
+
+
+def judge_bound(backend, n: int):
+    """The judge on n HH-RLHF dev pairs, one principle, both orders: tokens computed (padding
+    included) against tokens needed (every distinct prefix of the call's prompts once, no
+    padding: the conversation once per pair, then each order's own suffix), and pairs/s."""
+    from cai.backends.hf import _radix_tree, _tree_tokens
+    from cai.constitution import load_constitution
+    from cai.feedback import _render, judge_pairs
+    from cai.records import read_pairs
+
+    if not (DATA / "dev.jsonl.gz").exists():
+        return None
+    const = load_constitution(HARMLESS)
+    rows = read_pairs(DATA / "dev.jsonl.gz", limit=n)
+    prompts = [_render(const, r, p, order == 0, False, "") for r in rows for p in const.sample(0, str(r["id"]), 1)
+               for order in (0, 1)]
+    ids = backend._encode([backend.render(x) for x in prompts])
+    needed, plain = _tree_tokens(_radix_tree(ids)), sum(len(x) for x in ids)
+    before = backend.stats["computed_tokens"]
+    t = clock()
+    judge_pairs(backend, const, rows, principles=1, seed=0)
+    w, c = since(t)
+    computed = backend.stats["computed_tokens"] - before
+    return {"pairs": len(rows), "needed": needed, "plain": plain, "computed": computed, "wall": w, "cpu": c}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0, help="0 = cai's own choice (cai.backends.hf.pick_threads)")
+    ap.add_argument("--judge-pairs", type=int, default=32, help="HH-RLHF dev pairs for the judge's bound (0 = skip)")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-roofline.md"))
+    a = ap.parse_args()
+
+    import torch
+    import transformers
+
+    import cai.backends as backends
+    from cai.backends.hf import HFBackend, pick_threads
+    from cai.revise import GenerateConfig, run_generate
+
+    load0 = load_avg()
+    threads = pick_threads(a.threads or None)
+    torch.set_num_threads(threads)
+    peak_w, peak_c = gemm_peak()
+    print(f"fp32 GEMM peak ({threads} thread(s)): {peak_w:.1f} GFLOP/s wall, {peak_c:.1f} GFLOP per CPU-s", flush=True)
+
+    t = clock()
+    backend = HFBackend(None, batch_size=a.batch_size, threads=threads)
+    load_w, load_c = since(t)
+    lin = linears_only(backend.model)
+    for M, (w, c, bw) in lin.items():
+        print(f"linear layers only, {M} rows: {w:.1f} GFLOP/s wall, {c:.1f} GFLOP/CPU-s ({100 * c / peak_c:.0f}% of peak), "
+              f"weights read at {bw:.1f} GB/CPU-s", flush=True)
+    prof = Profile(backend)
+    backends.load_backend = lambda *x, **k: backend  # run_generate's own path, the model already loaded
+    with tempfile.TemporaryDirectory() as d:
+        cfg = GenerateConfig(constitution=str(HARMLESS), prompts=str(HARMLESS / "prompts.jsonl"),
+                             out=str(Path(d) / "pairs.jsonl"), rounds=a.rounds, max_new_tokens=a.max_new_tokens,
+                             limit=a.limit, seed=0, backend_options={"batch_size": a.batch_size}, overwrite=True)
+        t = clock()
+        s = run_generate(cfg, progress=False)
+        tot_w, tot_c = since(t)
+    load1 = load_avg()
+    T = prof.t
+    fw = {k: T["fwd:" + k] for k in ("prefill", "decode", "judge")}
+    gen, judge = T["generate:generate"], T["option_logprobs:generate"]
+    tok = [T["render:generate"][i] + T["_encode:generate"][i] for i in (0, 1)]
+    loop = [gen[i] - tok[i] - fw["prefill"][i] - fw["decode"][i] - T["detokenise"][i] for i in (0, 1)]
+    rows = [
+        ("model load (weights, tokenizer; before the run)", load_w, load_c),
+        ("tokenisation (chat template + encode)", *tok),
+        ("prefill forwards", *fw["prefill"]),
+        ("decode forwards", *fw["decode"]),
+        ("decode loop between forwards (Python, token choice, cache bookkeeping)", *loop),
+        ("detokenisation", *T["detokenise"]),
+        ("judge (option log-probs: its templates, tokenisation and forwards)", *judge),
+        ("engine: critique/revision templates, cleaning, writing rows", tot_w - gen[0] - judge[0], tot_c - gen[1] - judge[1]),
+    ]
+    total_w, total_c = load_w + tot_w, load_c + tot_c
+
+    def frac(f, w, c):
+        return f / w / 1e9 if w else 0, f / c / 1e9 if c else 0
+
+    pf, dc, jd = (frac(prof.flops[k], *fw[k]) for k in ("prefill", "decode", "judge"))
+    b16 = frac(*prof.b16)
+    L = []
+    say = L.append
+    say(f"# Roofline: `cai generate` against this machine's fp32 matmul peak ({a.limit} prompts, {a.rounds} round(s), "
+        f"{a.max_new_tokens} new tokens, judge on, batch {a.batch_size}, CPU)")
+    say("")
+    say(f"command: `.venv/bin/python bench/bench_roofline.py {' '.join(sys.argv[1:])}`".rstrip() + "  ")
+    say(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s)), transformers "
+        f"{transformers.__version__}; load average {load0} at start, {load1} at end; {time.strftime('%Y-%m-%d %H:%M')}")
+    say("")
+    say("## Ceiling and fractions (all measured in this run)")
+    say("")
+    say("| what | GFLOP/s (wall) | GFLOP per CPU-s | fraction of the fp32 peak (wall / CPU) |")
+    say("|---|---|---|---|")
+    say(f"| fp32 GEMM peak, torch.mm 2048², {threads} thread(s) | {peak_w:.1f} | {peak_c:.1f} | 100% |")
+    for M, (w, c, bw) in lin.items():
+        say(f"| the model's linear layers alone, {M} rows (weights streamed at {bw:.1f} GB/CPU-s) | {w:.1f} | {c:.1f} | "
+            f"{100 * w / peak_w:.0f}% / {100 * c / peak_c:.0f}% |")
+    say(f"| cai generate: prefill | {pf[0]:.1f} | {pf[1]:.1f} | {100 * pf[0] / peak_w:.0f}% / {100 * pf[1] / peak_c:.0f}% |")
+    say(f"| cai generate: decode, all steps | {dc[0]:.1f} | {dc[1]:.1f} | {100 * dc[0] / peak_w:.0f}% / "
+        f"{100 * dc[1] / peak_c:.0f}% |")
+    if prof.b16[1]:
+        say(f"| cai generate: decode steps at batch 16 | {b16[0]:.1f} | {b16[1]:.1f} | {100 * b16[0] / peak_w:.0f}% / "
+            f"{100 * b16[1] / peak_c:.0f}% |")
+    say(f"| the judge's forwards | {jd[0]:.1f} | {jd[1]:.1f} | {100 * jd[0] / peak_w:.0f}% / {100 * jd[1] / peak_c:.0f}% |")
+    say("")
+    say("## Where the time goes")
+    say("")
+    say("| part | wall s | CPU-s | share of CPU-s |")
+    say("|---|---|---|---|")
+    for name, w, c in rows:
+        say(f"| {name} | {w:.1f} | {c:.1f} | {100 * c / total_c:.0f}% |")
+    say(f"| **total** | {total_w:.1f} | {total_c:.1f} | 100% |")
+    say("")
+    pad_pf = prof.tokens["prefill"] - prof.real["prefill"]
+    say(f"Tokens: prefill {prof.real['prefill']:,} real + {pad_pf:,} padding "
+        f"({100 * pad_pf / max(1, prof.tokens['prefill']):.1f}% waste) in {prof.calls['prefill']} forwards; decode "
+        f"{prof.tokens['decode']:,} row-steps in {prof.calls['decode']} forwards (finished rows leave the batch: "
+        f"transformers' generate() would have computed {prof.waste_hf:,} more row-steps for finished rows); judge "
+        f"{prof.tokens['judge']:,} tokens computed in {prof.calls['judge']} forwards.  ")
+    say(f"Run: {s.line()}")
+    jb = judge_bound(backend, a.judge_pairs) if a.judge_pairs else None
+    if jb:
+        say("")
+        say(f"## The judge at its bound ({jb['pairs']} HH-RLHF harmless dev pairs, 1 principle, both orders)")
+        say("")
+        say("| tokens needed (each distinct prefix once) | tokens computed (incl. padding) | computed / needed | "
+            "each prompt in full | pairs/s | pairs per CPU-s |")
+        say("|---|---|---|---|---|---|")
+        say(f"| {jb['needed']:,} | {jb['computed']:,} | **{jb['computed'] / jb['needed']:.2f}** | {jb['plain']:,} "
+            f"({jb['plain'] / jb['needed']:.2f}x needed) | {jb['pairs'] / jb['wall']:.3f} | {jb['pairs'] / jb['cpu']:.3f} |")
+    elif a.judge_pairs:
+        say("")
+        say(f"judge bound: skipped (shared HH-RLHF data not found at {DATA})")
+    text = "\n".join(L) + "\n"
+    print("\n" + text)
+    Path(a.results).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

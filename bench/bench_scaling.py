@@ -1,0 +1,160 @@
+"""How `cai generate` scales: rows/s against the number of prompts (should stay flat), and time
+against rounds and max_new_tokens (should grow linearly). One model load, then each setting
+through run_generate (the CLI's code path), greedy, judge on, batch 16.
+
+Prompts: the 31 shipped red-team prompts, cycled with fresh ids to reach 64 and 256 (every size
+then has the same mix of prompts, so rows/s compares like with like). To keep the 256-prompt run
+affordable on a CPU every size uses a short --max-new-tokens (default 16); the rounds sweep turns
+early stop off so each round really runs.
+
+    .venv/bin/python bench/bench_scaling.py                 # ~10-20 min on 2 busy cores
+    .venv/bin/python bench/bench_scaling.py --sizes 16 32 --rounds 1 2 --tokens 8 16   # quick
+
+Results: stdout, bench/RESULTS-scaling.md and the plot bench/scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+HARMLESS = ROOT / "constitutions" / "harmless"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def prompts_file(n: int, d: Path) -> Path:
+    base = [json.loads(x) for x in (HARMLESS / "prompts.jsonl").read_text().splitlines() if x.strip()]
+    out = d / f"prompts-{n}.jsonl"
+    with open(out, "w") as f:
+        for i in range(n):
+            p = base[i % len(base)]
+            f.write(json.dumps({"id": f"{p['id']}#{i // len(base)}", "prompt": p["prompt"]}) + "\n")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--size-tokens", type=int, default=16, help="max_new_tokens for the prompt-count sweep")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--sweep-prompts", type=int, default=16, help="prompts for the rounds/tokens sweeps")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-scaling.md"))
+    ap.add_argument("--plot", default=str(ROOT / "bench" / "scaling.png"))
+    a = ap.parse_args()
+
+    import torch
+
+    import cai.backends as backends
+    from cai.backends.hf import HFBackend
+    from cai.revise import GenerateConfig, run_generate
+
+    backend = HFBackend(None, batch_size=16)
+    backends.load_backend = lambda *x, **k: backend  # run_generate's own path, one model load for all runs
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+
+    def run(n, rounds, tokens, early_stop=True):
+        cfg = GenerateConfig(constitution=str(HARMLESS), prompts=str(prompts_file(n, tmp)),
+                             out=str(tmp / f"o-{n}-{rounds}-{tokens}.jsonl"), rounds=rounds, max_new_tokens=tokens,
+                             seed=0, early_stop=early_stop, backend_options={"batch_size": 16}, overwrite=True)
+        load = os.getloadavg()[0]
+        w0, c0 = time.perf_counter(), time.process_time()
+        s = run_generate(cfg, progress=False)
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        print(f"  {n} prompts, {rounds} round(s), {tokens} tokens: {w:.1f}s wall, {c:.1f} CPU-s, "
+              f"{s.written / w:.3f} rows/s, {s.written / c:.3f} rows/CPU-s (load {load:.1f})", flush=True)
+        return {"n": n, "rounds": rounds, "tokens": tokens, "wall": w, "cpu": c, "rows": s.written, "load": load,
+                "gen_tokens": s.generated_tokens}
+
+    run(4, 1, 4)  # warm-up: first-call checks, allocator
+    print("== rows/s against the number of prompts ==", flush=True)
+    sizes = [run(n, 1, a.size_tokens) for n in a.sizes]
+    print("== time against rounds (early stop off) ==", flush=True)
+    rounds = [run(a.sweep_prompts, r, a.size_tokens, early_stop=False) for r in a.rounds]
+    print("== time against max_new_tokens ==", flush=True)
+    tokens = [run(a.sweep_prompts, 1, t) for t in a.tokens]
+
+    def fit(xs, ys):
+        """Least-squares line and its R²."""
+        n = len(xs)
+        mx, my = sum(xs) / n, sum(ys) / n
+        sxx = sum((x - mx) ** 2 for x in xs) or 1e-12
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        c = my - b * mx
+        ss = sum((y - my) ** 2 for y in ys) or 1e-12
+        r2 = 1 - sum((y - (b * x + c)) ** 2 for x, y in zip(xs, ys)) / ss
+        return b, c, r2
+
+    L = []
+    say = L.append
+    say(f"# Scaling of `cai generate` (greedy, judge on, batch 16, CPU, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s))")
+    say("")
+    say(f"command: `.venv/bin/python bench/bench_scaling.py {' '.join(sys.argv[1:])}`".rstrip() + f"  ")
+    say(f"date {time.strftime('%Y-%m-%d %H:%M')}; model loaded once; prompts = the 31 shipped ones cycled with fresh ids; "
+        "wall and CPU time of run_generate only. CPU-s is the steadier column on a shared machine.")
+    say("")
+    say(f"## Rows/s against prompts (1 round, {a.size_tokens} new tokens)")
+    say("")
+    say("| prompts | wall s | CPU-s | rows/s | rows per CPU-s | load avg |")
+    say("|---|---|---|---|---|---|")
+    for r in sizes:
+        say(f"| {r['n']} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rows'] / r['wall']:.3f} | {r['rows'] / r['cpu']:.3f} | "
+            f"{r['load']:.1f} |")
+    per = [r["rows"] / r["cpu"] for r in sizes]
+    say("")
+    say(f"rows per CPU-s, largest / smallest size: {per[-1] / per[0]:.2f}x (1.00 = flat)")
+    for title, data, key, unit in (("rounds (early stop off", rounds, "rounds", "round"),
+                                   ("max_new_tokens (1 round", tokens, "tokens", "token")):
+        say("")
+        say(f"## Time against {title}, {a.sweep_prompts} prompts)")
+        say("")
+        say(f"| {key} | wall s | CPU-s | generated tokens | load avg |")
+        say("|---|---|---|---|---|")
+        for r in data:
+            say(f"| {r[key]} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['gen_tokens']} | {r['load']:.1f} |")
+        b, c, r2 = fit([r[key] for r in data], [r["cpu"] for r in data])
+        say("")
+        say(f"CPU-s ≈ {c:.1f} + {b:.2f} per {unit} (least squares, R² = {r2:.3f})")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax[0].plot([r["n"] for r in sizes], [r["rows"] / r["cpu"] for r in sizes], "o-", label="rows per CPU-s")
+    ax[0].plot([r["n"] for r in sizes], [r["rows"] / r["wall"] for r in sizes], "s--", label="rows per wall s")
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_xlabel("prompts")
+    ax[0].set_title(f"throughput (1 round, {a.size_tokens} tokens)")
+    ax[0].set_ylim(bottom=0)
+    ax[0].legend()
+    for axis, data, key, title in ((ax[1], rounds, "rounds", "rounds (early stop off)"),
+                                   (ax[2], tokens, "tokens", "max_new_tokens (1 round)")):
+        axis.plot([r[key] for r in data], [r["cpu"] for r in data], "o-", label="CPU-s")
+        axis.plot([r[key] for r in data], [r["wall"] for r in data], "s--", label="wall s")
+        axis.set_xlabel(key)
+        axis.set_title(f"time vs {title}, {a.sweep_prompts} prompts")
+        axis.set_ylim(bottom=0)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=90)
+    say("")
+    say(f"plot: `{Path(a.plot).relative_to(ROOT) if Path(a.plot).is_relative_to(ROOT) else a.plot}`")
+    text = "\n".join(L) + "\n"
+    print("\n" + text)
+    Path(a.results).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
