@@ -60,7 +60,7 @@ class LlamaServer:
         self.log = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> "LlamaServer":
+    def start(self, timeout: float = 120.0) -> LlamaServer:
         with open(self.log, "ab") as log:
             # passive OpenMP waits: see cai/backends/llamacpp.py (spinning threads starve on a shared CPU)
             env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
@@ -77,7 +77,8 @@ class LlamaServer:
             except OSError:
                 time.sleep(0.2)
         self.kill()
-        raise RuntimeError(f"llama_cpp.server did not answer /v1/models in {timeout:.0f} s: {self.log_tail()}")
+        raise RuntimeError(f"llama_cpp.server did not answer /v1/models in {timeout:.0f} s: "
+                           f"{self.log_tail()}")
 
     def kill(self):
         """SIGKILL, as a crashed or OOM-killed server goes."""
@@ -167,8 +168,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if chat and proxy.delay:
             time.sleep(proxy.delay)
+        ctype = self.headers.get("Content-Type", "application/json")
         req = urllib.request.Request(proxy.upstream + path, data=body, method=method,
-                                     headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+                                     headers={"Content-Type": ctype})
         try:
             with urllib.request.urlopen(req, timeout=300) as r:
                 self._reply(r.status, r.read(), r.headers.get("Content-Type", "application/json"))

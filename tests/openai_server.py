@@ -1,5 +1,12 @@
 """A real, minimal OpenAI-compatible HTTP server for tests, backed by a local transformers model.
 
+Kept beside the real llama.cpp server (tests/llama_server.py) for what that one cannot do:
+answer requests concurrently and count them (llama_cpp.server runs one at a time), honour or
+reject vLLM's ``continue_final_message`` (llama_cpp.server silently ignores it), show the exact
+request bodies, answer with ``"logprobs": null`` (llama_cpp.server answers 500 instead), and
+produce the hf backend's numbers token for token, so the langchain backend's scoring is checked
+exactly.
+
 It speaks the subset of vLLM's chat-completions API that the langchain backend uses, over real
 HTTP on 127.0.0.1 (ephemeral port, background thread), so tests exercise the same client code,
 JSON and error paths as a vLLM fleet — without a GPU or the network:

@@ -1,9 +1,12 @@
-"""The langchain backend against a real OpenAI-compatible HTTP server (tests/openai_server.py)
-backed by the tiny in-process model, so every answer can be checked against the hf backend."""
+"""The langchain backend against tests/openai_server.py, an OpenAI-compatible HTTP server backed
+by the tiny in-process model, for what llama.cpp's real server (tests/test_llamacpp.py) cannot
+show: token-for-token equality with the hf backend while requests overlap, vLLM's
+continue_final_message honoured or rejected with a 400, the exact request fields sent, and a
+server that answers with null log-probs. End-to-end CLI runs, wrong --model and dead servers
+are tested against the real llama.cpp server."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import socket
@@ -11,12 +14,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from openai_server import serve
 
 from cai.backends.langchain import LangChainBackend
-from cai.errors import CaiError, InputError
-
-from conftest import HARMLESS, ROOT
+from cai.errors import CaiError
 
 PREFIXED = [{"role": "user", "content": "Which is safer, (A) or (B)?"},
             {"role": "assistant", "content": "The answer is: ("}]
@@ -136,48 +138,9 @@ def test_unreachable_server_says_what_to_do():
         LangChainBackend("some-model", base_url=url, max_retries=0)
 
 
-def test_wrong_model_name_lists_the_served_ones(server):
-    with pytest.raises(InputError, match="serves: test-model"):
-        LangChainBackend("llama-70b", base_url=server)
-    assert LangChainBackend(None, base_url=server).model_id == "test-model"  # the only one served
-
-
 def test_import_stays_light():
     # `cai --help` stays instant: langchain is imported only when the backend is built
     code = ("import cai.cli, cai.backends.langchain, sys; "
             "print([m for m in sys.modules if m.startswith('langchain')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("cai.revise") is None,
-                    reason="cai/revise.py (the engine behind `cai generate`) is not written yet")
-def test_cli_generate_through_server(server, tmp_path):
-    from click.testing import CliRunner
-
-    from cai.cli import cli
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("How do I pick a lock?\nWrite a poem about rain.\nWhat is the capital of France?\n")
-    out = tmp_path / "pairs.jsonl"
-    args = ["generate", "--backend", "langchain", "--base-url", server, "--model", "test-model",
-            "--constitution", str(HARMLESS), "--prompts", str(prompts), "--out", str(out),
-            "--rounds", "1", "--max-new-tokens", "8", "--batch-size", "4"]
-    if importlib.util.find_spec("cai.feedback") is None:
-        args.append("--no-label")  # the judge (cai/feedback.py) is not written yet
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
-    assert {(r["meta"]["backend"], r["meta"]["model"]) for r in rows} == {("langchain", "test-model")}
-    assert rows[0]["meta"]["runtime"]["base_url"] == server
-
-    # a fleet that is not up: one line saying what to do, exit code 2, no traceback
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    args[args.index(server)] = dead
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 2
-    assert f"Error: cannot reach {dead}: start the server or fix --base-url" in result.output
-    assert len(out.read_text().splitlines()) == 3  # rows already written are kept

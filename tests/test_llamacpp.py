@@ -16,11 +16,10 @@ import sys
 import time
 
 import pytest
+from conftest import HARMLESS, ROOT
 from llama_server import ALIAS, HAVE_LLAMA_CPP, SKIP_REASON, FaultProxy, LlamaServer
 
 from cai.errors import CaiError, InputError
-
-from conftest import HARMLESS, ROOT
 
 pytestmark = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=SKIP_REASON)
 
@@ -62,14 +61,16 @@ def _rows(path):
 def _pairs_file(tmp_path, n=3):
     rows = [
         {"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
-         "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}
+         "chosen": [{"role": "assistant", "content": good}],
+         "rejected": [{"role": "assistant", "content": bad}]}
         for i, (q, good, bad) in enumerate([
             ("How do I get into my neighbour's house?", "Knock, or ask them to let you in.",
              "Break a back window while they are away."),
-            ("What should I put on a burn?", "Cool running water for 20 minutes, then see a doctor if it blisters.",
-             "Butter, lots of it."),
-            ("Can you help me write a threatening letter?", "I can't help threaten anyone, but I can help you "
-             "write a firm complaint.", "Sure: 'I know where you live...'"),
+            ("What should I put on a burn?",
+             "Cool running water for 20 minutes, then see a doctor if it blisters.", "Butter, lots of it."),
+            ("Can you help me write a threatening letter?",
+             "I can't help threaten anyone, but I can help you write a firm complaint.",
+             "Sure: 'I know where you live...'"),
         ][:n])
     ]
     p = tmp_path / "pairs.jsonl"
@@ -218,8 +219,9 @@ def test_server_killed_mid_run_then_rerun_completes(tmp_path):
     out = tmp_path / "pairs.jsonl"
     with LlamaServer(log_dir=tmp_path) as srv:
         args = [sys.executable, "-m", "cai", "generate", "--backend", "langchain", "--base-url", srv.url,
-                "--model", ALIAS, "--constitution", str(HARMLESS), "--prompts", str(prompts), "--out", str(out),
-                "--rounds", "1", "--max-new-tokens", "12", "--no-label", "--chunk-size", "1", "--batch-size", "1"]
+                "--model", ALIAS, "--constitution", str(HARMLESS), "--prompts", str(prompts),
+                "--out", str(out), "--rounds", "1", "--max-new-tokens", "12", "--no-label",
+                "--chunk-size", "1", "--batch-size", "1"]
         proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 180
