@@ -296,7 +296,7 @@ def main():
 
 
 def selection_key(m: dict):
-    """Rank recipes by the issue's goal: within |gap| <= 25 points and |Spearman| <= 0.4, the highest
+    """Rank recipes by the sweep's goal: within |gap| <= 25 points and |Spearman| <= 0.4, the highest
     length-balanced accuracy; recipes outside those bounds rank below every recipe inside them."""
     ok = abs(m.get("length_gap", 1)) <= 0.25 and abs(m.get("spearman_reward_length", 1)) <= 0.4
     return (ok, round(m.get("balanced_accuracy", 0), 3), m["accuracy"])
@@ -438,7 +438,7 @@ def render(full_rows, frozen, noise_rows, best, argv: str) -> str:
          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", "",
          "Columns: dev accuracy [95% Wilson CI]; accuracy when the human-preferred response is the longer / the shorter; "
          "length-balanced accuracy (mean of the two); Spearman(reward, response characters) over all 998 dev responses; "
-         "wall time; peak RSS. Goal (issue 10): balanced ≥ 62, |longer − shorter| ≤ 25 points, |Spearman| ≤ 0.4, accuracy ≥ 62.", ""]
+         "wall time; peak RSS. Goal: balanced ≥ 62, |longer − shorter| ≤ 25 points, |Spearman| ≤ 0.4, accuracy ≥ 62.", ""]
     L += ["### Full fine-tuning (`train_reward_model`, lr 5e-5, 1 epoch, warmup 0.1, batch 16, one subprocess each)", "",
           "| recipe | seed | accuracy [95% CI] | pref. longer | pref. shorter | balanced | Spearman | wall (s) | peak RSS (MB) |",
           "|---|---|---|---|---|---|---|---|---|"]
