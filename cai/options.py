@@ -83,15 +83,23 @@ def click_options(cls, *, only=None, exclude=(), rename: dict | None = None, req
             md = f.metadata
             name = rename.get(f.name, f.name)
             has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            )
             decls = list(md.get("cli") or [option_name(name)])
             kw: dict = {"help": md["help"]}
             base = _base_type(tp)
             if "flag_values" in md:
                 for i, (flag, value) in enumerate(md["flag_values"].items()):
-                    fn = click.option(flag, name, flag_value=value, default=default if i == 0 else None,
-                                      help=md["flag_help"][value])(fn)
+                    fn = click.option(
+                        flag,
+                        name,
+                        flag_value=value,
+                        default=default if i == 0 else None,
+                        help=md["flag_help"][value],
+                    )(fn)
                 continue
             if base[0] is bool:
                 if md.get("negatable"):
@@ -169,7 +177,11 @@ def check_config(cfg, rename: dict | None = None) -> None:
     rename = rename or {}
     for f, _ in _fields(type(cfg)):
         v = getattr(cfg, f.name)
-        name = option_name(rename[f.name]) if f.name in rename else (f.metadata.get("cli") or [option_name(f.name)])[0]
+        name = (
+            option_name(rename[f.name])
+            if f.name in rename
+            else (f.metadata.get("cli") or [option_name(f.name)])[0]
+        )
         if v is None or isinstance(v, bool):
             continue
         if isinstance(v, float) and not math.isfinite(v):

@@ -19,8 +19,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from cai.errors import InputError
 
@@ -123,9 +123,13 @@ def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 if text.strip():
                     yield n, text
     except UnicodeDecodeError:
-        raise InputError("not UTF-8 text (binary file?); pass a .jsonl, .jsonl.gz or .txt file", path, n + 1) from None
+        raise InputError(
+            "not UTF-8 text (binary file?); pass a .jsonl, .jsonl.gz or .txt file", path, n + 1
+        ) from None
     except (gzip.BadGzipFile, EOFError, OSError) as e:
-        raise InputError(f"cannot read ({e}); is it really {'gzip' if path.suffix == '.gz' else 'text'}?", path) from None
+        raise InputError(
+            f"cannot read ({e}); is it really {'gzip' if path.suffix == '.gz' else 'text'}?", path
+        ) from None
 
 
 def _parse_line(path, n: int, text: str) -> dict:
@@ -166,7 +170,11 @@ def read_prompts(path, limit: int | None = None) -> list[dict]:
                 if isinstance(p, str):
                     if not p.strip():
                         raise InputError("'prompt' is empty", path, n)
-                    msgs = upto_last_user(parse_hh(p)) if is_hh_transcript(p) else [{"role": "user", "content": p}]
+                    msgs = (
+                        upto_last_user(parse_hh(p))
+                        if is_hh_transcript(p)
+                        else [{"role": "user", "content": p}]
+                    )
                 else:
                     msgs = _check_messages(p, path, n, "prompt")
             elif isinstance(row.get("chosen"), str) and is_hh_transcript(row["chosen"]):
@@ -230,7 +238,9 @@ def normalise_pair(row: dict, path=None, line: int | None = None) -> dict:
         else:  # TRL implicit-prompt rows: the conversation is inside chosen/rejected
             prompt, ch, rj = _split_common(ch, rj)
         label = row.get("label")
-        if label is None or (isinstance(label, dict) and label.get("p_chosen") is None and "prior" not in label):
+        if label is None or (
+            isinstance(label, dict) and label.get("p_chosen") is None and "prior" not in label
+        ):
             label = {"p_chosen": 1.0, "source": "human"}
         else:
             label = check_label(label, path, line)
@@ -266,7 +276,9 @@ def check_label(label, path=None, line: int | None = None) -> dict:
     could not score keeps the human one).
     """
     if not isinstance(label, dict):
-        raise InputError(f"'label' must be an object with 'p_chosen', not {json.dumps(label)[:40]}", path, line)
+        raise InputError(
+            f"'label' must be an object with 'p_chosen', not {json.dumps(label)[:40]}", path, line
+        )
     out, node, what = dict(label), label, "label.p_chosen"
     while isinstance(node, dict):
         if node.get("p_chosen") is not None or node is label and "prior" not in label:
@@ -282,7 +294,9 @@ def response_text(messages: list[dict]) -> str:
     return messages[-1]["content"] if messages else ""
 
 
-def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: dict | None = None) -> list[dict]:
+def read_pairs(
+    path, limit: int | None = None, skip_bad: bool = False, stats: dict | None = None
+) -> list[dict]:
     """Read any pairs format in docs/pairs-contract.md into pairs-contract rows.
 
     With ``skip_bad`` malformed rows are counted in ``stats['skipped']`` (with their line
@@ -333,7 +347,11 @@ def read_pairs(path, limit: int | None = None, skip_bad: bool = False, stats: di
             rows.append(row)
     if not rows:
         first = stats["skipped"][0][1] if stats["skipped"] else None
-        why = f"; first problem: {first}" if first else (" (every row is an unrevised tie)" if stats.get("ties") else "")
+        why = (
+            f"; first problem: {first}"
+            if first
+            else (" (every row is an unrevised tie)" if stats.get("ties") else "")
+        )
         raise InputError(f"no usable pairs in the file{why}", path)
     return rows
 
@@ -476,8 +494,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True,
-                 option: str = "--out") -> Path:
+def check_output(
+    out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True, option: str = "--out"
+) -> Path:
     """Refuse an output path that would damage an input or fail late; call before any model loads.
 
     - not the same file as any input (symlinks and hard links included), and for a folder
@@ -547,7 +566,8 @@ class OutputLock:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise InputError(
-                    f"is in use by another cai run (pid {holder}); wait for it to finish or choose another --out",
+                    f"is in use by another cai run (pid {holder}); "
+                    "wait for it to finish or choose another --out",
                     self.out,
                 ) from None
             # the holder may have released and removed the sidecar between our open and flock
@@ -584,7 +604,9 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def claim_output(out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True, option: str = "--out"):
+def claim_output(
+    out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True, option: str = "--out"
+):
     """``check_output`` then hold ``OutputLock`` for the block: every command's one output guard.
 
     Use it around the whole run, before any model loads::

@@ -56,14 +56,17 @@ ASSETS = {"/review.js": ("review.js", "text/javascript"), "/review.css": ("revie
 _ANNOTATOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 MAX_NOTE = 2000
 MAX_BODY = 16_384
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def check_annotator(name: str) -> str:
     if not _ANNOTATOR.match(name or ""):
         raise InputError(
-            f"--annotator {name!r}: use 1-40 letters, digits, '.', '_' or '-' (it becomes part of each row id)"
+            f"--annotator {name!r}: use 1-40 letters, digits, '.', '_' or '-' "
+            "(it becomes part of each row id)"
         )
     return name
 
@@ -108,7 +111,8 @@ class ReviewSession:
         self.order = seeded_order(list(self.rows), cfg.seed, cfg.sample)
         self.position = {pid: i for i, pid in enumerate(self.order)}
         self.shown = {
-            pid: ["chosen", "rejected"] if chosen_first(pid, cfg.seed) else ["rejected", "chosen"] for pid in self.order
+            pid: ["chosen", "rejected"] if chosen_first(pid, cfg.seed) else ["rejected", "chosen"]
+            for pid in self.order
         }
         self.writer = writer
         self.meta = {
@@ -179,7 +183,11 @@ class ReviewSession:
                 "responses": [response_text(row[side]) for side in shown],
             }
         if last is not None:
-            out["last"] = {"id": last, "position": self.position[last] + 1, "answer": self.latest[last].get("answer")}
+            out["last"] = {
+                "id": last,
+                "position": self.position[last] + 1,
+                "answer": self.latest[last].get("answer"),
+            }
         return out
 
     # -- actions ---------------------------------------------------------------------------
@@ -245,9 +253,13 @@ class ReviewSession:
         p_first = None if p is None else (float(p) if shown[0] == "chosen" else 1.0 - float(p))
         trace = row.get("trace") or {}
         steps = [
-            {"principle": str(r.get("principle", "")), "critique": str(r.get("critique", "")),
-             "revision": str(r.get("revision", ""))}
-            for r in trace.get("rounds") or [] if isinstance(r, dict)
+            {
+                "principle": str(r.get("principle", "")),
+                "critique": str(r.get("critique", "")),
+                "revision": str(r.get("revision", "")),
+            }
+            for r in trace.get("rounds") or []
+            if isinstance(r, dict)
         ]
         return {
             "id": pid,
@@ -263,7 +275,8 @@ class ReviewSession:
 
 
 def _initial_side(row: dict, shown: list[str]) -> str | None:
-    """'first' / 'second': where the model's initial answer (trace.initial) was shown, if it is one of the two."""
+    """'first' / 'second': where the model's initial answer (trace.initial) was shown, if it is one of
+    the two."""
     initial = str((row.get("trace") or {}).get("initial", "")).strip()
     for i, side in enumerate(shown):
         if initial and response_text(row[side]).strip() == initial:
@@ -302,8 +315,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         given = self.headers.get("X-Cai-Token") or (parse_qs(url.query).get("token") or [""])[0]
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            self._send(HTTPStatus.FORBIDDEN, b"403: missing or wrong token; open the URL cai review printed\n",
-                       "text/plain; charset=utf-8")
+            self._send(
+                HTTPStatus.FORBIDDEN,
+                b"403: missing or wrong token; open the URL cai review printed\n",
+                "text/plain; charset=utf-8",
+            )
             return False
         return True
 
@@ -342,8 +358,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             if path == "/api/answer":
-                view = self.session.answer(str(body.get("id", "")), str(body.get("answer", "")),
-                                           str(body.get("note") or ""))
+                view = self.session.answer(
+                    str(body.get("id", "")), str(body.get("answer", "")), str(body.get("note") or "")
+                )
             elif path == "/api/undo":
                 view = self.session.undo()
             else:
@@ -360,7 +377,9 @@ class _Handler(BaseHTTPRequestHandler):
 class ReviewServer:
     """The session plus its HTTP server; ``url`` carries the token."""
 
-    def __init__(self, session: ReviewSession, host: str = "127.0.0.1", port: int = 0, token: str | None = None):
+    def __init__(
+        self, session: ReviewSession, host: str = "127.0.0.1", port: int = 0, token: str | None = None
+    ):
         self.token = token or secrets.token_urlsafe(18)
         handler = type("Handler", (_Handler,), {"session": session, "token": self.token})
         try:
@@ -373,7 +392,7 @@ class ReviewServer:
         self.url = f"http://{h}:{p}/?token={self.token}"
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "ReviewServer":
+    def start(self) -> ReviewServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -392,18 +411,27 @@ def run_review(cfg: ReviewConfig, ready=None) -> dict:
     check_config(cfg)
     check_annotator(cfg.annotator or default_annotator())
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"cai review: warning: listening on {cfg.host}; anyone who can reach it and has the token can label",
-              file=sys.stderr)
+        print(
+            f"cai review: warning: listening on {cfg.host}; "
+            "anyone who can reach it and has the token can label",
+            file=sys.stderr,
+        )
     with claim_output(cfg.out, inputs=[cfg.pairs]):
         with RowWriter(cfg.out) as writer:
             session = ReviewSession(cfg, writer)
             server = ReviewServer(session, cfg.host, cfg.port).start()
             skipped = len(session.read_stats.get("skipped", []))
             note = f"; {skipped} malformed rows left out" if skipped else ""
-            print(f"cai review: {session.done()}/{len(session.order)} pairs answered by {session.annotator}{note}",
-                  file=sys.stderr)
-            print(f"cai review: {server.url}  (Ctrl-C to stop; answers are saved as you go)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"cai review: {session.done()}/{len(session.order)} pairs answered "
+                f"by {session.annotator}{note}",
+                file=sys.stderr,
+            )
+            print(
+                f"cai review: {server.url}  (Ctrl-C to stop; answers are saved as you go)",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 if ready is not None:
                     ready(server)
@@ -415,5 +443,9 @@ def run_review(cfg: ReviewConfig, ready=None) -> dict:
                 pass
             finally:
                 server.close()
-            return {"done": session.done(), "total": len(session.order), "out": str(cfg.out),
-                    "annotator": session.annotator}
+            return {
+                "done": session.done(),
+                "total": len(session.order),
+                "out": str(cfg.out),
+                "annotator": session.annotator,
+            }

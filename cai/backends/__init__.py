@@ -11,7 +11,7 @@ BACKENDS = {
 }
 
 
-def load_backend(name: str, model: str | None, **options) -> "Backend":
+def load_backend(name: str, model: str | None, **options) -> Backend:
     """Instantiate backend ``name`` ('hf' or 'langchain') for ``model``."""
     import importlib
 
@@ -21,4 +21,3 @@ def load_backend(name: str, model: str | None, **options) -> "Backend":
         raise InputError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)(model, **options)
-

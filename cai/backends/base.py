@@ -51,6 +51,10 @@ def warn_truncation(backend, before: int) -> int:
     """Warn once (to stderr) when the backend first cuts an over-long prompt; returns the count."""
     n = getattr(backend, "stats", {}).get("truncated_prompts", 0)
     if n and not before:
-        print("cai: warning: a prompt is longer than the model's input window; it is cut to its last tokens "
-              "(counted in the summary)", file=sys.stderr, flush=True)
+        print(
+            "cai: warning: a prompt is longer than the model's input window; it is cut to its last tokens "
+            "(counted in the summary)",
+            file=sys.stderr,
+            flush=True,
+        )
     return n
