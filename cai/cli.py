@@ -14,10 +14,10 @@ import click
 
 from cai import __version__
 from cai.configs import (
-    AgreementConfig,
     EVAL_IN_STUDY,
     TRAIN_RENAMED,
     TRAIN_SET_BY_STUDY,
+    AgreementConfig,
     CompareConfig,
     EvalConfig,
     GenerateConfig,
@@ -46,7 +46,10 @@ def handle_errors(fn):
         except CaiError as e:
             _fail(str(e))
         except KeyboardInterrupt:
-            click.echo("\ncai: interrupted; rows written so far are kept — rerun the same command to resume", err=True)
+            click.echo(
+                "\ncai: interrupted; rows written so far are kept — rerun the same command to resume",
+                err=True,
+            )
             sys.exit(130)
 
     return wrapper
@@ -85,6 +88,7 @@ def cli():
 
 # -- constitution ------------------------------------------------------------------------------
 
+
 @cli.group()
 def constitution():
     """Inspect and validate constitution folders."""
@@ -103,7 +107,10 @@ def constitution_check(folder):
     from cai.constitution import examples, load_constitution
 
     c = load_constitution(folder)
-    click.echo(f"{c.name}: {len(c.principles)} principles, {len(c.fewshot)} few-shot examples, sha256 {c.sha256[:12]}")
+    click.echo(
+        f"{c.name}: {len(c.principles)} principles, {len(c.fewshot)} few-shot examples, "
+        f"sha256 {c.sha256[:12]}"
+    )
     click.echo(f"principles: {', '.join(c.ids)}")
     for name, msgs in examples(c).items():
         click.echo(f"\n=== templates/{name}.jinja ===")
@@ -175,13 +182,19 @@ def train(**kw):
       cai train --pairs ../shared/data/hh-rlhf-harmless/train.jsonl.gz --out outputs/rm-human \\
           --eval-pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz
       accelerate launch --multi_gpu -m cai train --pairs labelled.jsonl --base Qwen/Qwen2.5-1.5B --out outputs/rm
-    """
+    """  # noqa: E501 -- help text shown verbatim (\b block): one example command per line
     from cai.reward import train_reward_model
 
     cfg = _config(TrainConfig, kw)
     m = train_reward_model(cfg)
-    ev = f", eval accuracy {m['eval_accuracy']:.3f}, margin {m['eval_margin']:.3f}" if "eval_accuracy" in m else ""
-    click.echo(f"cai: reward model -> {cfg.out} (train loss {m['train_loss']:.4f}{ev}, {m['wall_s']:.0f}s)", err=True)
+    ev = (
+        f", eval accuracy {m['eval_accuracy']:.3f}, margin {m['eval_margin']:.3f}"
+        if "eval_accuracy" in m
+        else ""
+    )
+    click.echo(
+        f"cai: reward model -> {cfg.out} (train loss {m['train_loss']:.4f}{ev}, {m['wall_s']:.0f}s)", err=True
+    )
 
 
 @cli.command()
@@ -282,7 +295,9 @@ def review(**kw):
     from cai.review import run_review
 
     s = run_review(_config(ReviewConfig, kw))
-    click.echo(f"cai review: {s['done']}/{s['total']} pairs answered by {s['annotator']} -> {s['out']}", err=True)
+    click.echo(
+        f"cai review: {s['done']}/{s['total']} pairs answered by {s['annotator']} -> {s['out']}", err=True
+    )
 
 
 @cli.command("agreement")
