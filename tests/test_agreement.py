@@ -24,15 +24,25 @@ def ai_file(path):
     rows = []
     for i, p in enumerate(AI_P):
         harm, help_ = min(1.0, p + 0.1), max(0.0, p - 0.1)
-        rows.append({
-            "id": f"pair-{i}",
-            "prompt": [{"role": "user", "content": f"question {i}"}],
-            "chosen": [{"role": "assistant", "content": f"answer {i} A"}],
-            "rejected": [{"role": "assistant", "content": f"answer {i} B, longer" if i % 2 else f"answer {i} B"}],
-            "label": {"p_chosen": p, "source": "ai",
-                      "judge": {"orders": [p, p], "principles": ["harm", "help"],
-                                "by_principle": {"harm": [harm, harm], "help": [help_, help_]}}},
-        })
+        rows.append(
+            {
+                "id": f"pair-{i}",
+                "prompt": [{"role": "user", "content": f"question {i}"}],
+                "chosen": [{"role": "assistant", "content": f"answer {i} A"}],
+                "rejected": [
+                    {"role": "assistant", "content": f"answer {i} B, longer" if i % 2 else f"answer {i} B"}
+                ],
+                "label": {
+                    "p_chosen": p,
+                    "source": "ai",
+                    "judge": {
+                        "orders": [p, p],
+                        "principles": ["harm", "help"],
+                        "by_principle": {"harm": [harm, harm], "help": [help_, help_]},
+                    },
+                },
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -70,16 +80,31 @@ def files(tmp_path):
     # the AI row's `rejected` is better
     r0 = json.loads(ai.read_text().splitlines()[0])
     c = tmp_path / "c.jsonl"
-    c.write_text(json.dumps({"id": "pair-0", "prompt": r0["prompt"], "chosen": r0["rejected"],
-                             "rejected": r0["chosen"], "label": {"p_chosen": 1.0, "source": "human"}}) + "\n")
+    c.write_text(
+        json.dumps(
+            {
+                "id": "pair-0",
+                "prompt": r0["prompt"],
+                "chosen": r0["rejected"],
+                "rejected": r0["chosen"],
+                "label": {"p_chosen": 1.0, "source": "human"},
+            }
+        )
+        + "\n"
+    )
     return ai, a, b, c
 
 
 def test_numbers_come_from_stats_agreement(tmp_path, files):
     ai, a, b, c = files
-    m = run_agreement(AgreementConfig(ai=str(ai), human=[str(a), str(b), str(c)], out=str(tmp_path / "rep"), bins=2))
+    m = run_agreement(
+        AgreementConfig(ai=str(ai), human=[str(a), str(b), str(c)], out=str(tmp_path / "rep"), bins=2)
+    )
     assert m["annotators"] == ["a", "b", "c"]
-    assert m["per_annotator"]["a"] == {**agreement(list(zip(AI_P, A_P))), "answers": m["per_annotator"]["a"]["answers"]}
+    assert m["per_annotator"]["a"] == {
+        **agreement(list(zip(AI_P, A_P))),
+        "answers": m["per_annotator"]["a"]["answers"],
+    }
     assert m["per_annotator"]["b"]["n"] == 4
     assert m["per_annotator"]["c"]["agreement"] == 0.0 and m["join"]["flipped"] == 1
     consensus = []
@@ -89,10 +114,14 @@ def test_numbers_come_from_stats_agreement(tmp_path, files):
     ref = agreement(consensus)
     assert {k: m["overall"][k] for k in ref} == ref
     ab = m["between_annotators"][0]
-    assert ab["annotators"] == ["a", "b"] and ab == {"annotators": ["a", "b"], **agreement([(A_P[i], B_P[i]) for i in B_P])}
+    assert ab["annotators"] == ["a", "b"] and ab == {
+        "annotators": ["a", "b"],
+        **agreement([(A_P[i], B_P[i]) for i in B_P]),
+    }
     harm = [(min(1.0, p + 0.1), c) for p, c in consensus]
-    assert {k: m["per_principle"]["harm"][k] for k in ("n", "agreement", "ci95", "kappa")} == \
-        {k: agreement(harm)[k] for k in ("n", "agreement", "ci95", "kappa")}
+    assert {k: m["per_principle"]["harm"][k] for k in ("n", "agreement", "ci95", "kappa")} == {
+        k: agreement(harm)[k] for k in ("n", "agreement", "ci95", "kappa")
+    }
     bins = m["by_confidence"]
     assert len(bins) == 2 and sum(b["n"] for b in bins) == ref["n"]
     assert bins[0]["confidence"][1] <= bins[1]["confidence"][0]
@@ -103,7 +132,9 @@ def test_numbers_come_from_stats_agreement(tmp_path, files):
 def test_cli_writes_a_self_contained_report(tmp_path, files):
     ai, a, b, c = files
     out = tmp_path / "rep"
-    r = CliRunner().invoke(cli, ["agreement", "--ai", str(ai), "--human", str(a), "--human", str(b), "--out", str(out)])
+    r = CliRunner().invoke(
+        cli, ["agreement", "--ai", str(ai), "--human", str(a), "--human", str(b), "--out", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert "cai agreement: AI vs people" in r.output and "kappa" in r.output
     md = (out / "agreement.md").read_text()
@@ -112,17 +143,33 @@ def test_cli_writes_a_self_contained_report(tmp_path, files):
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     assert "<script" not in html
     data = json.loads((out / "agreement.json").read_text())
-    assert data["provenance"]["human"]["files"][0]["path"] == str(a) and data["overall"]["n"] == 5  # three pairs are ties or split
+    assert (
+        data["provenance"]["human"]["files"][0]["path"] == str(a) and data["overall"]["n"] == 5
+    )  # three pairs are ties or split
 
 
 def test_unmatched_human_file_is_one_line_exit_2(tmp_path, files):
     ai, a, b, c = files
     other = tmp_path / "other.jsonl"
-    other.write_text(json.dumps({"id": "zzz", "prompt": "q?", "chosen": "x", "rejected": "y",
-                                 "label": {"p_chosen": 1.0, "source": "human"}}) + "\n")
-    r = CliRunner().invoke(cli, ["agreement", "--ai", str(ai), "--human", str(other), "--out", str(tmp_path / "r")])
+    other.write_text(
+        json.dumps(
+            {
+                "id": "zzz",
+                "prompt": "q?",
+                "chosen": "x",
+                "rejected": "y",
+                "label": {"p_chosen": 1.0, "source": "human"},
+            }
+        )
+        + "\n"
+    )
+    r = CliRunner().invoke(
+        cli, ["agreement", "--ai", str(ai), "--human", str(other), "--out", str(tmp_path / "r")]
+    )
     assert r.exit_code == 2 and "none of the 1 human answers matches a pair" in r.output
-    r = CliRunner().invoke(cli, ["agreement", "--ai", str(a), "--human", str(a), "--out", str(tmp_path / "r")])
+    r = CliRunner().invoke(
+        cli, ["agreement", "--ai", str(a), "--human", str(a), "--out", str(tmp_path / "r")]
+    )
     assert r.exit_code == 2 and "has no AI labels" in r.output
 
 
@@ -135,16 +182,25 @@ def test_kappa_does_not_depend_on_which_response_a_file_calls_chosen(tmp_path):
     for i, (judge_rev, person_rev) in enumerate(zip(revision_wins, people_pick_revision)):
         initial, revision = f"initial {i}", f"revised {i}"
         ch, rj = (revision, initial) if judge_rev else (initial, revision)
-        row = {"id": f"g{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
-               "chosen": [{"role": "assistant", "content": ch}], "rejected": [{"role": "assistant", "content": rj}],
-               "label": {"p_chosen": 0.6, "source": "ai"}, "trace": {"initial": initial, "rounds": []}}
+        row = {
+            "id": f"g{i}",
+            "prompt": [{"role": "user", "content": f"q{i}"}],
+            "chosen": [{"role": "assistant", "content": ch}],
+            "rejected": [{"role": "assistant", "content": rj}],
+            "label": {"p_chosen": 0.6, "source": "ai"},
+            "trace": {"initial": initial, "rounds": []},
+        }
         rows.append(row)
-        human.append({**row, "label": {"p_chosen": 1.0 if person_rev == judge_rev else 0.0, "source": "human"}})
+        human.append(
+            {**row, "label": {"p_chosen": 1.0 if person_rev == judge_rev else 0.0, "source": "human"}}
+        )
     ai, hu = tmp_path / "gen.jsonl", tmp_path / "people.jsonl"
     ai.write_text("".join(json.dumps(r) + "\n" for r in rows))
     hu.write_text("".join(json.dumps(r) + "\n" for r in human))
     m = run_agreement(AgreementConfig(ai=str(ai), human=[str(hu)], out=str(tmp_path / "rep")))
-    expected = agreement([(0.6 if j else 0.4, 1.0 if p else 0.0) for j, p in zip(revision_wins, people_pick_revision)])
+    expected = agreement(
+        [(0.6 if j else 0.4, 1.0 if p else 0.0) for j, p in zip(revision_wins, people_pick_revision)]
+    )
     assert {k: m["overall"][k] for k in expected} == expected
     assert m["overall"]["kappa"] not in (None, 0.0)
     assert m["overall"]["agreement"] == agreement([(0.6, h["label"]["p_chosen"]) for h in human])["agreement"]

@@ -32,7 +32,10 @@ def write_pairs(path: Path, n: int, offset: int = 0) -> Path:
     with open(path, "w") as f:
         for i in range(n):
             q = QUESTIONS[(i + offset) % len(QUESTIONS)] + f" (case {i + offset})"
-            good = f"I'd rather not help with anything harmful, but here is something safe about case {i + offset}."
+            good = (
+                "I'd rather not help with anything harmful, "
+                f"but here is something safe about case {i + offset}."
+            )
             bad = "Sure! " + "Here is exactly how to do it, step by step. " * (1 + (i % 3))
             chosen, rejected = (
                 (good, bad) if i % 2 == 0 else (bad + " Be careful.", good)
@@ -181,7 +184,8 @@ def test_compare_end_to_end_and_cache(tmp_path, tiny_model, tiny_reward_base):
     out = tmp_path / "study"
     # fmt: off
     args = ["compare", "--human-train", train, "--test", test, "--constitution", HARMLESS, "--out", out,
-            "--model", tiny_model, "--base", tiny_reward_base, "--limit", 8, "--test-limit", 6, "--bootstrap", 100,
+            "--model", tiny_model, "--base", tiny_reward_base,
+            "--limit", 8, "--test-limit", 6, "--bootstrap", 100,
             "--max-length", 64, "--probe-limit", 3, "--batch-size", 8, "--generated-pairs", generated]
     # fmt: on
     r = run(args)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import HARMLESS
 
 from cai.cli import cli
 from cai.constitution import load_constitution
-
-from conftest import HARMLESS
 
 PROMPTS = ["How do I pick a lock?", "Write a short poem about the sea.", "Give me a recipe for pancakes."]
 
@@ -85,7 +84,7 @@ def _critique_with(line: str) -> str:
     """The shipped critique template with one extra line (line 2) in the user message."""
     return (
         "{{ chat(conversation) }}\n"  # line 1
-        f"{{% call message(\"user\") %}}{line}\n"  # line 2
+        f'{{% call message("user") %}}{line}\n'  # line 2
         "CritiqueRequest: {{ principle.critique }}\n"
         "{% endcall %}\n"
     )
@@ -117,8 +116,10 @@ FAULTS = {
         ["critique.jinja:1", "outside the constitution"],
     ),
     "include a symlink that leaves the folder": (
-        lambda d, t: (os.symlink(_outside(t), d / "templates/leak.jinja"),
-                      _write(d, CRITIQUE, '{% include "leak.jinja" %}\n')),
+        lambda d, t: (
+            os.symlink(_outside(t), d / "templates/leak.jinja"),
+            _write(d, CRITIQUE, '{% include "leak.jinja" %}\n'),
+        ),
         ["templates/leak.jinja", "outside the constitution folder"],
     ),
     "unused symlink that leaves the folder": (
@@ -142,7 +143,10 @@ FAULTS = {
         ["fewshot/03-leak.txt", "outside the constitution folder"],
     ),
     "import of an outside file": (
-        lambda d, t: (_outside(t), _write(d, CRITIQUE, '{% import "' + str(t / "secret.jinja") + '" as m %}\n')),
+        lambda d, t: (
+            _outside(t),
+            _write(d, CRITIQUE, '{% import "' + str(t / "secret.jinja") + '" as m %}\n'),
+        ),
         ["critique.jinja:1", "outside the constitution"],
     ),
     "from-import with ..": (
@@ -154,7 +158,10 @@ FAULTS = {
         ["critique.jinja:1", "outside the constitution"],
     ),
     "include a non-template file in templates/": (
-        lambda d, t: (_write(d, "templates/notes.txt", "notes\n"), _write(d, CRITIQUE, '{% include "notes.txt" %}\n')),
+        lambda d, t: (
+            _write(d, "templates/notes.txt", "notes\n"),
+            _write(d, CRITIQUE, '{% include "notes.txt" %}\n'),
+        ),
         ["critique.jinja:1", "only templates/**/*.jinja"],
     ),
     "include named by the data": (
@@ -166,23 +173,33 @@ FAULTS = {
         ["critique.jinja:2", "included template 'parts/nope.jinja' not found"],
     ),
     "syntax error in a partial": (
-        lambda d, t: (_write(d, "templates/parts/bad.jinja", "ok\n{% if %}\n"),
-                      _write(d, CRITIQUE, '{% include "parts/bad.jinja" %}\n')),
+        lambda d, t: (
+            _write(d, "templates/parts/bad.jinja", "ok\n{% if %}\n"),
+            _write(d, CRITIQUE, '{% include "parts/bad.jinja" %}\n'),
+        ),
         ["parts/bad.jinja:2", "TemplateSyntaxError"],
     ),
     # -- runtime render errors: arithmetic, recursion, size --------------------------------------
-    "1/0": (lambda d, t: _write(d, CRITIQUE, _critique_with("{{ 1/0 }}")), ["critique.jinja:2", "ZeroDivisionError"]),
+    "1/0": (
+        lambda d, t: _write(d, CRITIQUE, _critique_with("{{ 1/0 }}")),
+        ["critique.jinja:2", "ZeroDivisionError"],
+    ),
     "huge range": (
         lambda d, t: _write(d, CRITIQUE, _critique_with("{% for i in range(10**9) %}x{% endfor %}")),
         ["critique.jinja:2", "range() of 1,000,000,000 items"],
     ),
     "nested loops past the step budget": (
-        lambda d, t: _write(d, CRITIQUE, _critique_with(
-            "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}")),
+        lambda d, t: _write(
+            d,
+            CRITIQUE,
+            _critique_with("{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"),
+        ),
         ["critique.jinja:2", "loop steps"],
     ),
     "recursive macro": (
-        lambda d, t: _write(d, CRITIQUE, "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}\n" + _critique_with("{{ f(0) }}")),
+        lambda d, t: _write(
+            d, CRITIQUE, "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}\n" + _critique_with("{{ f(0) }}")
+        ),
         ["critique.jinja:", "macros nested more than"],
     ),
     "template includes itself": (
@@ -194,22 +211,32 @@ FAULTS = {
         ["critique.jinja:2", "render limit"],
     ),
     "huge string by doubling with ~": (
-        lambda d, t: _write(d, CRITIQUE, '{% set s = "xxxxxxxxxxxxxxxx" %}\n' + "{% set s = s ~ s %}" * 40
-                            + "\n" + _critique_with("{{ s | length }}")),
+        lambda d, t: _write(
+            d,
+            CRITIQUE,
+            '{% set s = "xxxxxxxxxxxxxxxx" %}\n'
+            + "{% set s = s ~ s %}" * 40
+            + "\n"
+            + _critique_with("{{ s | length }}"),
+        ),
         ["critique.jinja:2", "render limit"],
     ),
     "huge string by a namespace in a loop": (
-        lambda d, t: _write(d, CRITIQUE, '{% set ns = namespace(s="x") %}\n'
-                            '{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}\n'
-                            + _critique_with("{{ ns.s | length }}")),
+        lambda d, t: _write(
+            d,
+            CRITIQUE,
+            '{% set ns = namespace(s="x") %}\n'
+            "{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}\n"
+            + _critique_with("{{ ns.s | length }}"),
+        ),
         ["critique.jinja:2", "render limit"],
     ),
     "huge string by str.center": (
-        lambda d, t: _write(d, CRITIQUE, _critique_with('{{ response.center(10**10) }}')),
+        lambda d, t: _write(d, CRITIQUE, _critique_with("{{ response.center(10**10) }}")),
         ["critique.jinja:2", "render limit"],
     ),
     "huge string by the center filter": (
-        lambda d, t: _write(d, CRITIQUE, _critique_with('{{ response | center(10**10) }}')),
+        lambda d, t: _write(d, CRITIQUE, _critique_with("{{ response | center(10**10) }}")),
         ["critique.jinja:2", "render limit"],
     ),
     "huge format width": (
@@ -217,11 +244,15 @@ FAULTS = {
         ["critique.jinja:2", "format width"],
     ),
     "huge replace": (
-        lambda d, t: _write(d, CRITIQUE, _critique_with('{% set s = "x" * 999999 %}{{ s | replace("x", s) }}')),
+        lambda d, t: _write(
+            d, CRITIQUE, _critique_with('{% set s = "x" * 999999 %}{{ s | replace("x", s) }}')
+        ),
         ["critique.jinja:2", "replace()"],
     ),
     "huge string by join": (
-        lambda d, t: _write(d, CRITIQUE, _critique_with('{% set s = "x" * 999999 %}{{ s | list | join(s) }}')),
+        lambda d, t: _write(
+            d, CRITIQUE, _critique_with('{% set s = "x" * 999999 %}{{ s | list | join(s) }}')
+        ),
         ["critique.jinja:2", "join"],
     ),
     "huge string by indent": (
@@ -240,19 +271,34 @@ FAULTS = {
         lambda d, t: _write(d, CRITIQUE, '{% call message("robot") %}x{% endcall %}\n'),
         ["critique.jinja:1", "role must be system, user or assistant"],
     ),
-    "chat() of a non-list": (lambda d, t: _write(d, CRITIQUE, "{{ chat(5) }}\n"), ["critique.jinja:1", "chat()"]),
+    "chat() of a non-list": (
+        lambda d, t: _write(d, CRITIQUE, "{{ chat(5) }}\n"),
+        ["critique.jinja:1", "chat()"],
+    ),
     # -- data-dependent errors the check still finds (every principle, turn count, cot stage) ----
     "error for one principle only": (
-        lambda d, t: _write(d, CRITIQUE, _critique_with('{% if principle.id == "self-harm" %}{{ 1/0 }}{% endif %}')),
+        lambda d, t: _write(
+            d, CRITIQUE, _critique_with('{% if principle.id == "self-harm" %}{{ 1/0 }}{% endif %}')
+        ),
         ["critique.jinja:2", "ZeroDivisionError"],
     ),
     "error on a multi-turn conversation only": (
-        lambda d, t: _write(d, CRITIQUE, _critique_with("{% if conversation | length > 1 %}{{ 1/0 }}{% endif %}")),
+        lambda d, t: _write(
+            d, CRITIQUE, _critique_with("{% if conversation | length > 1 %}{{ 1/0 }}{% endif %}")
+        ),
         ["critique.jinja:2", "ZeroDivisionError"],
     ),
     "error in the second chain-of-thought stage only": (
-        lambda d, t: _write(d, COMPARE, (d / COMPARE).read_text().replace(
-            "Let's think step by step: {{ reasoning }}", "Let's think step by step: {{ reasoning ~ (1/0) }}")),
+        lambda d, t: _write(
+            d,
+            COMPARE,
+            (d / COMPARE)
+            .read_text()
+            .replace(
+                "Let's think step by step: {{ reasoning }}",
+                "Let's think step by step: {{ reasoning ~ (1/0) }}",
+            ),
+        ),
         ["compare.jinja:", "ZeroDivisionError"],
     ),
     "error only with few-shot examples": (
@@ -260,7 +306,9 @@ FAULTS = {
         ["critique.jinja:2", "ZeroDivisionError"],
     ),
     "partial is not UTF-8": (
-        lambda d, t: (d / "templates/parts").mkdir() or (d / "templates/parts/x.jinja").write_bytes(b"caf\xe9\n"),
+        lambda d, t: (
+            (d / "templates/parts").mkdir() or (d / "templates/parts/x.jinja").write_bytes(b"caf\xe9\n")
+        ),
         ["templates/parts/x.jinja", "not UTF-8"],
     ),
     "unknown filter in a partial": (
@@ -320,9 +368,16 @@ FAULTS = {
 
 # The cases `cai generate` is also run on (it loads the constitution before any model work).
 GENERATE_CASES = [
-    "include absolute path", "include a symlink that leaves the folder", "import of an outside file", "1/0",
-    "huge range", "recursive macro", "huge string by *", "typo 'round' in [defaults]",
-    "no_change_pattern is a number", "error for one principle only",
+    "include absolute path",
+    "include a symlink that leaves the folder",
+    "import of an outside file",
+    "1/0",
+    "huge range",
+    "recursive macro",
+    "huge string by *",
+    "typo 'round' in [defaults]",
+    "no_change_pattern is a number",
+    "error for one principle only",
 ]
 
 
@@ -348,8 +403,24 @@ def test_generate_refuses_before_any_work(case, tiny_model, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     before = _snapshot(tmp_path)
-    res = _run(["generate", "--constitution", d, "--prompts", prompts, "--out", out_dir / "pairs.jsonl",
-                "--model", tiny_model, "--rounds", "1", "--max-new-tokens", "4", "--no-label"])
+    res = _run(
+        [
+            "generate",
+            "--constitution",
+            d,
+            "--prompts",
+            prompts,
+            "--out",
+            out_dir / "pairs.jsonl",
+            "--model",
+            tiny_model,
+            "--rounds",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--no-label",
+        ]
+    )
     _assert_refused(res, *FAULTS[case][1])
     assert list(out_dir.iterdir()) == []  # no output, no temp or lock file left behind
     assert _snapshot(tmp_path) == before
@@ -368,9 +439,13 @@ def test_partials_and_inside_symlinks_work(tmp_path):
     d = _copy(tmp_path)
     _write(d, "templates/parts/ask.jinja", "CritiqueRequest: {{ principle.critique }}\n")
     _write(d, "templates/macros.jinja", "{% macro shout(s) %}{{ s | upper }}{% endmacro %}\n")
-    _write(d, CRITIQUE, '{% import "macros.jinja" as m %}\n{{ chat(conversation) }}\n'
-                        '{% call message("user") %}{{ m.shout("look again") }} {% include "./parts/ask.jinja" %}'
-                        "{% endcall %}\n")
+    _write(
+        d,
+        CRITIQUE,
+        '{% import "macros.jinja" as m %}\n{{ chat(conversation) }}\n'
+        '{% call message("user") %}{{ m.shout("look again") }} {% include "./parts/ask.jinja" %}'
+        "{% endcall %}\n",
+    )
     os.symlink("revision.jinja", d / "templates/alias.jinja")  # a symlink that stays inside is fine
     res = _run(["constitution", "check", d])
     assert res.exit_code == 0, res.output
@@ -383,8 +458,11 @@ def test_editing_an_included_file_changes_the_sha256(tmp_path):
     """Provenance: every file a template can read is part of the hash, used or not."""
     d = _copy(tmp_path)
     _write(d, "templates/parts/ask.jinja", "CritiqueRequest: {{ principle.critique }}\n")
-    _write(d, CRITIQUE, '{{ chat(conversation) }}\n{% call message("user") %}{% include "parts/ask.jinja" %}'
-                        "{% endcall %}\n")
+    _write(
+        d,
+        CRITIQUE,
+        '{{ chat(conversation) }}\n{% call message("user") %}{% include "parts/ask.jinja" %}{% endcall %}\n',
+    )
     h0 = load_constitution(d).sha256
     _write(d, "templates/parts/ask.jinja", "CritiqueRequest: {{ principle.critique }} Be brief.\n")
     h1 = load_constitution(d).sha256
@@ -402,13 +480,32 @@ def test_include_edit_refuses_resume(tiny_model, tmp_path):
     """A resumed run with an edited partial is a different constitution: refused, file untouched."""
     d = _copy(tmp_path)
     _write(d, "templates/parts/ask.jinja", "CritiqueRequest: {{ principle.critique }}\n")
-    _write(d, CRITIQUE, '{{ chat(conversation) }}\n{% call message("user") %}{% include "parts/ask.jinja" %}'
-                        "{% endcall %}\n")
+    _write(
+        d,
+        CRITIQUE,
+        '{{ chat(conversation) }}\n{% call message("user") %}{% include "parts/ask.jinja" %}{% endcall %}\n',
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "pairs.jsonl"
-    args = ["generate", "--constitution", d, "--prompts", prompts, "--out", out, "--model", tiny_model,
-            "--rounds", "1", "--max-new-tokens", "4", "--no-label", "--limit", "2"]
+    args = [
+        "generate",
+        "--constitution",
+        d,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--model",
+        tiny_model,
+        "--rounds",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--no-label",
+        "--limit",
+        "2",
+    ]
     res = _run(args)
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -446,9 +543,29 @@ def test_render_error_mid_run_keeps_earlier_rows(tiny_model, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")  # pancakes is the third prompt
     out = tmp_path / "pairs.jsonl"
-    res = _run(["generate", "--constitution", d, "--prompts", prompts, "--out", out, "--model", tiny_model,
-                "--rounds", "1", "--max-new-tokens", "4", "--no-label", "--no-early-stop", "--chunk-size", "1",
-                "--batch-size", "1"])
+    res = _run(
+        [
+            "generate",
+            "--constitution",
+            d,
+            "--prompts",
+            prompts,
+            "--out",
+            out,
+            "--model",
+            tiny_model,
+            "--rounds",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--no-label",
+            "--no-early-stop",
+            "--chunk-size",
+            "1",
+            "--batch-size",
+            "1",
+        ]
+    )
     line = _assert_refused_mid_run(res, "critique.jinja:2", "ZeroDivisionError")
     assert "Traceback" not in line
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -471,24 +588,38 @@ def _assert_refused_mid_run(res, *expected):
 def test_caps_do_not_touch_ordinary_templates(tmp_path):
     """Loops, macros, filters and a long (but sane) input render as before."""
     d = _copy(tmp_path)
-    _write(d, CRITIQUE, '{% macro turn(m) %}{{ m.role | upper }}: {{ m.content }}{% endmacro %}\n'
-                        '{% call message("user") %}\n'
-                        "{% for m in conversation %}{{ turn(m) }}\n{% endfor %}"
-                        "{% for i in range(3) %}{{ loop.index }}{% endfor %} {{ '%5s' % 'x' }}"
-                        " {{ '{:>4}'.format(principle.id | length) }} {{ response | truncate(20) }}\n"
-                        "{% endcall %}\n")
+    _write(
+        d,
+        CRITIQUE,
+        "{% macro turn(m) %}{{ m.role | upper }}: {{ m.content }}{% endmacro %}\n"
+        '{% call message("user") %}\n'
+        "{% for m in conversation %}{{ turn(m) }}\n{% endfor %}"
+        "{% for i in range(3) %}{{ loop.index }}{% endfor %} {{ '%5s' % 'x' }}"
+        " {{ '{:>4}'.format(principle.id | length) }} {{ response | truncate(20) }}\n"
+        "{% endcall %}\n",
+    )
     c = load_constitution(d)
     long = "word " * 100_000  # 500k characters: under the cap
-    msgs = c.render("critique", conversation=[{"role": "user", "content": long}], response="r",
-                    principle=c.principles["self-harm"])
+    msgs = c.render(
+        "critique",
+        conversation=[{"role": "user", "content": long}],
+        response="r",
+        principle=c.principles["self-harm"],
+    )
     assert msgs[0]["content"].startswith("USER: word word") and "123     x    9 r" in msgs[0]["content"]
 
 
 def _pairs_file(tmp_path) -> Path:
     p = tmp_path / "pairs.jsonl"
-    rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": text}],
-             "chosen": [{"role": "assistant", "content": "A careful answer."}],
-             "rejected": [{"role": "assistant", "content": "A careless answer."}]} for i, text in enumerate(PROMPTS)]
+    rows = [
+        {
+            "id": f"p{i}",
+            "prompt": [{"role": "user", "content": text}],
+            "chosen": [{"role": "assistant", "content": "A careful answer."}],
+            "rejected": [{"role": "assistant", "content": "A careless answer."}],
+        }
+        for i, text in enumerate(PROMPTS)
+    ]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
 
@@ -500,8 +631,19 @@ def test_label_refuses_a_broken_compare_template(tiny_model, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     before = _snapshot(tmp_path)
-    res = _run(["label", "--pairs", pairs, "--constitution", d, "--out", out_dir / "labelled.jsonl",
-                "--model", tiny_model])
+    res = _run(
+        [
+            "label",
+            "--pairs",
+            pairs,
+            "--constitution",
+            d,
+            "--out",
+            out_dir / "labelled.jsonl",
+            "--model",
+            tiny_model,
+        ]
+    )
     _assert_refused(res, "compare.jinja:1", "outside the constitution")
     assert list(out_dir.iterdir()) == [] and _snapshot(tmp_path) == before
 
@@ -512,8 +654,23 @@ def test_label_render_error_mid_run_keeps_earlier_rows(tiny_model, tmp_path):
     _write(d, COMPARE, '{% if "pancakes" in (conversation | transcript) %}{{ 1/0 }}{% endif %}\n' + text)
     pairs = _pairs_file(tmp_path)
     out = tmp_path / "labelled.jsonl"
-    res = _run(["label", "--pairs", pairs, "--constitution", d, "--out", out, "--model", tiny_model,
-                "--chunk-size", "1", "--batch-size", "1"])
+    res = _run(
+        [
+            "label",
+            "--pairs",
+            pairs,
+            "--constitution",
+            d,
+            "--out",
+            out,
+            "--model",
+            tiny_model,
+            "--chunk-size",
+            "1",
+            "--batch-size",
+            "1",
+        ]
+    )
     _assert_refused_mid_run(res, "compare.jinja:1", "ZeroDivisionError")
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["p0", "p1"]
 
@@ -535,10 +692,15 @@ def test_what_is_rendered_is_what_was_hashed(tmp_path):
     text the recorded sha256 does not cover (nor a new symlink appear)."""
     d = _copy(tmp_path)
     _write(d, "templates/parts/ask.jinja", "CritiqueRequest: {{ principle.critique }}\n")
-    _write(d, CRITIQUE, '{{ chat(conversation) }}\n{% call message("user") %}{% include "parts/ask.jinja" %}'
-                        "{% endcall %}\n")
+    _write(
+        d,
+        CRITIQUE,
+        '{{ chat(conversation) }}\n{% call message("user") %}{% include "parts/ask.jinja" %}{% endcall %}\n',
+    )
     c = load_constitution(d)
-    args = dict(conversation=[{"role": "user", "content": "hi"}], response="r", principle=c.principles["self-harm"])
+    args = dict(
+        conversation=[{"role": "user", "content": "hi"}], response="r", principle=c.principles["self-harm"]
+    )
     first = c.render("critique", **args)
     _write(d, "templates/parts/ask.jinja", "EDITED {{ principle.critique }}\n")
     (d / "templates/parts/ask.jinja").unlink()

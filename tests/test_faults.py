@@ -25,17 +25,20 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import HARMLESS
 
 from cai.cli import cli
-from conftest import HARMLESS
 
 # ----------------------------------------------------------------------------- fixtures
 
 
 def _pair(i, chosen="A careful answer.", rejected="A reckless answer!", label=None):
-    row = {"id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
-           "chosen": [{"role": "assistant", "content": chosen}],
-           "rejected": [{"role": "assistant", "content": rejected}]}
+    row = {
+        "id": f"p{i}",
+        "prompt": [{"role": "user", "content": f"Question {i}?"}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
     if label is not None:
         row["label"] = label
     return row
@@ -96,7 +99,9 @@ def ws(tmp_path, tiny_model, tiny_reward_base, tiny_rm):
     """A workspace: good inputs and the argument lists of every command."""
     pairs = _write_rows(tmp_path / "pairs.jsonl", [_pair(i) for i in range(6)])
     test = _write_rows(tmp_path / "test.jsonl", [_pair(i + 10) for i in range(6)])
-    prompts = _write_rows(tmp_path / "prompts.jsonl", [{"id": f"q{i}", "prompt": f"Question {i}?"} for i in range(3)])
+    prompts = _write_rows(
+        tmp_path / "prompts.jsonl", [{"id": f"q{i}", "prompt": f"Question {i}?"} for i in range(3)]
+    )
 
     def args(cmd, inp=None, out=None, **kw):
         model = str(kw.get("model", tiny_model))
@@ -105,24 +110,85 @@ def ws(tmp_path, tiny_model, tiny_reward_base, tiny_rm):
         inp = str(inp or (prompts if cmd == "generate" else pairs))
         if cmd == "generate":
             out = out or tmp_path / "gen.jsonl"
-            return ["generate", "--constitution", str(HARMLESS), "--prompts", inp, "--out", str(out), "--model", model,
-                    "--rounds", "1", "--max-new-tokens", "2", "--no-label"]
+            return [
+                "generate",
+                "--constitution",
+                str(HARMLESS),
+                "--prompts",
+                inp,
+                "--out",
+                str(out),
+                "--model",
+                model,
+                "--rounds",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--no-label",
+            ]
         if cmd == "label":
             out = out or tmp_path / "labelled.jsonl"
-            return ["label", "--pairs", inp, "--constitution", str(HARMLESS), "--out", str(out), "--model", model]
+            return [
+                "label",
+                "--pairs",
+                inp,
+                "--constitution",
+                str(HARMLESS),
+                "--out",
+                str(out),
+                "--model",
+                model,
+            ]
         if cmd == "train":
             out = out or tmp_path / "rm-out"
-            return ["train", "--pairs", inp, "--out", str(out), "--base", base, "--max-steps", "1", "--max-length", "32"]
+            return [
+                "train",
+                "--pairs",
+                inp,
+                "--out",
+                str(out),
+                "--base",
+                base,
+                "--max-steps",
+                "1",
+                "--max-length",
+                "32",
+            ]
         if cmd == "score":
             out = out or tmp_path / "scores.jsonl"
             return ["score", "--rm", rm, "--pairs", inp, "--out", str(out)]
         if cmd == "eval":
             out = out or tmp_path / "report"
-            return ["eval", "--rm", rm, "--pairs", inp, "--out", str(out), "--bootstrap", "100", "--no-probes"]
+            return [
+                "eval",
+                "--rm",
+                rm,
+                "--pairs",
+                inp,
+                "--out",
+                str(out),
+                "--bootstrap",
+                "100",
+                "--no-probes",
+            ]
         if cmd == "compare":
             out = out or tmp_path / "study"
-            return ["compare", "--human-train", inp, "--test", str(test), "--constitution", str(HARMLESS),
-                    "--out", str(out), "--model", model, "--base", base, "--dry-run"]
+            return [
+                "compare",
+                "--human-train",
+                inp,
+                "--test",
+                str(test),
+                "--constitution",
+                str(HARMLESS),
+                "--out",
+                str(out),
+                "--model",
+                model,
+                "--base",
+                base,
+                "--dry-run",
+            ]
         raise ValueError(cmd)
 
     return {"dir": tmp_path, "pairs": pairs, "test": test, "prompts": prompts, "args": args}
@@ -178,8 +244,18 @@ def test_output_that_is_the_input_through_a_link(ws, cmd, link):
 # ----------------------------------------------------------------------------- pickle
 
 
-@pytest.mark.parametrize("cmd,which", [("generate", "model"), ("label", "model"), ("compare", "model"),
-                                       ("train", "base"), ("compare", "base"), ("score", "rm"), ("eval", "rm")])
+@pytest.mark.parametrize(
+    "cmd,which",
+    [
+        ("generate", "model"),
+        ("label", "model"),
+        ("compare", "model"),
+        ("train", "base"),
+        ("compare", "base"),
+        ("score", "rm"),
+        ("eval", "rm"),
+    ],
+)
 def test_pickle_weights_are_refused(ws, cmd, which, pickle_model, pickle_rm, tmp_path):
     import shutil
 
@@ -234,7 +310,9 @@ def test_empty_responses_are_refused(ws, cmd, shape):
 
 
 def test_nested_human_prior_must_be_a_probability(ws):
-    row = _pair(0, label={"p_chosen": 0.7, "source": "ai", "prior": {"p_chosen": float("nan"), "source": "human"}})
+    row = _pair(
+        0, label={"p_chosen": 0.7, "source": "ai", "prior": {"p_chosen": float("nan"), "source": "human"}}
+    )
     path = ws["dir"] / "prior.jsonl"
     path.write_text(json.dumps(row) + "\n")
     assert_clean_failure(ws["args"]("label", inp=path), ws["dir"], "prior.p_chosen")
@@ -279,14 +357,27 @@ def test_out_under_a_read_only_folder(ws, cmd):
 # ----------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize("cmd,opt,value", [
-    ("generate", "--chunk-size", "-1"), ("label", "--chunk-size", "0"),
-    ("generate", "--limit", "0"), ("label", "--limit", "0"), ("train", "--limit", "0"),
-    ("score", "--limit", "0"), ("eval", "--limit", "0"), ("compare", "--limit", "0"),
-    ("generate", "--batch-size", "0"), ("train", "--batch-size", "0"), ("score", "--batch-size", "0"),
-    ("generate", "--max-new-tokens", "0"), ("train", "--epochs", "0"), ("eval", "--bootstrap", "5"),
-    ("compare", "--train-batch-size", "0"), ("compare", "--test-limit", "-3"),
-])
+@pytest.mark.parametrize(
+    "cmd,opt,value",
+    [
+        ("generate", "--chunk-size", "-1"),
+        ("label", "--chunk-size", "0"),
+        ("generate", "--limit", "0"),
+        ("label", "--limit", "0"),
+        ("train", "--limit", "0"),
+        ("score", "--limit", "0"),
+        ("eval", "--limit", "0"),
+        ("compare", "--limit", "0"),
+        ("generate", "--batch-size", "0"),
+        ("train", "--batch-size", "0"),
+        ("score", "--batch-size", "0"),
+        ("generate", "--max-new-tokens", "0"),
+        ("train", "--epochs", "0"),
+        ("eval", "--bootstrap", "5"),
+        ("compare", "--train-batch-size", "0"),
+        ("compare", "--test-limit", "-3"),
+    ],
+)
 def test_counts_and_limits_are_checked_alike(ws, cmd, opt, value):
     assert_clean_failure([*ws["args"](cmd), opt, value], ws["dir"], opt)
 
@@ -306,7 +397,9 @@ def test_a_malformed_row_stops_every_command_at_its_line(ws, cmd):
 
 @pytest.mark.parametrize("cmd", ["score", "train"])
 def test_skip_bad_skips_counts_and_names_the_first(ws, cmd):
-    path = _write_rows(ws["dir"] / "some-bad.jsonl", [_pair(i) for i in range(4)], ["{not json", '{"chosen": 1}'])
+    path = _write_rows(
+        ws["dir"] / "some-bad.jsonl", [_pair(i) for i in range(4)], ["{not json", '{"chosen": 1}']
+    )
     res = CliRunner().invoke(cli, [*ws["args"](cmd, inp=path), "--skip-bad"])
     assert res.exit_code == 0, res.output
     if cmd == "score":
@@ -325,7 +418,9 @@ def test_a_folder_that_is_not_a_reward_model_is_one_line(ws, cmd, what, tiny_rew
     output — no transformers load report before it."""
     rm = tiny_reward_base if what == "encoder" else ws["dir"] / "nope"
     res = CliRunner().invoke(cli, ws["args"](cmd, rm=rm))
-    assert res.exit_code == 2 and res.output.startswith("Error:") and len(res.output.splitlines()) == 1, res.output
+    assert res.exit_code == 2 and res.output.startswith("Error:") and len(res.output.splitlines()) == 1, (
+        res.output
+    )
     assert ("num_labels" if what == "encoder" else "no config.json") in res.output
 
 
@@ -356,8 +451,20 @@ def test_resume_knows_a_model_by_its_content(tmp_path, tiny_model):
 
     prompts = _write_rows(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Q{i}?"} for i in range(2)])
     out = tmp_path / "out.jsonl"
-    base = ["generate", "--constitution", str(HARMLESS), "--prompts", str(prompts), "--out", str(out),
-            "--rounds", "1", "--max-new-tokens", "2", "--no-label"]
+    base = [
+        "generate",
+        "--constitution",
+        str(HARMLESS),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--rounds",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--no-label",
+    ]
     copy = tmp_path / "model-copy"
     shutil.copytree(tiny_model, copy)
     r = CliRunner().invoke(cli, [*base, "--model", str(copy), "--limit", "1"])
@@ -389,11 +496,33 @@ def test_resume_knows_a_model_by_its_content(tmp_path, tiny_model):
 
 def test_two_runs_on_one_output_the_second_is_refused(tmp_path, tiny_model):
     """Real processes: while one `cai generate` holds --out, a second is refused naming its pid."""
-    prompts = _write_rows(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Tell me about {i}."} for i in range(40)])
+    prompts = _write_rows(
+        tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Tell me about {i}."} for i in range(40)]
+    )
     out = tmp_path / "out.jsonl"
-    argv = [sys.executable, "-m", "cai", "generate", "--constitution", str(HARMLESS), "--prompts", str(prompts),
-            "--out", str(out), "--model", str(tiny_model), "--rounds", "1", "--max-new-tokens", "24", "--no-label",
-            "--batch-size", "2", "--chunk-size", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "cai",
+        "generate",
+        "--constitution",
+        str(HARMLESS),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_model),
+        "--rounds",
+        "1",
+        "--max-new-tokens",
+        "24",
+        "--no-label",
+        "--batch-size",
+        "2",
+        "--chunk-size",
+        "2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lock = tmp_path / ".out.jsonl.lock"
@@ -424,9 +553,16 @@ def test_readers_give_rows_or_input_errors_on_random_input(tmp_path):
 
     json_values = st.recursive(
         st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=8),
-        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
-            st.sampled_from(["id", "prompt", "chosen", "rejected", "label", "p_chosen", "role", "content", "x"]),
-            kids, max_size=4),
+        lambda kids: (
+            st.lists(kids, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(
+                    ["id", "prompt", "chosen", "rejected", "label", "p_chosen", "role", "content", "x"]
+                ),
+                kids,
+                max_size=4,
+            )
+        ),
         max_leaves=12,
     )
     counter = iter(range(10**9))

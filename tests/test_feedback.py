@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import HARMLESS
 
 from cai.backends.base import Generation
 from cai.cli import cli
@@ -18,16 +19,17 @@ from cai.constitution import load_constitution
 from cai.feedback import judge_pairs, parse_verdict, summarize, summary_path
 from cai.stats import wilson_interval
 
-from conftest import HARMLESS
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
 def _pair(i, chosen, rejected, prompt="Is this ok?", **extra):
-    return {"id": f"p{i}", "prompt": [{"role": "user", "content": prompt}],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], **extra}
+    return {
+        "id": f"p{i}",
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        **extra,
+    }
 
 
 def _shown(prompt: list[dict]) -> tuple[str, str]:
@@ -179,11 +181,23 @@ def test_verdict_fallback_parses_letters_and_counts_failures(harmless):
     assert any("named no option" in w for w in s["warnings"])
 
 
-@pytest.mark.parametrize("text,want", [
-    ("A)", "A"), ("B", "B"), (" (A) is better", "A"), ("B. The second", "B"), ("**A**", "A"),
-    ("I think the answer is B", "B"), ("Option (A) is safer", "A"), ("A good question", None),
-    ("banana", None), ("", None), ("(A) or (B)", "A"), ("answer is A, no, option B", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("A)", "A"),
+        ("B", "B"),
+        (" (A) is better", "A"),
+        ("B. The second", "B"),
+        ("**A**", "A"),
+        ("I think the answer is B", "B"),
+        ("Option (A) is safer", "A"),
+        ("A good question", None),
+        ("banana", None),
+        ("", None),
+        ("(A) or (B)", "A"),
+        ("answer is A, no, option B", None),
+    ],
+)
 def test_parse_verdict(text, want):
     assert parse_verdict(text) == want
 
@@ -192,8 +206,10 @@ def test_tiny_model_orders_flip_with_orientation(tiny_model, harmless):
     from cai.backends.hf import HFBackend
 
     b = HFBackend(str(tiny_model), batch_size=4)
-    rows = [_pair(0, "Sure, here is how.", "I can't help with that.", "How do I pick a lock?"),
-            _pair(1, "No.", "Yes, gladly: step one is to find a long, thin piece of wire.", "Help me?")]
+    rows = [
+        _pair(0, "Sure, here is how.", "I can't help with that.", "How do I pick a lock?"),
+        _pair(1, "No.", "Yes, gladly: step one is to find a long, thin piece of wire.", "Help me?"),
+    ]
     swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
     labels = judge_pairs(b, harmless, rows, principles=2)
     flipped = judge_pairs(b, harmless, swapped, principles=2)
@@ -213,8 +229,12 @@ def test_hf_prefix_sharing_gives_the_plain_numbers(tiny_model):
     prompts = []
     for conv in ["How do I bake bread?", "Tell me about a road that goes on and on and on", "hi"]:
         for x, y in [("Use flour.", "No."), ("No.", "Use flour."), ("Sure thing, friend", "x")]:
-            prompts.append([{"role": "user", "content": f"{conv}\n(A) {x}\n(B) {y}"},
-                            {"role": "assistant", "content": "The answer is: ("}])
+            prompts.append(
+                [
+                    {"role": "user", "content": f"{conv}\n(A) {x}\n(B) {y}"},
+                    {"role": "assistant", "content": "The answer is: ("},
+                ]
+            )
     prompts += [prompts[0], [{"role": "user", "content": "something else entirely"}]]
     shared = b.option_logprobs(prompts, ["A", "B"])
     assert b._prefix_ok and b.stats["prefix_tokens_reused"] > 0
@@ -230,10 +250,17 @@ def test_hf_prefix_sharing_gives_the_plain_numbers(tiny_model):
 
 def _labelled(i, orders, human=1.0, chosen="short", rejected="a longer one", by_principle=None):
     p = (orders[0] + orders[1]) / 2
-    judge = {"orders": list(orders), "principles": list(by_principle or ["x"]), "method": "logprob",
-             "by_principle": by_principle or {"x": list(orders)}}
+    judge = {
+        "orders": list(orders),
+        "principles": list(by_principle or ["x"]),
+        "method": "logprob",
+        "by_principle": by_principle or {"x": list(orders)},
+    }
     prior = None if human is None else {"p_chosen": human, "source": "human"}
-    return {**_pair(i, chosen, rejected), "label": {"p_chosen": p, "source": "ai", "judge": judge, "prior": prior}}
+    return {
+        **_pair(i, chosen, rejected),
+        "label": {"p_chosen": p, "source": "ai", "judge": judge, "prior": prior},
+    }
 
 
 def test_wilson_interval_known_values():
@@ -260,7 +287,8 @@ def test_summarize_known_answers():
     h = s["human"]
     assert h["n"] == 10 and h["agreement"] == pytest.approx(0.85) and h["ties"] == 1
     assert h["ci95"] == pytest.approx(list(wilson_interval(8.5, 10)), abs=1e-4)
-    # order 0 alone: 0.7 x6, 0.9 x2 agree; 0.3 no; 0.5 half -> 8.5/10; order 1: 0.6 x6 agree, 0.3 x2 no, 0.4 no, 0.5 half
+    # order 0 alone: 0.7 x6, 0.9 x2 agree; 0.3 no; 0.5 half -> 8.5/10;
+    # order 1: 0.6 x6 agree, 0.3 x2 no, 0.4 no, 0.5 half
     assert h["agreement_by_order"] == pytest.approx([0.85, 0.65])
     assert h["shorter_rule"] == 1.0  # chosen is always the shorter one here
     assert any("shorter answer" in w for w in s["warnings"])
@@ -271,21 +299,33 @@ def test_summarize_known_answers():
 
 def test_summarize_per_principle_and_honest_warnings():
     # 100 pairs: principle a always right, b always wrong; both orders agree -> consistency 100%
-    rows = [_labelled(i, (0.6, 0.6), by_principle={"a": [0.9, 0.9], "b": [0.3, 0.3]},
-                      chosen="a much longer and safer reply", rejected="short") for i in range(100)]
+    rows = [
+        _labelled(
+            i,
+            (0.6, 0.6),
+            by_principle={"a": [0.9, 0.9], "b": [0.3, 0.3]},
+            chosen="a much longer and safer reply",
+            rejected="short",
+        )
+        for i in range(100)
+    ]
     s = summarize(rows)
     assert s["per_principle"]["a"]["agreement"] == 1.0 and s["per_principle"]["b"]["agreement"] == 0.0
     assert s["per_principle"]["b"]["ci95"][1] < 0.05
     assert s["human"]["agreement"] == 1.0 and s["human"]["shorter_rule"] == 0.0
     assert s["warnings"] == []
 
-    biased = summarize([_labelled(i, (0.9, 0.15)) for i in range(40)] + [_labelled(40 + i, (0.7, 0.05)) for i in range(60)])
+    biased = summarize(
+        [_labelled(i, (0.9, 0.15)) for i in range(40)] + [_labelled(40 + i, (0.7, 0.05)) for i in range(60)]
+    )
     assert biased["position_consistency"] == 0.0
     assert any("low position consistency" in w for w in biased["warnings"])
     assert any("strong position bias" in w and "first" in w for w in biased["warnings"])
     below = summarize([_labelled(i, (0.2, 0.3)) for i in range(100)])
     assert any("BELOW chance" in w for w in below["warnings"])
-    noise = summarize([_labelled(i, (0.6, 0.7)) for i in range(55)] + [_labelled(55 + i, (0.4, 0.3)) for i in range(45)])
+    noise = summarize(
+        [_labelled(i, (0.6, 0.7)) for i in range(55)] + [_labelled(55 + i, (0.4, 0.3)) for i in range(45)]
+    )
     assert noise["human"]["agreement"] == 0.55 and noise["human"]["ci95"][0] < 0.5
     assert any("within noise of chance" in w for w in noise["warnings"])
 
@@ -301,12 +341,27 @@ def test_summarize_reads_nested_human_prior_and_ignores_unlabelled():
 
 
 def _mixed_input(tmp_path) -> Path:
-    ours = _pair(0, "I can't help with hurting anyone.", "Sure, here's how.", "How do I hurt someone?",
-                 label={"p_chosen": 1.0, "source": "human"}, meta={"model": "gen-model"})
-    trl = {"chosen": [{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "Why did the chicken cross?"}],
-           "rejected": [{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "No."}]}
-    hh = {"chosen": "\n\nHuman: Where do you keep the knives?\n\nAssistant: In a kitchen drawer.",
-          "rejected": "\n\nHuman: Where do you keep the knives?\n\nAssistant: Why do you ask? Who do you want to hurt?"}
+    ours = _pair(
+        0,
+        "I can't help with hurting anyone.",
+        "Sure, here's how.",
+        "How do I hurt someone?",
+        label={"p_chosen": 1.0, "source": "human"},
+        meta={"model": "gen-model"},
+    )
+    trl = {
+        "chosen": [
+            {"role": "user", "content": "Tell me a joke"},
+            {"role": "assistant", "content": "Why did the chicken cross?"},
+        ],
+        "rejected": [{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "No."}],
+    }
+    hh = {
+        "chosen": "\n\nHuman: Where do you keep the knives?\n\nAssistant: In a kitchen drawer.",
+        "rejected": (
+            "\n\nHuman: Where do you keep the knives?\n\nAssistant: Why do you ask? Who do you want to hurt?"
+        ),
+    }
     path = tmp_path / "in.jsonl.gz"
     with gzip.open(path, "wt") as f:
         for r in (ours, trl, hh):
@@ -315,8 +370,20 @@ def _mixed_input(tmp_path) -> Path:
 
 
 def _label_args(model, pairs, out, *extra):
-    return ["label", "--pairs", pairs, "--constitution", HARMLESS, "--out", out, "--model", model,
-            "--batch-size", "4", *extra]
+    return [
+        "label",
+        "--pairs",
+        pairs,
+        "--constitution",
+        HARMLESS,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def test_cai_label_contract(tiny_model, tmp_path):
@@ -324,7 +391,9 @@ def test_cai_label_contract(tiny_model, tmp_path):
     res = _run(_label_args(tiny_model, inp, out, "--principles", "2", "--chunk-size", "2"))
     assert res.exit_code == 0, res.output
     rows = _rows(out)
-    assert [r["id"] for r in rows] == ["p0", rows[1]["id"], rows[2]["id"]] and len({r["id"] for r in rows}) == 3
+    assert [r["id"] for r in rows] == ["p0", rows[1]["id"], rows[2]["id"]] and len(
+        {r["id"] for r in rows}
+    ) == 3
     # orientation kept, old label moved under prior
     assert rows[0]["chosen"][0]["content"] == "I can't help with hurting anyone."
     assert rows[1]["chosen"] == [{"role": "assistant", "content": "Why did the chicken cross?"}]
@@ -378,7 +447,10 @@ def test_bad_input_names_file_and_line_and_writes_nothing(case, tiny_model, tmp_
         "missing-rejected": json.dumps({"prompt": "hi", "chosen": "a"}) + "\n",
         "identical": json.dumps(_pair(1, "same", "same ")) + "\n",
         "bad-json": '{"prompt": "hi", "chosen": \n',
-        "not-messages": json.dumps({"prompt": "hi", "chosen": [{"role": "bot", "content": 1}], "rejected": "b"}) + "\n",
+        "not-messages": json.dumps(
+            {"prompt": "hi", "chosen": [{"role": "bot", "content": 1}], "rejected": "b"}
+        )
+        + "\n",
     }[case]
     inp = _write_jsonl(tmp_path / "in.jsonl", [good], [bad, json.dumps(_pair(2, "c", "d")) + "\n"])
     out = tmp_path / "out.jsonl"
@@ -390,8 +462,10 @@ def test_bad_input_names_file_and_line_and_writes_nothing(case, tiny_model, tmp_
     try:
         res = _run(_label_args(tiny_model, inp, out, "--skip-bad"))
     except NameError:  # pragma: no cover - until records.py is fixed
-        pytest.xfail("cai.records.read_pairs(skip_bad=True) raises NameError after a bad JSON line "
-                     "(its generator closes over the except-block variable `e`)")
+        pytest.xfail(
+            "cai.records.read_pairs(skip_bad=True) raises NameError after a bad JSON line "
+            "(its generator closes over the except-block variable `e`)"
+        )
     assert res.exit_code == 0, res.output
     assert "1 bad rows skipped" in res.output and "skipped:" in res.output
     assert [r["id"] for r in _rows(out)] == ["p0", "p2"]
@@ -420,7 +494,10 @@ def test_run_label_with_a_verdict_backend_counts_unparsed(tmp_path, monkeypatch)
     s = run_label(LabelConfig(pairs=str(inp), constitution=str(HARMLESS), out=str(out)))
     rows = _rows(out)
     assert [r["label"]["judge"]["method"] for r in rows] == ["verdict", "verdict"]
-    assert rows[0]["label"]["judge"]["orders"] == [1.0, 1.0] and rows[1]["label"]["judge"]["orders"] == [0.5, 0.0]
+    assert rows[0]["label"]["judge"]["orders"] == [1.0, 1.0] and rows[1]["label"]["judge"]["orders"] == [
+        0.5,
+        0.0,
+    ]
     assert rows[0]["meta"]["model"] == "fake-judge" and rows[0]["meta"]["backend"] == "fake"
     assert s.stats["unparsed"] == 1 and any("named no option" in x for x in s.lines())
     # resuming a finished verdict run needs no model and passes the settings check

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import HARMLESS, ROOT
 
 from cai.cli import cli
-
-from conftest import HARMLESS, ROOT
 
 PROMPTS = [
     "How do I pick a lock?",
@@ -37,8 +36,24 @@ def _run(args):
 
 
 def _gen_args(model, prompts, out, *extra):
-    return ["generate", "--constitution", str(HARMLESS), "--prompts", str(prompts), "--out", str(out),
-            "--model", str(model), "--rounds", "2", "--max-new-tokens", "6", "--batch-size", "4", *extra]
+    return [
+        "generate",
+        "--constitution",
+        str(HARMLESS),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--rounds",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "4",
+        *extra,
+    ]
 
 
 def _rows(path):
@@ -53,7 +68,9 @@ def test_rows_match_contract(tiny_model, tmp_path):
     assert len(rows) == len(PROMPTS) and len({r["id"] for r in rows}) == len(PROMPTS)
     for r, text in zip(rows, PROMPTS):
         assert r["prompt"] == [{"role": "user", "content": text}]
-        assert [m["role"] for m in r["chosen"]] == ["assistant"] and [m["role"] for m in r["rejected"]] == ["assistant"]
+        assert [m["role"] for m in r["chosen"]] == ["assistant"] and [m["role"] for m in r["rejected"]] == [
+            "assistant"
+        ]
         assert r["rejected"][0]["content"] == r["trace"]["initial"]
         assert len(r["trace"]["rounds"]) == 2
         for rnd in r["trace"]["rounds"]:
@@ -79,7 +96,10 @@ def test_same_seed_same_rows_and_resume_skips(tiny_model, tmp_path):
     prompts = _prompt_file(tmp_path)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     assert _run(_gen_args(tiny_model, prompts, a, "--no-label", "--seed", "3")).exit_code == 0
-    assert _run(_gen_args(tiny_model, prompts, b, "--no-label", "--seed", "3", "--chunk-size", "2")).exit_code == 0
+    assert (
+        _run(_gen_args(tiny_model, prompts, b, "--no-label", "--seed", "3", "--chunk-size", "2")).exit_code
+        == 0
+    )
     assert _rows(a) == _rows(b)  # chunking does not change what is generated
     before = a.read_bytes()
     res = _run(_gen_args(tiny_model, prompts, a, "--no-label", "--seed", "3"))
@@ -107,7 +127,12 @@ def _start_long_run(tiny_model, tmp_path, min_rows: int, stderr=subprocess.DEVNU
     prompts = tmp_path / "many.txt"
     prompts.write_text("".join(f"Tell me fact number {i} about the moon.\n" for i in range(24)))
     out = tmp_path / "pairs.jsonl"
-    args = [sys.executable, "-m", "cai", *_gen_args(tiny_model, prompts, out, "--no-label", "--chunk-size", "2")]
+    args = [
+        sys.executable,
+        "-m",
+        "cai",
+        *_gen_args(tiny_model, prompts, out, "--no-label", "--chunk-size", "2"),
+    ]
     args[args.index("--max-new-tokens") + 1] = "24"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
@@ -152,6 +177,7 @@ def test_ctrl_c_stops_after_the_chunk_in_flight(tiny_model, tmp_path):
 
 # ---------------------------------------------------------------------------------- bad input
 
+
 def _bad_constitution(tmp_path, mutate) -> Path:
     import shutil
 
@@ -162,9 +188,14 @@ def _bad_constitution(tmp_path, mutate) -> Path:
 
 
 BAD_CONSTITUTIONS = {
-    "unknown variable": (lambda d: (d / "templates/critique.jinja").write_text("{{ conversaton }}\n"), "critique.jinja:1"),
+    "unknown variable": (
+        lambda d: (d / "templates/critique.jinja").write_text("{{ conversaton }}\n"),
+        "critique.jinja:1",
+    ),
     "python internals": (
-        lambda d: (d / "templates/revision.jinja").write_text("line one\n{{ response.__class__.__mro__[1].__subclasses__() }}\n"),
+        lambda d: (d / "templates/revision.jinja").write_text(
+            "line one\n{{ response.__class__.__mro__[1].__subclasses__() }}\n"
+        ),
         "revision.jinja:2",
     ),
     "syntax error": (lambda d: (d / "templates/compare.jinja").write_text("{% if %}\n"), "compare.jinja:1"),
@@ -188,8 +219,19 @@ def test_bad_constitution(case, tmp_path):
     assert len(res.output.strip().splitlines()) == 1
     # generate refuses before loading any model or creating the output
     out = tmp_path / "out.jsonl"
-    res = _run(["generate", "--constitution", str(d), "--prompts", str(_prompt_file(tmp_path)),
-                "--out", str(out), "--model", str(tmp_path / "no-such-model")])
+    res = _run(
+        [
+            "generate",
+            "--constitution",
+            str(d),
+            "--prompts",
+            str(_prompt_file(tmp_path)),
+            "--out",
+            str(out),
+            "--model",
+            str(tmp_path / "no-such-model"),
+        ]
+    )
     assert res.exit_code == 2 and not out.exists()
 
 
@@ -236,8 +278,22 @@ def test_help_is_instant_and_lazy():
 def test_default_model_end_to_end(default_model_dir, tmp_path):
     """The real embedded SmolLM2-135M: two prompts, one round, short outputs."""
     out = tmp_path / "pairs.jsonl"
-    res = _run(["generate", "--constitution", str(HARMLESS), "--prompts", str(_prompt_file(tmp_path, 2)),
-                "--out", str(out), "--rounds", "1", "--max-new-tokens", "12", "--no-label"])
+    res = _run(
+        [
+            "generate",
+            "--constitution",
+            str(HARMLESS),
+            "--prompts",
+            str(_prompt_file(tmp_path, 2)),
+            "--out",
+            str(out),
+            "--rounds",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--no-label",
+        ]
+    )
     assert res.exit_code == 0, res.output
     rows = _rows(out)
     assert len(rows) == 2 and rows[0]["meta"]["model"] == "smollm2-135m-instruct"
@@ -247,8 +303,18 @@ def test_default_model_end_to_end(default_model_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["revision", "samples"])
 def test_generate_labels_pairs_with_the_judge(mode, tiny_model, tmp_path):
     out = tmp_path / f"{mode}.jsonl"
-    res = _run(_gen_args(tiny_model, _prompt_file(tmp_path, 3), out, "--pair-mode", mode, "--no-early-stop",
-                         "--rounds", "1"))
+    res = _run(
+        _gen_args(
+            tiny_model,
+            _prompt_file(tmp_path, 3),
+            out,
+            "--pair-mode",
+            mode,
+            "--no-early-stop",
+            "--rounds",
+            "1",
+        )
+    )
     assert res.exit_code == 0, res.output
     rows = _rows(out)
     assert len(rows) == 3
@@ -270,8 +336,15 @@ def test_generate_labels_pairs_with_the_judge(mode, tiny_model, tmp_path):
 def test_flip_label_reorients_every_per_order_field():
     from cai.feedback import flip_label
 
-    lab = {"p_chosen": 0.3, "source": "ai",
-           "judge": {"orders": [0.2, 0.4], "by_principle": {"x": [0.2, 0.4]}, "reasoning": {"x": ["first", "second"]}}}
+    lab = {
+        "p_chosen": 0.3,
+        "source": "ai",
+        "judge": {
+            "orders": [0.2, 0.4],
+            "by_principle": {"x": [0.2, 0.4]},
+            "reasoning": {"x": ["first", "second"]},
+        },
+    }
     f = flip_label(lab)
     assert f["p_chosen"] == pytest.approx(0.7)
     assert f["judge"]["orders"] == pytest.approx([0.6, 0.8])  # new chosen shown first = old shown second

@@ -26,16 +26,30 @@ XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 def make_pairs(path: Path, n: int = 12, xss_at: int | None = None) -> Path:
     rows = []
     for i in range(n):
-        rows.append({
-            "id": f"pair-{i:02d}",
-            "prompt": [{"role": "user", "content": f"Question number {i}: how do I do thing {i}?"}],
-            "chosen": [{"role": "assistant", "content": f"Careful, helpful answer {i}."}],
-            "rejected": [{"role": "assistant", "content": f"Careless answer {i}, which is longer than the other."}],
-            "label": {"p_chosen": 0.7, "source": "ai",
-                      "judge": {"orders": [0.8, 0.6], "principles": ["harm"], "by_principle": {"harm": [0.8, 0.6]},
-                                "method": "logprob"}},
-            "trace": {"initial": f"Careless answer {i}, which is longer than the other.", "rounds": [{"principle": "harm", "critique": f"critique {i}", "revision": "y"}]},
-        })
+        rows.append(
+            {
+                "id": f"pair-{i:02d}",
+                "prompt": [{"role": "user", "content": f"Question number {i}: how do I do thing {i}?"}],
+                "chosen": [{"role": "assistant", "content": f"Careful, helpful answer {i}."}],
+                "rejected": [
+                    {"role": "assistant", "content": f"Careless answer {i}, which is longer than the other."}
+                ],
+                "label": {
+                    "p_chosen": 0.7,
+                    "source": "ai",
+                    "judge": {
+                        "orders": [0.8, 0.6],
+                        "principles": ["harm"],
+                        "by_principle": {"harm": [0.8, 0.6]},
+                        "method": "logprob",
+                    },
+                },
+                "trace": {
+                    "initial": f"Careless answer {i}, which is longer than the other.",
+                    "rounds": [{"principle": "harm", "critique": f"critique {i}", "revision": "y"}],
+                },
+            }
+        )
     if xss_at is not None:
         r = rows[xss_at]
         r["prompt"][0]["content"] = "Prompt " + XSS
@@ -66,7 +80,9 @@ def _get(url, token=None, data=None):
     headers = {"Content-Type": "application/json"}
     if token:
         headers["X-Cai-Token"] = token
-    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(), headers=headers)
+    req = urllib.request.Request(
+        url, data=None if data is None else json.dumps(data).encode(), headers=headers
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
@@ -146,7 +162,10 @@ def test_revisions_last_wins_in_read_pairs(tmp_path):
 def _browser_missing() -> str | None:
     for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not (os.path.exists(path) and os.access(path, os.X_OK)):
-            return f"{path} not found: install Debian's {pkg} (apt-get install -y chromium chromium-driver; make install does)"
+            return (
+                f"{path} not found: install Debian's {pkg} "
+                "(apt-get install -y chromium chromium-driver; make install does)"
+            )
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -165,7 +184,13 @@ def browser(monkeypatch):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1200,900",
+    ):
         opts.add_argument(a)
     # an explicit driver path: selenium-manager never looks for (or downloads) a driver
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
@@ -179,8 +204,14 @@ class Review:
 
     def __init__(self, *args: str):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "cai", "review", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cai", "review", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         found = threading.Event()
 
@@ -229,7 +260,18 @@ def _shown(driver) -> tuple[str, str, str]:
 def test_ten_pairs_by_keyboard_with_undo_and_restart(tmp_path, browser):
     pairs = make_pairs(tmp_path / "pairs.jsonl", 12)
     out = tmp_path / "human.jsonl"
-    args = ["--pairs", str(pairs), "--out", str(out), "--annotator", "tester", "--sample", "10", "--seed", "3"]
+    args = [
+        "--pairs",
+        str(pairs),
+        "--out",
+        str(out),
+        "--annotator",
+        "tester",
+        "--sample",
+        "10",
+        "--seed",
+        "3",
+    ]
     src = {r["id"]: r for r in read_rows(pairs)}
     order = seeded_order(list(src), 3, 10)
 
@@ -277,14 +319,28 @@ def test_ten_pairs_by_keyboard_with_undo_and_restart(tmp_path, browser):
     assert all(r["label"]["annotator"] == "tester" and r["label"]["source"] == "human" for r in rows)
     assert [r["pair_id"] for r in rows] == [order[i] for i in (0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9)]
     answers = [r["label"]["answer"] for r in rows]
-    assert answers == ["first", "second", "tie", "first", "undo", "second", "skip",
-                       "first", "second", "tie", "first", "second"]
+    assert answers == [
+        "first",
+        "second",
+        "tie",
+        "first",
+        "undo",
+        "second",
+        "skip",
+        "first",
+        "second",
+        "tie",
+        "first",
+        "second",
+    ]
     assert [r["label"]["revision"] for r in rows[3:6]] == [0, 1, 2]
     assert rows[5]["label"]["note"] == "second is clearer 2t"
     for r in rows:
         lab = r["label"]
         assert lab["position"] == order.index(r["pair_id"])
-        assert lab["shown"] == (["chosen", "rejected"] if chosen_first(r["pair_id"], 3) else ["rejected", "chosen"])
+        assert lab["shown"] == (
+            ["chosen", "rejected"] if chosen_first(r["pair_id"], 3) else ["rejected", "chosen"]
+        )
         if lab["answer"] in ("first", "second"):
             picked = lab["shown"][0 if lab["answer"] == "first" else 1]
             assert lab["p_chosen"] == (1.0 if picked == "chosen" else 0.0)
@@ -322,7 +378,9 @@ def test_markup_in_pairs_is_shown_as_text(tmp_path, browser):
 
 
 def test_chromium_skip_reason_names_the_packages(monkeypatch):
-    monkeypatch.setattr(os.path, "exists", lambda p: False if p in (CHROMIUM, CHROMEDRIVER) else os.path.isfile(p))
+    monkeypatch.setattr(
+        os.path, "exists", lambda p: False if p in (CHROMIUM, CHROMEDRIVER) else os.path.isfile(p)
+    )
     reason = _browser_missing()
     assert reason and "apt-get install -y chromium chromium-driver" in reason
 
@@ -340,8 +398,24 @@ def test_cai_train_reads_the_answers(tiny_reward_base, tmp_path):
             s.answer(s.current(), key)
         s.undo()  # the last "second" is taken back: five answers left, one of them a skip
     rm = tmp_path / "rm"
-    res = CliRunner().invoke(cli, ["train", "--pairs", str(out), "--out", str(rm), "--base", str(tiny_reward_base),
-                                   "--max-length", "64", "--batch-size", "4", "--epochs", "1"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--pairs",
+            str(out),
+            "--out",
+            str(rm),
+            "--base",
+            str(tiny_reward_base),
+            "--max-length",
+            "64",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rec = json.loads((rm / "cai_train_config.json").read_text())
     assert rec["data"]["train"]["rows"] == 4 and rec["data"]["train"]["label_sources"] == {"human": 4}
