@@ -16,7 +16,9 @@ Two families, because full fine-tunes of MiniLM take ~15 min each on this 2-core
   then trains in seconds, so this family carries the fine grid (lr, epochs, warmup, weight decay,
   length option, seeds).
 
-    .venv/bin/python bench/bench_train_sweep.py                 # reduced grid: cached runs + frozen grid
+    .venv/bin/python bench/bench_train_sweep.py                 # reduced grid (`make bench`): the full fine-tunes
+                                                                # in REDUCED + any cached ones, the whole frozen grid
+                                                                # (encoding 128/256/512 once), the label-noise study
     .venv/bin/python bench/bench_train_sweep.py --full-grid     # every full fine-tune in FULL_RECIPES
     .venv/bin/python bench/bench_train_sweep.py --only full:odin-512   # one recipe
 """
@@ -48,8 +50,9 @@ FULL_RECIPES = {
     "balance-512": dict(max_length=512, length_robust="balance"),
     "none-512": dict(max_length=512),
     "odin+balance-512": dict(max_length=512, length_robust="odin+balance"),
+    "balance-512-lr2e-4": dict(max_length=512, length_robust="balance", lr=2e-4),
 }
-REDUCED = ("none-256", "odin-512")  # what `make bench` retrains when nothing is cached
+REDUCED = ("balance-512",)  # the full fine-tune `make bench` trains when nothing is cached (the default recipe)
 
 
 def run_full(name: str, overrides: dict, seed: int = 0) -> dict:
@@ -255,7 +258,8 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--encode", type=int, nargs="*", help="only cache the frozen encoder's features at these max-lengths")
     ap.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="max-lengths of the frozen grid")
-    ap.add_argument("--encode-missing", action="store_true", help="encode max-lengths that have no cached features (slow)")
+    ap.add_argument("--cached-full-only", action="store_true", help="train no full fine-tune; report the cached ones")
+    ap.add_argument("--no-encode", action="store_true", help="skip max-lengths whose features are not cached yet")
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the frozen finalists and the noise study")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-train.md"))
     a = ap.parse_args()
@@ -278,11 +282,15 @@ def main():
         full_result(name, a.seed, a.fresh)
         return
     names = list(FULL_RECIPES) if a.full_grid else [n for n in FULL_RECIPES if n in REDUCED or (CACHE / f"full-{n}-s0.json").exists()]
+    global FRESH
+    FRESH = a.fresh
+    if a.cached_full_only:
+        names = [n for n in FULL_RECIPES if (CACHE / f"full-{n}-s{a.seed}.json").exists()]
     full_rows = [row_from_full(r) for n in names if (r := full_result(n, a.seed, a.fresh))]
     import torch
 
     torch.set_num_threads(1)  # tiny matmuls: more threads only spin on a shared box
-    lengths = [L for L in a.lengths if (CACHE / f"feats-{L}.npz").exists() or a.encode_missing]
+    lengths = [L for L in a.lengths if (CACHE / f"feats-{L}.npz").exists() or not a.no_encode]
     frozen_rows, best = frozen_sweep(lengths, a.seeds)
     noise_rows = noise_study(best, a.seeds) if best else []
     text = render(full_rows, frozen_rows, noise_rows, best, " ".join(sys.argv[1:]))
@@ -320,27 +328,33 @@ def frozen_sweep(lengths, n_seeds: int):
     import itertools
 
     results = {}  # (L, recipe tuple) -> list of runs (one per seed)
+    store = CACHE / "frozen-runs.json"  # every head run, so a rerun only trains what is new
+    done = {} if FRESH or not store.exists() else json.loads(store.read_text())
 
     def run(L, seed=0, **hp):
         key = (L, tuple(sorted(hp.items())))
         have = results.setdefault(key, [])
         if any(r["seed"] == seed for r in have):
             return next(r for r in have if r["seed"] == seed)
-        t0 = time.time()
-        m = train_head(FEATS[L], seed=seed, **hp)
-        m.update(seed=seed, head_s=time.time() - t0)
-        have.append(m)
-        return m
+        skey = json.dumps([L, sorted(hp.items()), seed])
+        if skey not in done:
+            t0 = time.time()
+            m = train_head(FEATS[L], seed=seed, **hp)
+            m.update(seed=seed, head_s=time.time() - t0)
+            done[skey] = m
+            store.write_text(json.dumps(done))
+        have.append(done[skey])
+        return done[skey]
 
     for L in lengths:
         FEATS[L] = cached_features(L)
-        for lr, ep, mode in itertools.product((3e-4, 1e-3, 3e-3), (5, 20), ("none", "odin", "balance", "odin+balance")):
+        for (lr, ep), mode in itertools.product(GRID, MODES):
             run(L, lr=lr, epochs=ep, length_robust=mode, warmup=0.1, weight_decay=0.0)
         print(f"   frozen grid at {L} tokens done", flush=True)
     if not results:
         return [], None
     coarse = sorted(results, key=lambda k: selection_key(results[k][0]), reverse=True)
-    for L, hp in coarse[:2]:  # refine around the two best
+    for L, hp in coarse[:1]:  # refine around the best
         hp = dict(hp)
         for wu, wd in ((0.0, 0.0), (0.3, 0.0), (0.1, 0.01), (0.1, 0.1)):
             run(L, **(hp | {"warmup": wu, "weight_decay": wd}))
@@ -349,7 +363,7 @@ def frozen_sweep(lengths, n_seeds: int):
                 run(L, **(hp | {"length_weight": lw}))
     ranked = sorted(results, key=lambda k: selection_key(results[k][0]), reverse=True)
     # seeds for the finalists and for the best plain (no length option) recipe per max-length
-    finalists = ranked[:4]
+    finalists = ranked[:2]
     for L in lengths:
         plain = [k for k in ranked if k[0] == L and dict(k[1])["length_robust"] == "none"]
         finalists += plain[:1]
@@ -369,6 +383,11 @@ def frozen_sweep(lengths, n_seeds: int):
 
 
 FEATS: dict = {}
+# the coarse frozen grid: (lr, epochs) x length option, at every max-length (sized for a shared 2-core box)
+GRID = [(1e-3, 5), (3e-3, 5)]
+MODES = ("none", "balance", "odin")
+NOISE = (0.0, 0.2, 0.4)
+FRESH = False
 
 
 # ----------------------------------------------------------------------------- label noise, soft vs hard
@@ -394,8 +413,10 @@ def noise_study(best: dict, n_seeds: int) -> list[dict]:
     import numpy as np
 
     f0 = FEATS[best["L"]]
+    store = CACHE / "frozen-runs.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
     rows = []
-    for q in (0.0, 0.1, 0.2, 0.3, 0.4):
+    for q in NOISE:
         per = {"hard": [], "soft (uniform 1-q)": [], "soft (calibrated c)": []}
         share = []
         for seed in range(n_seeds):
@@ -403,10 +424,11 @@ def noise_study(best: dict, n_seeds: int) -> list[dict]:
             share.append(flipped.mean())
             for name, p in (("hard", side > 0), ("soft (uniform 1-q)", np.where(side > 0, 1 - q, q)),
                             ("soft (calibrated c)", np.where(side > 0, c, 1 - c))):
-                f = dict(f0, train_p=np.asarray(p, np.float32))
-                m = train_head(f, seed=seed, **best["hp"])
-                m["head_s"] = 0.0
-                per[name].append(m)
+                skey = json.dumps(["noise", best["L"], sorted(best["hp"].items()), q, name, seed])
+                if skey not in done:
+                    done[skey] = train_head(dict(f0, train_p=np.asarray(p, np.float32)), seed=seed, **best["hp"]) | {"head_s": 0.0}
+                    store.write_text(json.dumps(done))
+                per[name].append(done[skey])
         for name, runs in per.items():
             rows.append({"q": q, "share": float(np.mean(share)), "labels": name, **_mean_rows(runs)})
         print(f"   noise {q:.0%} done", flush=True)
@@ -439,7 +461,7 @@ def render(full_rows, frozen, noise_rows, best, argv: str) -> str:
          "Columns: dev accuracy [95% Wilson CI]; accuracy when the human-preferred response is the longer / the shorter; "
          "length-balanced accuracy (mean of the two); Spearman(reward, response characters) over all 998 dev responses; "
          "wall time; peak RSS. Goal: balanced ≥ 62, |longer − shorter| ≤ 25 points, |Spearman| ≤ 0.4, accuracy ≥ 62.", ""]
-    L += ["### Full fine-tuning (`train_reward_model`, lr 5e-5, 1 epoch, warmup 0.1, batch 16, one subprocess each)", "",
+    L += ["### Full fine-tuning (`train_reward_model`: lr 5e-5, 1 epoch, warmup 0.1, wd 0, batch 16 unless the recipe says otherwise; one subprocess each)", "",
           "| recipe | seed | accuracy [95% CI] | pref. longer | pref. shorter | balanced | Spearman | wall (s) | peak RSS (MB) |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in full_rows:
@@ -461,10 +483,13 @@ def render(full_rows, frozen, noise_rows, best, argv: str) -> str:
                      f"{_pct(r['acc_pref_longer'])} | {_pct(r['acc_pref_shorter'])} | {_pct(r['balanced_accuracy'], r['bal_sd'])} | "
                      f"{r['spearman_reward_length']:+.2f} | {r['head_s']:.1f} |")
         L += ["", "<details><summary>Every frozen-encoder run at seed 0 (coarse grid + refinements), best first</summary>", "",
-              "| max len | recipe | accuracy | longer | shorter | balanced | Spearman |", "|---|---|---|---|---|---|---|"]
+              "Ranked by the goal: runs inside |gap| ≤ 25 points and |Spearman| ≤ 0.4 first (by balanced accuracy), then the rest.", "",
+              "| max len | recipe | accuracy | longer | shorter | balanced | Spearman | inside the length bounds |", "|---|---|---|---|---|---|---|---|"]
         for r in frozen["all"]:
+            inside = abs(r["length_gap"]) <= 0.25 and abs(r["spearman_reward_length"]) <= 0.4
             L.append(f"| {r['L']} | {_fmt_hp(r['hp'])} | {_pct(r['accuracy'])} | {_pct(r['acc_pref_longer'])} | "
-                     f"{_pct(r['acc_pref_shorter'])} | {_pct(r['balanced_accuracy'])} | {r['spearman_reward_length']:+.2f} |")
+                     f"{_pct(r['acc_pref_shorter'])} | {_pct(r['balanced_accuracy'])} | {r['spearman_reward_length']:+.2f} | "
+                     f"{'yes' if inside else 'no'} |")
         L += ["", "</details>"]
     if noise_rows:
         L += ["", f"### Soft vs hard labels under label noise (frozen encoder, {best['L']} tokens, {_fmt_hp(best['hp'])}; "
