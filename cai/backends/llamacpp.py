@@ -306,11 +306,22 @@ class LlamaCppBackend:
         waiting = sorted(jobs, key=lambda j: j.tokens)  # neighbours share the longest prefixes
         keys = [j.tokens for j in waiting]
         active: dict[int, _Job] = {}
-        # First fill: spread the slots over the sorted prompts, so each works through a run of
+        P = self.batch_size
+        # First fill, part 1: a slot still holding the start of a waiting prompt (the last call's
+        # prompt and answer, which this call's prompt repeats: revise's critique prompt holds the
+        # response just generated, its revision prompt the critique) takes that prompt.
+        for slot in range(P):
+            if waiting and self._slots[slot]:
+                pos = self._nearest(keys, self._slots[slot])
+                if _lcp(keys[pos], self._slots[slot]) >= MIN_REUSE:
+                    keys.pop(pos)
+                    active[slot] = self._admit(slot, waiting.pop(pos), mem)
+        # Part 2: the other slots spread over the sorted prompts, so each works through a run of
         # prompts that share prefixes with each other.
-        n, P = len(waiting), self.batch_size
-        starts = sorted({(k * n) // P for k in range(min(P, n))}, reverse=True)
-        for slot, pos in zip(range(P), starts):
+        free = [s for s in range(P) if s not in active]
+        n = len(waiting)
+        starts = sorted({(k * n) // len(free) for k in range(min(len(free), n))}, reverse=True) if free else []
+        for slot, pos in zip(free, starts):
             active[slot] = self._admit(slot, waiting.pop(pos), mem)
             keys.pop(pos)
         batch = self._batch
@@ -380,6 +391,11 @@ class LlamaCppBackend:
         job.n_past = keep
         job.pending = list(job.tokens[keep:])
         return job
+
+
+# A shared start shorter than this does not decide which slot takes a prompt (every prompt shares
+# the chat template's system text).
+MIN_REUSE = 64
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
