@@ -186,8 +186,8 @@ def main():
     say(f"cai wall time includes loading, tokenising ({rows_used} pairs, {m['steps']} steps) and saving the artifact; "
         f"dev scoring took {score_s:.0f}s. Load average at end {os.getloadavg()[0]:.1f} "
         "(other jobs share these cores: pairs per CPU-second is the steadier comparison).")
-    say("Reference points (docs/judge.md): shorter-answer rule 55.3%; frozen MiniLM + linear head on 1,300 pairs ~60%; "
-        "reward models on the full 42k human pairs ~72-74%.")
+    say("Reference points (docs/judge.md): shorter-answer rule 55.3%; "
+        "frozen MiniLM + linear head on 1,300 pairs ~60%; reward models on the full 42k human pairs ~72-74%.")
     Path(a.results).write_text("\n".join(lines) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"\nwritten to {a.results}")
