@@ -481,3 +481,53 @@ def test_length_robust_rejects_unknown_mode(tiny_reward_base, tmp_path):
     pairs = write_jsonl(tmp_path / "train.jsonl", _length_confounded(4, True))
     with pytest.raises(InputError, match="length-robust"):
         train_reward_model(small_cfg(tiny_reward_base, pairs, tmp_path / "rm", length_robust="shorter"), progress=False)
+
+
+def _fit_two_heads(odin: bool, seed=0, steps=300):
+    """Fit a 2-output linear head with cai's loss on synthetic pairs whose labels depend on a quality
+    feature and on length (shorter preferred); return (quality reward, length) on fresh pairs."""
+    from cai.reward import _pearson
+
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        length = torch.exp(torch.randn(n, 2, generator=g) + 5)
+        q = torch.randn(n, 2, generator=g)
+        util = q - 0.8 * length.log()
+        p = ((util[:, 0] - util[:, 1]) > 0).float()
+        x = 0.3 * torch.randn(n, 2, 16, generator=g)
+        x[..., 0], x[..., 1] = q, length.log() - 5
+        return x.transpose(0, 1).reshape(2 * n, 16), p, length  # [chosen…; rejected…]
+
+    x, p, length = make(512)
+    torch.manual_seed(seed)
+    model = _TwoHeads(x)
+    if not odin:
+        model.classifier = torch.nn.Linear(16, 1)
+        model.config.num_labels = 1
+    self = SimpleNamespace(hard_labels=False, margin=0.0, center_rewards=0.0, odin=odin, length_weight=1.0, length_sign=-1.0, seen=None)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for step in range(steps):
+        b = torch.randint(0, 512, (32,), generator=g)
+        model.feats = torch.cat([x[b], x[512 + b]])
+        inputs = {"input_ids": None, "attention_mask": None, "p_chosen": p[b], "pair_lengths": length[b]}
+        opt.zero_grad()
+        RewardModelTrainer.compute_loss(self, model, inputs).backward()
+        opt.step()
+    xd, pd, ld = make(512)
+    model.feats = xd
+    with torch.no_grad():
+        r = model(None, None).logits[:, 0]
+    return {"reward": r, "log_length": ld.t().reshape(-1).log(), "quality": xd[:, 0]}
+
+
+def test_odin_quality_reward_drops_length_but_keeps_quality():
+    from cai.reward import _pearson
+
+    plain, odin = _fit_two_heads(odin=False), _fit_two_heads(odin=True)
+    assert _pearson(plain["reward"], plain["log_length"]).item() < -0.4  # plain BT learns "shorter is better"
+    assert abs(_pearson(odin["reward"], odin["log_length"]).item()) < 0.15  # ODIN's shipped output does not
+    # …and still carries the quality signal, more purely than the plain reward does
+    assert _pearson(odin["reward"], odin["quality"]).item() > 0.8
+    assert _pearson(odin["reward"], odin["quality"]).item() > _pearson(plain["reward"], plain["quality"]).item()
