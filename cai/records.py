@@ -556,8 +556,14 @@ class OutputLock:
         while not d.exists():
             missing.append(d)
             d = d.parent
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._created = missing
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            self.release()
+            raise InputError(f"cannot be created here ({e.strerror}); choose another --out", self.out) from None
+        os.close(fd)
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -354,6 +354,13 @@ def test_out_under_a_read_only_folder(ws, cmd):
         ro.chmod(0o755)
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_out_where_nothing_can_be_created(ws, cmd):
+    """/proc refuses new entries even to root: the run stops before any work, one line."""
+    assert_clean_failure(ws["args"](cmd, out=Path(f"/proc/cai-test-{os.getpid()}/out")), ws["dir"], "cannot be")
+
+
 # ----------------------------------------------------------------------------- options
 
 
