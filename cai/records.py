@@ -562,7 +562,9 @@ class OutputLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             self.release()
-            raise InputError(f"cannot be created here ({e.strerror}); choose another --out", self.out) from None
+            raise InputError(
+                f"cannot be created here ({e.strerror}); choose another --out", self.out
+            ) from None
         os.close(fd)
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

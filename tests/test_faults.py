@@ -358,7 +358,9 @@ def test_out_under_a_read_only_folder(ws, cmd):
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_out_where_nothing_can_be_created(ws, cmd):
     """/proc refuses new entries even to root: the run stops before any work, one line."""
-    assert_clean_failure(ws["args"](cmd, out=Path(f"/proc/cai-test-{os.getpid()}/out")), ws["dir"], "cannot be")
+    assert_clean_failure(
+        ws["args"](cmd, out=Path(f"/proc/cai-test-{os.getpid()}/out")), ws["dir"], "cannot be"
+    )
 
 
 # ----------------------------------------------------------------------------- options
