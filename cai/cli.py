@@ -277,7 +277,7 @@ def compare(**kw):
     click.echo(summary_line(metrics, cfg.out), err=True)
 
 
-# -- review / agreement (issue 12: review.py, agreement.py) ------------------------------------
+# -- review / agreement ----------------------------------------------------------------------------
 @cli.command()
 @click_options(ReviewConfig)
 @handle_errors
