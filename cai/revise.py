@@ -25,7 +25,6 @@ from cai.configs import PAIR_MODES, GenerateConfig
 from cai.errors import InputError
 
 
-
 @dataclass
 class GenerateSummary:
     out: str
