@@ -677,7 +677,9 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         metrics["train_loss"] = result.training_loss
         metrics["steps"] = result.global_step
         if has_eval:
-            metrics.update(trainer.evaluate())
+            # the end-of-epoch evaluation of the last step is the final one: do not score the eval set twice
+            last = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.global_step]
+            metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else trainer.evaluate())
         if trainer.seen:
             seen = np.array(trainer.seen)
             lm = length_metrics(seen[:, :2], seen[:, 2], seen[:, 3:])
