@@ -75,14 +75,14 @@ def main():
         if have_data:
             jobs.append((f"`cai label`, {a.label_limit} dev pairs", [
                 *cai, "label", "--pairs", str(DATA / "dev.jsonl.gz"), "--constitution", str(HARMLESS),
-                "--out", str(tmp / "dev-ai.jsonl"), "--limit", str(a.label_limit)]))
+                "--out", str(tmp / "dev-ai.jsonl"), "--limit", str(a.label_limit), "--skip-bad"]))
         else:
             skipped.append(f"label: shared data not found at {DATA}")
     if "train" in only:
         if have_data:
             steps = ["--max-steps", str(a.train_steps)] if a.train_steps else []
             jobs.append((f"`cai train`, 1,300 train pairs" + (f" (first {a.train_steps} steps)" if a.train_steps else ", 1 epoch"), [
-                *cai, "train", "--pairs", str(DATA / "train.jsonl.gz"), "--out", str(tmp / "rm"), *steps]))
+                *cai, "train", "--pairs", str(DATA / "train.jsonl.gz"), "--out", str(tmp / "rm"), "--skip-bad", *steps]))
         else:
             skipped.append(f"train: shared data not found at {DATA}")
 
@@ -91,6 +91,13 @@ def main():
              f"machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d %H:%M')}; peak RSS = ru_maxrss of the "
              "process (os.wait4)", "", f"| command | peak RSS | goal < {GOAL_GIB:g} GiB | wall s | load avg before |",
              "|---|---|---|---|---|"]
+    # --only: keep the other commands' rows from the previous results
+    old = Path(a.results).read_text().splitlines() if a.only and Path(a.results).exists() else []
+    names = {name for name, _ in jobs}
+    kept = [x for x in old if x.startswith("| `") and x.split(" | ")[0][2:] not in names]
+    kept_cmds = [x for x in old if x.startswith("- `cai ") and not any(
+        x.startswith(f"- `cai {args[len(cai)]} ") for _, args in jobs)]
+    lines += [x.replace(" |", " (earlier run) |", 1) if "(earlier run)" not in x else x for x in kept]
     for name, args in jobs:
         load = "/".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"== {name} ==", flush=True)
@@ -99,7 +106,7 @@ def main():
         print(f"  peak RSS {rss:.2f} GiB, {wall:.0f}s, exit {rc}: {last}", flush=True)
         lines.append(f"| {name} | {rss:.2f} GiB | {ok} | {wall:.0f} | {load} |")
     lines += [""] + [f"skipped — {s}" for s in skipped]
-    lines += ["", "Commands (outputs to a temporary folder):", ""]
+    lines += ["", "Commands (outputs to a temporary folder):", ""] + kept_cmds
     lines += [f"- `{' '.join(['cai', *args[len(cai) + 0:]]).replace(str(tmp), '$TMP').replace(str(ROOT) + '/', '')}`"
               for _, args in jobs]
     text = "\n".join(lines) + "\n"

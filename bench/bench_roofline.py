@@ -191,14 +191,17 @@ def judge_bound(backend, n: int):
     padding: the conversation once per pair, then each order's own suffix), and pairs/s."""
     from cai.backends.hf import _radix_tree, _tree_tokens
     from cai.constitution import load_constitution
-    from cai.feedback import _render, judge_pairs
+    import cai.feedback as feedback
+    from cai.feedback import judge_pairs
+
+    render = getattr(feedback, "render_judge_prompt", None) or getattr(feedback, "_render")
     from cai.records import read_pairs
 
     if not (DATA / "dev.jsonl.gz").exists():
         return None
     const = load_constitution(HARMLESS)
     rows = read_pairs(DATA / "dev.jsonl.gz", limit=n)
-    prompts = [_render(const, r, p, order == 0, False, "") for r in rows for p in const.sample(0, str(r["id"]), 1)
+    prompts = [render(const, r, p, order == 0, False, "") for r in rows for p in const.sample(0, str(r["id"]), 1)
                for order in (0, 1)]
     ids = backend._encode([backend.render(x) for x in prompts])
     needed, plain = _tree_tokens(_radix_tree(ids)), sum(len(x) for x in ids)

@@ -407,8 +407,12 @@ class HFBackend:
 
     def _check_prefix_path(self, ids, opt) -> bool:
         """Once per backend: the prefix tree and plain batches must give the same numbers on two
-        of this call's prompts (cheap insurance for architectures with unusual caches)."""
-        sample = ids[:2]
+        of this call's prompts (cheap insurance for architectures with unusual caches). Each is
+        cut 16 tokens past where the two part, so the check runs a shared trunk and two branches
+        as the real calls do, without paying for two whole judge prompts twice."""
+        a, b = ids[0], ids[1]
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        sample = [a[: k + 16], b[: k + 16]]
         try:
             a = self._tree_logprobs(sample, opt)
             b = self._flat_logprobs(sample, opt)
