@@ -551,6 +551,53 @@ def comparison_verdict(a: str, b: str, t: dict, at_chance: tuple[str, ...] = ())
     )
 
 
+def length_balanced(m: dict) -> dict | None:
+    """Length-balanced accuracy: the mean of the accuracies when the preferred answer is the longer
+    and when it is the shorter one (a reward that is only length scores 50%). The 95% interval
+    combines the two subsets' bootstrap intervals as independent normal errors (approximate)."""
+    lp = m.get("probes", {}).get("length")
+    if not lp:
+        return None
+    lo_, sh = lp["preferred_longer"], lp["preferred_shorter"]
+    if lo_.get("value") is None or sh.get("value") is None:
+        return None
+    value = (lo_["value"] + sh["value"]) / 2
+    se = [((d["ci"][1] - d["ci"][0]) / (2 * 1.96)) if d.get("ci") and d["ci"][0] is not None else 0.0 for d in (lo_, sh)]
+    half = 1.96 * math.sqrt(se[0] ** 2 + se[1] ** 2) / 2
+    return {"value": value, "ci": [value - half, value + half], "longer": lo_["value"], "shorter": sh["value"]}
+
+
+def model_headline(name: str, m: dict, baselines: dict, vs_baselines: dict) -> str | None:
+    """One line per model for the top of the report: does it beat the *best* trivial baseline, and
+    what is its length-balanced accuracy? A reward that only learned length must not read as a success."""
+    acc = m["accuracy"]["value"]
+    trivial = {k: b for k, b in baselines.items() if k != "always-first" and b["accuracy"]["value"] is not None}
+    if acc is None or not trivial:
+        return None
+    best = max(trivial, key=lambda k: trivial[k]["accuracy"]["value"])
+    bv, t = trivial[best]["accuracy"]["value"], vs_baselines.get(best)
+    if acc > bv and t and t["significant"]:
+        beat = f"beats the best trivial baseline, '{best}' ({_pct(bv)}), by {_pts(acc - bv)} points"
+    elif acc > bv:
+        beat = f"does not clearly beat the best trivial baseline, '{best}' ({_pct(bv)}): its {_pts(acc - bv)} points are inside noise"
+    else:
+        beat = f"does not beat the best trivial baseline, '{best}' ({_pct(bv)})"
+    line = f"{name}: accuracy {_pct(acc)}; it {beat}."
+    lb = length_balanced(m)
+    if lb is None:
+        return line + " Length-balanced accuracy not measured (probes off)."
+    line += (
+        f" Length-balanced accuracy {_pct(lb['value'])} (≈95% CI {_pct(lb['ci'][0])}–{_pct(lb['ci'][1])}; "
+        f"{_pct(lb['longer'])} when the preferred answer is the longer, {_pct(lb['shorter'])} when it is the shorter)"
+    )
+    if lb["ci"][0] > 0.5:
+        return line + ": it learned more than length."
+    return line + (
+        ": at chance once length is balanced, so what it learned is mostly length"
+        + (" — do not read its accuracy as a success." if acc > 0.5 else ".")
+    )
+
+
 def model_notes(name: str, m: dict, baselines: dict, vs_baselines: dict) -> list[str]:
     """Warnings a reader must not miss: chance-level, below a trivial baseline."""
     notes = []
@@ -695,7 +742,10 @@ def annotate(metrics: dict) -> dict:
         return lo is not None and lo <= 0.5 <= hi
 
     metrics["notes"] = []
+    metrics["headlines"] = []
     for name, m in metrics["models"].items():
+        h = model_headline(name, m, metrics["baselines"], m.get("vs_baselines", {}))
+        metrics["headlines"] += [h] if h else []
         metrics["notes"] += model_notes(name, m, metrics["baselines"], m.get("vs_baselines", {}))
     for c in metrics["comparisons"]:
         c["verdict"] = comparison_verdict(
@@ -786,7 +836,11 @@ def run_eval(cfg: EvalConfig, provenance: dict | None = None, progress: bool = T
 
 
 def summary_line(metrics: dict, out) -> str:
-    parts = [f"{n} {_pct(m['accuracy']['value'])}" for n, m in metrics["models"].items()]
+    parts = [
+        f"{n} {_pct(m['accuracy']['value'])}"
+        + (f" (length-balanced {_pct(lb['value'])})" if (lb := length_balanced(m)) else "")
+        for n, m in metrics["models"].items()
+    ]
     best = max(
         (b["accuracy"]["value"] for k, b in metrics["baselines"].items() if k != "always-first"), default=None
     )

@@ -188,7 +188,7 @@ def build_blocks(metrics: dict) -> list[tuple]:
     )
 
     # the verdicts first: what a reader must not miss
-    verdicts = [c["verdict"] for c in metrics["comparisons"]] + metrics.get("notes", [])
+    verdicts = metrics.get("headlines", []) + [c["verdict"] for c in metrics["comparisons"]] + metrics.get("notes", [])
     if study:
         verdicts = study.get("headlines", []) + verdicts
     if verdicts:

@@ -281,3 +281,29 @@ def test_without_probes_calibration_stays_and_a_small_lead_is_called_noise(mixed
     meh = m["models"]["meh"]
     assert "calibration" in meh and "probes" not in meh
     assert any("lead over the best trivial baseline" in n and "inside noise" in n for n in m["notes"])
+
+
+# ---------------------------------------------------------------- the headline
+
+
+def test_headline_says_whether_a_model_beats_the_best_baseline_and_learned_more_than_length(mixed_rows):
+    # skew the set: the preferred answer is the shorter one in 40 of 60 pairs, so "shorter answer" is the best baseline
+    rows = [r if (i % 2 == 0 or i >= 20) else pair(i, ev.response_text(r["rejected"]), ev.response_text(r["chosen"]))
+            for i, r in enumerate(mixed_rows)]
+    ps = ev.make_pairset(rows, {"file": "test.jsonl", "sha256": "ab" * 32, "n": 60})
+    assert (ps.len_pref < ps.len_other).sum() == 40
+
+    def shorter(rs):
+        return [(-a, -b) for a, b in length_scorer(rs)]
+
+    good = {ev.response_text(r["chosen"]): 1.0 for r in rows}
+    m = ev.evaluate({"short": shorter, "good": table_scorer(good)}, ps, n_boot=200, progress=False)
+    heads = {h.split(":")[0]: h for h in m["headlines"]}
+    assert "does not beat the best trivial baseline, 'shorter answer'" in heads["short"]
+    assert "Length-balanced accuracy 50.0%" in heads["short"] and "mostly length" in heads["short"]
+    assert "beats the best trivial baseline, 'shorter answer'" in heads["good"]
+    assert "Length-balanced accuracy 100.0%" in heads["good"] and "learned more than length" in heads["good"]
+    line = ev.summary_line(m, "out")
+    assert "short " in line and "(length-balanced 50.0%)" in line
+    md_blocks = [b for b in __import__("cai.report", fromlist=["build_blocks"]).build_blocks(ev.annotate(m)) if b[0] == "ul"]
+    assert md_blocks and md_blocks[0][1][:2] == m["headlines"]
