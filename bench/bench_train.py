@@ -188,7 +188,11 @@ def main():
         "(other jobs share these cores: pairs per CPU-second is the steadier comparison).")
     say("Reference points (docs/judge.md): shorter-answer rule 55.3%; "
         "frozen MiniLM + linear head on 1,300 pairs ~60%; reward models on the full 42k human pairs ~72-74%.")
-    Path(a.results).write_text("\n".join(lines) + "\n")
+    # the recipe sweep (bench_train_sweep.py) keeps its notes and table below its markers: keep them
+    res = Path(a.results)
+    old = res.read_text() if res.exists() else ""
+    keep = old[old.index("<!-- SWEEP") :] if "<!-- SWEEP" in old else ""
+    res.write_text("\n".join(lines) + "\n" + ("\n" + keep if keep else ""))
     shutil.rmtree(work, ignore_errors=True)
     print(f"\nwritten to {a.results}")
 

@@ -260,7 +260,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="max-lengths of the frozen grid")
     ap.add_argument("--cached-full-only", action="store_true", help="train no full fine-tune; report the cached ones")
     ap.add_argument("--no-encode", action="store_true", help="skip max-lengths whose features are not cached yet")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds for the frozen finalists and the noise study")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds for the frozen finalists and the noise study")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-train.md"))
     a = ap.parse_args()
     if a.child:
@@ -384,7 +384,7 @@ def frozen_sweep(lengths, n_seeds: int):
 
 FEATS: dict = {}
 # the coarse frozen grid: (lr, epochs) x length option, at every max-length (sized for a shared 2-core box)
-GRID = [(1e-3, 5), (3e-3, 5)]
+GRID = [(1e-3, 5), (3e-3, 5), (1e-3, 20)]
 MODES = ("none", "balance", "odin")
 NOISE = (0.0, 0.2, 0.4)
 FRESH = False
@@ -448,7 +448,7 @@ def _fmt_hp(hp: dict) -> str:
 def _pct(x, sd=None):
     if x is None:
         return "—"
-    return f"{100 * x:.1f}" + (f" ±{100 * sd:.1f}" if sd else "")
+    return f"{100 * x:.1f}" + (f" ±{100 * sd:.1f}" if sd is not None else "")
 
 
 def render(full_rows, frozen, noise_rows, best, argv: str) -> str:
