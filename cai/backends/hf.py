@@ -192,9 +192,13 @@ class HFBackend:
         transformers' generate() but cheaper per step on a CPU:
 
         - one host sync per step (the new tokens come back as one small list),
-        - greedy rows that have finished leave the batch (their KV rows are dropped), so a
-          batch whose rows stop at different lengths stops paying for the finished ones; with
-          sampling the batch keeps its shape so the random stream matches generate()'s,
+        - with greedy decoding, finished rows leave the batch (their KV rows are dropped) once at
+          most a quarter of it is still going, or at once in a batch under 16 rows. Not earlier:
+          torch's fp32 CPU matmul is about 1.7x slower for 15 rows than for 16 (under 16 rows
+          it falls back to a path whose cost grows with every row; measured in
+          bench/RESULTS-roofline.md), so dropping one row of 16 slows every later step, while
+          16 -> 4 rows is a gain. With sampling the batch keeps its shape so the random stream
+          matches generate()'s,
         - the KV cache is written in place into buffers sized for the whole generation, instead
           of being copied into a one-token-longer tensor at every step in every layer,
         - no logits processors, stopping criteria or per-step output objects to build.
@@ -222,7 +226,6 @@ class HFBackend:
             else:
                 nxt = logits.argmax(-1)
             toks = nxt.tolist()  # the step's one host sync
-            finished = []
             for j, t in enumerate(toks):
                 r = live[j]
                 if done[r]:
@@ -230,18 +233,16 @@ class HFBackend:
                 rows[r].append(t)
                 if t in stop:
                     done[r] = True
-                    finished.append(j)
             if all(done) or step == max_new_tokens - 1:
                 break
-            if temperature > 0:
-                # finished rows keep the batch's shape (and the RNG stream) and read pad, as in generate()
-                nxt = torch.tensor([pad if done[r] else t for r, t in zip(live, toks)], device=nxt.device)
-            elif finished:
-                keep = [j for j in range(len(live)) if j not in set(finished)]
-                sel = torch.tensor(keep, device=ids.device)
+            going = [j for j, r in enumerate(live) if not done[r]]
+            if temperature <= 0 and len(going) < len(live) and (len(live) < 16 or 4 * len(going) <= len(live)):
+                sel = torch.tensor(going, device=ids.device)
                 cache.batch_select_indices(sel)
-                mask, lens, nxt = mask[sel], lens[sel], nxt[sel]
-                live = [live[j] for j in keep]
+                mask, lens = mask[sel], lens[sel]
+                live, toks = [live[j] for j in going], [toks[j] for j in going]
+            # finished rows still in the batch read pad, as in generate()
+            nxt = torch.tensor([pad if done[r] else t for r, t in zip(live, toks)], device=ids.device)
             mask = torch.cat([mask, one[: len(live)]], dim=1)
             res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lens, use_cache=True,
                              **{self._cache_kw: cache})
