@@ -46,9 +46,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # name -> TrainConfig overrides. The first is today's default (max_length from the base: 256).
 FULL_RECIPES = {
     "odin-512": dict(max_length=512, length_robust="odin"),
-    "none-256": dict(max_length=256),
+    "none-256": dict(max_length=256, length_robust="none"),
     "balance-512": dict(max_length=512, length_robust="balance"),
-    "none-512": dict(max_length=512),
+    "none-512": dict(max_length=512, length_robust="none"),
     "odin+balance-512": dict(max_length=512, length_robust="odin+balance"),
     "balance-512-lr2e-4": dict(max_length=512, length_robust="balance", lr=2e-4),
 }

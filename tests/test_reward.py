@@ -486,7 +486,6 @@ def test_length_robust_rejects_unknown_mode(tiny_reward_base, tmp_path):
 def _fit_two_heads(odin: bool, seed=0, steps=300):
     """Fit a 2-output linear head with cai's loss on synthetic pairs whose labels depend on a quality
     feature and on length (shorter preferred); return (quality reward, length) on fresh pairs."""
-    from cai.reward import _pearson
 
     g = torch.Generator().manual_seed(seed)
 
