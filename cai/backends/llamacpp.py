@@ -319,8 +319,8 @@ class LlamaCppBackend:
         # Part 2: the other slots spread over the sorted prompts, so each works through a run of
         # prompts that share prefixes with each other.
         free = [s for s in range(P) if s not in active]
-        n = len(waiting)
-        starts = sorted({(k * n) // len(free) for k in range(min(len(free), n))}, reverse=True) if free else []
+        n, m = len(waiting), min(len(free), len(waiting))
+        starts = sorted({(k * n) // m for k in range(m)}, reverse=True) if m else []
         for slot, pos in zip(free, starts):
             active[slot] = self._admit(slot, waiting.pop(pos), mem)
             keys.pop(pos)
