@@ -27,8 +27,9 @@ LENGTH_ROBUST = ("none", "odin", "balance", "odin+balance")  # cai train --lengt
 class ModelOptions:
     """The generator/judge model options `generate`, `label` and `compare` share."""
 
-    model: str | None = opt(None, "HF id or local folder (hf), or provider:model (langchain). "
-                            "Default: the embedded SmolLM2-135M-Instruct.", cli=("--model", "-m"))
+    model: str | None = opt(None, "HF id or local folder (hf), a .gguf file (llamacpp), or provider:model / "
+                            "the served name (langchain). Default: the embedded SmolLM2-135M-Instruct.",
+                            cli=("--model", "-m"))
     backend: str = opt("hf", "Model backend.", choices=tuple(BACKENDS))
     batch_size: int = opt(16, "Prompts per forward pass (hf), requests in flight (langchain) or parallel "
                           "sequences (llamacpp).", min=1)
