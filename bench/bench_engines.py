@@ -1,6 +1,7 @@
 """hf (transformers, fp32) against llama.cpp on the same model, prompts and settings, in one run.
 
-    .venv/bin/python bench/bench_engines.py                 # demo generate (31 prompts) + label 100 HH dev pairs
+    .venv/bin/python bench/bench_engines.py                 # demo generate (31 prompts)
+                                                            # + label 100 HH dev pairs
     .venv/bin/python bench/bench_engines.py --limit 8 --pairs 20    # a quick look
 
 Engines (each run in its own process, so peak RSS is that engine's alone):
@@ -52,6 +53,7 @@ DEFAULT_ENGINES = "hf,hf-passive,llamacpp,llamacpp-1,server"
 
 # -- one measurement, in a child process ------------------------------------------------------
 
+
 def _capture_backend():
     """Keep a handle on the backend the stage loads, to read its token counters afterwards."""
     import cai.backends as B
@@ -81,23 +83,42 @@ def child(task: str, engine: str, out: str, limit: int, pairs: int, base_url: st
         from cai.revise import run_generate
 
         cfg = GenerateConfig(
-            constitution=str(ROOT / "constitutions/harmless"), prompts=str(ROOT / "constitutions/harmless/prompts.jsonl"),
-            out=out, model=model, backend=backend, backend_options=options, rounds=1, seed=0, max_new_tokens=64,
-            limit=limit, overwrite=True,
+            constitution=str(ROOT / "constitutions/harmless"),
+            prompts=str(ROOT / "constitutions/harmless/prompts.jsonl"),
+            out=out,
+            model=model,
+            backend=backend,
+            backend_options=options,
+            rounds=1,
+            seed=0,
+            max_new_tokens=64,
+            limit=limit,
+            overwrite=True,
         )
         s = run_generate(cfg, progress=False)
         res = {"rows": s.written, "generated_tokens": s.generated_tokens}
     else:
         from cai.feedback import run_label
 
-        cfg = LabelConfig(pairs=str(HH_DEV), constitution=str(ROOT / "constitutions/harmless"), out=out,
-                          model=model, backend=backend, backend_options=options, limit=pairs, overwrite=True)
+        cfg = LabelConfig(
+            pairs=str(HH_DEV),
+            constitution=str(ROOT / "constitutions/harmless"),
+            out=out,
+            model=model,
+            backend=backend,
+            backend_options=options,
+            limit=pairs,
+            overwrite=True,
+        )
         s = run_label(cfg)
         res = {"rows": s.labelled}
     stats = getattr(seen.get("backend"), "stats", {})
-    res.update(seconds=time.perf_counter() - t, prompt_tokens=stats.get("prompt_tokens", 0),
-               computed_tokens=stats.get("computed_tokens", 0),
-               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    res.update(
+        seconds=time.perf_counter() - t,
+        prompt_tokens=stats.get("prompt_tokens", 0),
+        computed_tokens=stats.get("computed_tokens", 0),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     if task == "generate" and not res["generated_tokens"]:
         res["generated_tokens"] = stats.get("generated_tokens", 0)
     return res
@@ -126,25 +147,47 @@ def scaling(engine: str) -> dict:
     if engine == "llamacpp":
         from cai.backends.llamacpp import LlamaCppBackend
 
-        rows = [json.loads(x) for x in (ROOT / "constitutions/harmless/prompts.jsonl").read_text().splitlines()]
-        convs = [[{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]
-                 for r in rows[:16]]
+        rows = [
+            json.loads(x) for x in (ROOT / "constitutions/harmless/prompts.jsonl").read_text().splitlines()
+        ]
+        convs = [
+            [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]
+            for r in rows[:16]
+        ]
         res["decode"] = []
         for bs in (1, 4, 16, 32):
             d = LlamaCppBackend(None, batch_size=bs)
             t = time.perf_counter()
             gens = d.generate(convs, max_new_tokens=64)
             secs = time.perf_counter() - t
-            res["decode"].append({"sequences": bs, "seconds": secs, "decode_calls": d.stats["decode_calls"],
-                                  "tokens_per_s": sum(g.n_tokens for g in gens) / secs})
+            res["decode"].append(
+                {
+                    "sequences": bs,
+                    "seconds": secs,
+                    "decode_calls": d.stats["decode_calls"],
+                    "tokens_per_s": sum(g.n_tokens for g in gens) / secs,
+                }
+            )
             d.close()
     return res
 
 
 # -- the driver ---------------------------------------------------------------------------------
 
+
 def measure(task, engine, out, a, base_url=None) -> dict:
-    args = [sys.executable, __file__, "--child", task, "--engine", engine, "--out", str(out), "--pairs", str(a.pairs)]
+    args = [
+        sys.executable,
+        __file__,
+        "--child",
+        task,
+        "--engine",
+        engine,
+        "--out",
+        str(out),
+        "--pairs",
+        str(a.pairs),
+    ]
     if a.limit:
         args += ["--limit", str(a.limit)]
     if base_url:
@@ -159,8 +202,11 @@ def measure(task, engine, out, a, base_url=None) -> dict:
         raise SystemExit(f"{task} with {engine} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["load"] = (load + os.getloadavg()[0]) / 2
-    print(f"{task:8s} {engine:11s} {res['seconds']:7.1f}s  {res['rows'] / res['seconds']:.3f} rows/s  "
-          f"peak RSS {res['peak_rss_mb']:.0f} MB  (load {res['load']:.1f})", flush=True)
+    print(
+        f"{task:8s} {engine:11s} {res['seconds']:7.1f}s  {res['rows'] / res['seconds']:.3f} rows/s  "
+        f"peak RSS {res['peak_rss_mb']:.0f} MB  (load {res['load']:.1f})",
+        flush=True,
+    )
     return res
 
 
@@ -181,7 +227,9 @@ def agreement(a: dict, b: dict) -> tuple[float, float, int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--limit", type=int, default=None, help="generate: only the first N shipped prompts (default all 31)")
+    ap.add_argument(
+        "--limit", type=int, default=None, help="generate: only the first N shipped prompts (default all 31)"
+    )
     ap.add_argument("--pairs", type=int, default=100, help="label: HH dev pairs")
     ap.add_argument("--engines", default=DEFAULT_ENGINES)
     ap.add_argument("--child", choices=("generate", "label", "scaling"))
@@ -216,14 +264,20 @@ def main():
                     continue
                 for e in engines:
                     out = Path(d) / f"{task}-{e}.jsonl"
-                    results[task, e] = measure(task, e, out, a, server.url if (server and e == "server") else None)
+                    results[task, e] = measure(
+                        task, e, out, a, server.url if (server and e == "server") else None
+                    )
                     results[task, e]["out"] = out
             scale = {}
             for e in ("hf", "llamacpp"):
                 if e in engines:
                     env = dict(os.environ, OMP_WAIT_POLICY="passive") if e == "hf" else dict(os.environ)
-                    p = subprocess.run([sys.executable, __file__, "--child", "scaling", "--engine", e],
-                                       capture_output=True, text=True, env=env)
+                    p = subprocess.run(
+                        [sys.executable, __file__, "--child", "scaling", "--engine", e],
+                        capture_output=True,
+                        text=True,
+                        env=env,
+                    )
                     if p.returncode == 0:
                         scale[e] = json.loads(p.stdout.strip().splitlines()[-1])
                         print(f"scaling  {e}: {scale[e]}", flush=True)
@@ -237,20 +291,31 @@ def main():
 
 def render(results, engines, a, up, scale=None) -> str:
     cores = len(os.sched_getaffinity(0))
-    lines = ["# Engines: hf (fp32) vs llama.cpp (Q4_1 GGUF), same model, prompts and settings", "",
-             f"{cores} CPU cores, shared; load average at the start {' '.join(up)} (per-run load beside each row). "
-             "Each engine runs in its own process; wall time includes loading the model.", ""]
+    lines = [
+        "# Engines: hf (fp32) vs llama.cpp (Q4_1 GGUF), same model, prompts and settings",
+        "",
+        f"{cores} CPU cores, shared; load average at the start {' '.join(up)} "
+        "(per-run load beside each row). "
+        "Each engine runs in its own process; wall time includes loading the model.",
+        "",
+    ]
     if ("generate", "hf") in results:
         hf = results["generate", "hf"]
         base = hf["rows"] / hf["seconds"]
-        lines += [f"## generate: `make demo` settings ({hf['rows']} prompts, 1 round, 64 new tokens, judge on)", "",
-                  "| engine | wall s | rows/s | × hf | generated tokens/s | peak RSS MB | load |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## generate: `make demo` settings ({hf['rows']} prompts, 1 round, 64 new tokens, judge on)",
+            "",
+            "| engine | wall s | rows/s | × hf | generated tokens/s | peak RSS MB | load |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in engines:
             r = results.get(("generate", e))
             if r:
                 rps = r["rows"] / r["seconds"]
-                lines.append(f"| {e} | {r['seconds']:.1f} | {rps:.3f} | **{rps / base:.2f}×** | "
-                             f"{r['generated_tokens'] / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['load']:.1f} |")
+                lines.append(
+                    f"| {e} | {r['seconds']:.1f} | {rps:.3f} | **{rps / base:.2f}×** | "
+                    f"{r['generated_tokens'] / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['load']:.1f} |"
+                )
         lines.append("")
         for e in engines:
             if e != "hf" and ("generate", e) in results:
@@ -258,46 +323,71 @@ def render(results, engines, a, up, scale=None) -> str:
                 ids = set(t_hf) & set(t_e)
                 same = sum(t_hf[i] == t_e[i] for i in ids)
                 ag, dp, n = agreement(_labels(hf["out"]), _labels(results["generate", e]["out"]))
-                lines.append(f"- {e} vs hf: identical greedy initial responses {same}/{len(ids)}; "
-                             f"judge picks the same side on {ag:.0%} of the pairs (mean |Δp| {dp:.3f}, n={n}; "
-                             "the pairs themselves differ where the texts do)")
+                lines.append(
+                    f"- {e} vs hf: identical greedy initial responses {same}/{len(ids)}; "
+                    f"judge picks the same side on {ag:.0%} of the pairs (mean |Δp| {dp:.3f}, n={n}; "
+                    "the pairs themselves differ where the texts do)"
+                )
         lines.append("")
     if ("label", "hf") in results:
         hf = results["label", "hf"]
         base = hf["rows"] / hf["seconds"]
-        lines += [f"## label: {hf['rows']} HH-RLHF harmless dev pairs (1 principle, both orders, log-prob judge)", "",
-                  "| engine | wall s | pairs/s | × hf | judge prompt tokens/s | peak RSS MB | load |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## label: {hf['rows']} HH-RLHF harmless dev pairs (1 principle, both orders, log-prob judge)",
+            "",
+            "| engine | wall s | pairs/s | × hf | judge prompt tokens/s | peak RSS MB | load |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in engines:
             r = results.get(("label", e))
             if r:
                 pps = r["rows"] / r["seconds"]
                 tok = f"{r['prompt_tokens'] / r['seconds']:.0f}" if r["prompt_tokens"] else "n/a"
-                lines.append(f"| {e} | {r['seconds']:.1f} | {pps:.3f} | **{pps / base:.2f}×** | {tok} | "
-                             f"{r['peak_rss_mb']:.0f} | {r['load']:.1f} |")
+                lines.append(
+                    f"| {e} | {r['seconds']:.1f} | {pps:.3f} | **{pps / base:.2f}×** | {tok} | "
+                    f"{r['peak_rss_mb']:.0f} | {r['load']:.1f} |"
+                )
         lines.append("")
         lhf = _labels(hf["out"])
         for e in engines:
             if e != "hf" and ("label", e) in results:
                 ag, dp, n = agreement(lhf, _labels(results["label", e]["out"]))
-                lines.append(f"- label agreement {e} vs hf: same side on **{ag:.1%}** of {n} pairs, "
-                             f"mean |p_chosen difference| {dp:.3f} (quantisation: Q4_1 weights vs fp32)")
+                lines.append(
+                    f"- label agreement {e} vs hf: same side on **{ag:.1%}** of {n} pairs, "
+                    f"mean |p_chosen difference| {dp:.3f} (quantisation: Q4_1 weights vs fp32)"
+                )
         lines.append("")
     if scale:
-        lines += ["## why: prefill vs decode, sequences per step", "",
-                  "Prompt tokens/s (prefill; 8 distinct ~450-token prompts, next-token log-probs only): "
-                  + ", ".join(f"{e} **{v['prefill_tokens_per_s']:.0f}**" for e, v in scale.items())
-                  + " (hf with OMP_WAIT_POLICY=passive).", ""]
+        lines += [
+            "## why: prefill vs decode, sequences per step",
+            "",
+            "Prompt tokens/s (prefill; 8 distinct ~450-token prompts, next-token log-probs only): "
+            + ", ".join(f"{e} **{v['prefill_tokens_per_s']:.0f}**" for e, v in scale.items())
+            + " (hf with OMP_WAIT_POLICY=passive).",
+            "",
+        ]
         if "llamacpp" in scale and scale["llamacpp"].get("decode"):
-            lines += ["llama.cpp generated tokens/s by sequences decoded together (16 shipped prompts, "
-                      "64 new tokens):", "", "| sequences | tokens/s | decode calls | s |", "|---|---|---|---|"]
+            lines += [
+                "llama.cpp generated tokens/s by sequences decoded together (16 shipped prompts, "
+                "64 new tokens):",
+                "",
+                "| sequences | tokens/s | decode calls | s |",
+                "|---|---|---|---|",
+            ]
             for d in scale["llamacpp"]["decode"]:
-                lines.append(f"| {d['sequences']} | {d['tokens_per_s']:.1f} | {d['decode_calls']} | "
-                             f"{d['seconds']:.1f} |")
+                lines.append(
+                    f"| {d['sequences']} | {d['tokens_per_s']:.1f} | {d['decode_calls']} | "
+                    f"{d['seconds']:.1f} |"
+                )
             lines.append("")
-    lines += ["command: `.venv/bin/python bench/bench_engines.py"
-              + (f" --limit {a.limit}" if a.limit else "") + (f" --pairs {a.pairs}" if a.pairs != 100 else "")
-              + (f" --engines {a.engines}" if a.engines != DEFAULT_ENGINES else "") + "`", ""]
+    lines += [
+        "command: `.venv/bin/python bench/bench_engines.py"
+        + (f" --limit {a.limit}" if a.limit else "")
+        + (f" --pairs {a.pairs}" if a.pairs != 100 else "")
+        + (f" --engines {a.engines}" if a.engines != DEFAULT_ENGINES else "")
+        + "`",
+        "",
+    ]
     return "\n".join(lines)
 
 

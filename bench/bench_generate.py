@@ -28,9 +28,17 @@ def run(limit, rounds, max_new, batch_size, out):
     from cai.revise import GenerateConfig, run_generate
 
     cfg = GenerateConfig(
-        constitution=str(ROOT / "constitutions/harmless"), prompts=str(ROOT / "constitutions/harmless/prompts.jsonl"),
-        out=str(out), rounds=rounds, max_new_tokens=max_new, limit=limit, label=False, early_stop=False,
-        backend_options={"batch_size": batch_size}, chunk_size=max(limit, batch_size), overwrite=True,
+        constitution=str(ROOT / "constitutions/harmless"),
+        prompts=str(ROOT / "constitutions/harmless/prompts.jsonl"),
+        out=str(out),
+        rounds=rounds,
+        max_new_tokens=max_new,
+        limit=limit,
+        label=False,
+        early_stop=False,
+        backend_options={"batch_size": batch_size},
+        chunk_size=max(limit, batch_size),
+        overwrite=True,
     )
     t = time.perf_counter()
     s = run_generate(cfg, progress=False)
@@ -44,21 +52,36 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     a = ap.parse_args()
-    lines = [f"# generate throughput ({a.limit} shipped prompts, {a.rounds} round(s), {a.max_new_tokens} new tokens, greedy, CPU)", ""]
+    lines = [
+        f"# generate throughput ({a.limit} shipped prompts, {a.rounds} round(s), "
+        f"{a.max_new_tokens} new tokens, greedy, CPU)",
+        "",
+    ]
     with tempfile.TemporaryDirectory() as d:
         results = {}
         for name, bs in (("batched (cai)", a.batch_size), ("one prompt at a time", 1)):
             secs, s = run(a.limit, a.rounds, a.max_new_tokens, bs, Path(d) / f"{bs}.jsonl")
             results[name] = (secs, s)
-            print(f"{name:22s} {secs:7.1f}s  {s.written / secs:.3f} rows/s  {s.generated_tokens / secs:.1f} tokens/s", flush=True)
+            print(
+                f"{name:22s} {secs:7.1f}s  {s.written / secs:.3f} rows/s  "
+                f"{s.generated_tokens / secs:.1f} tokens/s",
+                flush=True,
+            )
         (b_s, b), (n_s, n) = results["batched (cai)"], results["one prompt at a time"]
         lines += ["| engine | wall s | rows/s | generated tokens/s |", "|---|---|---|---|"]
         for name, (secs, s) in results.items():
-            lines.append(f"| {name} | {secs:.1f} | {s.written / secs:.3f} | {s.generated_tokens / secs:.1f} |")
+            lines.append(
+                f"| {name} | {secs:.1f} | {s.written / secs:.3f} | {s.generated_tokens / secs:.1f} |"
+            )
         ratio = (b.written / b_s) / (n.written / n_s)
-        lines += ["", f"rows/s ratio batched / one-at-a-time: **{ratio:.2f}x** (same prompts, model, settings, same run)",
-                  "", f"command: `.venv/bin/python bench/bench_generate.py --limit {a.limit} --rounds {a.rounds} "
-                  f"--max-new-tokens {a.max_new_tokens} --batch-size {a.batch_size}`"]
+        lines += [
+            "",
+            f"rows/s ratio batched / one-at-a-time: **{ratio:.2f}x** "
+            "(same prompts, model, settings, same run)",
+            "",
+            f"command: `.venv/bin/python bench/bench_generate.py --limit {a.limit} --rounds {a.rounds} "
+            f"--max-new-tokens {a.max_new_tokens} --batch-size {a.batch_size}`",
+        ]
         print(f"ratio: {ratio:.2f}x")
     (ROOT / "bench" / "RESULTS-generate.md").write_text("\n".join(lines) + "\n")
 

@@ -19,9 +19,12 @@ pairs:
             - batch calibration (each order's log-odds centred on its mean over the run; free),
             - for scale: the "pick the shorter answer" rule and each presentation order alone.
 
-    .venv/bin/python bench/bench_label.py                   # defaults: ~8-15 min on 2 shared CPU cores, by load
-    .venv/bin/python bench/bench_label.py --limit 500 --naive 50 --naive-ensemble 10 --variants 500 --cot 100   # full run (hours on CPU)
-    .venv/bin/python bench/bench_label.py --limit 8 --naive 2 --naive-ensemble 1 --variants 4   # smoke test (~2 min)
+    .venv/bin/python bench/bench_label.py                   # defaults: ~8-15 min on 2 shared CPU cores,
+                                                            # by load
+    # full run (hours on CPU):
+    .venv/bin/python bench/bench_label.py --limit 500 --naive 50 --naive-ensemble 10 --variants 500 --cot 100
+    # smoke test (~2 min):
+    .venv/bin/python bench/bench_label.py --limit 8 --naive 2 --naive-ensemble 1 --variants 4
 
 Results go to stdout and bench/RESULTS-label.md.
 """
@@ -91,7 +94,8 @@ def _few_shot(src: Path, dst: Path, const, examples: list[dict]):
         turns.append(("user", msgs[0]["content"]))
         turns.append(("assistant", f"The answer is: ({answer})"))
     block = "".join(
-        f'{{% call message("{role}") %}}{{% raw %}}{text}{{% endraw %}}{{% endcall %}}\n' for role, text in turns
+        f'{{% call message("{role}") %}}{{% raw %}}{text}{{% endraw %}}{{% endcall %}}\n'
+        for role, text in turns
     )
     t = (dst / "templates" / "compare.jinja").read_text()
     head, sep, rest = t.partition('{% call message("user") %}')
@@ -102,10 +106,16 @@ def _few_shot(src: Path, dst: Path, const, examples: list[dict]):
 
 
 def _row(r, orders, by_principle=None):
-    return {"chosen": r["chosen"], "rejected": r["rejected"],
-            "label": {"p_chosen": (orders[0] + orders[1]) / 2, "source": "ai",
-                      "judge": {"orders": list(orders), "by_principle": by_principle or {}},
-                      "prior": r["label"].get("prior") or r["label"]}}
+    return {
+        "chosen": r["chosen"],
+        "rejected": r["rejected"],
+        "label": {
+            "p_chosen": (orders[0] + orders[1]) / 2,
+            "source": "ai",
+            "judge": {"orders": list(orders), "by_principle": by_principle or {}},
+            "prior": r["label"].get("prior") or r["label"],
+        },
+    }
 
 
 def _subset(r, lab, pids):
@@ -116,6 +126,7 @@ def _subset(r, lab, pids):
 
 def _calibrated(rows):
     """Centre each order's log-odds on its mean over the rows (transductive batch calibration)."""
+
     def logit(p):
         p = min(max(p, 1e-6), 1 - 1e-6)
         return math.log(p / (1 - p))
@@ -138,8 +149,10 @@ def _line(name, rows, base=None):
 
     s = summarize(rows)
     h = s["human"]
-    txt = (f"{name:<44} {100 * h['agreement']:5.1f}%  [{100 * h['ci95'][0]:4.1f}–{100 * h['ci95'][1]:4.1f}]"
-           f"  consistency {100 * s['position_consistency']:5.1f}%  P(first) {s['mean_p_first']:.3f}")
+    txt = (
+        f"{name:<44} {100 * h['agreement']:5.1f}%  [{100 * h['ci95'][0]:4.1f}–{100 * h['ci95'][1]:4.1f}]"
+        f"  consistency {100 * s['position_consistency']:5.1f}%  P(first) {s['mean_p_first']:.3f}"
+    )
     if base is not None:
         up = sum(1 for a, b in zip(rows, base) if _agree(a) > _agree(b))
         down = sum(1 for a, b in zip(rows, base) if _agree(a) < _agree(b))
@@ -181,12 +194,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=120, help="dev pairs labelled by the main run (500 = all)")
     ap.add_argument("--naive", type=int, default=8, help="pairs for the naive-loop speed comparison")
-    ap.add_argument("--naive-ensemble", type=int, default=2, help="pairs for the naive loop over all principles")
+    ap.add_argument(
+        "--naive-ensemble", type=int, default=2, help="pairs for the naive loop over all principles"
+    )
     ap.add_argument("--variants", type=int, default=40, help="pairs for the quality variants (0 = skip)")
-    ap.add_argument("--cot", type=int, default=0, help="pairs for a chain-of-thought run (0 = skip; slow on CPU)")
+    ap.add_argument(
+        "--cot", type=int, default=0, help="pairs for a chain-of-thought run (0 = skip; slow on CPU)"
+    )
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads (0 = torch's default, or 1 when the load average exceeds the core count)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0 = torch's default, or 1 when the load average exceeds the core count)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-label.md"))
     a = ap.parse_args()
@@ -211,8 +232,12 @@ def main():
     say("# Judge benchmark: SmolLM2-135M-Instruct on HH-RLHF harmless dev pairs")
     say()
     say(f"command: `{cmd}`")
-    say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at start, "
-        f"torch {torch.__version__} ({threads} thread{'s' if threads > 1 else ''}), transformers {transformers.__version__}")
+    say(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {load:.1f} at start, "
+        f"torch {torch.__version__} ({threads} thread{'s' if threads > 1 else ''}), "
+        f"transformers {transformers.__version__}"
+    )
     say(f"date: {time.strftime('%Y-%m-%d %H:%M')}")
     say()
     say("```")
@@ -225,16 +250,24 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-label-"))
     try:
         out = tmp / "dev-ai.jsonl"
-        cfg = LabelConfig(pairs=str(dev), constitution=str(HARMLESS), out=str(out), limit=a.limit, seed=a.seed,
-                          backend_options={"batch_size": a.batch_size})
+        cfg = LabelConfig(
+            pairs=str(dev),
+            constitution=str(HARMLESS),
+            out=str(out),
+            limit=a.limit,
+            seed=a.seed,
+            backend_options={"batch_size": a.batch_size},
+        )
         say(f"== cai label on {n} dev pairs (default settings: 1 principle drawn per pair, both orders) ==")
         t = clock()
         s = run_label(cfg)
         wall, cpu = since(t)
         for line in format_summary(s.stats):
             say(line)
-        say(f"judging: {s.seconds:.0f} s for {s.labelled} pairs = {s.pairs_per_s:.3f} pairs/s "
-            f"(whole command incl. model load: {wall:.0f} s wall, {cpu:.0f} CPU-s)")
+        say(
+            f"judging: {s.seconds:.0f} s for {s.labelled} pairs = {s.pairs_per_s:.3f} pairs/s "
+            f"(whole command incl. model load: {wall:.0f} s wall, {cpu:.0f} CPU-s)"
+        )
         labelled = {r["id"]: r for r in read_rows(out)}
         main_rows = [_row(r, labelled[r["id"]]["label"]["judge"]["orders"]) for r in rows]
         say()
@@ -259,7 +292,9 @@ def main():
             for r in sub:
                 p = const.sample(a.seed, r["id"], 1)[0]
                 for order in (0, 1):
-                    backend.option_logprobs([render_judge_prompt(const, r, p, order == 0, False, "")], ["A", "B"])
+                    backend.option_logprobs(
+                        [render_judge_prompt(const, r, p, order == 0, False, "")], ["A", "B"]
+                    )
             o_wall, o_cpu = since(t)
             backend.share_prefix = True
 
@@ -273,12 +308,23 @@ def main():
             diff = max(abs(x["p_chosen"] - y) for x, y in zip(fast, naive_p))
             m = len(sub)
             say(f"{'':<40} {'pairs/s':>8} {'pairs/CPU-s':>12} {'tokens/pair':>12}")
-            say(f"{'naive loop (transformers, full logits)':<40} {m / n_wall:8.3f} {m / n_cpu:12.3f} {naive_tokens:12.0f}")
-            say(f"{'cai backend, one prompt per call':<40} {m / o_wall:8.3f} {m / o_cpu:12.3f} {naive_tokens:12.0f}")
-            say(f"{'cai judge, batched + shared prefixes':<40} {m / b_wall:8.3f} {m / b_cpu:12.3f} {fast_tokens:12.0f}")
-            say(f"speed-up vs the naive loop: {n_wall / b_wall:.2f}x wall, {n_cpu / b_cpu:.2f}x CPU time, "
+            say(
+                f"{'naive loop (transformers, full logits)':<40} "
+                f"{m / n_wall:8.3f} {m / n_cpu:12.3f} {naive_tokens:12.0f}"
+            )
+            say(
+                f"{'cai backend, one prompt per call':<40} "
+                f"{m / o_wall:8.3f} {m / o_cpu:12.3f} {naive_tokens:12.0f}"
+            )
+            say(
+                f"{'cai judge, batched + shared prefixes':<40} "
+                f"{m / b_wall:8.3f} {m / b_cpu:12.3f} {fast_tokens:12.0f}"
+            )
+            say(
+                f"speed-up vs the naive loop: {n_wall / b_wall:.2f}x wall, {n_cpu / b_cpu:.2f}x CPU time, "
                 f"{naive_tokens / fast_tokens:.2f}x fewer tokens computed "
-                f"(vs one prompt per call: {o_wall / b_wall:.2f}x wall)")
+                f"(vs one prompt per call: {o_wall / b_wall:.2f}x wall)"
+            )
             say(f"same labels as the naive loop: max |Δp_chosen| = {diff:.1e}")
             if a.naive_ensemble:
                 esub = rows[: a.naive_ensemble]
@@ -292,19 +338,34 @@ def main():
                 e_b_wall, e_b_cpu = since(t)
                 e_tokens = (backend.stats["computed_tokens"] - before) / len(esub)
                 m = len(esub)
-                say(f"ensemble of all {k} principles (question after the responses; {2 * k} prompts per pair), "
-                    f"first {m} pairs:")
-                say(f"{'naive loop (transformers, full logits)':<40} {m / e_n_wall:8.3f} {m / e_n_cpu:12.3f} {e_naive_tokens:12.0f}")
-                say(f"{'cai judge, batched + shared prefixes':<40} {m / e_b_wall:8.3f} {m / e_b_cpu:12.3f} {e_tokens:12.0f}")
-                say(f"speed-up vs the naive loop: {e_n_wall / e_b_wall:.2f}x wall, {e_n_cpu / e_b_cpu:.2f}x CPU time, "
-                    f"{e_naive_tokens / e_tokens:.2f}x fewer tokens computed")
+                say(
+                    f"ensemble of all {k} principles "
+                    f"(question after the responses; {2 * k} prompts per pair), "
+                    f"first {m} pairs:"
+                )
+                say(
+                    f"{'naive loop (transformers, full logits)':<40} "
+                    f"{m / e_n_wall:8.3f} {m / e_n_cpu:12.3f} {e_naive_tokens:12.0f}"
+                )
+                say(
+                    f"{'cai judge, batched + shared prefixes':<40} "
+                    f"{m / e_b_wall:8.3f} {m / e_b_cpu:12.3f} {e_tokens:12.0f}"
+                )
+                say(
+                    f"speed-up vs the naive loop: {e_n_wall / e_b_wall:.2f}x wall, "
+                    f"{e_n_cpu / e_b_cpu:.2f}x CPU time, "
+                    f"{e_naive_tokens / e_tokens:.2f}x fewer tokens computed"
+                )
             say()
 
         # -- 3. quality variants on the same pairs -----------------------------------------------
         if a.variants:
             sub = rows[: a.variants]
             base = main_rows[: len(sub)]
-            say(f"== quality on the first {len(sub)} pairs: agreement with humans [95% CI], position consistency ==")
+            say(
+                f"== quality on the first {len(sub)} pairs: "
+                "agreement with humans [95% CI], position consistency =="
+            )
             _line("default (1 principle drawn per pair)", base)
 
             t = clock()
@@ -316,17 +377,32 @@ def main():
             three = [[p.id for p in const.sample(a.seed, r["id"], 3)] for r in sub]
             ql1 = [_subset(r, lab, d) for r, lab, d in zip(sub, ens, drawn)]
             _line("question after the responses, same principle", ql1, base)
-            _line(f"question after, '{GENERAL}' for every pair", [_subset(r, lab, [GENERAL]) for r, lab in zip(sub, ens)], base)
-            _line("question after, 3 principles drawn per pair", [_subset(r, lab, d) for r, lab, d in zip(sub, ens, three)], base)
+            _line(
+                f"question after, '{GENERAL}' for every pair",
+                [_subset(r, lab, [GENERAL]) for r, lab in zip(sub, ens)],
+                base,
+            )
+            _line(
+                "question after, 3 principles drawn per pair",
+                [_subset(r, lab, d) for r, lab, d in zip(sub, ens, three)],
+                base,
+            )
             all_rows = [_subset(r, lab, lab["judge"]["principles"]) for r, lab in zip(sub, ens)]
             s_all = _line(f"question after, all {len(const.ids)} principles", all_rows, base)
-            say(f"  (the all-principles run took {e_wall:.0f} s = {len(sub) / e_wall:.3f} pairs/s for "
-                f"{len(const.ids)}x the prompts)")
-            per = sorted(((v["agreement"], k) for k, v in s_all["per_principle"].items() if v.get("n")), reverse=True)
+            say(
+                f"  (the all-principles run took {e_wall:.0f} s = {len(sub) / e_wall:.3f} pairs/s for "
+                f"{len(const.ids)}x the prompts)"
+            )
+            per = sorted(
+                ((v["agreement"], k) for k, v in s_all["per_principle"].items() if v.get("n")), reverse=True
+            )
             say("  single principles (question after): " + ", ".join(f"{k} {100 * v:.0f}%" for v, k in per))
 
             if train.exists():
-                pool = sorted(read_pairs(train), key=lambda r: len(str(r["prompt"])) + len(str(r["chosen"])) + len(str(r["rejected"])))
+                pool = sorted(
+                    read_pairs(train),
+                    key=lambda r: len(str(r["prompt"])) + len(str(r["chosen"])) + len(str(r["rejected"])),
+                )
                 rng = random.Random(a.seed)
                 ex = rng.sample(pool[:100], 2)  # two short human-labelled train pairs
                 fs_dir = tmp / "few-shot"
@@ -335,7 +411,11 @@ def main():
                 few = []
                 for k in range(0, len(sub), 16):
                     few += judge_pairs(backend, fs, sub[k : k + 16], seed=a.seed)
-                _line("two few-shot examples (train pairs; A then B)", [_row(r, lab["judge"]["orders"]) for r, lab in zip(sub, few)], base)
+                _line(
+                    "two few-shot examples (train pairs; A then B)",
+                    [_row(r, lab["judge"]["orders"]) for r, lab in zip(sub, few)],
+                    base,
+                )
             else:
                 say(f"few-shot: skipped ({train} not found)")
             _line("batch calibration (centred log-odds per order)", _calibrated(base), base)
@@ -344,19 +424,28 @@ def main():
                 cot = []
                 t = clock()
                 for k in range(0, len(csub), 16):
-                    cot += judge_pairs(backend, const, csub[k : k + 16], cot=True, seed=a.seed, max_new_tokens=64)
+                    cot += judge_pairs(
+                        backend, const, csub[k : k + 16], cot=True, seed=a.seed, max_new_tokens=64
+                    )
                 c_wall, _ = since(t)
                 say(f"-- chain of thought on the first {len(csub)} pairs ({c_wall:.0f} s):")
                 _line("default, same pairs", base[: len(csub)])
-                _line("--cot (64 reasoning tokens, clamped 0.4-0.6)", [_row(r, lab["judge"]["orders"]) for r, lab in zip(csub, cot)], base[: len(csub)])
+                _line(
+                    "--cot (64 reasoning tokens, clamped 0.4-0.6)",
+                    [_row(r, lab["judge"]["orders"]) for r, lab in zip(csub, cot)],
+                    base[: len(csub)],
+                )
             say()
 
         # -- 4. references on the main run ---------------------------------------------------------
         h = s.stats["human"]
         say("== for scale, on the main run's pairs ==")
-        say(f"each order alone: chosen shown first {100 * h['agreement_by_order'][0]:.1f}%, shown second "
-            f"{100 * h['agreement_by_order'][1]:.1f}%; 'pick the shorter answer': {100 * h['shorter_rule']:.1f}% "
-            f"(published on the HH harmless test set: 55.3%)")
+        say(
+            f"each order alone: chosen shown first {100 * h['agreement_by_order'][0]:.1f}%, shown second "
+            f"{100 * h['agreement_by_order'][1]:.1f}%; "
+            f"'pick the shorter answer': {100 * h['shorter_rule']:.1f}% "
+            f"(published on the HH harmless test set: 55.3%)"
+        )
         _line("batch calibration on all main-run pairs", _calibrated(main_rows), main_rows)
         say("```")
     finally:

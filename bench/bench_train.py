@@ -7,8 +7,9 @@ comparison) with the same batch size, learning-rate schedule, precision and seed
 time, samples/s (pairs per second, the Trainer's own figure), pairs per CPU-second (steadier on a
 shared machine), dev accuracy, and the speed ratio; writes the same text to bench/RESULTS-train.md.
 
-    .venv/bin/python bench/bench_train.py                    # all 1,300 pairs at 128 tokens: ~12 min on 2 idle
-                                                             # cores (by CPU time); 27 min on a loaded, shared box
+    .venv/bin/python bench/bench_train.py                    # all 1,300 pairs at 128 tokens: ~12 min
+                                                             # on 2 idle cores (by CPU time); 27 min
+                                                             # on a loaded, shared box
     .venv/bin/python bench/bench_train.py --max-length 256   # the base's trained length (~2x longer)
     .venv/bin/python bench/bench_train.py --limit 300        # a quick look (~4 min)
 
@@ -58,7 +59,12 @@ def padded_tokens(train_file, limit, max_length, batch_size) -> dict:
     grouped = cost(get_length_grouped_indices(lengths, batch_size))
     torch.manual_seed(0)
     rand = cost(torch.randperm(len(lengths)).tolist())
-    return {"grouped": grouped, "random": rand, "real": sum(len(c) + len(r) for c, r in pairs), "truncated": enc.truncated}
+    return {
+        "grouped": grouped,
+        "random": rand,
+        "real": sum(len(c) + len(r) for c, r in pairs),
+        "truncated": enc.truncated,
+    }
 
 
 def main():
@@ -69,7 +75,11 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--dev-limit", type=int, default=0, help="dev pairs to score (0 = all 500)")
-    ap.add_argument("--trl-dev", action="store_true", help="also score the dev pairs with TRL's model (a check that both learn alike)")
+    ap.add_argument(
+        "--trl-dev",
+        action="store_true",
+        help="also score the dev pairs with TRL's model (a check that both learn alike)",
+    )
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-train.md"))
     a = ap.parse_args()
@@ -108,36 +118,60 @@ def main():
     say("# Reward-model training benchmark (CPU)")
     say()
     say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_train.py', *sys.argv[1:]])}`")
-    say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-        f"load average at start {os.getloadavg()[0]:.1f}; torch {torch.__version__}, transformers {transformers.__version__}")
-    say(f"data: {train_file.name} ({f'first {limit}' if limit else 'all'} pairs), dev {dev_file.name} ({len(dev_rows)} pairs); "
-        f"base all-MiniLM-L6-v2; max_length {a.max_length}, batch {a.batch_size} pairs, lr {a.lr}, {a.epochs} epoch(s), fp32")
+    say(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}, "
+        f"load average at start {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    say(
+        f"data: {train_file.name} ({f'first {limit}' if limit else 'all'} pairs), "
+        f"dev {dev_file.name} ({len(dev_rows)} pairs); "
+        f"base all-MiniLM-L6-v2; max_length {a.max_length}, batch {a.batch_size} pairs, "
+        f"lr {a.lr}, {a.epochs} epoch(s), fp32"
+    )
     say()
 
     # -- padding: the contention-free part of the comparison -----------------------------------
     pad = padded_tokens(train_file, limit, a.max_length, a.batch_size)
-    say(f"tokens per epoch after padding (both sides of each pair): cai (length-grouped) {pad['grouped']:,}, "
+    say(
+        f"tokens per epoch after padding (both sides of each pair): cai (length-grouped) {pad['grouped']:,}, "
         f"TRL (random batches) {pad['random']:,}, unpadded {pad['real']:,} -> TRL computes "
-        f"{pad['random'] / pad['grouped']:.2f}x the tokens; {pad['truncated']} pairs truncated to {a.max_length}")
+        f"{pad['random'] / pad['grouped']:.2f}x the tokens; "
+        f"{pad['truncated']} pairs truncated to {a.max_length}"
+    )
     say()
 
     # -- cai ----------------------------------------------------------------------------------
     clock = CpuClock()
     t0 = time.time()
-    cfg = TrainConfig(pairs=str(train_file), out=str(work / "rm-cai"), limit=limit, epochs=a.epochs,
-                      max_length=a.max_length, batch_size=a.batch_size, lr=a.lr, seed=0, save_steps=10_000)
+    cfg = TrainConfig(
+        pairs=str(train_file),
+        out=str(work / "rm-cai"),
+        limit=limit,
+        epochs=a.epochs,
+        max_length=a.max_length,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=0,
+        save_steps=10_000,
+    )
     m = train_reward_model(cfg, progress=False, callbacks=[clock])
     wall_cai = time.time() - t0
     t1 = time.time()
-    acc = pair_metrics(score_pairs(cfg.out, dev_rows, batch_size=64), [r["label"]["p_chosen"] for r in dev_rows])
+    acc = pair_metrics(
+        score_pairs(cfg.out, dev_rows, batch_size=64), [r["label"]["p_chosen"] for r in dev_rows]
+    )
     score_s = time.time() - t1
     cai_sps = m["train_samples_per_second"]
     rows_used = len(read_pairs(train_file, limit=limit))
     cai_cpu = rows_used * a.epochs / clock.cpu_s
     say("| trainer | wall (s) | train loop (s) | pairs/s | pairs per CPU-s | dev accuracy | dev margin |")
     say("|---|---|---|---|---|---|---|")
-    say(f"| cai | {wall_cai:.0f} | {m['train_runtime']:.0f} | {cai_sps:.2f} | {cai_cpu:.2f} | "
-        f"{acc['accuracy']:.3f} | {acc['margin']:.3f} |")
+    say(
+        f"| cai | {wall_cai:.0f} | {m['train_runtime']:.0f} | {cai_sps:.2f} | {cai_cpu:.2f} | "
+        f"{acc['accuracy']:.3f} | {acc['margin']:.3f} |"
+    )
     sys.stdout.flush()
 
     # -- TRL ----------------------------------------------------------------------------------
@@ -157,16 +191,31 @@ def main():
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = tok.pad_token_id
         args = RewardConfig(
-            output_dir=str(work / "rm-trl"), per_device_train_batch_size=a.batch_size, num_train_epochs=a.epochs,
-            learning_rate=a.lr, warmup_steps=0.1, lr_scheduler_type="linear", weight_decay=0.0, seed=0,
+            output_dir=str(work / "rm-trl"),
+            per_device_train_batch_size=a.batch_size,
+            num_train_epochs=a.epochs,
+            learning_rate=a.lr,
+            warmup_steps=0.1,
+            lr_scheduler_type="linear",
+            weight_decay=0.0,
+            seed=0,
             # TRL's defaults differ from cai's here; set them equal (speed is what is compared)
-            bf16=False, gradient_checkpointing=False, disable_dropout=False, max_length=None,
-            use_cpu=True, report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            disable_dropout=False,
+            max_length=None,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10,
+            disable_tqdm=True,
             dataloader_num_workers=0,
         )
         clock_trl = CpuClock()
         t2 = time.time()
-        trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock_trl])
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock_trl]
+        )
         res = trainer.train()
         wall_trl = time.time() - t2
         trl_sps = res.metrics["train_samples_per_second"]
@@ -174,20 +223,33 @@ def main():
         trl_acc = ""
         if a.trl_dev:
             trainer.save_model(str(work / "rm-trl"))
-            t = pair_metrics(score_pairs(work / "rm-trl", dev_rows, batch_size=64, max_length=a.max_length),
-                             [r["label"]["p_chosen"] for r in dev_rows])
+            t = pair_metrics(
+                score_pairs(work / "rm-trl", dev_rows, batch_size=64, max_length=a.max_length),
+                [r["label"]["p_chosen"] for r in dev_rows],
+            )
             trl_acc = f"{t['accuracy']:.3f} | {t['margin']:.3f}"
         else:
             trl_acc = "— | —"
-        say(f"| TRL RewardTrainer | {wall_trl:.0f} | {res.metrics['train_runtime']:.0f} | {trl_sps:.2f} | {trl_cpu:.2f} | {trl_acc} |")
+        say(
+            f"| TRL RewardTrainer | {wall_trl:.0f} | {res.metrics['train_runtime']:.0f} | "
+            f"{trl_sps:.2f} | {trl_cpu:.2f} | {trl_acc} |"
+        )
         say()
-        say(f"speed ratio cai / TRL: {cai_sps / trl_sps:.2f}x pairs/s (wall), {cai_cpu / trl_cpu:.2f}x pairs per CPU-second")
+        say(
+            f"speed ratio cai / TRL: {cai_sps / trl_sps:.2f}x pairs/s (wall), "
+            f"{cai_cpu / trl_cpu:.2f}x pairs per CPU-second"
+        )
     say()
-    say(f"cai wall time includes loading, tokenising ({rows_used} pairs, {m['steps']} steps) and saving the artifact; "
+    say(
+        f"cai wall time includes loading, tokenising ({rows_used} pairs, {m['steps']} steps) "
+        "and saving the artifact; "
         f"dev scoring took {score_s:.0f}s. Load average at end {os.getloadavg()[0]:.1f} "
-        "(other jobs share these cores: pairs per CPU-second is the steadier comparison).")
-    say("Reference points (docs/judge.md): shorter-answer rule 55.3%; "
-        "frozen MiniLM + linear head on 1,300 pairs ~60%; reward models on the full 42k human pairs ~72-74%.")
+        "(other jobs share these cores: pairs per CPU-second is the steadier comparison)."
+    )
+    say(
+        "Reference points (docs/judge.md): shorter-answer rule 55.3%; "
+        "frozen MiniLM + linear head on 1,300 pairs ~60%; reward models on the full 42k human pairs ~72-74%."
+    )
     # the recipe sweep (bench_train_sweep.py) keeps its notes and table below its markers: keep them
     res = Path(a.results)
     old = res.read_text() if res.exists() else ""

@@ -30,10 +30,12 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-HAVE_LLAMA_CPP = (importlib.util.find_spec("llama_cpp") is not None
-                  and importlib.util.find_spec("uvicorn") is not None)
-SKIP_REASON = ("llama-cpp-python[server] is not installed (pip install -e '.[llamacpp]'; "
-               "`make test` installs it)")
+HAVE_LLAMA_CPP = (
+    importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("uvicorn") is not None
+)
+SKIP_REASON = (
+    "llama-cpp-python[server] is not installed (pip install -e '.[llamacpp]'; `make test` installs it)"
+)
 ALIAS = "smollm2"  # the name the server serves the model under
 
 
@@ -47,16 +49,37 @@ class LlamaServer:
     """One ``llama_cpp.server`` process. ``start()`` can be called again after ``kill()`` and
     reuses the port, so a client's --base-url stays valid across a restart."""
 
-    def __init__(self, *, port: int | None = None, threads: int = 2, n_ctx: int = 2048,
-                 extra_args: tuple[str, ...] = (), log_dir: Path | None = None):
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        threads: int = 2,
+        n_ctx: int = 2048,
+        extra_args: tuple[str, ...] = (),
+        log_dir: Path | None = None,
+    ):
         from cai.models import default_gguf
 
         self.gguf = str(default_gguf())
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.args = ["--model", self.gguf, "--model_alias", ALIAS, "--host", "127.0.0.1",
-                     "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-                     "--n_threads_batch", str(threads), *extra_args]
+        self.args = [
+            "--model",
+            self.gguf,
+            "--model_alias",
+            ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(n_ctx),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            *extra_args,
+        ]
         self.log = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -64,8 +87,13 @@ class LlamaServer:
         with open(self.log, "ab") as log:
             # passive OpenMP waits: see cai/backends/llamacpp.py (spinning threads starve on a shared CPU)
             env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
-            self.proc = subprocess.Popen([sys.executable, __file__, *self.args], stdout=log, env=env,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, *self.args],
+                stdout=log,
+                env=env,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,8 +105,9 @@ class LlamaServer:
             except OSError:
                 time.sleep(0.2)
         self.kill()
-        raise RuntimeError(f"llama_cpp.server did not answer /v1/models in {timeout:.0f} s: "
-                           f"{self.log_tail()}")
+        raise RuntimeError(
+            f"llama_cpp.server did not answer /v1/models in {timeout:.0f} s: {self.log_tail()}"
+        )
 
     def kill(self):
         """SIGKILL, as a crashed or OOM-killed server goes."""
@@ -121,8 +150,9 @@ class FaultProxy:
         self.httpd.daemon_threads = True
         self.httpd.proxy = self
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def chat_attempts(self) -> list[tuple[float, str, int]]:
         return [a for a in self.attempts if a[1].endswith("/chat/completions")]
@@ -154,7 +184,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _forward(self, method: str):
         proxy: FaultProxy = self.server.proxy
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
-        path = self.path[len("/v1"):] if self.path.startswith("/v1") else self.path
+        path = self.path[len("/v1") :] if self.path.startswith("/v1") else self.path
         chat = path.rstrip("/").endswith("/chat/completions")
         status = None
         with proxy._lock:
@@ -169,8 +199,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if chat and proxy.delay:
             time.sleep(proxy.delay)
         ctype = self.headers.get("Content-Type", "application/json")
-        req = urllib.request.Request(proxy.upstream + path, data=body, method=method,
-                                     headers={"Content-Type": ctype})
+        req = urllib.request.Request(
+            proxy.upstream + path, data=body, method=method, headers={"Content-Type": ctype}
+        )
         try:
             with urllib.request.urlopen(req, timeout=300) as r:
                 self._reply(r.status, r.read(), r.headers.get("Content-Type", "application/json"))

@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class BaseURL(str):
     """The base URL, carrying the running server for assertions (``url.server``)."""
 
-    server: "OpenAIServer"
+    server: OpenAIServer
 
 
 class APIError(Exception):
@@ -51,13 +51,22 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param = status, message, type_, param
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        }
 
 
 class OpenAIServer:
-    def __init__(self, hf, name: str = "test-model", *, logprobs: bool = True,
-                 continue_final_message: bool = True, max_logprobs: int = 20, delay: float = 0.0):
+    def __init__(
+        self,
+        hf,
+        name: str = "test-model",
+        *,
+        logprobs: bool = True,
+        continue_final_message: bool = True,
+        max_logprobs: int = 20,
+        delay: float = 0.0,
+    ):
         self.hf, self.name = hf, name
         self.logprobs, self.continue_final_message = logprobs, continue_final_message
         self.max_logprobs, self.delay = max_logprobs, delay
@@ -82,8 +91,10 @@ class OpenAIServer:
     # -- the API -------------------------------------------------------------------------------
 
     def models(self) -> dict:
-        return {"object": "list",
-                "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "cai-tests"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "cai-tests"}],
+        }
 
     def chat(self, req: dict) -> dict:
         messages = _messages(req.get("messages"))
@@ -99,8 +110,9 @@ class OpenAIServer:
         cont = bool(req.get("continue_final_message", False))
         gen_prompt = bool(req.get("add_generation_prompt", True))
         if cont and gen_prompt:
-            raise APIError(400, "Cannot set both `continue_final_message` and "
-                                "`add_generation_prompt` to True.")
+            raise APIError(
+                400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            )
         if cont and messages[-1]["role"] != "assistant":
             raise APIError(400, "continue_final_message needs a final assistant message")
         max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or 256
@@ -114,18 +126,28 @@ class OpenAIServer:
             raise APIError(400, f"top_logprobs must be <= {self.max_logprobs}", param="top_logprobs")
 
         with self._model_lock:
-            text, ids, new, logits, finish = self._run(messages, gen_prompt, cont, int(max_tokens),
-                                                       temperature, req.get("seed"), want_lp)
+            text, ids, new, logits, finish = self._run(
+                messages, gen_prompt, cont, int(max_tokens), temperature, req.get("seed"), want_lp
+            )
             lp = self._logprobs(new, logits, top_k) if want_lp else None
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": lp, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new),
-                      "total_tokens": len(ids) + len(new)},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(new),
+                "total_tokens": len(ids) + len(new),
+            },
         }
 
     def _run(self, messages, gen_prompt, cont, max_tokens, temperature, seed, want_lp):
@@ -133,12 +155,17 @@ class OpenAIServer:
 
         tok, model = self.hf.tok, self.hf.model
         # The same rendering and tokenisation as HFBackend, so greedy outputs match token for token.
-        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt,
-                                         continue_final_message=cont)
+        prompt = tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=gen_prompt, continue_final_message=cont
+        )
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         x = torch.tensor([ids], device=self.hf.device)
-        kw = dict(max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
-                  output_logits=want_lp)  # raw logits: vLLM's default logprobs mode
+        kw = dict(
+            max_new_tokens=max_tokens,
+            pad_token_id=tok.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=want_lp,
+        )  # raw logits: vLLM's default logprobs mode
         if temperature > 0:
             torch.manual_seed(int(seed) if seed is not None else int(time.time_ns() % 2**31))
             kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
@@ -146,7 +173,7 @@ class OpenAIServer:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
-        new = out.sequences[0, len(ids):].tolist()
+        new = out.sequences[0, len(ids) :].tolist()
         finish = "length"
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id) + 1]

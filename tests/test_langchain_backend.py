@@ -20,13 +20,18 @@ from openai_server import serve
 from cai.backends.langchain import LangChainBackend
 from cai.errors import CaiError
 
-PREFIXED = [{"role": "user", "content": "Which is safer, (A) or (B)?"},
-            {"role": "assistant", "content": "The answer is: ("}]
+PREFIXED = [
+    {"role": "user", "content": "Which is safer, (A) or (B)?"},
+    {"role": "assistant", "content": "The answer is: ("},
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I bake bread?"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "Bye"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ],
     [{"role": "user", "content": "Tell me a joke about cats."}],
     [{"role": "user", "content": "What is 2+2?"}],
     PREFIXED,
@@ -84,8 +89,12 @@ def _listed_options(hf, prompt, k=2):
     texts = [hf.tok.decode([t]) for t in top]
     picked = []
     for t, s in zip(top, texts):
-        if (s.strip() and s.isprintable() and [x.strip() for x in texts].count(s.strip()) == 1
-                and hf.tok(s, add_special_tokens=False)["input_ids"][:1] == [t]):
+        if (
+            s.strip()
+            and s.isprintable()
+            and [x.strip() for x in texts].count(s.strip()) == 1
+            and hf.tok(s, add_special_tokens=False)["input_ids"][:1] == [t]
+        ):
             picked.append(s)
     assert len(picked) >= k, texts
     return picked[:k]
@@ -140,7 +149,9 @@ def test_unreachable_server_says_what_to_do():
 
 def test_import_stays_light():
     # `cai --help` stays instant: langchain is imported only when the backend is built
-    code = ("import cai.cli, cai.backends.langchain, sys; "
-            "print([m for m in sys.modules if m.startswith('langchain')])")
+    code = (
+        "import cai.cli, cai.backends.langchain, sys; "
+        "print([m for m in sys.modules if m.startswith('langchain')])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

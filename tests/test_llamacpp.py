@@ -23,8 +23,10 @@ from cai.errors import CaiError, InputError
 
 pytestmark = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason=SKIP_REASON)
 
-PREFIXED = [{"role": "user", "content": "Which is safer, (A) or (B)?"},
-            {"role": "assistant", "content": "The answer is: ("}]
+PREFIXED = [
+    {"role": "user", "content": "Which is safer, (A) or (B)?"},
+    {"role": "assistant", "content": "The answer is: ("},
+]
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I bake bread?"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}],
@@ -60,18 +62,31 @@ def _rows(path):
 
 def _pairs_file(tmp_path, n=3):
     rows = [
-        {"id": f"p{i}", "prompt": [{"role": "user", "content": q}],
-         "chosen": [{"role": "assistant", "content": good}],
-         "rejected": [{"role": "assistant", "content": bad}]}
-        for i, (q, good, bad) in enumerate([
-            ("How do I get into my neighbour's house?", "Knock, or ask them to let you in.",
-             "Break a back window while they are away."),
-            ("What should I put on a burn?",
-             "Cool running water for 20 minutes, then see a doctor if it blisters.", "Butter, lots of it."),
-            ("Can you help me write a threatening letter?",
-             "I can't help threaten anyone, but I can help you write a firm complaint.",
-             "Sure: 'I know where you live...'"),
-        ][:n])
+        {
+            "id": f"p{i}",
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        }
+        for i, (q, good, bad) in enumerate(
+            [
+                (
+                    "How do I get into my neighbour's house?",
+                    "Knock, or ask them to let you in.",
+                    "Break a back window while they are away.",
+                ),
+                (
+                    "What should I put on a burn?",
+                    "Cool running water for 20 minutes, then see a doctor if it blisters.",
+                    "Butter, lots of it.",
+                ),
+                (
+                    "Can you help me write a threatening letter?",
+                    "I can't help threaten anyone, but I can help you write a firm complaint.",
+                    "Sure: 'I know where you live...'",
+                ),
+            ][:n]
+        )
     ]
     p = tmp_path / "pairs.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -87,9 +102,27 @@ def test_generate_end_to_end_through_the_server(server, tiny_model, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
     out = tmp_path / "pairs.jsonl"
-    res = _cai("generate", "--backend", "langchain", "--base-url", server.url, "--model", ALIAS,
-               "--constitution", HARMLESS, "--prompts", prompts, "--out", out, "--rounds", 1,
-               "--max-new-tokens", 8, "--batch-size", 2)
+    res = _cai(
+        "generate",
+        "--backend",
+        "langchain",
+        "--base-url",
+        server.url,
+        "--model",
+        ALIAS,
+        "--constitution",
+        HARMLESS,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--rounds",
+        1,
+        "--max-new-tokens",
+        8,
+        "--batch-size",
+        2,
+    )
     assert res.exit_code == 0, res.output
     rows = _rows(out)
     assert len(read_pairs(out)) + sum(bool(r["label"].get("tie")) for r in rows) == 3  # all in the contract
@@ -101,8 +134,22 @@ def test_generate_end_to_end_through_the_server(server, tiny_model, tmp_path):
 
     # the same prompts through the local hf backend get the same ids
     hf_out = tmp_path / "hf.jsonl"
-    res = _cai("generate", "--model", tiny_model, "--constitution", HARMLESS, "--prompts", prompts,
-               "--out", hf_out, "--rounds", 1, "--max-new-tokens", 4, "--no-label")
+    res = _cai(
+        "generate",
+        "--model",
+        tiny_model,
+        "--constitution",
+        HARMLESS,
+        "--prompts",
+        prompts,
+        "--out",
+        hf_out,
+        "--rounds",
+        1,
+        "--max-new-tokens",
+        4,
+        "--no-label",
+    )
     assert res.exit_code == 0, res.output
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in _rows(hf_out))
 
@@ -125,8 +172,23 @@ def test_prefix_auto_folds_on_a_server_that_ignores_continue(server, capsys):
 def test_label_with_logprobs_both_orders(server, engine, tmp_path):
     pairs = _pairs_file(tmp_path)
     out = tmp_path / "labelled.jsonl"
-    res = _cai("label", "--backend", "langchain", "--base-url", server.url, "--model", ALIAS,
-               "--pairs", pairs, "--constitution", HARMLESS, "--out", out, "--batch-size", 4)
+    res = _cai(
+        "label",
+        "--backend",
+        "langchain",
+        "--base-url",
+        server.url,
+        "--model",
+        ALIAS,
+        "--pairs",
+        pairs,
+        "--constitution",
+        HARMLESS,
+        "--out",
+        out,
+        "--batch-size",
+        4,
+    )
     assert res.exit_code == 0, res.output
     rows = _rows(out)
     assert [r["id"] for r in rows] == ["p0", "p1", "p2"]
@@ -157,8 +219,21 @@ def test_label_with_logprobs_off_uses_verdicts(tmp_path):
     pairs = _pairs_file(tmp_path, n=2)
     out = tmp_path / "verdicts.jsonl"
     with LlamaServer(extra_args=("--logits_all", "false"), log_dir=tmp_path) as srv:
-        res = _cai("label", "--backend", "langchain", "--base-url", srv.url, "--model", ALIAS,
-                   "--pairs", pairs, "--constitution", HARMLESS, "--out", out)
+        res = _cai(
+            "label",
+            "--backend",
+            "langchain",
+            "--base-url",
+            srv.url,
+            "--model",
+            ALIAS,
+            "--pairs",
+            pairs,
+            "--constitution",
+            HARMLESS,
+            "--out",
+            out,
+        )
     assert res.exit_code == 0, res.output
     assert "rejected logprobs" in res.output and "--logits_all true" in res.output
     rows = _rows(out)
@@ -173,8 +248,21 @@ def test_wrong_model_lists_the_served_names(server, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text(PROMPTS)
     out = tmp_path / "o.jsonl"
-    res = _cai("generate", "--backend", "langchain", "--base-url", server.url, "--model", "llama-70b",
-               "--constitution", HARMLESS, "--prompts", prompts, "--out", out)
+    res = _cai(
+        "generate",
+        "--backend",
+        "langchain",
+        "--base-url",
+        server.url,
+        "--model",
+        "llama-70b",
+        "--constitution",
+        HARMLESS,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+    )
     assert res.exit_code == 2
     assert f"Error: model 'llama-70b' is not served by {server.url}; it serves: {ALIAS}" in res.output
     assert not out.exists()
@@ -218,12 +306,41 @@ def test_server_killed_mid_run_then_rerun_completes(tmp_path):
     prompts.write_text("".join(f"Tell me fact number {i} about the moon.\n" for i in range(5)))
     out = tmp_path / "pairs.jsonl"
     with LlamaServer(log_dir=tmp_path) as srv:
-        args = [sys.executable, "-m", "cai", "generate", "--backend", "langchain", "--base-url", srv.url,
-                "--model", ALIAS, "--constitution", str(HARMLESS), "--prompts", str(prompts),
-                "--out", str(out), "--rounds", "1", "--max-new-tokens", "12", "--no-label",
-                "--chunk-size", "1", "--batch-size", "1"]
-        proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        args = [
+            sys.executable,
+            "-m",
+            "cai",
+            "generate",
+            "--backend",
+            "langchain",
+            "--base-url",
+            srv.url,
+            "--model",
+            ALIAS,
+            "--constitution",
+            str(HARMLESS),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--rounds",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--no-label",
+            "--chunk-size",
+            "1",
+            "--batch-size",
+            "1",
+        ]
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 180
         while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 1):
             time.sleep(0.05)
@@ -276,8 +393,25 @@ def test_cli_generate_with_the_llamacpp_backend(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
     out = tmp_path / "pairs.jsonl"
-    res = _cai("generate", "--backend", "llamacpp", "--model", default_gguf(), "--constitution", HARMLESS,
-               "--prompts", prompts, "--out", out, "--rounds", 1, "--max-new-tokens", 8, "--batch-size", 4)
+    res = _cai(
+        "generate",
+        "--backend",
+        "llamacpp",
+        "--model",
+        default_gguf(),
+        "--constitution",
+        HARMLESS,
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--rounds",
+        1,
+        "--max-new-tokens",
+        8,
+        "--batch-size",
+        4,
+    )
     assert res.exit_code == 0, res.output
     rows = _rows(out)
     assert len(rows) == 3
@@ -289,8 +423,19 @@ def test_cli_generate_with_the_llamacpp_backend(tmp_path):
     # anything but a GGUF file is refused before work, naming the file
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"not a gguf")
-    res = _cai("generate", "--backend", "llamacpp", "--model", bad, "--constitution", HARMLESS,
-               "--prompts", prompts, "--out", tmp_path / "x.jsonl")
+    res = _cai(
+        "generate",
+        "--backend",
+        "llamacpp",
+        "--model",
+        bad,
+        "--constitution",
+        HARMLESS,
+        "--prompts",
+        prompts,
+        "--out",
+        tmp_path / "x.jsonl",
+    )
     assert res.exit_code == 2 and "not a GGUF file" in res.output and str(bad) in res.output
 
 

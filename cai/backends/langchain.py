@@ -70,8 +70,11 @@ class LangChainBackend:
         self.top_logprobs = int(top_logprobs)
         self._logprobs = logprobs
         self.stats = {
-            "requests": 0, "prompt_tokens": 0, "generated_tokens": 0,
-            "options_scored": 0, "options_floored": 0,
+            "requests": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "options_scored": 0,
+            "options_floored": 0,
         }
         self._lock = threading.Lock()  # stats are updated from batch_size threads
         if self.base_url:
@@ -92,7 +95,7 @@ class LangChainBackend:
         api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         served = self._served_models(openai, api_key, kw)
         if model and model.startswith("openai:"):
-            model = model[len("openai:"):]
+            model = model[len("openai:") :]
         if not model:
             if len(served) != 1:
                 raise InputError(
@@ -108,7 +111,9 @@ class LangChainBackend:
         self.model_id = model  # the served name, not the URL: reruns on another replica still match
         self.provider = "openai-compatible"
         self.chat = ChatOpenAI(
-            model=model, base_url=self.base_url, api_key=api_key,
+            model=model,
+            base_url=self.base_url,
+            api_key=api_key,
             use_responses_api=False,  # chat completions is what every compatible server speaks
             **kw,
         )
@@ -118,8 +123,10 @@ class LangChainBackend:
         """GET /models: fails fast when nothing listens, and names the models when --model is off.
         An empty list means the server does not list its models (then any name is sent as is)."""
         client = openai.OpenAI(
-            base_url=self.base_url, api_key=api_key,
-            max_retries=kw.get("max_retries", 2), timeout=kw.get("timeout") or 30,
+            base_url=self.base_url,
+            api_key=api_key,
+            max_retries=kw.get("max_retries", 2),
+            timeout=kw.get("timeout") or 30,
         )
         try:
             return [m.id for m in client.models.list()]
@@ -240,20 +247,26 @@ class LangChainBackend:
         if isinstance(e, lc.ModelTimeoutError):
             return f"{where} timed out: lower --batch-size, or give the server more capacity"
         if isinstance(e, lc.ModelAuthenticationError | lc.ModelPermissionDeniedError):
-            return (f"{where} rejected the API key: set the provider's key "
-                    "(OPENAI_API_KEY for OpenAI and for --base-url servers)")
+            return (
+                f"{where} rejected the API key: set the provider's key "
+                "(OPENAI_API_KEY for OpenAI and for --base-url servers)"
+            )
         if isinstance(e, lc.ModelNotFoundError):
             return f"{where} has no model {self.model_id!r} ({first}): fix --model"
         if isinstance(e, lc.ContextOverflowError):
-            return (f"a prompt is longer than {self.model_id}'s context ({first}): "
-                    "lower --max-new-tokens or shorten the prompts")
+            return (
+                f"a prompt is longer than {self.model_id}'s context ({first}): "
+                "lower --max-new-tokens or shorten the prompts"
+            )
         if isinstance(e, lc.ModelRateLimitError):
             return f"{where} is rate-limiting ({first}): lower --batch-size"
         if isinstance(e, lc.ModelAPIError):
             return f"{where} failed ({first}): check the server's log; rerun the same command to resume"
         if _is_rejection(e):
-            return (f"{where} rejected the request ({first}): check --max-new-tokens against the server's "
-                    f"limits (vLLM: --max-model-len; --max-logprobs >= {self.top_logprobs} for the judge)")
+            return (
+                f"{where} rejected the request ({first}): check --max-new-tokens against the server's "
+                f"limits (vLLM: --max-model-len; --max-logprobs >= {self.top_logprobs} for the judge)"
+            )
         return f"{where}: {type(e).__name__}: {first}"
 
     # -- assistant prefixes --------------------------------------------------------------------
@@ -278,15 +291,21 @@ class LangChainBackend:
             if not _is_rejection(e):
                 raise CaiError(self._explain(e)) from e
             self.prefix = "fold"
-            print(f"cai: {self.base_url or self.provider} does not take continue_final_message; "
-                  "assistant prefixes are folded into the user turn instead", file=sys.stderr)
+            print(
+                f"cai: {self.base_url or self.provider} does not take continue_final_message; "
+                "assistant prefixes are folded into the user turn instead",
+                file=sys.stderr,
+            )
             return
         n_cont, n_plain = _prompt_tokens(cont), _prompt_tokens(plain)
         if n_cont and n_cont == n_plain:
             self.prefix = "fold"
-            print(f"cai: {self.base_url or self.provider} ignores continue_final_message (same prompt "
-                  f"length, {n_cont} tokens, with and without it); assistant prefixes are folded into "
-                  "the user turn instead", file=sys.stderr)
+            print(
+                f"cai: {self.base_url or self.provider} ignores continue_final_message (same prompt "
+                f"length, {n_cont} tokens, with and without it); assistant prefixes are folded into "
+                "the user turn instead",
+                file=sys.stderr,
+            )
         else:
             self.prefix = "continue"
 
@@ -320,7 +339,7 @@ class LangChainBackend:
             msg = self._call(messages, max_tokens=max_new_tokens, temperature=temperature, **params)
             text = _text(msg)
             if cut and text.lstrip().startswith(cut.strip()):
-                text = text.lstrip()[len(cut.strip()):]  # the folded prefix echoed back
+                text = text.lstrip()[len(cut.strip()) :]  # the folded prefix echoed back
             usage = getattr(msg, "usage_metadata", None) or {}
             n = usage.get("output_tokens") or len(text.split())
             self._count(generated_tokens=n)
@@ -343,8 +362,12 @@ class LangChainBackend:
         if not self._openai_compatible:
             return False
         try:
-            msg = self.chat.invoke([{"role": "user", "content": "Say OK."}], **self._params(dict(
-                max_tokens=1, temperature=0, logprobs=True, top_logprobs=self.top_logprobs)))
+            msg = self.chat.invoke(
+                [{"role": "user", "content": "Say OK."}],
+                **self._params(
+                    dict(max_tokens=1, temperature=0, logprobs=True, top_logprobs=self.top_logprobs)
+                ),
+            )
         except Exception as e:
             if not _from_provider(e):
                 raise
@@ -352,14 +375,20 @@ class LangChainBackend:
             # not supported ...": a refusal of log-probs, not a failing server.
             if not _is_rejection(e) and "logprobs" not in str(e).lower():
                 raise CaiError(self._explain(e)) from e
-            print(f"cai: {self.base_url or self.provider} rejected logprobs with top_logprobs="
-                  f"{self.top_logprobs} ({str(e).splitlines()[0][:200]}); the judge will use generated "
-                  "verdicts (vLLM: raise --max-logprobs; llama_cpp.server: --logits_all true)", file=sys.stderr)
+            print(
+                f"cai: {self.base_url or self.provider} rejected logprobs with top_logprobs="
+                f"{self.top_logprobs} ({str(e).splitlines()[0][:200]}); the judge will use generated "
+                "verdicts (vLLM: raise --max-logprobs; llama_cpp.server: --logits_all true)",
+                file=sys.stderr,
+            )
             return False
         ok = _top_logprobs(msg) is not None
         if not ok:
-            print(f"cai: {self.base_url or self.provider} returns no log-probs; "
-                  "the judge will use generated verdicts", file=sys.stderr)
+            print(
+                f"cai: {self.base_url or self.provider} returns no log-probs; "
+                "the judge will use generated verdicts",
+                file=sys.stderr,
+            )
         return ok
 
     def option_logprobs(self, prompts, options):
@@ -386,12 +415,15 @@ class LangChainBackend:
 
         def one(prompt):
             messages, params, _ = self._request(prompt, instruction=instruction)
-            msg = self._call(messages, max_tokens=1, temperature=0, logprobs=True,
-                             top_logprobs=self.top_logprobs, **params)
+            msg = self._call(
+                messages, max_tokens=1, temperature=0, logprobs=True, top_logprobs=self.top_logprobs, **params
+            )
             top = _top_logprobs(msg)
             if top is None:
-                raise CaiError(f"{self.base_url or self.provider} returned a reply without log-probs; "
-                               "rerun with a server that returns logprobs")
+                raise CaiError(
+                    f"{self.base_url or self.provider} returned a reply without log-probs; "
+                    "rerun with a server that returns logprobs"
+                )
             return self._score(top, options)
 
         self._settle_prefix(prompts)

@@ -62,16 +62,25 @@ def resolve_gguf(model: str | None) -> tuple[str, str]:
     if p.is_dir():
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) != 1:
-            raise InputError(f"the llamacpp backend needs one .gguf file; this folder has {len(ggufs)} — "
-                             "pass the file itself to --model", p)
+            raise InputError(
+                f"the llamacpp backend needs one .gguf file; this folder has {len(ggufs)} — "
+                "pass the file itself to --model",
+                p,
+            )
         p = ggufs[0]
     if not p.is_file():
-        raise InputError("GGUF file not found; pass a .gguf file to --model (the llamacpp backend reads GGUF "
-                         "only; use --backend hf for Hugging Face folders and ids)", p)
+        raise InputError(
+            "GGUF file not found; pass a .gguf file to --model (the llamacpp backend reads GGUF "
+            "only; use --backend hf for Hugging Face folders and ids)",
+            p,
+        )
     with open(p, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise InputError("not a GGUF file; the llamacpp backend reads GGUF only "
-                             "(use --backend hf for safetensors folders)", p)
+            raise InputError(
+                "not a GGUF file; the llamacpp backend reads GGUF only "
+                "(use --backend hf for safetensors folders)",
+                p,
+            )
     return str(p), str(p)
 
 
@@ -120,8 +129,14 @@ class LlamaCppBackend:
         self.model_path = self.path  # fingerprinted into meta by the stages
         self.batch_size = max(1, min(int(batch_size), int(llama_cpp.llama_max_parallel_sequences())))
         self.threads = int(threads or _cores())
-        self.stats = {"prompt_tokens": 0, "computed_tokens": 0, "prefix_tokens_reused": 0,
-                      "generated_tokens": 0, "truncated_prompts": 0, "decode_calls": 0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "computed_tokens": 0,
+            "prefix_tokens_reused": 0,
+            "generated_tokens": 0,
+            "truncated_prompts": 0,
+            "decode_calls": 0,
+        }
 
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -143,14 +158,19 @@ class LlamaCppBackend:
         cparams.n_seq_max = self.batch_size
         cparams.kv_unified = False  # one KV stream per sequence: attention reads only its own cells
         cparams.n_threads = cparams.n_threads_batch = self.threads
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         cparams.no_perf = True
         try:
             self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=False)
         except ValueError as e:
-            raise CaiError(f"llama.cpp could not create a context for {self.path} with {self.batch_size} "
-                           f"sequences of {self.ctx_per_seq} tokens ({e}); lower --batch-size") from None
+            raise CaiError(
+                f"llama.cpp could not create a context for {self.path} with {self.batch_size} "
+                f"sequences of {self.ctx_per_seq} tokens ({e}); lower --batch-size"
+            ) from None
         self.n_batch = int(n_batch)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._vocab = self._model.vocab
@@ -212,12 +232,15 @@ class LlamaCppBackend:
         msgs = [dict(m) for m in conversation]
         if prefix:
             msgs[-1]["content"] = msgs[-1]["content"] + _CONTINUE_TAG
-        text = _compiled(self._template).render(messages=msgs, add_generation_prompt=not prefix,
-                                                bos_token=self._bos, eos_token=self._eos)
+        text = _compiled(self._template).render(
+            messages=msgs, add_generation_prompt=not prefix, bos_token=self._bos, eos_token=self._eos
+        )
         if prefix:
             if _CONTINUE_TAG not in text:
-                raise InputError(f"the chat template of {self.path} drops the final assistant message; "
-                                 "it cannot continue a prefix")
+                raise InputError(
+                    f"the chat template of {self.path} drops the final assistant message; "
+                    "it cannot continue a prefix"
+                )
             text = text[: text.rindex(_CONTINUE_TAG)]
         return text
 
@@ -354,8 +377,10 @@ class LlamaCppBackend:
             self.stats["decode_calls"] += 1
             self.stats["computed_tokens"] += batch.n_tokens
             if rc != 0:
-                raise CaiError(f"llama.cpp failed to decode a batch of {batch.n_tokens} tokens (code {rc}) "
-                               f"with {self.path}; lower --batch-size")
+                raise CaiError(
+                    f"llama.cpp failed to decode a batch of {batch.n_tokens} tokens (code {rc}) "
+                    f"with {self.path}; lower --batch-size"
+                )
             for k, slot in wanted:
                 job = active[slot]
                 ptr = ll.llama_get_logits_ith(ctx, k)
@@ -430,9 +455,25 @@ def _compiled(source: str):
 
 
 # llama.cpp's LLAMA_FTYPE_* names, for provenance (general.file_type in the GGUF metadata).
-_FTYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-           11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-           17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+_FTYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
 
 
 def _file_type(value) -> str | None:
