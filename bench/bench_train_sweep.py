@@ -51,6 +51,7 @@ FULL_RECIPES = {
     "none-512": dict(max_length=512, length_robust="none"),
     "odin+balance-512": dict(max_length=512, length_robust="odin+balance"),
     "balance-512-lr2e-4": dict(max_length=512, length_robust="balance", lr=2e-4),
+    "balance-256": dict(max_length=256, length_robust="balance"),
 }
 REDUCED = ("balance-512",)  # the full fine-tune `make bench` trains when nothing is cached (the default recipe)
 
