@@ -113,13 +113,13 @@ def encode_split(path, max_length: int, threads: int = 1):
     from transformers import AutoModel, AutoTokenizer
 
     from cai.models import default_reward_base
-    from cai.reward import PairEncoder, _read_training_rows, _tokenize, pad_batch
+    from cai.reward import PairEncoder, read_training_rows, tokenize_pairs, pad_batch
 
     torch.set_num_threads(threads)
     base = str(default_reward_base())
     tok = AutoTokenizer.from_pretrained(base)
-    rows, _ = _read_training_rows(path, None, "soft", "training", skip_bad=True)
-    items = _tokenize(rows, PairEncoder(tok, max_length))
+    rows, _ = read_training_rows(path, None, "soft", "training", skip_bad=True)
+    items = tokenize_pairs(rows, PairEncoder(tok, max_length))
     seqs = [s for it in items for s in (it["chosen_ids"], it["rejected_ids"])]
     enc = AutoModel.from_pretrained(base, dtype=torch.float32).eval()
     cls = np.zeros((len(seqs), enc.config.hidden_size), np.float32)

@@ -187,7 +187,7 @@ class PairCollator:
 # ----------------------------------------------------------------------------- the trainer
 
 
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def torch_pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Differentiable Pearson correlation of two 1-d tensors (0 when either is constant)."""
     x, y = x - x.mean(), y - y.mean()
     return (x * y).sum() / (x.norm() * y.norm() + 1e-8)
@@ -240,8 +240,8 @@ class RewardModelTrainer(Trainer):
                 # ODIN pushes the length head towards +length (its data favoured long answers); here the
                 # sign follows the training labels' own lean, so the length head can absorb "shorter is
                 # preferred" too (HH harmlessness), instead of fighting it.
-                rho_l = self.length_sign * _pearson(out[:, 1], length)
-                loss = loss + self.length_weight * (_pearson(out[:, 0], length).abs() - rho_l)
+                rho_l = self.length_sign * torch_pearson(out[:, 1], length)
+                loss = loss + self.length_weight * (torch_pearson(out[:, 0], length).abs() - rho_l)
             w_q, w_l = _reward_head(getattr(model, "module", model)).weight[:2]
             loss = loss + self.length_weight * (w_q * w_l).sum().abs()
         q_c, q_r = out[:, 0].chunk(2)  # what is reported and shipped: the quality output alone
@@ -417,7 +417,7 @@ def _check_out(out: Path, resume: bool) -> dict | None:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_training_rows(path, limit, labels: str, what: str, skip_bad: bool = False) -> tuple[list[dict], dict]:
+def read_training_rows(path, limit, labels: str, what: str, skip_bad: bool = False) -> tuple[list[dict], dict]:
     stats: dict = {}
     rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats)
     good, bad, ties = [], list(stats.get("skipped", [])), 0
@@ -487,7 +487,7 @@ def _log(msg: str):
     print(f"cai: {msg}", file=sys.stderr, flush=True)
 
 
-def _tokenize(rows: list[dict], enc: PairEncoder) -> list[dict]:
+def tokenize_pairs(rows: list[dict], enc: PairEncoder) -> list[dict]:
     items = []
     for r in rows:
         c, j = enc(r)
@@ -546,10 +546,10 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
     base_path, base_name = resolve_reward_base(cfg.base)
     check_weights(base_path, "--base")
     tok = _load_tokenizer(base_path, base_name, cfg.trust_remote_code)
-    rows, train_info = _read_training_rows(cfg.pairs, cfg.limit, cfg.labels, "training", cfg.skip_bad)
+    rows, train_info = read_training_rows(cfg.pairs, cfg.limit, cfg.labels, "training", cfg.skip_bad)
     eval_rows, eval_info = (None, None)
     if cfg.eval_pairs:
-        eval_rows, eval_info = _read_training_rows(cfg.eval_pairs, None, "soft", "evaluation", cfg.skip_bad)
+        eval_rows, eval_info = read_training_rows(cfg.eval_pairs, None, "soft", "evaluation", cfg.skip_bad)
     if cfg.resume and prev and prev.get("data", {}).get("train", {}).get("sha256") not in (None, train_info["sha256"]):
         raise InputError("--resume: the training file changed since this run began; resume with the same --pairs", cfg.pairs)
 
@@ -563,7 +563,7 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         raise InputError(f"--max-length {max_length} exceeds the base's {pos_limit} positions; use at most {pos_limit}")
 
     enc = PairEncoder(tok, max_length)
-    train_ds = PairDataset(_tokenize(rows, enc))
+    train_ds = PairDataset(tokenize_pairs(rows, enc))
     strata = length_strata(train_ds.items)
     train_info["pref_longer"], train_info["pref_shorter"] = int((strata > 0).sum()), int((strata < 0).sum())
     if "balance" in cfg.length_robust:
@@ -572,7 +572,7 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
     train_info["truncated"], enc.truncated = enc.truncated, 0
     eval_ds = None
     if eval_rows:
-        items = _tokenize(eval_rows, enc)
+        items = tokenize_pairs(eval_rows, enc)
         # Evaluation order does not matter to the metrics: sort once so batches pad little.
         eval_ds = PairDataset(sorted(items, key=lambda it: max(len(it["chosen_ids"]), len(it["rejected_ids"]))))
         eval_info["truncated"] = enc.truncated

@@ -399,7 +399,7 @@ class _TwoHeads(torch.nn.Module):
 
 
 def test_odin_loss_is_bt_on_the_sum_plus_length_and_orthogonality_terms():
-    from cai.reward import _pearson
+    from cai.reward import torch_pearson
 
     torch.manual_seed(1)
     feats = torch.randn(8, 5)  # 4 pairs: rows 0-3 chosen, 4-7 rejected
@@ -421,21 +421,21 @@ def test_odin_loss_is_bt_on_the_sum_plus_length_and_orthogonality_terms():
     self.length_weight = 0.5
     ln = torch.log1p(lengths.t().reshape(-1))
     w = model.classifier.weight.detach()
-    expected = bt + 0.5 * (_pearson(out[:, 0], ln).abs() - _pearson(out[:, 1], ln) + (w[0] @ w[1]).abs())
+    expected = bt + 0.5 * (torch_pearson(out[:, 0], ln).abs() - torch_pearson(out[:, 1], ln) + (w[0] @ w[1]).abs())
     model.train()
     loss = RewardModelTrainer.compute_loss(self, model, inputs)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # one gradient step on the length terms alone makes the length output track length more
     self.hard_labels, inputs["p_chosen"] = False, torch.full((4,), 0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    before = _pearson(model(None, None).logits[:, 1], ln).item()
+    before = torch_pearson(model(None, None).logits[:, 1], ln).item()
     for _ in range(20):
         opt.zero_grad()
         RewardModelTrainer.compute_loss(self, model, inputs).backward()
         opt.step()
     logits = model(None, None).logits.detach()
-    assert _pearson(logits[:, 1], ln).item() > max(before, 0.5)
-    assert abs(_pearson(logits[:, 0], ln).item()) < 0.3
+    assert torch_pearson(logits[:, 1], ln).item() > max(before, 0.5)
+    assert abs(torch_pearson(logits[:, 0], ln).item()) < 0.3
 
 
 def _length_confounded(n, preferred_longer: bool, offset=0):
@@ -522,11 +522,11 @@ def _fit_two_heads(odin: bool, seed=0, steps=300):
 
 
 def test_odin_quality_reward_drops_length_but_keeps_quality():
-    from cai.reward import _pearson
+    from cai.reward import torch_pearson
 
     plain, odin = _fit_two_heads(odin=False), _fit_two_heads(odin=True)
-    assert _pearson(plain["reward"], plain["log_length"]).item() < -0.4  # plain BT learns "shorter is better"
-    assert abs(_pearson(odin["reward"], odin["log_length"]).item()) < 0.15  # ODIN's shipped output does not
+    assert torch_pearson(plain["reward"], plain["log_length"]).item() < -0.4  # plain BT learns "shorter is better"
+    assert abs(torch_pearson(odin["reward"], odin["log_length"]).item()) < 0.15  # ODIN's shipped output does not
     # …and still carries the quality signal, more purely than the plain reward does
-    assert _pearson(odin["reward"], odin["quality"]).item() > 0.8
-    assert _pearson(odin["reward"], odin["quality"]).item() > _pearson(plain["reward"], plain["quality"]).item()
+    assert torch_pearson(odin["reward"], odin["quality"]).item() > 0.8
+    assert torch_pearson(odin["reward"], odin["quality"]).item() > torch_pearson(plain["reward"], plain["quality"]).item()
