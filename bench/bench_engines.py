@@ -108,6 +108,7 @@ def child(task: str, engine: str, out: str, limit: int, pairs: int, base_url: st
             backend=backend,
             backend_options=options,
             limit=pairs,
+            skip_bad=True,  # the shared dev file has a row with an empty response
             overwrite=True,
         )
         s = run_label(cfg)

@@ -243,7 +243,7 @@ def main():
     say("```")
 
     const = load_constitution(HARMLESS)
-    rows = read_pairs(dev, limit=a.limit)
+    rows = read_pairs(dev, limit=a.limit, skip_bad=True)
     n = len(rows)
 
     # -- 1. the main run: cai label's own path -------------------------------------------------
@@ -400,7 +400,7 @@ def main():
 
             if train.exists():
                 pool = sorted(
-                    read_pairs(train),
+                    read_pairs(train, skip_bad=True),
                     key=lambda r: len(str(r["prompt"])) + len(str(r["chosen"])) + len(str(r["rejected"])),
                 )
                 rng = random.Random(a.seed)

@@ -98,7 +98,8 @@ class Profile:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.lm = cfg.vocab_size * cfg.hidden_size
         self.lin = sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear)) - (
-            self.lm if m.get_output_embeddings() is not None else 0)
+            self.lm if m.get_output_embeddings() is not None else 0
+        )
         self.phase = "generate"
         self.t = defaultdict(lambda: [0.0, 0.0])  # name -> [wall, cpu]
         self.flops = defaultdict(float)
@@ -174,7 +175,11 @@ class Profile:
         keep = kwargs.get("logits_to_keep") or 0
         logit_rows = B * (keep if keep else T)
         attended = B * T * (kv - T) + B * T * (T + 1) / 2  # causal within the new tokens
-        f = 2 * self.lin * B * T + 2 * self.lm * logit_rows + 4 * self.layers * self.heads * self.head_dim * attended
+        f = (
+            2 * self.lin * B * T
+            + 2 * self.lm * logit_rows
+            + 4 * self.layers * self.heads * self.head_dim * attended
+        )
         kind = "judge" if self.phase == "judge" else ("decode" if T == 1 else "prefill")
         self.flops[kind] += f
         self.tokens[kind] += B * T
@@ -203,9 +208,13 @@ def judge_bound(backend, n: int):
     if not (DATA / "dev.jsonl.gz").exists():
         return None
     const = load_constitution(HARMLESS)
-    rows = read_pairs(DATA / "dev.jsonl.gz", limit=n)
-    prompts = [render(const, r, p, order == 0, False, "") for r in rows for p in const.sample(0, str(r["id"]), 1)
-               for order in (0, 1)]
+    rows = read_pairs(DATA / "dev.jsonl.gz", limit=n, skip_bad=True)
+    prompts = [
+        render(const, r, p, order == 0, False, "")
+        for r in rows
+        for p in const.sample(0, str(r["id"]), 1)
+        for order in (0, 1)
+    ]
     ids = backend._encode([backend.render(x) for x in prompts])
     needed, plain = _tree_tokens(_radix_tree(ids)), sum(len(x) for x in ids)
     before = backend.stats["computed_tokens"]
@@ -222,8 +231,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0, help="0 = cai's own choice (cai.backends.hf.pick_threads)")
-    ap.add_argument("--judge-pairs", type=int, default=32, help="HH-RLHF dev pairs for the judge's bound (0 = skip)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="0 = cai's own choice (cai.backends.hf.pick_threads)"
+    )
+    ap.add_argument(
+        "--judge-pairs", type=int, default=32, help="HH-RLHF dev pairs for the judge's bound (0 = skip)"
+    )
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-roofline.md"))
     a = ap.parse_args()
 
@@ -238,21 +251,35 @@ def main():
     threads = pick_threads(a.threads or None)
     torch.set_num_threads(threads)
     peak_w, peak_c = gemm_peak()
-    print(f"fp32 GEMM peak ({threads} thread(s)): {peak_w:.1f} GFLOP/s wall, {peak_c:.1f} GFLOP per CPU-s", flush=True)
+    print(
+        f"fp32 GEMM peak ({threads} thread(s)): {peak_w:.1f} GFLOP/s wall, {peak_c:.1f} GFLOP per CPU-s",
+        flush=True,
+    )
 
     t = clock()
     backend = HFBackend(None, batch_size=a.batch_size, threads=threads)
     load_w, load_c = since(t)
     lin = linears_only(backend.model)
     for M, (w, c, bw) in lin.items():
-        print(f"linear layers only, {M} rows: {w:.1f} GFLOP/s wall, {c:.1f} GFLOP/CPU-s ({100 * c / peak_c:.0f}% of peak), "
-              f"weights read at {bw:.1f} GB/CPU-s", flush=True)
+        print(
+            f"linear layers only, {M} rows: {w:.1f} GFLOP/s wall, {c:.1f} GFLOP/CPU-s ({100 * c / peak_c:.0f}% of peak), "
+            f"weights read at {bw:.1f} GB/CPU-s",
+            flush=True,
+        )
     prof = Profile(backend)
     backends.load_backend = lambda *x, **k: backend  # run_generate's own path, the model already loaded
     with tempfile.TemporaryDirectory() as d:
-        cfg = GenerateConfig(constitution=str(HARMLESS), prompts=str(HARMLESS / "prompts.jsonl"),
-                             out=str(Path(d) / "pairs.jsonl"), rounds=a.rounds, max_new_tokens=a.max_new_tokens,
-                             limit=a.limit, seed=0, backend_options={"batch_size": a.batch_size}, overwrite=True)
+        cfg = GenerateConfig(
+            constitution=str(HARMLESS),
+            prompts=str(HARMLESS / "prompts.jsonl"),
+            out=str(Path(d) / "pairs.jsonl"),
+            rounds=a.rounds,
+            max_new_tokens=a.max_new_tokens,
+            limit=a.limit,
+            seed=0,
+            backend_options={"batch_size": a.batch_size},
+            overwrite=True,
+        )
         t = clock()
         s = run_generate(cfg, progress=False)
         tot_w, tot_c = since(t)
@@ -270,7 +297,11 @@ def main():
         ("decode loop between forwards (Python, token choice, cache bookkeeping)", *loop),
         ("detokenisation", *T["detokenise"]),
         ("judge (option log-probs: its templates, tokenisation and forwards)", *judge),
-        ("engine: critique/revision templates, cleaning, writing rows", tot_w - gen[0] - judge[0], tot_c - gen[1] - judge[1]),
+        (
+            "engine: critique/revision templates, cleaning, writing rows",
+            tot_w - gen[0] - judge[0],
+            tot_c - gen[1] - judge[1],
+        ),
     ]
     total_w, total_c = load_w + tot_w, load_c + tot_c
 
@@ -281,12 +312,16 @@ def main():
     b16 = frac(*prof.b16)
     L = []
     say = L.append
-    say(f"# Roofline: `cai generate` against this machine's fp32 matmul peak ({a.limit} prompts, {a.rounds} round(s), "
-        f"{a.max_new_tokens} new tokens, judge on, batch {a.batch_size}, CPU)")
+    say(
+        f"# Roofline: `cai generate` against this machine's fp32 matmul peak ({a.limit} prompts, {a.rounds} round(s), "
+        f"{a.max_new_tokens} new tokens, judge on, batch {a.batch_size}, CPU)"
+    )
     say("")
     say(f"command: `.venv/bin/python bench/bench_roofline.py {' '.join(sys.argv[1:])}`".rstrip() + "  ")
-    say(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s)), transformers "
-        f"{transformers.__version__}; load average {load0} at start, {load1} at end; {time.strftime('%Y-%m-%d %H:%M')}")
+    say(
+        f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s)), transformers "
+        f"{transformers.__version__}; load average {load0} at start, {load1} at end; {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     say("")
     say("## Ceiling and fractions (all measured in this run)")
     say("")
@@ -294,15 +329,25 @@ def main():
     say("|---|---|---|---|")
     say(f"| fp32 GEMM peak, torch.mm 2048², {threads} thread(s) | {peak_w:.1f} | {peak_c:.1f} | 100% |")
     for M, (w, c, bw) in lin.items():
-        say(f"| the model's linear layers alone, {M} rows (weights streamed at {bw:.1f} GB/CPU-s) | {w:.1f} | {c:.1f} | "
-            f"{100 * w / peak_w:.0f}% / {100 * c / peak_c:.0f}% |")
-    say(f"| cai generate: prefill | {pf[0]:.1f} | {pf[1]:.1f} | {100 * pf[0] / peak_w:.0f}% / {100 * pf[1] / peak_c:.0f}% |")
-    say(f"| cai generate: decode, all steps | {dc[0]:.1f} | {dc[1]:.1f} | {100 * dc[0] / peak_w:.0f}% / "
-        f"{100 * dc[1] / peak_c:.0f}% |")
+        say(
+            f"| the model's linear layers alone, {M} rows (weights streamed at {bw:.1f} GB/CPU-s) | {w:.1f} | {c:.1f} | "
+            f"{100 * w / peak_w:.0f}% / {100 * c / peak_c:.0f}% |"
+        )
+    say(
+        f"| cai generate: prefill | {pf[0]:.1f} | {pf[1]:.1f} | {100 * pf[0] / peak_w:.0f}% / {100 * pf[1] / peak_c:.0f}% |"
+    )
+    say(
+        f"| cai generate: decode, all steps | {dc[0]:.1f} | {dc[1]:.1f} | {100 * dc[0] / peak_w:.0f}% / "
+        f"{100 * dc[1] / peak_c:.0f}% |"
+    )
     if prof.b16[1]:
-        say(f"| cai generate: decode steps at batch 16 | {b16[0]:.1f} | {b16[1]:.1f} | {100 * b16[0] / peak_w:.0f}% / "
-            f"{100 * b16[1] / peak_c:.0f}% |")
-    say(f"| the judge's forwards | {jd[0]:.1f} | {jd[1]:.1f} | {100 * jd[0] / peak_w:.0f}% / {100 * jd[1] / peak_c:.0f}% |")
+        say(
+            f"| cai generate: decode steps at batch 16 | {b16[0]:.1f} | {b16[1]:.1f} | {100 * b16[0] / peak_w:.0f}% / "
+            f"{100 * b16[1] / peak_c:.0f}% |"
+        )
+    say(
+        f"| the judge's forwards | {jd[0]:.1f} | {jd[1]:.1f} | {100 * jd[0] / peak_w:.0f}% / {100 * jd[1] / peak_c:.0f}% |"
+    )
     say("")
     say("## Where the time goes")
     say("")
@@ -313,24 +358,30 @@ def main():
     say(f"| **total** | {total_w:.1f} | {total_c:.1f} | 100% |")
     say("")
     pad_pf = prof.tokens["prefill"] - prof.real["prefill"]
-    say(f"Tokens: prefill {prof.real['prefill']:,} real + {pad_pf:,} padding "
+    say(
+        f"Tokens: prefill {prof.real['prefill']:,} real + {pad_pf:,} padding "
         f"({100 * pad_pf / max(1, prof.tokens['prefill']):.1f}% waste) in {prof.calls['prefill']} forwards; decode "
         f"{prof.tokens['decode']:,} row-steps in {prof.calls['decode']} forwards, {prof.needed:,} of them needed "
         f"(the rest: rows already finished, kept while a batch of 16 has more than 4 rows going, since 15 rows cost more "
         f"than 16 here, see the 15-row line; generate() keeps every finished row: {prof.waste_hf:,} row-steps; "
         f"the one-time check against generate() adds a few); judge "
-        f"{prof.tokens['judge']:,} tokens computed in {prof.calls['judge']} forwards.  ")
+        f"{prof.tokens['judge']:,} tokens computed in {prof.calls['judge']} forwards.  "
+    )
     say(f"Run: {s.line()}")
     jb = judge_bound(backend, a.judge_pairs) if a.judge_pairs else None
     if jb:
         say("")
         say(f"## The judge at its bound ({jb['pairs']} HH-RLHF harmless dev pairs, 1 principle, both orders)")
         say("")
-        say("| tokens needed (each distinct prefix once) | tokens computed (incl. padding) | computed / needed | "
-            "each prompt in full | pairs/s | pairs per CPU-s |")
+        say(
+            "| tokens needed (each distinct prefix once) | tokens computed (incl. padding) | computed / needed | "
+            "each prompt in full | pairs/s | pairs per CPU-s |"
+        )
         say("|---|---|---|---|---|---|")
-        say(f"| {jb['needed']:,} | {jb['computed']:,} | **{jb['computed'] / jb['needed']:.2f}** | {jb['plain']:,} "
-            f"({jb['plain'] / jb['needed']:.2f}x needed) | {jb['pairs'] / jb['wall']:.3f} | {jb['pairs'] / jb['cpu']:.3f} |")
+        say(
+            f"| {jb['needed']:,} | {jb['computed']:,} | **{jb['computed'] / jb['needed']:.2f}** | {jb['plain']:,} "
+            f"({jb['plain'] / jb['needed']:.2f}x needed) | {jb['pairs'] / jb['wall']:.3f} | {jb['pairs'] / jb['cpu']:.3f} |"
+        )
     elif a.judge_pairs:
         say("")
         say(f"judge bound: skipped (shared HH-RLHF data not found at {DATA})")

@@ -48,7 +48,7 @@ def padded_tokens(train_file, limit, max_length, batch_size) -> dict:
     from cai.reward import PairEncoder
 
     enc = PairEncoder(AutoTokenizer.from_pretrained(default_reward_base()), max_length)
-    pairs = [enc(r) for r in read_pairs(train_file, limit=limit)]
+    pairs = [enc(r) for r in read_pairs(train_file, limit=limit, skip_bad=True)]
     lengths = [max(len(c), len(r)) for c, r in pairs]
 
     def cost(order):
@@ -107,7 +107,7 @@ def main():
             self.cpu_s = time.process_time() - self.t
 
     limit = a.limit or None
-    dev_rows = read_pairs(dev_file, limit=a.dev_limit or None)
+    dev_rows = read_pairs(dev_file, limit=a.dev_limit or None, skip_bad=True)
     work = Path(tempfile.mkdtemp(prefix="cai-bench-train-"))
     lines = []
 
@@ -154,6 +154,7 @@ def main():
         batch_size=a.batch_size,
         lr=a.lr,
         seed=0,
+        skip_bad=True,  # the shared train file has rows with an empty response
         save_steps=10_000,
     )
     m = train_reward_model(cfg, progress=False, callbacks=[clock])
@@ -164,7 +165,7 @@ def main():
     )
     score_s = time.time() - t1
     cai_sps = m["train_samples_per_second"]
-    rows_used = len(read_pairs(train_file, limit=limit))
+    rows_used = len(read_pairs(train_file, limit=limit, skip_bad=True))
     cai_cpu = rows_used * a.epochs / clock.cpu_s
     say("| trainer | wall (s) | train loop (s) | pairs/s | pairs per CPU-s | dev accuracy | dev margin |")
     say("|---|---|---|---|---|---|---|")
@@ -185,7 +186,7 @@ def main():
         base = str(default_reward_base())
         tok = AutoTokenizer.from_pretrained(base)
         enc = PairEncoder(tok, a.max_length)
-        rows = read_pairs(train_file, limit=limit)
+        rows = read_pairs(train_file, limit=limit, skip_bad=True)
         ds = Dataset.from_list([dict(zip(("chosen_ids", "rejected_ids"), enc(r))) for r in rows])
         transformers.set_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)

@@ -326,7 +326,7 @@ def read_pairs(
                 raise InputError("'chosen' and 'rejected' are identical; nothing to compare", path, n)
         except InputError as e:
             if not skip_bad:
-                raise
+                raise InputError(f"{e}; fix the row, or pass --skip-bad to skip bad rows (counted)") from None
             stats["skipped"].append((n, str(e)))
             continue
         if answer:
