@@ -52,7 +52,9 @@ def peak_rss(args: list[str]) -> tuple[float, float, int, str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--generate-limit", type=int, default=0, help="prompts for generate (0 = all 31, as make demo)")
+    ap.add_argument(
+        "--generate-limit", type=int, default=0, help="prompts for generate (0 = all 31, as make demo)"
+    )
     ap.add_argument("--label-limit", type=int, default=300)
     ap.add_argument("--train-steps", type=int, default=10, help="--max-steps for train (0 = the full epoch)")
     ap.add_argument("--only", choices=["generate", "label", "train"], action="append")
@@ -62,53 +64,114 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     cai = cai_bin()
     jobs = []
-    gen = [*cai, "generate", "--constitution", str(HARMLESS), "--prompts", str(HARMLESS / "prompts.jsonl"),
-           "--out", str(tmp / "demo-pairs.jsonl"), "--rounds", "1", "--seed", "0", "--max-new-tokens", "64"]
+    gen = [
+        *cai,
+        "generate",
+        "--constitution",
+        str(HARMLESS),
+        "--prompts",
+        str(HARMLESS / "prompts.jsonl"),
+        "--out",
+        str(tmp / "demo-pairs.jsonl"),
+        "--rounds",
+        "1",
+        "--seed",
+        "0",
+        "--max-new-tokens",
+        "64",
+    ]
     if a.generate_limit:
         gen += ["--limit", str(a.generate_limit)]
     if "generate" in only:
-        jobs.append(("`make demo`'s generate" + (f" (first {a.generate_limit} prompts)" if a.generate_limit else
-                                                 " (31 prompts, 1 round, 64 tokens, judge)"), gen))
+        jobs.append(
+            (
+                "`make demo`'s generate"
+                + (
+                    f" (first {a.generate_limit} prompts)"
+                    if a.generate_limit
+                    else " (31 prompts, 1 round, 64 tokens, judge)"
+                ),
+                gen,
+            )
+        )
     have_data = (DATA / "dev.jsonl.gz").exists() and (DATA / "train.jsonl.gz").exists()
     skipped = []
     if "label" in only:
         if have_data:
-            jobs.append((f"`cai label`, {a.label_limit} dev pairs", [
-                *cai, "label", "--pairs", str(DATA / "dev.jsonl.gz"), "--constitution", str(HARMLESS),
-                "--out", str(tmp / "dev-ai.jsonl"), "--limit", str(a.label_limit), "--skip-bad"]))
+            jobs.append(
+                (
+                    f"`cai label`, {a.label_limit} dev pairs",
+                    [
+                        *cai,
+                        "label",
+                        "--pairs",
+                        str(DATA / "dev.jsonl.gz"),
+                        "--constitution",
+                        str(HARMLESS),
+                        "--out",
+                        str(tmp / "dev-ai.jsonl"),
+                        "--limit",
+                        str(a.label_limit),
+                        "--skip-bad",
+                    ],
+                )
+            )
         else:
             skipped.append(f"label: shared data not found at {DATA}")
     if "train" in only:
         if have_data:
             steps = ["--max-steps", str(a.train_steps)] if a.train_steps else []
-            jobs.append((f"`cai train`, 1,300 train pairs" + (f" (first {a.train_steps} steps)" if a.train_steps else ", 1 epoch"), [
-                *cai, "train", "--pairs", str(DATA / "train.jsonl.gz"), "--out", str(tmp / "rm"), "--skip-bad", *steps]))
+            jobs.append(
+                (
+                    "`cai train`, 1,300 train pairs"
+                    + (f" (first {a.train_steps} steps)" if a.train_steps else ", 1 epoch"),
+                    [
+                        *cai,
+                        "train",
+                        "--pairs",
+                        str(DATA / "train.jsonl.gz"),
+                        "--out",
+                        str(tmp / "rm"),
+                        "--skip-bad",
+                        *steps,
+                    ],
+                )
+            )
         else:
             skipped.append(f"train: shared data not found at {DATA}")
 
-    lines = ["# Peak memory (RSS) with the embedded defaults, CPU", "",
-             f"command: `.venv/bin/python bench/bench_memory.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
-             f"machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d %H:%M')}; peak RSS = ru_maxrss of the "
-             "process (os.wait4)", "", f"| command | peak RSS | goal < {GOAL_GIB:g} GiB | wall s | load avg before |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Peak memory (RSS) with the embedded defaults, CPU",
+        "",
+        f"command: `.venv/bin/python bench/bench_memory.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+        f"machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d %H:%M')}; peak RSS = ru_maxrss of "
+        "the "
+        "process (os.wait4)",
+        "",
+        f"| command | peak RSS | goal < {GOAL_GIB:g} GiB | wall s | load avg before |",
+        "|---|---|---|---|---|",
+    ]
     # --only: keep the other commands' rows from the previous results
     old = Path(a.results).read_text().splitlines() if a.only and Path(a.results).exists() else []
     names = {name for name, _ in jobs}
     kept = [x for x in old if x.startswith("| `") and x.split(" | ")[0][2:] not in names]
-    kept_cmds = [x for x in old if x.startswith("- `cai ") and not any(
-        x.startswith(f"- `cai {args[len(cai)]} ") for _, args in jobs)]
+    kept_cmds = [
+        x
+        for x in old
+        if x.startswith("- `cai ") and not any(x.startswith(f"- `cai {args[len(cai)]} ") for _, args in jobs)
+    ]
     lines += [x.replace(" |", " (earlier run) |", 1) if "(earlier run)" not in x else x for x in kept]
     for name, args in jobs:
         load = "/".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"== {name} ==", flush=True)
         rss, wall, rc, last = peak_rss(args)
-        ok = "yes" if rc == 0 and rss < GOAL_GIB else "FAILED (exit %d)" % rc if rc else "no"
+        ok = "yes" if rc == 0 and rss < GOAL_GIB else f"FAILED (exit {rc})" if rc else "no"
         print(f"  peak RSS {rss:.2f} GiB, {wall:.0f}s, exit {rc}: {last}", flush=True)
         lines.append(f"| {name} | {rss:.2f} GiB | {ok} | {wall:.0f} | {load} |")
     lines += [""] + [f"skipped — {s}" for s in skipped]
     lines += ["", "Commands (outputs to a temporary folder):", ""] + kept_cmds
-    lines += [f"- `{' '.join(['cai', *args[len(cai) + 0:]]).replace(str(tmp), '$TMP').replace(str(ROOT) + '/', '')}`"
-              for _, args in jobs]
+    shown = (" ".join(["cai", *args[len(cai) :]]) for _, args in jobs)
+    lines += [f"- `{c.replace(str(tmp), '$TMP').replace(str(ROOT) + '/', '')}`" for c in shown]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     Path(a.results).write_text(text)

@@ -197,9 +197,9 @@ def judge_bound(backend, n: int):
     """The judge on n HH-RLHF dev pairs, one principle, both orders: tokens computed (padding
     included) against tokens needed (every distinct prefix of the call's prompts once, no
     padding: the conversation once per pair, then each order's own suffix), and pairs/s."""
+    import cai.feedback as feedback
     from cai.backends.hf import _radix_tree, _tree_tokens
     from cai.constitution import load_constitution
-    import cai.feedback as feedback
     from cai.feedback import judge_pairs
 
     render = getattr(feedback, "render_judge_prompt", None) or getattr(feedback, "_render")
@@ -262,7 +262,8 @@ def main():
     lin = linears_only(backend.model)
     for M, (w, c, bw) in lin.items():
         print(
-            f"linear layers only, {M} rows: {w:.1f} GFLOP/s wall, {c:.1f} GFLOP/CPU-s ({100 * c / peak_c:.0f}% of peak), "
+            f"linear layers only, {M} rows: {w:.1f} GFLOP/s wall, {c:.1f} GFLOP/CPU-s "
+            f"({100 * c / peak_c:.0f}% of peak), "
             f"weights read at {bw:.1f} GB/CPU-s",
             flush=True,
         )
@@ -313,14 +314,16 @@ def main():
     L = []
     say = L.append
     say(
-        f"# Roofline: `cai generate` against this machine's fp32 matmul peak ({a.limit} prompts, {a.rounds} round(s), "
+        f"# Roofline: `cai generate` against this machine's fp32 matmul peak ({a.limit} prompts, {a.rounds} "
+        "round(s), "
         f"{a.max_new_tokens} new tokens, judge on, batch {a.batch_size}, CPU)"
     )
     say("")
     say(f"command: `.venv/bin/python bench/bench_roofline.py {' '.join(sys.argv[1:])}`".rstrip() + "  ")
     say(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s)), transformers "
-        f"{transformers.__version__}; load average {load0} at start, {load1} at end; {time.strftime('%Y-%m-%d %H:%M')}"
+        f"{transformers.__version__}; load average {load0} at start, {load1} at end; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
     say("")
     say("## Ceiling and fractions (all measured in this run)")
@@ -330,11 +333,13 @@ def main():
     say(f"| fp32 GEMM peak, torch.mm 2048², {threads} thread(s) | {peak_w:.1f} | {peak_c:.1f} | 100% |")
     for M, (w, c, bw) in lin.items():
         say(
-            f"| the model's linear layers alone, {M} rows (weights streamed at {bw:.1f} GB/CPU-s) | {w:.1f} | {c:.1f} | "
+            f"| the model's linear layers alone, {M} rows (weights streamed at {bw:.1f} GB/CPU-s) | {w:.1f} "
+            f"| {c:.1f} | "
             f"{100 * w / peak_w:.0f}% / {100 * c / peak_c:.0f}% |"
         )
     say(
-        f"| cai generate: prefill | {pf[0]:.1f} | {pf[1]:.1f} | {100 * pf[0] / peak_w:.0f}% / {100 * pf[1] / peak_c:.0f}% |"
+        f"| cai generate: prefill | {pf[0]:.1f} | {pf[1]:.1f} | {100 * pf[0] / peak_w:.0f}% / "
+        f"{100 * pf[1] / peak_c:.0f}% |"
     )
     say(
         f"| cai generate: decode, all steps | {dc[0]:.1f} | {dc[1]:.1f} | {100 * dc[0] / peak_w:.0f}% / "
@@ -342,11 +347,13 @@ def main():
     )
     if prof.b16[1]:
         say(
-            f"| cai generate: decode steps at batch 16 | {b16[0]:.1f} | {b16[1]:.1f} | {100 * b16[0] / peak_w:.0f}% / "
+            f"| cai generate: decode steps at batch 16 | {b16[0]:.1f} | {b16[1]:.1f} | "
+            f"{100 * b16[0] / peak_w:.0f}% / "
             f"{100 * b16[1] / peak_c:.0f}% |"
         )
     say(
-        f"| the judge's forwards | {jd[0]:.1f} | {jd[1]:.1f} | {100 * jd[0] / peak_w:.0f}% / {100 * jd[1] / peak_c:.0f}% |"
+        f"| the judge's forwards | {jd[0]:.1f} | {jd[1]:.1f} | {100 * jd[0] / peak_w:.0f}% / "
+        f"{100 * jd[1] / peak_c:.0f}% |"
     )
     say("")
     say("## Where the time goes")
@@ -360,10 +367,14 @@ def main():
     pad_pf = prof.tokens["prefill"] - prof.real["prefill"]
     say(
         f"Tokens: prefill {prof.real['prefill']:,} real + {pad_pf:,} padding "
-        f"({100 * pad_pf / max(1, prof.tokens['prefill']):.1f}% waste) in {prof.calls['prefill']} forwards; decode "
-        f"{prof.tokens['decode']:,} row-steps in {prof.calls['decode']} forwards, {prof.needed:,} of them needed "
-        f"(the rest: rows already finished, kept while a batch of 16 has more than 4 rows going, since 15 rows cost more "
-        f"than 16 here, see the 15-row line; generate() keeps every finished row: {prof.waste_hf:,} row-steps; "
+        f"({100 * pad_pf / max(1, prof.tokens['prefill']):.1f}% waste) in {prof.calls['prefill']} forwards; "
+        "decode "
+        f"{prof.tokens['decode']:,} row-steps in {prof.calls['decode']} forwards, {prof.needed:,} of them "
+        "needed "
+        "(the rest: rows already finished, kept while a batch of 16 has more than 4 rows going, since 15 "
+        "rows cost more "
+        f"than 16 here, see the 15-row line; generate() keeps every finished row: {prof.waste_hf:,} "
+        "row-steps; "
         f"the one-time check against generate() adds a few); judge "
         f"{prof.tokens['judge']:,} tokens computed in {prof.calls['judge']} forwards.  "
     )
@@ -374,13 +385,16 @@ def main():
         say(f"## The judge at its bound ({jb['pairs']} HH-RLHF harmless dev pairs, 1 principle, both orders)")
         say("")
         say(
-            "| tokens needed (each distinct prefix once) | tokens computed (incl. padding) | computed / needed | "
+            "| tokens needed (each distinct prefix once) | tokens computed (incl. padding) | computed / "
+            "needed | "
             "each prompt in full | pairs/s | pairs per CPU-s |"
         )
         say("|---|---|---|---|---|---|")
         say(
-            f"| {jb['needed']:,} | {jb['computed']:,} | **{jb['computed'] / jb['needed']:.2f}** | {jb['plain']:,} "
-            f"({jb['plain'] / jb['needed']:.2f}x needed) | {jb['pairs'] / jb['wall']:.3f} | {jb['pairs'] / jb['cpu']:.3f} |"
+            f"| {jb['needed']:,} | {jb['computed']:,} | **{jb['computed'] / jb['needed']:.2f}** | "
+            f"{jb['plain']:,} "
+            f"({jb['plain'] / jb['needed']:.2f}x needed) | {jb['pairs'] / jb['wall']:.3f} | "
+            f"{jb['pairs'] / jb['cpu']:.3f} |"
         )
     elif a.judge_pairs:
         say("")

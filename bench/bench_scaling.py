@@ -63,17 +63,36 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
 
     def run(n, rounds, tokens, early_stop=True):
-        cfg = GenerateConfig(constitution=str(HARMLESS), prompts=str(prompts_file(n, tmp)),
-                             out=str(tmp / f"o-{n}-{rounds}-{tokens}.jsonl"), rounds=rounds, max_new_tokens=tokens,
-                             seed=0, early_stop=early_stop, backend_options={"batch_size": 16}, overwrite=True)
+        cfg = GenerateConfig(
+            constitution=str(HARMLESS),
+            prompts=str(prompts_file(n, tmp)),
+            out=str(tmp / f"o-{n}-{rounds}-{tokens}.jsonl"),
+            rounds=rounds,
+            max_new_tokens=tokens,
+            seed=0,
+            early_stop=early_stop,
+            backend_options={"batch_size": 16},
+            overwrite=True,
+        )
         load = os.getloadavg()[0]
         w0, c0 = time.perf_counter(), time.process_time()
         s = run_generate(cfg, progress=False)
         w, c = time.perf_counter() - w0, time.process_time() - c0
-        print(f"  {n} prompts, {rounds} round(s), {tokens} tokens: {w:.1f}s wall, {c:.1f} CPU-s, "
-              f"{s.written / w:.3f} rows/s, {s.written / c:.3f} rows/CPU-s (load {load:.1f})", flush=True)
-        return {"n": n, "rounds": rounds, "tokens": tokens, "wall": w, "cpu": c, "rows": s.written, "load": load,
-                "gen_tokens": s.generated_tokens}
+        print(
+            f"  {n} prompts, {rounds} round(s), {tokens} tokens: {w:.1f}s wall, {c:.1f} CPU-s, "
+            f"{s.written / w:.3f} rows/s, {s.written / c:.3f} rows/CPU-s (load {load:.1f})",
+            flush=True,
+        )
+        return {
+            "n": n,
+            "rounds": rounds,
+            "tokens": tokens,
+            "wall": w,
+            "cpu": c,
+            "rows": s.written,
+            "load": load,
+            "gen_tokens": s.generated_tokens,
+        }
 
     run(4, 1, 4)  # warm-up: first-call checks, allocator
     print("== rows/s against the number of prompts ==", flush=True)
@@ -96,25 +115,35 @@ def main():
 
     L = []
     say = L.append
-    say(f"# Scaling of `cai generate` (greedy, judge on, batch 16, CPU, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s))")
+    say(
+        f"# Scaling of `cai generate` (greedy, judge on, batch 16, CPU, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s))"
+    )
     say("")
-    say(f"command: `.venv/bin/python bench/bench_scaling.py {' '.join(sys.argv[1:])}`".rstrip() + f"  ")
-    say(f"date {time.strftime('%Y-%m-%d %H:%M')}; model loaded once; prompts = the 31 shipped ones cycled with fresh ids; "
-        "wall and CPU time of run_generate only. CPU-s is the steadier column on a shared machine.")
+    say(f"command: `.venv/bin/python bench/bench_scaling.py {' '.join(sys.argv[1:])}`".rstrip() + "  ")
+    say(
+        f"date {time.strftime('%Y-%m-%d %H:%M')}; model loaded once; prompts = the 31 shipped ones cycled "
+        "with fresh ids; "
+        "wall and CPU time of run_generate only. CPU-s is the steadier column on a shared machine."
+    )
     say("")
     say(f"## Rows/s against prompts (1 round, {a.size_tokens} new tokens)")
     say("")
     say("| prompts | wall s | CPU-s | rows/s | rows per CPU-s | load avg |")
     say("|---|---|---|---|---|---|")
     for r in sizes:
-        say(f"| {r['n']} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rows'] / r['wall']:.3f} | {r['rows'] / r['cpu']:.3f} | "
-            f"{r['load']:.1f} |")
+        say(
+            f"| {r['n']} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rows'] / r['wall']:.3f} | "
+            f"{r['rows'] / r['cpu']:.3f} | "
+            f"{r['load']:.1f} |"
+        )
     per = [r["rows"] / r["cpu"] for r in sizes]
     say("")
     say(f"rows per CPU-s, largest / smallest size: {per[-1] / per[0]:.2f}x (1.00 = flat)")
-    for title, data, key, unit in (("rounds (early stop off", rounds, "rounds", "round"),
-                                   ("max_new_tokens (1 round", tokens, "tokens", "token")):
+    for title, data, key, unit in (
+        ("rounds (early stop off", rounds, "rounds", "round"),
+        ("max_new_tokens (1 round", tokens, "tokens", "token"),
+    ):
         say("")
         say(f"## Time against {title}, {a.sweep_prompts} prompts)")
         say("")
@@ -133,14 +162,18 @@ def main():
 
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     ax[0].plot([r["n"] for r in sizes], [r["rows"] / r["cpu"] for r in sizes], "o-", label="rows per CPU-s")
-    ax[0].plot([r["n"] for r in sizes], [r["rows"] / r["wall"] for r in sizes], "s--", label="rows per wall s")
+    ax[0].plot(
+        [r["n"] for r in sizes], [r["rows"] / r["wall"] for r in sizes], "s--", label="rows per wall s"
+    )
     ax[0].set_xscale("log", base=2)
     ax[0].set_xlabel("prompts")
     ax[0].set_title(f"throughput (1 round, {a.size_tokens} tokens)")
     ax[0].set_ylim(bottom=0)
     ax[0].legend()
-    for axis, data, key, title in ((ax[1], rounds, "rounds", "rounds (early stop off)"),
-                                   (ax[2], tokens, "tokens", "max_new_tokens (1 round)")):
+    for axis, data, key, title in (
+        (ax[1], rounds, "rounds", "rounds (early stop off)"),
+        (ax[2], tokens, "tokens", "max_new_tokens (1 round)"),
+    ):
         axis.plot([r[key] for r in data], [r["cpu"] for r in data], "o-", label="CPU-s")
         axis.plot([r[key] for r in data], [r["wall"] for r in data], "s--", label="wall s")
         axis.set_xlabel(key)

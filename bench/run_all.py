@@ -9,8 +9,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("bench_generate.py", "bench_label.py", "bench_train.py", "bench_train_sweep.py",
-               "bench_peer.py", "bench_roofline.py", "bench_memory.py", "bench_scaling.py",
-               "bench_engines.py"):
+for script in (
+    "bench_generate.py",
+    "bench_label.py",
+    "bench_train.py",
+    "bench_train_sweep.py",
+    "bench_peer.py",
+    "bench_roofline.py",
+    "bench_memory.py",
+    "bench_scaling.py",
+    "bench_engines.py",
+):
     print(f"\n=== {script} ===", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

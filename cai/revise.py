@@ -16,8 +16,8 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from dataclasses import dataclass, field
 
 from cai import __version__
 from cai.backends.base import warn_truncation
@@ -62,7 +62,8 @@ class GenerateSummary:
 
 
 _LABEL_PREFIX = re.compile(
-    r"^\s*(\*\*)?(revision(request)?|revised response|rewritten response|response|critique(request)?)\s*(\*\*)?\s*:\s*",
+    r"^\s*(\*\*)?(revision(request)?|revised response|rewritten "
+    r"response|response|critique(request)?)\s*(\*\*)?\s*:\s*",
     re.IGNORECASE,
 )
 
@@ -131,8 +132,11 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
     from cai.models import fingerprint
     from cai.records import check_resume_meta, file_sha256
 
-    check_resume_meta(writer, {"constitution": {"name": const.name, "sha256": const.sha256}, "seed": cfg.seed},
-                      keys=("constitution", "seed"))  # before loading a model
+    check_resume_meta(
+        writer,
+        {"constitution": {"name": const.name, "sha256": const.sha256}, "seed": cfg.seed},
+        keys=("constitution", "seed"),
+    )  # before loading a model
     backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
 
     params = {
@@ -169,17 +173,27 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
     stages_per_prompt = engine.stages_per_prompt
     t0 = time.perf_counter()
     tokens0 = getattr(backend, "stats", {}).get("generated_tokens", 0)
-    bar = tqdm(total=len(todo) * stages_per_prompt, unit="step", desc="generate", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(todo) * stages_per_prompt,
+        unit="step",
+        desc="generate",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     with bar, _Interrupt() as stop, writer:  # the bar closes (ends its line) on an error too
         for s in range(0, len(todo), chunk_size):
             chunk = todo[s : s + chunk_size]
             rows = engine.run_chunk(chunk, meta, bar)
             writer.write_many(rows)  # one whole line per row, fsynced: the checkpoint
             summary.written += len(rows)
-            summary.early_stopped += sum(1 for r in rows if any(x.get("early_stop") for x in r["trace"]["rounds"]))
+            summary.early_stopped += sum(
+                1 for r in rows if any(x.get("early_stop") for x in r["trace"]["rounds"])
+            )
             summary.identical += sum(1 for r in rows if r["label"].get("tie"))
-            summary.judge_preferred_original += sum(1 for r in rows if r["label"].get("revision_side") == "rejected")
+            summary.judge_preferred_original += sum(
+                1 for r in rows if r["label"].get("revision_side") == "rejected"
+            )
             summary.seconds = time.perf_counter() - t0
             summary.generated_tokens = getattr(backend, "stats", {}).get("generated_tokens", 0) - tokens0
             bar.set_postfix_str(f"{summary.rows_per_s:.2f} rows/s, {summary.tokens_per_s:.0f} tok/s")
@@ -198,12 +212,15 @@ class _Engine:
     def __init__(self, const, backend, cfg: GenerateConfig, rounds: int, no_change):
         self.c, self.b, self.cfg, self.rounds, self.no_change = const, backend, cfg, rounds, no_change
         sampling = cfg.pair_mode == "samples"
-        self.stages_per_prompt = (2 if sampling else 1) + 2 * (0 if sampling else rounds) + (1 if cfg.label else 0)
+        self.stages_per_prompt = (
+            (2 if sampling else 1) + 2 * (0 if sampling else rounds) + (1 if cfg.label else 0)
+        )
 
     def _gen(self, convs, stage: int, temperature=None):
         t = self.cfg.temperature if temperature is None else temperature
-        gens = self.b.generate(convs, max_new_tokens=self.cfg.max_new_tokens, temperature=t,
-                               seed=self.cfg.seed * 1000 + stage)
+        gens = self.b.generate(
+            convs, max_new_tokens=self.cfg.max_new_tokens, temperature=t, seed=self.cfg.seed * 1000 + stage
+        )
         return [clean_output(g.text) for g in gens]
 
     def run_chunk(self, chunk: list[dict], meta: dict, bar) -> list[dict]:
@@ -228,7 +245,9 @@ class _Engine:
                     break
                 principles = {i: self.c.draw(self.cfg.seed, chunk[i]["id"], r) for i in active}
                 crit_prompts = [
-                    self.c.render("critique", conversation=convs[i], response=current[i], principle=principles[i])
+                    self.c.render(
+                        "critique", conversation=convs[i], response=current[i], principle=principles[i]
+                    )
                     for i in active
                 ]
                 critiques = dict(zip(active, self._gen(crit_prompts, 10 + 2 * r)))
@@ -238,20 +257,32 @@ class _Engine:
                     done = self.cfg.early_stop and bool(self.no_change.search(critiques[i]))
                     if done:
                         traces[i]["rounds"].append(
-                            {"principle": principles[i].id, "critique": critiques[i], "revision": None, "early_stop": True}
+                            {
+                                "principle": principles[i].id,
+                                "critique": critiques[i],
+                                "revision": None,
+                                "early_stop": True,
+                            }
                         )
                     else:
                         to_revise.append(i)
                 rev_prompts = [
-                    self.c.render("revision", conversation=convs[i], response=current[i],
-                                  critique=critiques[i], principle=principles[i])
+                    self.c.render(
+                        "revision",
+                        conversation=convs[i],
+                        response=current[i],
+                        critique=critiques[i],
+                        principle=principles[i],
+                    )
                     for i in to_revise
                 ]
                 revisions = dict(zip(to_revise, self._gen(rev_prompts, 11 + 2 * r))) if to_revise else {}
                 bar.update(n)
                 for i in to_revise:
                     rev = revisions[i]
-                    traces[i]["rounds"].append({"principle": principles[i].id, "critique": critiques[i], "revision": rev})
+                    traces[i]["rounds"].append(
+                        {"principle": principles[i].id, "critique": critiques[i], "revision": rev}
+                    )
                     if rev:  # an empty revision keeps the previous response (recorded as such)
                         current[i] = rev
                 active = to_revise
@@ -264,15 +295,17 @@ class _Engine:
             if label.get("swap"):
                 chosen, rejected = y, x
             label.pop("swap", None)
-            rows.append({
-                "id": p["id"],
-                "prompt": p["prompt"],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-                "label": label,
-                "trace": trace,
-                "meta": meta,
-            })
+            rows.append(
+                {
+                    "id": p["id"],
+                    "prompt": p["prompt"],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "label": label,
+                    "trace": trace,
+                    "meta": meta,
+                }
+            )
         return rows
 
     def _label(self, chunk, pairs, bar) -> list[dict]:
@@ -292,12 +325,17 @@ class _Engine:
             from cai.feedback import flip_label, judge_pairs
 
             rows = [
-                {"id": chunk[i]["id"], "prompt": chunk[i]["prompt"],
-                 "chosen": [{"role": "assistant", "content": pairs[i][0]}],
-                 "rejected": [{"role": "assistant", "content": pairs[i][1]}]}
+                {
+                    "id": chunk[i]["id"],
+                    "prompt": chunk[i]["prompt"],
+                    "chosen": [{"role": "assistant", "content": pairs[i][0]}],
+                    "rejected": [{"role": "assistant", "content": pairs[i][1]}],
+                }
                 for i in judge_idx
             ]
-            judged = judge_pairs(self.b, self.c, rows, principles=self.cfg.judge_principles, seed=self.cfg.seed)
+            judged = judge_pairs(
+                self.b, self.c, rows, principles=self.cfg.judge_principles, seed=self.cfg.seed
+            )
             for i, lab in zip(judge_idx, judged):
                 lab = dict(lab)
                 if lab["p_chosen"] < 0.5:  # the judge prefers y: order the row by its label

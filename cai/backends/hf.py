@@ -51,8 +51,14 @@ class HFBackend:
         self.dtype = pick_dtype(self.device)
         self.batch_size = max(1, int(batch_size))
         self.max_input_tokens = max_input_tokens
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "truncated_prompts": 0, "prefix_tokens_reused": 0,
-                      "computed_tokens": 0, "generate_s": 0.0}
+        self.stats = {
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "truncated_prompts": 0,
+            "prefix_tokens_reused": 0,
+            "computed_tokens": 0,
+            "generate_s": 0.0,
+        }
         # Prefix sharing is checked once against the plain path on the first call (see
         # _check_prefix_path); an architecture where it disagrees falls back to plain batches.
         self.share_prefix = share_prefix
@@ -210,7 +216,9 @@ class HFBackend:
         pad = self.tok.pad_token_id
         stop = self._stop_ids() | {pad}  # a pad token ends a row's text, as it always has here
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        res = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
         cache = getattr(res, "cache", None) or res.past_key_values
         _preallocate(cache, max_new_tokens)
         lens = mask.sum(1, keepdim=True)  # next position of each row
@@ -236,7 +244,11 @@ class HFBackend:
             if all(done) or step == max_new_tokens - 1:
                 break
             going = [j for j, r in enumerate(live) if not done[r]]
-            if temperature <= 0 and len(going) < len(live) and (len(live) < 16 or 4 * len(going) <= len(live)):
+            if (
+                temperature <= 0
+                and len(going) < len(live)
+                and (len(live) < 16 or 4 * len(going) <= len(live))
+            ):
                 sel = torch.tensor(going, device=ids.device)
                 cache.batch_select_indices(sel)
                 mask, lens = mask[sel], lens[sel]
@@ -244,8 +256,13 @@ class HFBackend:
             # finished rows still in the batch read pad, as in generate()
             nxt = torch.tensor([pad if done[r] else t for r, t in zip(live, toks)], device=ids.device)
             mask = torch.cat([mask, one[: len(live)]], dim=1)
-            res = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=lens, use_cache=True,
-                             **{self._cache_kw: cache})
+            res = self.model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=lens,
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
             cache = getattr(res, "cache", None) or res.past_key_values
             lens = lens + 1
         return rows
@@ -255,11 +272,24 @@ class HFBackend:
         few steps of the first batch, and the model's generation config must ask for nothing the
         loop does not do (repetition penalties, banned words, minimum lengths, ...)."""
         g = self.model.generation_config
-        plain = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-                 "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
-                 "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                 "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
-                 "num_beams": 1, "penalty_alpha": None, "guidance_scale": None}
+        plain = {
+            "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "encoder_no_repeat_ngram_size": 0,
+            "bad_words_ids": None,
+            "min_length": 0,
+            "min_new_tokens": None,
+            "forced_bos_token_id": None,
+            "forced_eos_token_id": None,
+            "suppress_tokens": None,
+            "begin_suppress_tokens": None,
+            "sequence_bias": None,
+            "exponential_decay_length_penalty": None,
+            "renormalize_logits": False,
+            "num_beams": 1,
+            "penalty_alpha": None,
+            "guidance_scale": None,
+        }
         extra = [k for k, v in plain.items() if getattr(g, k, None) not in (None, v)]
         if extra:
             _warn(f"the model's generation config sets {', '.join(extra)}; using transformers' generate()")
@@ -271,7 +301,10 @@ class HFBackend:
                 a = self._decode(sub, 4, 0.0)
                 b = self._hf_generate(sub, 4, 0.0)
         except Exception as e:  # noqa: BLE001 - any failure means: use generate()
-            _warn(f"fast decoding unavailable for this model ({type(e).__name__}: {e}); using transformers' generate()")
+            _warn(
+                f"fast decoding unavailable for this model ({type(e).__name__}: {e}); using transformers' "
+                "generate()"
+            )
             return False
         if a != b:
             _warn("fast decoding disagrees with transformers' generate() on this model; using generate()")
@@ -398,8 +431,14 @@ class HFBackend:
             pos = past_lens[:, None] + (new_mask.cumsum(1) - 1).clamp(min=0)
             lens = past_lens + new_mask.sum(1)
         with torch.inference_mode():
-            res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                             logits_to_keep=1, **{self._cache_kw: cache})
+            res = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
         lp = torch.log_softmax(res.logits[:, -1, :].float(), dim=-1)[:, torch.tensor(opt, device=self.device)]
         new_cache = getattr(res, "cache", None)
         if new_cache is None:
@@ -418,12 +457,18 @@ class HFBackend:
             a = self._tree_logprobs(sample, opt)
             b = self._flat_logprobs(sample, opt)
         except Exception as e:  # noqa: BLE001 - any failure means: use the plain path
-            _warn(f"shared-prefix scoring unavailable for this model ({type(e).__name__}: {e}); using plain batches")
+            _warn(
+                f"shared-prefix scoring unavailable for this model ({type(e).__name__}: {e}); using plain "
+                "batches"
+            )
             return False
         tol = 1e-3 if self.dtype == self._torch.float32 else 0.1
         diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
         if diff > tol:
-            _warn(f"shared-prefix scoring differs from plain batches by {diff:.3g} on this model; using plain batches")
+            _warn(
+                f"shared-prefix scoring differs from plain batches by {diff:.3g} on this model; using plain "
+                "batches"
+            )
             return False
         return True
 
@@ -435,7 +480,11 @@ def _preallocate(cache, extra: int):
     from transformers.cache_utils import DynamicLayer
 
     for layer in getattr(cache, "layers", None) or []:
-        if type(layer) is not DynamicLayer or not getattr(layer, "is_initialized", False) or layer.keys.dim() != 4:
+        if (
+            type(layer) is not DynamicLayer
+            or not getattr(layer, "is_initialized", False)
+            or layer.keys.dim() != 4
+        ):
             continue
         n = layer.keys.shape[-2]
         for name in ("keys", "values"):
