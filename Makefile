@@ -50,6 +50,8 @@ demo: $(STAMP)
 	@echo "pairs written to outputs/demo-pairs.jsonl"
 
 test: $(STAMP) $(LLAMA) browser
+	$(BIN)/ruff check cai tests bench
+	$(BIN)/ruff format --check cai tests bench
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(LLAMA)
