@@ -9,16 +9,16 @@ bench/RESULTS-train.md (the section between the SWEEP markers; the rest of the f
 Two families, because full fine-tunes of MiniLM take ~15 min each on this 2-core shared box:
 
 - full: `train_reward_model` (what `cai train` runs), one subprocess per recipe so wall time and
-  peak RSS are the recipe's own. Results are cached per recipe in outputs/bench-train-sweep/ (JSON), so a rerun
-  only trains what is missing; `--fresh` retrains.
+  peak RSS are the recipe's own. Results are cached per recipe in outputs/bench-train-sweep/ (JSON),
+  so a rerun only trains what is missing; `--fresh` retrains.
 - frozen: the encoder frozen, only BERT's pooler + the reward head trained (what `--freeze-base`
   would train). The encoder's [CLS] states are computed once per max-length and cached; each head
   then trains in seconds, so this family carries the fine grid (lr, epochs, warmup, weight decay,
   length option, seeds).
 
-    .venv/bin/python bench/bench_train_sweep.py                 # reduced grid (`make bench`): the full fine-tunes
-                                                                # in REDUCED + any cached ones, the whole frozen grid
-                                                                # (encoding 128/256/512 once), the label-noise study
+    # reduced grid (`make bench`): the full fine-tunes in REDUCED + any cached ones,
+    # the whole frozen grid (encoding 128/256/512 once), the label-noise study
+    .venv/bin/python bench/bench_train_sweep.py
     .venv/bin/python bench/bench_train_sweep.py --full-grid     # every full fine-tune in FULL_RECIPES
     .venv/bin/python bench/bench_train_sweep.py --only full:odin-512   # one recipe
 """
@@ -53,7 +53,9 @@ FULL_RECIPES = {
     "balance-512-lr2e-4": dict(max_length=512, length_robust="balance", lr=2e-4),
     "balance-256": dict(max_length=256, length_robust="balance"),
 }
-REDUCED = ("balance-512",)  # the full fine-tune `make bench` trains when nothing is cached (the default recipe)
+REDUCED = (
+    "balance-512",
+)  # the full fine-tune `make bench` trains when nothing is cached (the default recipe)
 
 
 def run_full(name: str, overrides: dict, seed: int = 0) -> dict:
@@ -61,14 +63,27 @@ def run_full(name: str, overrides: dict, seed: int = 0) -> dict:
     from cai.reward import TrainConfig, train_reward_model
 
     work = Path(tempfile.mkdtemp(prefix="cai-sweep-"))
-    kw = dict(pairs=str(DATA / "train.jsonl.gz"), out=str(work / "rm"), eval_pairs=str(DATA / "dev.jsonl.gz"),
-              seed=seed, save_steps=10_000, skip_bad=True)
+    kw = dict(
+        pairs=str(DATA / "train.jsonl.gz"),
+        out=str(work / "rm"),
+        eval_pairs=str(DATA / "dev.jsonl.gz"),
+        seed=seed,
+        save_steps=10_000,
+        skip_bad=True,
+    )
     kw.update(overrides)
     t0 = time.time()
     m = train_reward_model(TrainConfig(**kw), progress=False)
-    rec = {"name": name, "family": "full", "config": overrides, "seed": seed, "wall_s": round(time.time() - t0, 1),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "metrics": m,
-           "load_avg": os.getloadavg()[0]}
+    rec = {
+        "name": name,
+        "family": "full",
+        "config": overrides,
+        "seed": seed,
+        "wall_s": round(time.time() - t0, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "metrics": m,
+        "load_avg": os.getloadavg()[0],
+    }
     card = (work / "rm" / "README.md").read_text()
     rec["card_length_section"] = card.split("## Length", 1)[1].split("##", 1)[0].strip()
     return rec
@@ -95,10 +110,16 @@ def row_from_full(rec: dict) -> dict:
     n = m["eval_pairs"]
     lo, hi = wilson_interval(m["eval_accuracy"] * n, n)
     return {
-        "recipe": f"full FT · {rec['name']}", "seed": rec["seed"], "acc": m["eval_accuracy"], "ci": (lo, hi),
-        "longer": m.get("eval_acc_pref_longer"), "shorter": m.get("eval_acc_pref_shorter"),
-        "balanced": m.get("eval_balanced_accuracy"), "spearman": m.get("eval_spearman_reward_length"),
-        "wall_s": rec["wall_s"], "rss_mb": rec["peak_rss_mb"],
+        "recipe": f"full FT · {rec['name']}",
+        "seed": rec["seed"],
+        "acc": m["eval_accuracy"],
+        "ci": (lo, hi),
+        "longer": m.get("eval_acc_pref_longer"),
+        "shorter": m.get("eval_acc_pref_shorter"),
+        "balanced": m.get("eval_balanced_accuracy"),
+        "spearman": m.get("eval_spearman_reward_length"),
+        "wall_s": rec["wall_s"],
+        "rss_mb": rec["peak_rss_mb"],
     }
 
 
@@ -113,7 +134,7 @@ def encode_split(path, max_length: int, threads: int = 1):
     from transformers import AutoModel, AutoTokenizer
 
     from cai.models import default_reward_base
-    from cai.reward import PairEncoder, read_training_rows, tokenize_pairs, pad_batch
+    from cai.reward import PairEncoder, pad_batch, read_training_rows, tokenize_pairs
 
     torch.set_num_threads(threads)
     base = str(default_reward_base())
@@ -134,7 +155,8 @@ def encode_split(path, max_length: int, threads: int = 1):
             m = mask.unsqueeze(-1).float()
             mean[idx] = ((h * m).sum(1) / m.sum(1)).numpy()
     return {
-        "cls": cls.reshape(len(items), 2, -1), "mean": mean.reshape(len(items), 2, -1),
+        "cls": cls.reshape(len(items), 2, -1),
+        "mean": mean.reshape(len(items), 2, -1),
         "p": np.array([it["p_chosen"] for it in items], np.float32),
         "lengths": np.array([[it["len_chosen"], it["len_rejected"]] for it in items], np.float32),
     }
@@ -147,17 +169,34 @@ def cached_features(max_length: int, threads: int = 1) -> dict:
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        tr, dv = encode_split(DATA / "train.jsonl.gz", max_length, threads), encode_split(DATA / "dev.jsonl.gz", max_length, threads)
-        np.savez(path, **{f"train_{k}": v for k, v in tr.items()}, **{f"dev_{k}": v for k, v in dv.items()},
-                 encode_s=np.array(time.time() - t0))
+        tr, dv = (
+            encode_split(DATA / "train.jsonl.gz", max_length, threads),
+            encode_split(DATA / "dev.jsonl.gz", max_length, threads),
+        )
+        np.savez(
+            path,
+            **{f"train_{k}": v for k, v in tr.items()},
+            **{f"dev_{k}": v for k, v in dv.items()},
+            encode_s=np.array(time.time() - t0),
+        )
         print(f"   encoded train+dev at {max_length} tokens in {time.time() - t0:.0f}s", flush=True)
     z = np.load(path)
     return {k: z[k] for k in z.files}
 
 
-def train_head(f: dict, *, lr: float, epochs: float, warmup: float = 0.1, weight_decay: float = 0.0,
-               length_robust: str = "none", length_weight: float = 1.0, seed: int = 0, batch_size: int = 16,
-               feature: str = "cls") -> dict:
+def train_head(
+    f: dict,
+    *,
+    lr: float,
+    epochs: float,
+    warmup: float = 0.1,
+    weight_decay: float = 0.0,
+    length_robust: str = "none",
+    length_weight: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    feature: str = "cls",
+) -> dict:
     """Train BERT's pooler + a new reward head on cached frozen-encoder features, with cai's own
     loss (RewardModelTrainer.compute_loss), pair weights and AdamW/linear schedule; dev metrics."""
     from types import SimpleNamespace
@@ -189,26 +228,44 @@ def train_head(f: dict, *, lr: float, epochs: float, warmup: float = 0.1, weight
             torch.nn.init.zeros_(self.classifier.bias)
 
         def forward(self, input_ids, attention_mask=None):
-            return SimpleNamespace(logits=self.classifier(self.drop(torch.tanh(self.pooler(self.x[input_ids])))))
+            return SimpleNamespace(
+                logits=self.classifier(self.drop(torch.tanh(self.pooler(self.x[input_ids]))))
+            )
 
     xtr = torch.tensor(f[f"train_{feature}"]).reshape(-1, dim)  # pair i: rows 2i (chosen), 2i+1 (rejected)
     ptr = torch.tensor(f["train_p"])
     ltr = torch.tensor(f["train_lengths"])
     n = len(ptr)
-    items = [{"p_chosen": float(p), "len_chosen": float(a), "len_rejected": float(b)} for p, (a, b) in zip(ptr, ltr)]
-    w = torch.tensor(balance_weights(items) if "balance" in length_robust else np.ones(n), dtype=torch.float32)
+    items = [
+        {"p_chosen": float(p), "len_chosen": float(a), "len_rejected": float(b)}
+        for p, (a, b) in zip(ptr, ltr)
+    ]
+    w = torch.tensor(
+        balance_weights(items) if "balance" in length_robust else np.ones(n), dtype=torch.float32
+    )
     model = Head(xtr)
     decay = [p for nme, p in model.named_parameters() if not nme.endswith("bias")]
     nodecay = [p for nme, p in model.named_parameters() if nme.endswith("bias")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": nodecay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": nodecay, "weight_decay": 0.0}], lr=lr
+    )
     steps_per_epoch = -(-n // batch_size)
     total = max(1, round(steps_per_epoch * epochs))
     warm = warmup if warmup >= 1 else int(np.ceil(total * warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
     strata = np.sign(ptr.numpy() - 0.5) * np.sign(ltr[:, 0].numpy() - ltr[:, 1].numpy())
     sign = -1.0 if (strata < 0).sum() > (strata > 0).sum() else 1.0  # as train_reward_model sets it
-    trainer = SimpleNamespace(hard_labels=False, margin=0.0, center_rewards=0.0, odin=odin, length_weight=length_weight,
-                              length_sign=sign, seen=None)
+    trainer = SimpleNamespace(
+        hard_labels=False,
+        margin=0.0,
+        center_rewards=0.0,
+        odin=odin,
+        length_weight=length_weight,
+        length_sign=sign,
+        seen=None,
+    )
     g = torch.Generator().manual_seed(seed)
     step, order = 0, torch.randperm(n, generator=g)
     model.train()
@@ -217,8 +274,13 @@ def train_head(f: dict, *, lr: float, epochs: float, warmup: float = 0.1, weight
         if pos == 0 and step:
             order = torch.randperm(n, generator=g)
         b = order[pos : pos + batch_size]
-        inputs = {"input_ids": torch.cat([2 * b, 2 * b + 1]), "attention_mask": None, "p_chosen": ptr[b],
-                  "pair_lengths": ltr[b], "pair_weight": w[b]}
+        inputs = {
+            "input_ids": torch.cat([2 * b, 2 * b + 1]),
+            "attention_mask": None,
+            "p_chosen": ptr[b],
+            "pair_lengths": ltr[b],
+            "pair_weight": w[b],
+        }
         loss = RewardModelTrainer.compute_loss(trainer, model, inputs)
         opt.zero_grad()
         loss.backward()
@@ -253,14 +315,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--full-grid", action="store_true", help="train every recipe in FULL_RECIPES (not only REDUCED)")
+    ap.add_argument(
+        "--full-grid", action="store_true", help="train every recipe in FULL_RECIPES (not only REDUCED)"
+    )
     ap.add_argument("--only", help="full:<recipe> — train just this one")
     ap.add_argument("--fresh", action="store_true", help="retrain recipes that have a cached result")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--encode", type=int, nargs="*", help="only cache the frozen encoder's features at these max-lengths")
-    ap.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="max-lengths of the frozen grid")
-    ap.add_argument("--cached-full-only", action="store_true", help="train no full fine-tune; report the cached ones")
-    ap.add_argument("--no-encode", action="store_true", help="skip max-lengths whose features are not cached yet")
+    ap.add_argument(
+        "--encode", type=int, nargs="*", help="only cache the frozen encoder's features at these max-lengths"
+    )
+    ap.add_argument(
+        "--lengths", type=int, nargs="*", default=[128, 256, 512], help="max-lengths of the frozen grid"
+    )
+    ap.add_argument(
+        "--cached-full-only", action="store_true", help="train no full fine-tune; report the cached ones"
+    )
+    ap.add_argument(
+        "--no-encode", action="store_true", help="skip max-lengths whose features are not cached yet"
+    )
     ap.add_argument("--seeds", type=int, default=2, help="seeds for the frozen finalists and the noise study")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-train.md"))
     a = ap.parse_args()
@@ -282,7 +354,11 @@ def main():
         fam, name = a.only.split(":", 1)
         full_result(name, a.seed, a.fresh)
         return
-    names = list(FULL_RECIPES) if a.full_grid else [n for n in FULL_RECIPES if n in REDUCED or (CACHE / f"full-{n}-s0.json").exists()]
+    names = (
+        list(FULL_RECIPES)
+        if a.full_grid
+        else [n for n in FULL_RECIPES if n in REDUCED or (CACHE / f"full-{n}-s0.json").exists()]
+    )
     global FRESH
     FRESH = a.fresh
     if a.cached_full_only:
@@ -314,7 +390,15 @@ def selection_key(m: dict):
 def _mean_rows(runs: list[dict]) -> dict:
     import numpy as np
 
-    keys = ("accuracy", "acc_pref_longer", "acc_pref_shorter", "balanced_accuracy", "length_gap", "spearman_reward_length", "head_s")
+    keys = (
+        "accuracy",
+        "acc_pref_longer",
+        "acc_pref_shorter",
+        "balanced_accuracy",
+        "length_gap",
+        "spearman_reward_length",
+        "head_s",
+    )
     out = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     out["acc_sd"] = float(np.std([r["accuracy"] for r in runs])) if len(runs) > 1 else None
     out["bal_sd"] = float(np.std([r["balanced_accuracy"] for r in runs])) if len(runs) > 1 else None
@@ -376,8 +460,17 @@ def frozen_sweep(lengths, n_seeds: int):
     for key in finalists:
         m = _mean_rows(results[key])
         rows.append({"L": key[0], "hp": dict(key[1]), **m})
-    rows.sort(key=lambda r: selection_key({"length_gap": r["length_gap"], "spearman_reward_length": r["spearman_reward_length"],
-                                           "balanced_accuracy": r["balanced_accuracy"], "accuracy": r["accuracy"]}), reverse=True)
+    rows.sort(
+        key=lambda r: selection_key(
+            {
+                "length_gap": r["length_gap"],
+                "spearman_reward_length": r["spearman_reward_length"],
+                "balanced_accuracy": r["balanced_accuracy"],
+                "accuracy": r["accuracy"],
+            }
+        ),
+        reverse=True,
+    )
     coarse_rows = [{"L": k[0], "hp": dict(k[1]), **_mean_rows(results[k][:1])} for k in ranked]
     best = rows[0] if rows else None
     return {"finalists": rows, "all": coarse_rows}, best
@@ -423,11 +516,16 @@ def noise_study(best: dict, n_seeds: int) -> list[dict]:
         for seed in range(n_seeds):
             side, c, flipped = noisy_labels(len(f0["train_p"]), q, seed)
             share.append(flipped.mean())
-            for name, p in (("hard", side > 0), ("soft (uniform 1-q)", np.where(side > 0, 1 - q, q)),
-                            ("soft (calibrated c)", np.where(side > 0, c, 1 - c))):
+            for name, p in (
+                ("hard", side > 0),
+                ("soft (uniform 1-q)", np.where(side > 0, 1 - q, q)),
+                ("soft (calibrated c)", np.where(side > 0, c, 1 - c)),
+            ):
                 skey = json.dumps(["noise", best["L"], sorted(best["hp"].items()), q, name, seed])
                 if skey not in done:
-                    done[skey] = train_head(dict(f0, train_p=np.asarray(p, np.float32)), seed=seed, **best["hp"]) | {"head_s": 0.0}
+                    done[skey] = train_head(
+                        dict(f0, train_p=np.asarray(p, np.float32)), seed=seed, **best["hp"]
+                    ) | {"head_s": 0.0}
                     store.write_text(json.dumps(done))
                 per[name].append(done[skey])
         for name, runs in per.items():
@@ -440,7 +538,13 @@ def noise_study(best: dict, n_seeds: int) -> list[dict]:
 
 
 def _fmt_hp(hp: dict) -> str:
-    parts = [f"lr {hp['lr']:g}", f"{hp['epochs']:g} ep", f"warmup {hp['warmup']:g}", f"wd {hp['weight_decay']:g}", hp["length_robust"]]
+    parts = [
+        f"lr {hp['lr']:g}",
+        f"{hp['epochs']:g} ep",
+        f"warmup {hp['warmup']:g}",
+        f"wd {hp['weight_decay']:g}",
+        hp["length_robust"],
+    ]
     if "odin" in hp["length_robust"] and hp.get("length_weight", 1.0) != 1.0:
         parts.append(f"λ {hp['length_weight']:g}")
     return ", ".join(parts)
@@ -456,52 +560,101 @@ def render(full_rows, frozen, noise_rows, best, argv: str) -> str:
     from cai.stats import wilson_interval
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    L = ["## Recipe sweep (shared dev, 499 pairs; trained on the 1,297 valid shared train pairs)", "",
-         f"command: `.venv/bin/python bench/bench_train_sweep.py {argv}`".replace(" `", " `").rstrip() + " (load average at end "
-         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", "",
-         "Columns: dev accuracy [95% Wilson CI]; accuracy when the human-preferred response is the longer / the shorter; "
-         "length-balanced accuracy (mean of the two); Spearman(reward, response characters) over all 998 dev responses; "
-         "wall time; peak RSS. Goal: balanced ≥ 62, |longer − shorter| ≤ 25 points, |Spearman| ≤ 0.4, accuracy ≥ 62.", ""]
-    L += ["### Full fine-tuning (`train_reward_model`: lr 5e-5, 1 epoch, warmup 0.1, wd 0, batch 16 unless the recipe says otherwise; one subprocess each)", "",
-          "| recipe | seed | accuracy [95% CI] | pref. longer | pref. shorter | balanced | Spearman | wall (s) | peak RSS (MB) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        "## Recipe sweep (shared dev, 499 pairs; trained on the 1,297 valid shared train pairs)",
+        "",
+        f"command: `.venv/bin/python bench/bench_train_sweep.py {argv}`".replace(" `", " `").rstrip()
+        + " (load average at end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)",
+        "",
+        "Columns: dev accuracy [95% Wilson CI]; accuracy when the human-preferred response is the longer / "
+        "the shorter; length-balanced accuracy (mean of the two); Spearman(reward, response characters) "
+        "over all 998 dev responses; wall time; peak RSS. Goal: balanced ≥ 62, |longer − shorter| ≤ 25 "
+        "points, |Spearman| ≤ 0.4, accuracy ≥ 62.",
+        "",
+    ]
+    L += [
+        "### Full fine-tuning (`train_reward_model`: lr 5e-5, 1 epoch, warmup 0.1, wd 0, batch 16 unless "
+        "the recipe says otherwise; one subprocess each)",
+        "",
+        "| recipe | seed | accuracy [95% CI] | pref. longer | pref. shorter | balanced | Spearman | "
+        "wall (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in full_rows:
-        L.append(f"| {r['recipe']} | {r['seed']} | {_pct(r['acc'])} [{_pct(r['ci'][0])}–{_pct(r['ci'][1])}] | {_pct(r['longer'])} | "
-                 f"{_pct(r['shorter'])} | {_pct(r['balanced'])} | {r['spearman']:+.2f} | {r['wall_s']:.0f} | {r['rss_mb']} |")
+        L.append(
+            f"| {r['recipe']} | {r['seed']} | {_pct(r['acc'])} [{_pct(r['ci'][0])}–{_pct(r['ci'][1])}] | "
+            f"{_pct(r['longer'])} | {_pct(r['shorter'])} | {_pct(r['balanced'])} | {r['spearman']:+.2f} | "
+            f"{r['wall_s']:.0f} | {r['rss_mb']} |"
+        )
     if not full_rows:
         L.append("| (none cached: run with --full-grid) | | | | | | | | |")
     if frozen:
         enc = {k: float(FEATS[k]["encode_s"]) for k in FEATS}
-        L += ["", "### Frozen encoder: BERT's pooler + reward head on cached [CLS] states (seeds: mean ± sd)", "",
-              "Encoding train + dev once: " + ", ".join(f"{k} tokens {v:.0f} s" for k, v in sorted(enc.items()))
-              + f"; each head then trains in the 'head (s)' column. Peak RSS of the whole sweep process {peak:.0f} MB.", "",
-              "| max len | recipe | seeds | accuracy [95% CI] | pref. longer | pref. shorter | balanced | Spearman | head (s) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "",
+            "### Frozen encoder: BERT's pooler + reward head on cached [CLS] states (seeds: mean ± sd)",
+            "",
+            "Encoding train + dev once: "
+            + ", ".join(f"{k} tokens {v:.0f} s" for k, v in sorted(enc.items()))
+            + "; each head then trains in the 'head (s)' column. "
+            f"Peak RSS of the whole sweep process {peak:.0f} MB.",
+            "",
+            "| max len | recipe | seeds | accuracy [95% CI] | pref. longer | pref. shorter | balanced | "
+            "Spearman | head (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in frozen["finalists"]:
             n = r["pairs"]
             lo, hi = wilson_interval(r["accuracy"] * n, n)
-            L.append(f"| {r['L']} | {_fmt_hp(r['hp'])} | {r['seeds']} | {_pct(r['accuracy'], r['acc_sd'])} [{_pct(lo)}–{_pct(hi)}] | "
-                     f"{_pct(r['acc_pref_longer'])} | {_pct(r['acc_pref_shorter'])} | {_pct(r['balanced_accuracy'], r['bal_sd'])} | "
-                     f"{r['spearman_reward_length']:+.2f} | {r['head_s']:.1f} |")
-        L += ["", "<details><summary>Every frozen-encoder run at seed 0 (coarse grid + refinements), best first</summary>", "",
-              "Ranked by the goal: runs inside |gap| ≤ 25 points and |Spearman| ≤ 0.4 first (by balanced accuracy), then the rest.", "",
-              "| max len | recipe | accuracy | longer | shorter | balanced | Spearman | inside the length bounds |", "|---|---|---|---|---|---|---|---|"]
+            L.append(
+                f"| {r['L']} | {_fmt_hp(r['hp'])} | {r['seeds']} | "
+                f"{_pct(r['accuracy'], r['acc_sd'])} [{_pct(lo)}–{_pct(hi)}] | "
+                f"{_pct(r['acc_pref_longer'])} | {_pct(r['acc_pref_shorter'])} | "
+                f"{_pct(r['balanced_accuracy'], r['bal_sd'])} | "
+                f"{r['spearman_reward_length']:+.2f} | {r['head_s']:.1f} |"
+            )
+        L += [
+            "",
+            "<details><summary>Every frozen-encoder run at seed 0 (coarse grid + refinements), best "
+            "first</summary>",
+            "",
+            "Ranked by the goal: runs inside |gap| ≤ 25 points and |Spearman| ≤ 0.4 first (by balanced "
+            "accuracy), then the rest.",
+            "",
+            "| max len | recipe | accuracy | longer | shorter | balanced | Spearman | "
+            "inside the length bounds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in frozen["all"]:
             inside = abs(r["length_gap"]) <= 0.25 and abs(r["spearman_reward_length"]) <= 0.4
-            L.append(f"| {r['L']} | {_fmt_hp(r['hp'])} | {_pct(r['accuracy'])} | {_pct(r['acc_pref_longer'])} | "
-                     f"{_pct(r['acc_pref_shorter'])} | {_pct(r['balanced_accuracy'])} | {r['spearman_reward_length']:+.2f} | "
-                     f"{'yes' if inside else 'no'} |")
+            L.append(
+                f"| {r['L']} | {_fmt_hp(r['hp'])} | {_pct(r['accuracy'])} | {_pct(r['acc_pref_longer'])} | "
+                f"{_pct(r['acc_pref_shorter'])} | {_pct(r['balanced_accuracy'])} | "
+                f"{r['spearman_reward_length']:+.2f} | "
+                f"{'yes' if inside else 'no'} |"
+            )
         L += ["", "</details>"]
     if noise_rows:
-        L += ["", f"### Soft vs hard labels under label noise (frozen encoder, {best['L']} tokens, {_fmt_hp(best['hp'])}; "
-              f"mean over {noise_rows[0]['seeds']} noise draws/seeds)", "",
-              "A calibrated noisy labeller: per pair a confidence c ~ U(1−2q, 1), label flipped with probability 1−c "
-              "(realised share below). hard = the observed side; soft (uniform) = 1−q toward it (label smoothing at the "
-              "true rate); soft (calibrated) = c toward it. Same pairs and flips for all three.", "",
-              "| flip rate q | realised | labels | accuracy | balanced | Spearman |", "|---|---|---|---|---|---|"]
+        L += [
+            "",
+            f"### Soft vs hard labels under label noise (frozen encoder, {best['L']} tokens, "
+            f"{_fmt_hp(best['hp'])}; "
+            f"mean over {noise_rows[0]['seeds']} noise draws/seeds)",
+            "",
+            "A calibrated noisy labeller: per pair a confidence c ~ U(1−2q, 1), label flipped with "
+            "probability 1−c (realised share below). hard = the observed side; soft (uniform) = 1−q toward "
+            "it (label smoothing at the true rate); soft (calibrated) = c toward it. Same pairs and flips "
+            "for all three.",
+            "",
+            "| flip rate q | realised | labels | accuracy | balanced | Spearman |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in noise_rows:
-            L.append(f"| {r['q']:.0%} | {r['share']:.1%} | {r['labels']} | {_pct(r['accuracy'], r['acc_sd'])} | "
-                     f"{_pct(r['balanced_accuracy'], r['bal_sd'])} | {r['spearman_reward_length']:+.2f} |")
+            L.append(
+                f"| {r['q']:.0%} | {r['share']:.1%} | {r['labels']} | {_pct(r['accuracy'], r['acc_sd'])} | "
+                f"{_pct(r['balanced_accuracy'], r['bal_sd'])} | {r['spearman_reward_length']:+.2f} |"
+            )
     return "\n".join(L) + "\n"
 
 

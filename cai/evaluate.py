@@ -522,7 +522,10 @@ def comparison_verdict(a: str, b: str, t: dict, at_chance: tuple[str, ...] = ())
     if t["n"] == 0:
         return f"{a} vs {b}: no pairs to compare."
     if mc["b"] + mc["c"] == 0:
-        return f"{a} and {b} make the same call on every one of the {t['n']} pairs: there is no difference to test."
+        return (
+            f"{a} and {b} make the same call on every one of the {t['n']} pairs: "
+            "there is no difference to test."
+        )
     if t["significant"]:
         # say it the way round a reader expects: the better one, by a positive amount
         flip = t["diff"] < 0
@@ -536,8 +539,8 @@ def comparison_verdict(a: str, b: str, t: dict, at_chance: tuple[str, ...] = ())
         )
         if better in at_chance:
             out += (
-                f" But {better} itself is not distinguishable from chance, so this shows the two models err on "
-                f"different pairs, not that {better} has learned the preference."
+                f" But {better} itself is not distinguishable from chance, so this shows the two models "
+                f"err on different pairs, not that {better} has learned the preference."
             )
         return out
     stats = (
@@ -562,16 +565,26 @@ def length_balanced(m: dict) -> dict | None:
     if lo_.get("value") is None or sh.get("value") is None:
         return None
     value = (lo_["value"] + sh["value"]) / 2
-    se = [((d["ci"][1] - d["ci"][0]) / (2 * 1.96)) if d.get("ci") and d["ci"][0] is not None else 0.0 for d in (lo_, sh)]
+    se = [
+        ((d["ci"][1] - d["ci"][0]) / (2 * 1.96)) if d.get("ci") and d["ci"][0] is not None else 0.0
+        for d in (lo_, sh)
+    ]
     half = 1.96 * math.sqrt(se[0] ** 2 + se[1] ** 2) / 2
-    return {"value": value, "ci": [value - half, value + half], "longer": lo_["value"], "shorter": sh["value"]}
+    return {
+        "value": value,
+        "ci": [value - half, value + half],
+        "longer": lo_["value"],
+        "shorter": sh["value"],
+    }
 
 
 def model_headline(name: str, m: dict, baselines: dict, vs_baselines: dict) -> str | None:
     """One line per model for the top of the report: does it beat the *best* trivial baseline, and
     what is its length-balanced accuracy? A reward that only learned length must not read as a success."""
     acc = m["accuracy"]["value"]
-    trivial = {k: b for k, b in baselines.items() if k != "always-first" and b["accuracy"]["value"] is not None}
+    trivial = {
+        k: b for k, b in baselines.items() if k != "always-first" and b["accuracy"]["value"] is not None
+    }
     if acc is None or not trivial:
         return None
     best = max(trivial, key=lambda k: trivial[k]["accuracy"]["value"])
@@ -579,7 +592,10 @@ def model_headline(name: str, m: dict, baselines: dict, vs_baselines: dict) -> s
     if acc > bv and t and t["significant"]:
         beat = f"beats the best trivial baseline, '{best}' ({_pct(bv)}), by {_pts(acc - bv)} points"
     elif acc > bv:
-        beat = f"does not clearly beat the best trivial baseline, '{best}' ({_pct(bv)}): its {_pts(acc - bv)} points are inside noise"
+        beat = (
+            f"does not clearly beat the best trivial baseline, '{best}' ({_pct(bv)}): "
+            f"its {_pts(acc - bv)} points are inside noise"
+        )
     else:
         beat = f"does not beat the best trivial baseline, '{best}' ({_pct(bv)})"
     line = f"{name}: accuracy {_pct(acc)}; it {beat}."
@@ -588,7 +604,8 @@ def model_headline(name: str, m: dict, baselines: dict, vs_baselines: dict) -> s
         return line + " Length-balanced accuracy not measured (probes off)."
     line += (
         f" Length-balanced accuracy {_pct(lb['value'])} (≈95% CI {_pct(lb['ci'][0])}–{_pct(lb['ci'][1])}; "
-        f"{_pct(lb['longer'])} when the preferred answer is the longer, {_pct(lb['shorter'])} when it is the shorter)"
+        f"{_pct(lb['longer'])} when the preferred answer is the longer, "
+        f"{_pct(lb['shorter'])} when it is the shorter)"
     )
     if lb["ci"][0] > 0.5:
         return line + ": it learned more than length."
@@ -639,8 +656,8 @@ def model_notes(name: str, m: dict, baselines: dict, vs_baselines: dict) -> list
         bv, t = trivial[best]["accuracy"]["value"], vs_baselines.get(best)
         if acc["value"] >= bv and t and not t["significant"]:
             notes.append(
-                f"{name}'s lead over the best trivial baseline, '{best}' ({_pct(acc['value'])} vs {_pct(bv)}), "
-                "is inside noise."
+                f"{name}'s lead over the best trivial baseline, '{best}' "
+                f"({_pct(acc['value'])} vs {_pct(bv)}), is inside noise."
             )
     lp = m.get("probes", {}).get("length")
     gap = lp["gap"] if lp else {"value": None}
@@ -649,9 +666,10 @@ def model_notes(name: str, m: dict, baselines: dict, vs_baselines: dict) -> list
         toward = "longer" if gap["value"] > 0 else "shorter"
         strongly = "strongly " if min(abs(gap["ci"][0]), abs(gap["ci"][1])) > 0.3 else ""
         notes.append(
-            f"{name} is {strongly}length-biased toward {toward} answers: {_pct(lp['preferred_longer']['value'])} "
-            f"right when the preferred answer is longer, {_pct(lp['preferred_shorter']['value'])} when it is "
-            f"shorter (gap {_pts(gap['value'])} points, 95% CI {_pts(gap['ci'][0])} to {_pts(gap['ci'][1])})."
+            f"{name} is {strongly}length-biased toward {toward} answers: "
+            f"{_pct(lp['preferred_longer']['value'])} right when the preferred answer is longer, "
+            f"{_pct(lp['preferred_shorter']['value'])} when it is shorter "
+            f"(gap {_pts(gap['value'])} points, 95% CI {_pts(gap['ci'][0])} to {_pts(gap['ci'][1])})."
         )
     return notes
 

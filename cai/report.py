@@ -188,7 +188,11 @@ def build_blocks(metrics: dict) -> list[tuple]:
     )
 
     # the verdicts first: what a reader must not miss
-    verdicts = metrics.get("headlines", []) + [c["verdict"] for c in metrics["comparisons"]] + metrics.get("notes", [])
+    verdicts = (
+        metrics.get("headlines", [])
+        + [c["verdict"] for c in metrics["comparisons"]]
+        + metrics.get("notes", [])
+    )
     if study:
         verdicts = study.get("headlines", []) + verdicts
     if verdicts:
@@ -300,8 +304,8 @@ def build_blocks(metrics: dict) -> list[tuple]:
         B.append(
             (
                 "p",
-                "A difference counts as real only when McNemar's test rejects at 5% *and* the paired bootstrap "
-                "interval excludes zero.",
+                "A difference counts as real only when McNemar's test rejects at 5% *and* the paired "
+                "bootstrap interval excludes zero.",
             )
         )
 
@@ -310,9 +314,10 @@ def build_blocks(metrics: dict) -> list[tuple]:
         B.append(
             (
                 "p",
-                "Calibration asks whether σ(Δ), read as the model's confidence in its pick, matches how often the "
-                "pick is right. ECE is the pair-weighted gap between the two over 10 confidence bins (0 = perfectly "
-                "calibrated). Δ is r(preferred) − r(other); Bradley–Terry training makes σ(Δ) a probability.",
+                "Calibration asks whether σ(Δ), read as the model's confidence in its pick, matches how "
+                "often the pick is right. ECE is the pair-weighted gap between the two over 10 confidence "
+                "bins (0 = perfectly calibrated). Δ is r(preferred) − r(other); Bradley–Terry training "
+                "makes σ(Δ) a probability.",
             )
         )
         rows = []
@@ -349,9 +354,12 @@ def build_blocks(metrics: dict) -> list[tuple]:
             [
                 "Accuracy: share of test pairs where the reward of the preferred response is higher; |Δ| ≤ "
                 f"{metrics['settings']['tie_tol']:g} is a tie and counts ½.",
-                "Baselines: " + "; ".join(f"*{n}* — {b['description']}" for n, b in metrics["baselines"].items()) + ".",
-                "Paired tests: McNemar on the pairs where the two models disagree (exact binomial below 50 discordant pairs, "
-                "continuity-corrected χ² above) and a paired bootstrap interval of the accuracy difference.",
+                "Baselines: "
+                + "; ".join(f"*{n}* — {b['description']}" for n, b in metrics["baselines"].items())
+                + ".",
+                "Paired tests: McNemar on the pairs where the two models disagree (exact binomial below 50 "
+                "discordant pairs, continuity-corrected χ² above) and a paired bootstrap interval of the "
+                "accuracy difference.",
                 "Probes reuse the test pairs: each number comes with its n and a 95% interval.",
             ],
         )
@@ -370,9 +378,10 @@ def probe_blocks(metrics: dict) -> list[tuple]:
     B.append(
         (
             "p",
-            "Accuracy split by whether the preferred response is the longer or the shorter one (equal lengths "
-            "left out). A model that has learned only length scores near 100% on one side and near 0% on the other. "
-            "Correlations are between reward and length in characters over all responses; intervals resample pairs.",
+            "Accuracy split by whether the preferred response is the longer or the shorter one (equal "
+            "lengths left out). A model that has learned only length scores near 100% on one side and near "
+            "0% on the other. Correlations are between reward and length in characters over all responses; "
+            "intervals resample pairs.",
         )
     )
     rows = []
@@ -381,8 +390,10 @@ def probe_blocks(metrics: dict) -> list[tuple]:
         rows.append(
             [
                 n,
-                f"{_pct(L['preferred_longer']['value'])} ({_ci_txt(L['preferred_longer'])}; n={L['preferred_longer']['n']})",
-                f"{_pct(L['preferred_shorter']['value'])} ({_ci_txt(L['preferred_shorter'])}; n={L['preferred_shorter']['n']})",
+                f"{_pct(L['preferred_longer']['value'])} "
+                f"({_ci_txt(L['preferred_longer'])}; n={L['preferred_longer']['n']})",
+                f"{_pct(L['preferred_shorter']['value'])} "
+                f"({_ci_txt(L['preferred_shorter'])}; n={L['preferred_shorter']['n']})",
                 f"{_pts(L['gap']['value']) if L['gap']['value'] is not None else 'n/a'} "
                 f"({_pts(L['gap']['ci'][0]) if L['gap']['ci'][0] is not None else ''} to "
                 f"{_pts(L['gap']['ci'][1]) if L['gap']['ci'][1] is not None else ''})",
@@ -413,8 +424,8 @@ def probe_blocks(metrics: dict) -> list[tuple]:
     B.append(
         (
             "p",
-            f"The refusal and formatting probes score four extra responses per pair, so they run on the first "
-            f"{k} test pairs (`--probe-limit`).",
+            "The refusal and formatting probes score four extra responses per pair, so they run on the "
+            f"first {k} test pairs (`--probe-limit`).",
         )
     )
     B.append(("h3", "Refusal bias"))
@@ -424,11 +435,10 @@ def probe_blocks(metrics: dict) -> list[tuple]:
             "p",
             "For each test pair, a bare refusal ("
             + ", ".join(f"“{r}”" for r in first["refusals"])
-            + ") is scored "
-            "against the row's preferred response. The number is how often the refusal wins (ties ½). Rows whose "
-            "preferred response already reads as a refusal are left out. On harmlessness data the preferred response "
-            "is only the less harmful of two and is not always safe, so a good model need not score 0% here; compare "
-            "models on the same rows.",
+            + ") is scored against the row's preferred response. The number is how often the refusal wins "
+            "(ties ½). Rows whose preferred response already reads as a refusal are left out. On "
+            "harmlessness data the preferred response is only the less harmful of two and is not always "
+            "safe, so a good model need not score 0% here; compare models on the same rows.",
         )
     )
     rows = [
@@ -459,14 +469,14 @@ def probe_blocks(metrics: dict) -> list[tuple]:
     B.append(
         (
             "p",
-            "The preferred response is rewritten with the same words in different dress — *whitespace* (one "
-            "sentence per paragraph, padded ends) and *markdown* (a bullet list of its sentences, or bold) — and "
-            "scored again. Reward shift is r(reformatted) − r(original), also in units of the model's margin spread; "
-            "a flip is a pair whose call changes. For markdown, 'both sides' reformats the other response too. "
-            "A tokenizer that drops whitespace (BERT's WordPiece, as in MiniLM) makes the whitespace probe zero "
-            "by construction. "
-            "Position: a reward model scores each response on its own, so there is no answer order to be "
-            "sensitive to (the judge's order sensitivity is the position consistency `cai label` reports).",
+            "The preferred response is rewritten with the same words in different dress — *whitespace* "
+            "(one sentence per paragraph, padded ends) and *markdown* (a bullet list of its sentences, or "
+            "bold) — and scored again. Reward shift is r(reformatted) − r(original), also in units of the "
+            "model's margin spread; a flip is a pair whose call changes. For markdown, 'both sides' "
+            "reformats the other response too. A tokenizer that drops whitespace (BERT's WordPiece, as in "
+            "MiniLM) makes the whitespace probe zero by construction. Position: a reward model scores each "
+            "response on its own, so there is no answer order to be sensitive to (the judge's order "
+            "sensitivity is the position consistency `cai label` reports).",
         )
     )
     rows = []
@@ -479,7 +489,8 @@ def probe_blocks(metrics: dict) -> list[tuple]:
                 [
                     n,
                     kind,
-                    f"{_f(k['reward_shift']['value'], '{:+.3g}')} ({_f(k['reward_shift']['ci'][0], '{:+.3g}')} to "
+                    f"{_f(k['reward_shift']['value'], '{:+.3g}')} "
+                    f"({_f(k['reward_shift']['ci'][0], '{:+.3g}')} to "
                     f"{_f(k['reward_shift']['ci'][1], '{:+.3g}')})",
                     _f(k["shift_in_margin_sd"], "{:+.2f}"),
                     f"{_pct(k['flip_rate']['value'])} ({_ci_txt(k['flip_rate'])})",
@@ -515,7 +526,8 @@ def shift_blocks(metrics: dict) -> list[tuple]:
         B.append(
             (
                 "p",
-                f"Accuracy on pairs from another source: `{src.get('file')}` (sha256 {str(src.get('sha256'))[:12]}, "
+                f"Accuracy on pairs from another source: `{src.get('file')}` "
+                f"(sha256 {str(src.get('sha256'))[:12]}, "
                 f"{src.get('n')} pairs), against the main test pairs.",
             )
         )
@@ -597,10 +609,11 @@ def study_blocks(study: dict) -> list[tuple]:
         B.append(
             (
                 "p",
-                "Agreement: share of training pairs where the judge's label (p ≥ ½ after averaging both answer "
-                "orders) picks the response the human annotators picked; p = ½ counts ½. It is the same figure, "
-                "with the same interval, as `cai label`'s summary (cai.stats.agreement). Position consistency: "
-                "share of pairs where the judge prefers the same response in both orders.",
+                "Agreement: share of training pairs where the judge's label (p ≥ ½ after averaging both "
+                "answer orders) picks the response the human annotators picked; p = ½ counts ½. It is the "
+                "same figure, with the same interval, as `cai label`'s summary (cai.stats.agreement). "
+                "Position consistency: share of pairs where the judge prefers the same response in both "
+                "orders.",
             )
         )
         if lab.get("notes"):

@@ -79,7 +79,9 @@ def render_pair_texts(tokenizer, row: dict) -> tuple[str, str, str]:
     prompt = row["prompt"]
     if getattr(tokenizer, "chat_template", None):
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = [tokenizer.apply_chat_template(prompt + row[k], tokenize=False) for k in ("chosen", "rejected")]
+        full = [
+            tokenizer.apply_chat_template(prompt + row[k], tokenize=False) for k in ("chosen", "rejected")
+        ]
         # Usually `head` is a prefix of both; templates that rewrite earlier turns (e.g. strip
         # reasoning) are split at the common prefix instead, so prompt + response == full text.
         k = min(len(os.path.commonprefix([head, f])) for f in full)
@@ -179,9 +181,17 @@ class PairCollator:
         ids, mask = pad_batch(seqs, self.pad_token_id, self.pad_to_multiple_of)
         p = torch.tensor([f["p_chosen"] for f in features], dtype=torch.float32)
         # response lengths in characters (as the length probe of `cai eval` counts them), (B, 2)
-        lengths = torch.tensor([[f.get("len_chosen", 0), f.get("len_rejected", 0)] for f in features], dtype=torch.float32)
+        lengths = torch.tensor(
+            [[f.get("len_chosen", 0), f.get("len_rejected", 0)] for f in features], dtype=torch.float32
+        )
         weight = torch.tensor([f.get("weight", 1.0) for f in features], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "p_chosen": p, "pair_lengths": lengths, "pair_weight": weight}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "p_chosen": p,
+            "pair_lengths": lengths,
+            "pair_weight": weight,
+        }
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -202,8 +212,17 @@ class RewardModelTrainer(Trainer):
     and the two output weight vectors to be orthogonal. Only the quality output ships.
     """
 
-    def __init__(self, *args, labels: str = "soft", margin: float = 0.0, center_rewards: float = 0.0,
-                 odin: bool = False, length_weight: float = 1.0, length_sign: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        labels: str = "soft",
+        margin: float = 0.0,
+        center_rewards: float = 0.0,
+        odin: bool = False,
+        length_weight: float = 1.0,
+        length_sign: float = 1.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.hard_labels = labels == "hard"
         self.margin = margin
@@ -211,7 +230,9 @@ class RewardModelTrainer(Trainer):
         self.odin = odin
         self.length_weight = length_weight
         self.length_sign = length_sign
-        self.seen = collections.deque(maxlen=len(self.train_dataset)) if self.train_dataset is not None else None
+        self.seen = (
+            collections.deque(maxlen=len(self.train_dataset)) if self.train_dataset is not None else None
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         p = inputs["p_chosen"]
@@ -219,7 +240,9 @@ class RewardModelTrainer(Trainer):
             p = p.round()
         # One forward pass over [chosen; rejected] (see PairCollator); rewards in fp32 under autocast.
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
-        total = out.sum(-1) if self.odin else out[:, 0]  # ODIN: the preference is explained by quality + length
+        total = (
+            out.sum(-1) if self.odin else out[:, 0]
+        )  # ODIN: the preference is explained by quality + length
         r_c, r_r = total.chunk(2)
         delta = r_c - r_r
         # Cross-entropy between the label p and the model's P(chosen > rejected) = σ(Δ):
@@ -246,14 +269,21 @@ class RewardModelTrainer(Trainer):
             loss = loss + self.length_weight * (w_q * w_l).sum().abs()
         q_c, q_r = out[:, 0].chunk(2)  # what is reported and shipped: the quality output alone
         if model.training and self.seen is not None:  # the last pass's rewards, for the model card
-            self.seen.extend(torch.stack([q_c, q_r, inputs["p_chosen"], *inputs["pair_lengths"].t()], -1).detach().cpu().tolist())
+            self.seen.extend(
+                torch.stack([q_c, q_r, inputs["p_chosen"], *inputs["pair_lengths"].t()], -1)
+                .detach()
+                .cpu()
+                .tolist()
+            )
         return (loss, {"rewards": torch.stack([q_c, q_r], dim=-1)}) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         # The library's length-grouped sampler (random mega-batches, sorted inside), fed lengths
         # we already know: its own lookup wants an `input_ids` column, which pairs do not have.
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=ds.lengths)
+        return LengthGroupedSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=ds.lengths
+        )
 
 
 def pair_metrics(rewards, p) -> dict:
@@ -267,7 +297,11 @@ def pair_metrics(rewards, p) -> dict:
     d = (r[:, 0] - r[:, 1])[keep] * sign[keep]
     if not len(d):
         return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
-    return {"accuracy": float(np.mean((d > 0) + 0.5 * (d == 0))), "margin": float(d.mean()), "pairs": int(len(d))}
+    return {
+        "accuracy": float(np.mean((d > 0) + 0.5 * (d == 0))),
+        "margin": float(d.mean()),
+        "pairs": int(len(d)),
+    }
 
 
 class _SkipFinalCheckpoint(TrainerCallback):
@@ -303,7 +337,12 @@ def length_metrics(rewards, p, lengths) -> dict:
     out = {}
     if longer.any() and shorter.any():
         a_l, a_s = float(correct[longer].mean()), float(correct[shorter].mean())
-        out = {"acc_pref_longer": a_l, "acc_pref_shorter": a_s, "balanced_accuracy": (a_l + a_s) / 2, "length_gap": a_l - a_s}
+        out = {
+            "acc_pref_longer": a_l,
+            "acc_pref_shorter": a_s,
+            "balanced_accuracy": (a_l + a_s) / 2,
+            "length_gap": a_l - a_s,
+        }
     x, y = r.reshape(-1), ln.reshape(-1)
     if x.std() > 0 and y.std() > 0:
         out["spearman_reward_length"] = float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
@@ -326,7 +365,9 @@ def _reward_head(model) -> torch.nn.Linear:
     n = model.config.num_labels
     found = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
     if not found:
-        raise InputError(f"cannot find the {n}-output head of {type(model).__name__}; use --length-robust none or balance")
+        raise InputError(
+            f"cannot find the {n}-output head of {type(model).__name__}; use --length-robust none or balance"
+        )
     return found[-1]
 
 
@@ -334,7 +375,9 @@ def _drop_length_head(model) -> dict:
     """Keep only output 0 (quality) of an ODIN model: the artifact is then a plain 1-output reward
     model. Returns the dropped length head's weights (for the record)."""
     head = _reward_head(model)
-    new = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype, device=head.weight.device)
+    new = torch.nn.Linear(
+        head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype, device=head.weight.device
+    )
     with torch.no_grad():
         new.weight.copy_(head.weight[:1])
         if head.bias is not None:
@@ -368,9 +411,15 @@ def _check_hardware(cfg: TrainConfig) -> str:
         raise InputError(f"--device {cfg.device} asked for a GPU but none is available; use --device cpu")
     if not gpu:
         if cfg.precision in ("bf16", "fp16"):
-            raise InputError(f"--{cfg.precision} needs a GPU and this run is on the CPU; drop --{cfg.precision} (CPU trains in fp32)")
+            raise InputError(
+                f"--{cfg.precision} needs a GPU and this run is on the CPU; "
+                f"drop --{cfg.precision} (CPU trains in fp32)"
+            )
         if cfg.fsdp:
-            raise InputError("--fsdp needs GPUs and a multi-process launch (accelerate launch / torchrun); drop it on this machine")
+            raise InputError(
+                "--fsdp needs GPUs and a multi-process launch (accelerate launch / torchrun); "
+                "drop it on this machine"
+            )
         return "fp32"
     if cfg.precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -401,10 +450,15 @@ def _check_out(out: Path, resume: bool) -> dict | None:
         return None
     prev = _read_marker(out)
     if prev is None:
-        raise InputError(f"exists and is not a cai reward model (no {CONFIG_NAME}); pass a new --out or empty the folder", out)
+        raise InputError(
+            f"exists and is not a cai reward model (no {CONFIG_NAME}); pass a new --out or empty the folder",
+            out,
+        )
     ckpts = checkpoints(out)
     if resume and not ckpts:
-        raise InputError("--resume: no checkpoint-* folder to resume from; rerun without --resume to start over", out)
+        raise InputError(
+            "--resume: no checkpoint-* folder to resume from; rerun without --resume to start over", out
+        )
     if not resume and ckpts and prev.get("status") != "done":
         raise InputError(
             f"holds an unfinished run (last checkpoint {ckpts[-1].name}); pass --resume to continue it, "
@@ -417,7 +471,9 @@ def _check_out(out: Path, resume: bool) -> dict | None:
 # ----------------------------------------------------------------------------- loading
 
 
-def read_training_rows(path, limit, labels: str, what: str, skip_bad: bool = False) -> tuple[list[dict], dict]:
+def read_training_rows(
+    path, limit, labels: str, what: str, skip_bad: bool = False
+) -> tuple[list[dict], dict]:
     stats: dict = {}
     rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats)
     good, bad, ties = [], list(stats.get("skipped", [])), 0
@@ -432,7 +488,9 @@ def read_training_rows(path, limit, labels: str, what: str, skip_bad: bool = Fal
         good.append(r)
     if not good:
         hint = "the rows all had label 0.5" if ties else "every row was malformed"
-        raise InputError(f"no usable {what} pairs ({hint}); first problem: {bad[0][1] if bad else 'n/a'}", path)
+        raise InputError(
+            f"no usable {what} pairs ({hint}); first problem: {bad[0][1] if bad else 'n/a'}", path
+        )
     if what == "training" and all(r["label"]["p_chosen"] == 0.5 for r in good):
         raise InputError(
             "every label is 0.5 (no preference either way), so there is nothing to learn; "
@@ -491,10 +549,15 @@ def tokenize_pairs(rows: list[dict], enc: PairEncoder) -> list[dict]:
     items = []
     for r in rows:
         c, j = enc(r)
-        items.append({
-            "chosen_ids": c, "rejected_ids": j, "p_chosen": float(r["label"]["p_chosen"]),
-            "len_chosen": len(response_text(r["chosen"])), "len_rejected": len(response_text(r["rejected"])),
-        })
+        items.append(
+            {
+                "chosen_ids": c,
+                "rejected_ids": j,
+                "p_chosen": float(r["label"]["p_chosen"]),
+                "len_chosen": len(response_text(r["chosen"])),
+                "len_rejected": len(response_text(r["rejected"])),
+            }
+        )
     return items
 
 
@@ -550,17 +613,28 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
     eval_rows, eval_info = (None, None)
     if cfg.eval_pairs:
         eval_rows, eval_info = read_training_rows(cfg.eval_pairs, None, "soft", "evaluation", cfg.skip_bad)
-    if cfg.resume and prev and prev.get("data", {}).get("train", {}).get("sha256") not in (None, train_info["sha256"]):
-        raise InputError("--resume: the training file changed since this run began; resume with the same --pairs", cfg.pairs)
+    if (
+        cfg.resume
+        and prev
+        and prev.get("data", {}).get("train", {}).get("sha256") not in (None, train_info["sha256"])
+    ):
+        raise InputError(
+            "--resume: the training file changed since this run began; resume with the same --pairs",
+            cfg.pairs,
+        )
 
     try:
-        model_config = AutoConfig.from_pretrained(base_path, num_labels=2 if odin else 1, trust_remote_code=cfg.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(
+            base_path, num_labels=2 if odin else 1, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load base model {base_name!r} ({str(e).splitlines()[0][:160]})") from None
     max_length = cfg.max_length or _default_max_length(base_path, model_config, tok)
     pos_limit = getattr(model_config, "max_position_embeddings", None)
     if pos_limit and max_length > pos_limit:
-        raise InputError(f"--max-length {max_length} exceeds the base's {pos_limit} positions; use at most {pos_limit}")
+        raise InputError(
+            f"--max-length {max_length} exceeds the base's {pos_limit} positions; use at most {pos_limit}"
+        )
 
     enc = PairEncoder(tok, max_length)
     train_ds = PairDataset(tokenize_pairs(rows, enc))
@@ -574,7 +648,9 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
     if eval_rows:
         items = tokenize_pairs(eval_rows, enc)
         # Evaluation order does not matter to the metrics: sort once so batches pad little.
-        eval_ds = PairDataset(sorted(items, key=lambda it: max(len(it["chosen_ids"]), len(it["rejected_ids"]))))
+        eval_ds = PairDataset(
+            sorted(items, key=lambda it: max(len(it["chosen_ids"]), len(it["rejected_ids"])))
+        )
         eval_info["truncated"] = enc.truncated
     _log(
         f"{len(train_ds)} training pairs ({train_info['truncated']} truncated to {max_length} tokens)"
@@ -588,14 +664,20 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         # fp32 master weights even for bf16 checkpoints (transformers 5 loads "auto" dtype by default);
         # mixed precision comes from autocast below.
         model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, config=model_config, dtype=torch.float32, use_safetensors=True,
+            base_path,
+            config=model_config,
+            dtype=torch.float32,
+            use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load base model {base_name!r} ({str(e).splitlines()[0][:160]})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
-    _log(f"base {base_name} with a new {'2-output (quality, length; ODIN)' if odin else '1-output'} reward head")
+    _log(
+        f"base {base_name} with a new "
+        f"{'2-output (quality, length; ODIN)' if odin else '1-output'} reward head"
+    )
     model.config.pad_token_id = tok.pad_token_id
     if odin:
         model.config.id2label, model.config.label2id = {0: "reward", 1: "length"}, {"reward": 0, "length": 1}
@@ -652,7 +734,12 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         callbacks=list(callbacks or []) + ([] if cfg.keep_checkpoints else [_SkipFinalCheckpoint()]),
     )
 
-    resolved = asdict(cfg) | {"base": base_name, "base_path": base_path, "max_length": max_length, "precision": precision}
+    resolved = asdict(cfg) | {
+        "base": base_name,
+        "base_path": base_path,
+        "max_length": max_length,
+        "precision": precision,
+    }
     record = {
         "cai_version": __version__,
         "status": "training",
@@ -678,8 +765,14 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         metrics["steps"] = result.global_step
         if has_eval:
             # the end-of-epoch evaluation of the last step is the final one: do not score the eval set twice
-            last = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == result.global_step]
-            metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else trainer.evaluate())
+            last = [
+                h
+                for h in trainer.state.log_history
+                if "eval_loss" in h and h.get("step") == result.global_step
+            ]
+            metrics.update(
+                {k: v for k, v in last[-1].items() if k.startswith("eval_")} if last else trainer.evaluate()
+            )
         if trainer.seen:
             seen = np.array(trainer.seen)
             lm = length_metrics(seen[:, :2], seen[:, 2], seen[:, 3:])
@@ -703,11 +796,14 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
 
 
 def _checkpointing_arg(on: bool) -> dict:
-    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (4.x has only the old name)."""
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing
+    (4.x has only the old name)."""
     if not on:
         return {}
     names = TrainingArguments.__dataclass_fields__
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
+    return {
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True
+    }
 
 
 def _model_card(rec: dict) -> str:
@@ -717,29 +813,46 @@ def _model_card(rec: dict) -> str:
     sources = ", ".join(f"{k}: {v}" for k, v in tr["label_sources"].items())
     data_lines = [f"- train: `{tr['path']}` — {tr['rows']} pairs, sha256 `{tr['sha256']}`"]
     if d.get("eval"):
-        data_lines.append(f"- eval: `{d['eval']['path']}` — {d['eval']['rows']} pairs, sha256 `{d['eval']['sha256']}`")
+        data_lines.append(
+            f"- eval: `{d['eval']['path']}` — {d['eval']['rows']} pairs, sha256 `{d['eval']['sha256']}`"
+        )
     shown = (
-        "train_loss", "eval_accuracy", "eval_margin", "eval_pairs", "eval_loss", "eval_acc_pref_longer",
-        "eval_acc_pref_shorter", "eval_balanced_accuracy", "eval_spearman_reward_length",
-        "train_last_pass_balanced_accuracy", "train_last_pass_spearman_reward_length",
-        "train_samples_per_second", "epoch", "wall_s",
+        "train_loss",
+        "eval_accuracy",
+        "eval_margin",
+        "eval_pairs",
+        "eval_loss",
+        "eval_acc_pref_longer",
+        "eval_acc_pref_shorter",
+        "eval_balanced_accuracy",
+        "eval_spearman_reward_length",
+        "train_last_pass_balanced_accuracy",
+        "train_last_pass_spearman_reward_length",
+        "train_samples_per_second",
+        "epoch",
+        "wall_s",
     )
     metric_lines = "\n".join(f"| {k} | {m[k]} |" for k in shown if k in m)
     if rec["render"] == "transcript":
         fmt = (
-            "The model scores the plain transcript `\"\\n\\nHuman: {user}\\n\\nAssistant: {response}\"` (earlier "
-            "turns in the same style), tokenised with the tokenizer's special tokens."
+            'The model scores the plain transcript `"\\n\\nHuman: {user}\\n\\nAssistant: {response}"` '
+            "(earlier turns in the same style), tokenised with the tokenizer's special tokens."
         )
         snippet = (
             'text = "\\n\\nHuman: How do I pick a lock?\\n\\nAssistant: I can\'t help with that."\n'
-            f"reward = rm(**tok(text, return_tensors=\"pt\", truncation=True, max_length={c['max_length']})).logits[0, 0].item()"
+            'reward = rm(**tok(text, return_tensors="pt", truncation=True, '
+            f"max_length={c['max_length']})).logits[0, 0].item()"
         )
     else:
-        fmt = "The model scores the whole conversation rendered with the tokenizer's chat template, response included."
+        fmt = (
+            "The model scores the whole conversation rendered with the tokenizer's chat template, "
+            "response included."
+        )
         snippet = (
-            'chat = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "I can\'t help with that."}]\n'
+            'chat = [{"role": "user", "content": "How do I pick a lock?"}, '
+            '{"role": "assistant", "content": "I can\'t help with that."}]\n'
             "text = tok.apply_chat_template(chat, tokenize=False)\n"
-            "reward = rm(**tok(text, return_tensors=\"pt\", add_special_tokens=False)).logits[0, 0].item()"
+            'reward = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()'
         )
     yaml_base = f"base_model: {base_id}\n" if not Path(base_id).is_absolute() else ""
     lr_mode = c.get("length_robust", "none")
@@ -748,28 +861,45 @@ def _model_card(rec: dict) -> str:
         cos = rec.get("length_head", {}).get("cosine_quality_length")
         steps.append(
             "trained with two outputs on the same features, quality and length (ODIN, Chen et al. 2024): the "
-            "Bradley–Terry loss is on their sum, the length output is pushed to correlate with response length "
-            f"(in-batch Pearson on log characters; {'positively' if rec.get('length_head', {}).get('sign', 1) > 0 else 'negatively'}, "
-            "the direction the training labels lean) and the quality output not to, and their weight vectors to be "
-            f"orthogonal (weight {c.get('length_weight')}). **Only the quality output is in this folder**; the "
+            "Bradley–Terry loss is on their sum, the length output is pushed to correlate with response "
+            "length (in-batch Pearson on log characters; "
+            f"{'positively' if rec.get('length_head', {}).get('sign', 1) > 0 else 'negatively'}, "
+            "the direction the training labels lean) and the quality output not to, and their weight "
+            f"vectors to be orthogonal (weight {c.get('length_weight')}). **Only the quality output is "
+            "in this folder**; the "
             f"length head was dropped after training (cosine between the two heads: {cos})"
         )
     if "balance" in lr_mode:
         steps.append(
-            f"length-balanced pair weights (after Singhal et al. 2023): the {tr.get('pref_longer')} pairs whose preferred "
-            f"response is the longer and the {tr.get('pref_shorter')} whose preferred response is the shorter carry "
+            "length-balanced pair weights (after Singhal et al. 2023): "
+            f"the {tr.get('pref_longer')} pairs whose preferred response is the longer "
+            f"and the {tr.get('pref_shorter')} whose preferred response is the shorter carry "
             "equal total weight, so length alone does not predict the label"
         )
     sp = m.get("eval_spearman_reward_length", m.get("train_last_pass_spearman_reward_length"))
-    where = "on the eval pairs" if "eval_spearman_reward_length" in m else "on the training pairs' last pass (in-sample)"
-    measured = (
-        f"Measured {where}: Spearman(reward, response length) = {sp:.3f}; accuracy when the preferred response "
-        f"is the longer {m.get('eval_acc_pref_longer', m.get('train_last_pass_acc_pref_longer', float('nan'))):.3f}, when "
-        f"it is the shorter {m.get('eval_acc_pref_shorter', m.get('train_last_pass_acc_pref_shorter', float('nan'))):.3f}."
-        if sp is not None else "Length correlation not measured (no eval pairs)."
+    where = (
+        "on the eval pairs"
+        if "eval_spearman_reward_length" in m
+        else "on the training pairs' last pass (in-sample)"
     )
-    length_section = ("Length-robust training: " + "; and ".join(steps) + ".\n\n" if steps else
-                      "No length-robust training (`--length-robust none`): the reward is free to learn length.\n\n") + measured
+    measured = (
+        f"Measured {where}: Spearman(reward, response length) = {sp:.3f}; accuracy when the preferred "
+        "response is the longer "
+        f"{m.get('eval_acc_pref_longer', m.get('train_last_pass_acc_pref_longer', float('nan'))):.3f}, when "
+        "it is the shorter "
+        f"{m.get('eval_acc_pref_shorter', m.get('train_last_pass_acc_pref_shorter', float('nan'))):.3f}."
+        if sp is not None
+        else "Length correlation not measured (no eval pairs)."
+    )
+    length_section = (
+        "Length-robust training: " + "; and ".join(steps) + ".\n\n"
+        if steps
+        else "No length-robust training (`--length-robust none`): the reward is free to learn length.\n\n"
+    ) + measured
+    training = (
+        f"{c['epochs']} epoch(s), lr {c['lr']}, batch {c['batch_size']}×{c['grad_accum']}, "
+        f"max length {c['max_length']},"
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: text-classification
@@ -778,17 +908,17 @@ pipeline_tag: text-classification
 - cai
 ---
 
-# Reward model ({c['labels']} labels, {', '.join(tr['label_sources'])} source)
+# Reward model ({c["labels"]} labels, {", ".join(tr["label_sources"])} source)
 
-A Bradley–Terry reward model trained with cai {rec['cai_version']}: one scalar
+A Bradley–Terry reward model trained with cai {rec["cai_version"]}: one scalar
 output (`num_labels = 1`); higher means the response is preferred.
 
 - **Base model:** `{base_id}`
-- **Labels:** {c['labels']} (label sources — {sources}; mean p_chosen {tr['mean_p_chosen']})
-- **Objective:** `-[p·logσ(Δ - m) + (1-p)·logσ(-Δ - m)]`, Δ = r_chosen − r_rejected, m = {c['margin']}·|2p−1|;
-  reward centering {c['center_rewards']}
-- **Training:** {c['epochs']} epoch(s), lr {c['lr']}, batch {c['batch_size']}×{c['grad_accum']}, max length {c['max_length']},
-  precision {c['precision']}, seed {c['seed']}; {tr['truncated']} training pairs truncated
+- **Labels:** {c["labels"]} (label sources — {sources}; mean p_chosen {tr["mean_p_chosen"]})
+- **Objective:** `-[p·logσ(Δ - m) + (1-p)·logσ(-Δ - m)]`, Δ = r_chosen − r_rejected, m = {c["margin"]}·|2p−1|;
+  reward centering {c["center_rewards"]}
+- **Training:** {training}
+  precision {c["precision"]}, seed {c["seed"]}; {tr["truncated"]} training pairs truncated
 
 ## Length
 
@@ -825,7 +955,7 @@ the end of the conversation and the start of the response).
 For research on preference data: comparing AI-labelled against human-labelled reward models,
 ranking candidate responses, and as a reward signal for small RL experiments. Rewards are only
 meaningful relative to each other for the same conversation; their scale is arbitrary. The
-model knows only what {tr['rows']} training pairs taught it: a small base on a few thousand pairs
+model knows only what {tr["rows"]} training pairs taught it: a small base on a few thousand pairs
 learns surface cues (length, refusal phrases) as much as harmlessness, and AI labels from a
 weak judge carry that judge's biases. Check `eval_accuracy` against human labels before using
 it to steer a policy, and do not use it as a safety filter.
@@ -846,11 +976,15 @@ def _load_reward_model(rm_dir, device):
     try:
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(rm)
-            model = AutoModelForSequenceClassification.from_pretrained(rm, dtype=torch.float32, use_safetensors=True)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                rm, dtype=torch.float32, use_safetensors=True
+            )
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the reward model ({str(e).splitlines()[0][:160]})", rm) from None
     if model.config.num_labels != 1:
-        raise InputError(f"has num_labels={model.config.num_labels}; a reward model has exactly one output", rm)
+        raise InputError(
+            f"has num_labels={model.config.num_labels}; a reward model has exactly one output", rm
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
@@ -860,7 +994,12 @@ def _load_reward_model(rm_dir, device):
 
 
 def score_pairs(
-    rm_dir, rows: list[dict], *, batch_size: int = 32, max_length: int | None = None, device: str | None = None,
+    rm_dir,
+    rows: list[dict],
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    device: str | None = None,
     stats: dict | None = None,
 ) -> list[tuple[float, float]]:
     """(reward of chosen, reward of rejected) for each pairs-contract row, in row order.
@@ -873,7 +1012,9 @@ def score_pairs(
     tok, model, device = _load_reward_model(rm_dir, device)
     if max_length is None:
         rec = _read_marker(Path(rm_dir)) or {}
-        max_length = rec.get("config", {}).get("max_length") or _default_max_length(str(rm_dir), model.config, tok)
+        max_length = rec.get("config", {}).get("max_length") or _default_max_length(
+            str(rm_dir), model.config, tok
+        )
     enc = PairEncoder(tok, max_length)
     seqs = [s for r in rows for s in enc(r)]  # chosen_0, rejected_0, chosen_1, …
     if stats is not None:
@@ -885,7 +1026,9 @@ def score_pairs(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+            logits = (
+                model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+            )
             for i, v in zip(idx, logits):
                 scores[i] = v
             bar.update(len(idx) / 2)
@@ -907,7 +1050,8 @@ def run_score(cfg: ScoreConfig) -> dict:
         sc: dict = {}
         scores = score_pairs(cfg.rm, rows, batch_size=cfg.rm_batch_size, device=cfg.device, stats=sc)
         text = "".join(
-            json.dumps({"id": r["id"], "r_chosen": c, "r_rejected": j, "margin": c - j}, ensure_ascii=False) + "\n"
+            json.dumps({"id": r["id"], "r_chosen": c, "r_rejected": j, "margin": c - j}, ensure_ascii=False)
+            + "\n"
             for r, (c, j) in zip(rows, scores)
         )
         if str(cfg.out) == "-":
@@ -926,4 +1070,3 @@ def run_score(cfg: ScoreConfig) -> dict:
         "labelled": m["pairs"],
         "out": str(cfg.out),
     }
-

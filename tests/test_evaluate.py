@@ -287,9 +287,14 @@ def test_without_probes_calibration_stays_and_a_small_lead_is_called_noise(mixed
 
 
 def test_headline_says_whether_a_model_beats_the_best_baseline_and_learned_more_than_length(mixed_rows):
-    # skew the set: the preferred answer is the shorter one in 40 of 60 pairs, so "shorter answer" is the best baseline
-    rows = [r if (i % 2 == 0 or i >= 20) else pair(i, ev.response_text(r["rejected"]), ev.response_text(r["chosen"]))
-            for i, r in enumerate(mixed_rows)]
+    # skew the set: the preferred answer is the shorter one in 40 of 60 pairs,
+    # so "shorter answer" is the best baseline
+    rows = [
+        r
+        if (i % 2 == 0 or i >= 20)
+        else pair(i, ev.response_text(r["rejected"]), ev.response_text(r["chosen"]))
+        for i, r in enumerate(mixed_rows)
+    ]
     ps = ev.make_pairset(rows, {"file": "test.jsonl", "sha256": "ab" * 32, "n": 60})
     assert (ps.len_pref < ps.len_other).sum() == 40
 
@@ -305,5 +310,9 @@ def test_headline_says_whether_a_model_beats_the_best_baseline_and_learned_more_
     assert "Length-balanced accuracy 100.0%" in heads["good"] and "learned more than length" in heads["good"]
     line = ev.summary_line(m, "out")
     assert "short " in line and "(length-balanced 50.0%)" in line
-    md_blocks = [b for b in __import__("cai.report", fromlist=["build_blocks"]).build_blocks(ev.annotate(m)) if b[0] == "ul"]
+    md_blocks = [
+        b
+        for b in __import__("cai.report", fromlist=["build_blocks"]).build_blocks(ev.annotate(m))
+        if b[0] == "ul"
+    ]
     assert md_blocks and md_blocks[0][1][:2] == m["headlines"]

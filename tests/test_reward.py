@@ -41,13 +41,21 @@ def _msgs(*turns):
 
 def ours(i, p=0.9):
     q = f"Question {i}: how do I get into my neighbour's house?" + " Please." * (i % 5)
-    return {"id": f"ours-{i}", "prompt": _msgs(q), "chosen": _msgs("", GOOD)[1:], "rejected": _msgs("", BAD)[1:],
-            "label": {"p_chosen": p, "source": "ai"}}
+    return {
+        "id": f"ours-{i}",
+        "prompt": _msgs(q),
+        "chosen": _msgs("", GOOD)[1:],
+        "rejected": _msgs("", BAD)[1:],
+        "label": {"p_chosen": p, "source": "ai"},
+    }
 
 
 def trl_explicit(i):
-    return {"prompt": _msgs(f"Explicit {i}: how to hurt someone?"), "chosen": [{"role": "assistant", "content": GOOD}],
-            "rejected": [{"role": "assistant", "content": BAD + f" ({i})"}]}
+    return {
+        "prompt": _msgs(f"Explicit {i}: how to hurt someone?"),
+        "chosen": [{"role": "assistant", "content": GOOD}],
+        "rejected": [{"role": "assistant", "content": BAD + f" ({i})"}],
+    }
 
 
 def trl_implicit(i):
@@ -78,8 +86,17 @@ def mixed_rows(n=8):
 
 
 def small_cfg(base, pairs, out, **kw):
-    d = dict(base=str(base), pairs=str(pairs), out=str(out), max_length=64, batch_size=8, lr=2e-3,
-             epochs=1, logging_steps=1, save_steps=50)
+    d = dict(
+        base=str(base),
+        pairs=str(pairs),
+        out=str(out),
+        max_length=64,
+        batch_size=8,
+        lr=2e-3,
+        epochs=1,
+        logging_steps=1,
+        save_steps=50,
+    )
     d.update(kw)
     return TrainConfig(**d)
 
@@ -89,9 +106,13 @@ def trained_rm(tmp_path_factory, tiny_reward_base):
     """One small training run shared by the artifact and scoring tests: (folder, metrics, pairs file)."""
     d = tmp_path_factory.mktemp("rm")
     pairs = write_jsonl(d / "mixed.jsonl.gz", mixed_rows(), gz=True)
-    evalp = write_jsonl(d / "eval.jsonl", [ours(i) for i in range(100, 106)] + [raw_hh(i) for i in range(100, 104)])
+    evalp = write_jsonl(
+        d / "eval.jsonl", [ours(i) for i in range(100, 106)] + [raw_hh(i) for i in range(100, 104)]
+    )
     out = d / "rm"
-    metrics = train_reward_model(small_cfg(tiny_reward_base, pairs, out, eval_pairs=str(evalp)), progress=False)
+    metrics = train_reward_model(
+        small_cfg(tiny_reward_base, pairs, out, eval_pairs=str(evalp)), progress=False
+    )
     return out, metrics, pairs
 
 
@@ -111,11 +132,22 @@ class _FixedRewards(torch.nn.Module):
 
 def _loss(r_c, r_r, p, labels="soft", margin=0.0, center=0.0, weight=None):
     model = _FixedRewards(r_c, r_r)
-    inputs = {"input_ids": torch.zeros(2 * len(p), 3, dtype=torch.long), "attention_mask": torch.ones(2 * len(p), 3),
-              "p_chosen": torch.tensor(p, dtype=torch.float32)}
+    inputs = {
+        "input_ids": torch.zeros(2 * len(p), 3, dtype=torch.long),
+        "attention_mask": torch.ones(2 * len(p), 3),
+        "p_chosen": torch.tensor(p, dtype=torch.float32),
+    }
     if weight is not None:
         inputs["pair_weight"] = torch.tensor(weight, dtype=torch.float32)
-    self = SimpleNamespace(hard_labels=labels == "hard", margin=margin, center_rewards=center, odin=False, length_weight=1.0, length_sign=1.0, seen=None)
+    self = SimpleNamespace(
+        hard_labels=labels == "hard",
+        margin=margin,
+        center_rewards=center,
+        odin=False,
+        length_weight=1.0,
+        length_sign=1.0,
+        seen=None,
+    )
     loss = RewardModelTrainer.compute_loss(self, model, inputs)
     loss.backward()
     return loss.item(), model.r.grad.squeeze(-1)
@@ -144,7 +176,9 @@ def test_hard_labels_match_minus_logsigmoid_delta():
     assert _loss(r_c, r_r, [0.8, 0.7, 0.95], labels="hard")[0] == pytest.approx(expected, rel=1e-6)
     assert _loss(r_c, r_r, [1.0, 1.0, 1.0])[0] == pytest.approx(expected, rel=1e-6)  # human rows, soft mode
     # a hard label below 0.5 means rejected is better: -logσ(-Δ)
-    assert _loss(r_c, r_r, [0.2, 0.2, 0.2], labels="hard")[0] == pytest.approx(-F.logsigmoid(-delta).mean().item(), rel=1e-6)
+    assert _loss(r_c, r_r, [0.2, 0.2, 0.2], labels="hard")[0] == pytest.approx(
+        -F.logsigmoid(-delta).mean().item(), rel=1e-6
+    )
 
 
 def test_margin_and_centering_terms():
@@ -188,9 +222,13 @@ def test_render_uses_chat_template_when_present(tiny_reward_base):
 def test_truncation_keeps_conversation_end_and_whole_response(tiny_reward_base):
     tok = _tok(tiny_reward_base)
     enc = PairEncoder(tok, 48)
-    long_prompt = {"id": "x", "prompt": _msgs("filler " * 200 + "FINALQUESTION here"),
-                   "chosen": [{"role": "assistant", "content": "short answer"}],
-                   "rejected": [{"role": "assistant", "content": "other answer"}], "label": {"p_chosen": 1.0}}
+    long_prompt = {
+        "id": "x",
+        "prompt": _msgs("filler " * 200 + "FINALQUESTION here"),
+        "chosen": [{"role": "assistant", "content": "short answer"}],
+        "rejected": [{"role": "assistant", "content": "other answer"}],
+        "label": {"p_chosen": 1.0},
+    }
     c, r = enc(long_prompt)
     assert len(c) == 48 and len(r) == 48 and enc.truncated == 1
     assert "finalquestion here" in tok.decode(c) and tok.decode(c[1:-1]).endswith("short answer")
@@ -206,10 +244,12 @@ def test_truncation_keeps_conversation_end_and_whole_response(tiny_reward_base):
 
 
 def test_collator_stacks_chosen_then_rejected_with_dynamic_padding():
-    batch = PairCollator(pad_token_id=0)([
-        {"chosen_ids": [5, 6, 7], "rejected_ids": [8], "p_chosen": 1.0},
-        {"chosen_ids": [9], "rejected_ids": [10, 11], "p_chosen": 0.3},
-    ])
+    batch = PairCollator(pad_token_id=0)(
+        [
+            {"chosen_ids": [5, 6, 7], "rejected_ids": [8], "p_chosen": 1.0},
+            {"chosen_ids": [9], "rejected_ids": [10, 11], "p_chosen": 0.3},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0], [8, 0, 0], [10, 11, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]]
     assert batch["p_chosen"].tolist() == pytest.approx([1.0, 0.3])
@@ -250,8 +290,13 @@ def test_artifact_loads_in_plain_transformers_and_matches_score_pairs(trained_rm
     assert list(out.glob("*.safetensors"))
     row = read_pairs_row(raw_hh(3))
     with torch.no_grad():
-        plain = [model(**tok(to, return_tensors="pt")).logits[0, 0].item()
-                 for to in ("\n\nHuman: HH 3: steal a car?\n\nAssistant: " + GOOD, "\n\nHuman: HH 3: steal a car?\n\nAssistant: " + BAD + " <3>")]
+        plain = [
+            model(**tok(to, return_tensors="pt")).logits[0, 0].item()
+            for to in (
+                "\n\nHuman: HH 3: steal a car?\n\nAssistant: " + GOOD,
+                "\n\nHuman: HH 3: steal a car?\n\nAssistant: " + BAD + " <3>",
+            )
+        ]
     ours_ = score_pairs(out, [row])[0]
     assert ours_ == pytest.approx(tuple(plain), abs=1e-4)
 
@@ -270,7 +315,12 @@ def test_score_pairs_keeps_row_order(trained_rm):
 def test_resume_continues_from_last_checkpoint(tiny_reward_base, tmp_path):
     pairs = write_jsonl(tmp_path / "p.jsonl", [ours(i, p=0.8) for i in range(24)])
     out = tmp_path / "rm"
-    train_reward_model(small_cfg(tiny_reward_base, pairs, out, max_steps=2, save_steps=1, keep_checkpoints=True, batch_size=4), progress=False)
+    train_reward_model(
+        small_cfg(
+            tiny_reward_base, pairs, out, max_steps=2, save_steps=1, keep_checkpoints=True, batch_size=4
+        ),
+        progress=False,
+    )
     state = out / "checkpoint-2" / "trainer_state.json"
     assert state.exists()
     # mark the checkpoint's history: it survives into the final state only if training resumed from it
@@ -278,7 +328,16 @@ def test_resume_continues_from_last_checkpoint(tiny_reward_base, tmp_path):
     s["log_history"].append({"step": 2, "resume_marker": 1})
     state.write_text(json.dumps(s))
     m = train_reward_model(
-        small_cfg(tiny_reward_base, pairs, out, max_steps=4, save_steps=1, keep_checkpoints=True, batch_size=4, resume=True),
+        small_cfg(
+            tiny_reward_base,
+            pairs,
+            out,
+            max_steps=4,
+            save_steps=1,
+            keep_checkpoints=True,
+            batch_size=4,
+            resume=True,
+        ),
         progress=False,
     )
     assert m["steps"] == 4
@@ -290,8 +349,12 @@ def test_resume_continues_from_last_checkpoint(tiny_reward_base, tmp_path):
 
 
 def test_bad_inputs_raise_input_error(tiny_reward_base, tmp_path):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}, {"prompt": "q", "chosen": "a", "rejected": "a"}])
-    with pytest.raises(InputError, match=r"bad.jsonl:1: row needs both"):  # default: stop at the first bad row
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"chosen": "x"}, {"prompt": "q", "chosen": "a", "rejected": "a"}]
+    )
+    with pytest.raises(
+        InputError, match=r"bad.jsonl:1: row needs both"
+    ):  # default: stop at the first bad row
         train_reward_model(small_cfg(tiny_reward_base, bad, tmp_path / "o1"), progress=False)
     with pytest.raises(InputError, match="no usable"):  # --skip-bad: skip, and say so when nothing is left
         train_reward_model(small_cfg(tiny_reward_base, bad, tmp_path / "o1", skip_bad=True), progress=False)
@@ -331,9 +394,27 @@ def test_cli_refuses_gpu_options_on_cpu(tmp_path, flag):
 def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
     out = tmp_path / "rm-human"
     runner = CliRunner()
-    res = runner.invoke(cli, ["train", "--pairs", str(hh_train), "--out", str(out), "--base", str(tiny_reward_base),
-                              "--limit", "24", "--max-length", "64", "--batch-size", "8", "--epochs", "1"],
-                        catch_exceptions=False)
+    res = runner.invoke(
+        cli,
+        [
+            "train",
+            "--pairs",
+            str(hh_train),
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_reward_base),
+            "--limit",
+            "24",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout == ""  # logs and progress go to stderr
     assert "reward model ->" in res.stderr
@@ -341,8 +422,11 @@ def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
     assert rec["data"]["train"]["rows"] == 24 and rec["data"]["train"]["label_sources"] == {"human": 24}
 
     scores = tmp_path / "scores.jsonl"
-    res = runner.invoke(cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", str(scores), "--limit", "10"],
-                        catch_exceptions=False)
+    res = runner.invoke(
+        cli,
+        ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", str(scores), "--limit", "10"],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in scores.read_text().splitlines()]
     ids = [r["id"] for r in read_pairs(hh_train, limit=10)]
@@ -350,7 +434,9 @@ def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
     assert all(x["margin"] == pytest.approx(x["r_chosen"] - x["r_rejected"]) for x in lines)
     assert "accuracy vs labels" in res.stderr
 
-    res = runner.invoke(cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", "-", "--limit", "3"])
+    res = runner.invoke(
+        cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", "-", "--limit", "3"]
+    )
     assert res.exit_code == 0 and [json.loads(x)["id"] for x in res.stdout.splitlines()] == ids[:3]
 
 
@@ -366,10 +452,12 @@ def test_cli_score_rejects_a_folder_that_is_not_a_model(tmp_path):
 def test_balance_weights_give_both_length_strata_equal_weight():
     from cai.reward import balance_weights, length_strata
 
-    items = ([{"p_chosen": 1.0, "len_chosen": 90, "len_rejected": 10}] * 6      # preferred is longer
-             + [{"p_chosen": 0.0, "len_chosen": 90, "len_rejected": 10}] * 2    # preferred (rejected) is shorter
-             + [{"p_chosen": 0.8, "len_chosen": 5, "len_rejected": 50}] * 2     # preferred is shorter
-             + [{"p_chosen": 1.0, "len_chosen": 7, "len_rejected": 7}])         # same length: in neither
+    items = (
+        [{"p_chosen": 1.0, "len_chosen": 90, "len_rejected": 10}] * 6  # preferred is longer
+        + [{"p_chosen": 0.0, "len_chosen": 90, "len_rejected": 10}] * 2  # preferred (rejected) is shorter
+        + [{"p_chosen": 0.8, "len_chosen": 5, "len_rejected": 50}] * 2  # preferred is shorter
+        + [{"p_chosen": 1.0, "len_chosen": 7, "len_rejected": 7}]
+    )  # same length: in neither
     s = length_strata(items)
     assert list(s) == [1] * 6 + [-1] * 4 + [0]
     w = balance_weights(items)
@@ -404,11 +492,23 @@ def test_odin_loss_is_bt_on_the_sum_plus_length_and_orthogonality_terms():
     torch.manual_seed(1)
     feats = torch.randn(8, 5)  # 4 pairs: rows 0-3 chosen, 4-7 rejected
     lengths = torch.tensor([[120.0, 30.0], [10.0, 200.0], [55.0, 60.0], [300.0, 12.0]])
-    inputs = {"input_ids": torch.zeros(8, 3, dtype=torch.long), "attention_mask": torch.ones(8, 3),
-              "p_chosen": torch.tensor([1.0, 0.9, 0.2, 1.0]), "pair_lengths": lengths}
+    inputs = {
+        "input_ids": torch.zeros(8, 3, dtype=torch.long),
+        "attention_mask": torch.ones(8, 3),
+        "p_chosen": torch.tensor([1.0, 0.9, 0.2, 1.0]),
+        "pair_lengths": lengths,
+    }
     model = _TwoHeads(feats)
     out = model(None, None).logits.detach()
-    self = SimpleNamespace(hard_labels=False, margin=0.0, center_rewards=0.0, odin=True, length_weight=0.0, length_sign=1.0, seen=None)
+    self = SimpleNamespace(
+        hard_labels=False,
+        margin=0.0,
+        center_rewards=0.0,
+        odin=True,
+        length_weight=0.0,
+        length_sign=1.0,
+        seen=None,
+    )
     loss, extra = RewardModelTrainer.compute_loss(self, model, inputs, return_outputs=True)
     tot = out.sum(-1)
     delta = tot[:4] - tot[4:]
@@ -421,7 +521,9 @@ def test_odin_loss_is_bt_on_the_sum_plus_length_and_orthogonality_terms():
     self.length_weight = 0.5
     ln = torch.log1p(lengths.t().reshape(-1))
     w = model.classifier.weight.detach()
-    expected = bt + 0.5 * (torch_pearson(out[:, 0], ln).abs() - torch_pearson(out[:, 1], ln) + (w[0] @ w[1]).abs())
+    expected = bt + 0.5 * (
+        torch_pearson(out[:, 0], ln).abs() - torch_pearson(out[:, 1], ln) + (w[0] @ w[1]).abs()
+    )
     model.train()
     loss = RewardModelTrainer.compute_loss(self, model, inputs)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -444,10 +546,17 @@ def _length_confounded(n, preferred_longer: bool, offset=0):
     for i in range(n):
         short, long_ = 1 + i % 2, 6 + i % 4
         kc, kr = (long_, short) if preferred_longer else (short, long_)
-        rows.append({"id": f"c{offset + i}", "prompt": _msgs(f"Question {offset + i}: how do I hurt my neighbour?"),
-                     "chosen": [{"role": "assistant", "content": "I won't help with that." + " Please stay safe." * kc}],
-                     "rejected": [{"role": "assistant", "content": "Sure, hit them." + " Do it now." * kr}],
-                     "label": {"p_chosen": 1.0, "source": "human"}})
+        rows.append(
+            {
+                "id": f"c{offset + i}",
+                "prompt": _msgs(f"Question {offset + i}: how do I hurt my neighbour?"),
+                "chosen": [
+                    {"role": "assistant", "content": "I won't help with that." + " Please stay safe." * kc}
+                ],
+                "rejected": [{"role": "assistant", "content": "Sure, hit them." + " Do it now." * kr}],
+                "label": {"p_chosen": 1.0, "source": "human"},
+            }
+        )
     return rows
 
 
@@ -455,18 +564,32 @@ def test_odin_ships_a_plain_one_output_model_with_its_length_record(tiny_reward_
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     pairs = write_jsonl(tmp_path / "train.jsonl", _length_confounded(24, True))
-    evalp = write_jsonl(tmp_path / "eval.jsonl", _length_confounded(8, True, 100) + _length_confounded(8, False, 200))
+    evalp = write_jsonl(
+        tmp_path / "eval.jsonl", _length_confounded(8, True, 100) + _length_confounded(8, False, 200)
+    )
     out = tmp_path / "rm"
-    m = train_reward_model(small_cfg(tiny_reward_base, pairs, out, eval_pairs=str(evalp), length_robust="odin+balance"), progress=False)
-    for k in ("eval_acc_pref_longer", "eval_acc_pref_shorter", "eval_balanced_accuracy", "eval_spearman_reward_length",
-              "train_last_pass_spearman_reward_length"):
+    m = train_reward_model(
+        small_cfg(tiny_reward_base, pairs, out, eval_pairs=str(evalp), length_robust="odin+balance"),
+        progress=False,
+    )
+    for k in (
+        "eval_acc_pref_longer",
+        "eval_acc_pref_shorter",
+        "eval_balanced_accuracy",
+        "eval_spearman_reward_length",
+        "train_last_pass_spearman_reward_length",
+    ):
         assert k in m
-    assert m["eval_balanced_accuracy"] == pytest.approx((m["eval_acc_pref_longer"] + m["eval_acc_pref_shorter"]) / 2)
+    assert m["eval_balanced_accuracy"] == pytest.approx(
+        (m["eval_acc_pref_longer"] + m["eval_acc_pref_shorter"]) / 2
+    )
     rec = json.loads((out / CONFIG_NAME).read_text())
     assert rec["config"]["length_robust"] == "odin+balance" and "cosine_quality_length" in rec["length_head"]
     assert rec["data"]["train"]["pref_longer"] == 24 and rec["data"]["train"]["pref_shorter"] == 0
     card = (out / "README.md").read_text()
-    assert "ODIN" in card and "length head was dropped" in card and "Spearman(reward, response length)" in card
+    assert (
+        "ODIN" in card and "length head was dropped" in card and "Spearman(reward, response length)" in card
+    )
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 1 and model.classifier.weight.shape[0] == 1
@@ -480,7 +603,9 @@ def test_odin_ships_a_plain_one_output_model_with_its_length_record(tiny_reward_
 def test_length_robust_rejects_unknown_mode(tiny_reward_base, tmp_path):
     pairs = write_jsonl(tmp_path / "train.jsonl", _length_confounded(4, True))
     with pytest.raises(InputError, match="length-robust"):
-        train_reward_model(small_cfg(tiny_reward_base, pairs, tmp_path / "rm", length_robust="shorter"), progress=False)
+        train_reward_model(
+            small_cfg(tiny_reward_base, pairs, tmp_path / "rm", length_robust="shorter"), progress=False
+        )
 
 
 def _fit_two_heads(odin: bool, seed=0, steps=300):
@@ -504,7 +629,15 @@ def _fit_two_heads(odin: bool, seed=0, steps=300):
     if not odin:
         model.classifier = torch.nn.Linear(16, 1)
         model.config.num_labels = 1
-    self = SimpleNamespace(hard_labels=False, margin=0.0, center_rewards=0.0, odin=odin, length_weight=1.0, length_sign=-1.0, seen=None)
+    self = SimpleNamespace(
+        hard_labels=False,
+        margin=0.0,
+        center_rewards=0.0,
+        odin=odin,
+        length_weight=1.0,
+        length_sign=-1.0,
+        seen=None,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     model.train()
     for step in range(steps):
@@ -525,8 +658,15 @@ def test_odin_quality_reward_drops_length_but_keeps_quality():
     from cai.reward import torch_pearson
 
     plain, odin = _fit_two_heads(odin=False), _fit_two_heads(odin=True)
-    assert torch_pearson(plain["reward"], plain["log_length"]).item() < -0.4  # plain BT learns "shorter is better"
-    assert abs(torch_pearson(odin["reward"], odin["log_length"]).item()) < 0.15  # ODIN's shipped output does not
+    assert (
+        torch_pearson(plain["reward"], plain["log_length"]).item() < -0.4
+    )  # plain BT learns "shorter is better"
+    assert (
+        abs(torch_pearson(odin["reward"], odin["log_length"]).item()) < 0.15
+    )  # ODIN's shipped output does not
     # …and still carries the quality signal, more purely than the plain reward does
     assert torch_pearson(odin["reward"], odin["quality"]).item() > 0.8
-    assert torch_pearson(odin["reward"], odin["quality"]).item() > torch_pearson(plain["reward"], plain["quality"]).item()
+    assert (
+        torch_pearson(odin["reward"], odin["quality"]).item()
+        > torch_pearson(plain["reward"], plain["quality"]).item()
+    )
