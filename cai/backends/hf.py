@@ -624,11 +624,13 @@ def _longest(node) -> int:
 
 def pick_threads(threads: int | None = None) -> int:
     """torch threads for CPU inference: ``threads``, else $CAI_THREADS, else as many as the cores
-    other processes leave free (cores minus the 1-minute load average, at least 1, at most
-    torch's default). Batch-16 decoding is a chain of small matmuls, each split across the
-    threads and joined after; when another process holds one of the cores, every join waits for
-    the descheduled thread, and two threads run several times slower than one (measured in
-    bench/RESULTS-throughput.md). On an idle machine this is torch's default."""
+    other processes leave free (at least 1, at most torch's default). Batch-16 decoding is a
+    chain of small matmuls, each split across the threads and joined after; when another process
+    holds one of the cores, every join waits for the descheduled thread, and two threads run
+    several times slower than one (bench/RESULTS-roofline.md). On an idle machine this is torch's
+    default. "Free" is measured now (``busy_cores``), not read from the load average: the
+    1-minute average still counts work that has just finished (the install before `make demo`,
+    this process's own start), which would halve the threads on an idle machine."""
     import torch
 
     if threads is None and os.environ.get("CAI_THREADS", "").strip():
@@ -636,11 +638,33 @@ def pick_threads(threads: int | None = None) -> int:
     default = torch.get_num_threads()
     if threads:
         return max(1, int(threads))
-    try:
-        free = (os.cpu_count() or 1) - os.getloadavg()[0]
-    except OSError:  # no load average on this platform
+    busy = busy_cores()
+    if busy is None:
         return default
+    free = (os.cpu_count() or 1) - busy
     return max(1, min(default, int(free + 0.5)))
+
+
+def busy_cores(window: float = 0.3) -> float | None:
+    """Cores kept busy by other processes over the next ``window`` seconds (this one sleeps
+    meanwhile), from /proc/stat; None where that is not available."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v[:8]), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    return (os.cpu_count() or 1) * (1.0 - (i1 - i0) / (t1 - t0))
 
 
 def _warn(msg: str):
