@@ -557,17 +557,15 @@ class OutputLock:
             missing.append(d)
             d = d.parent
         self._created = missing
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            self.release()
-            raise InputError(
-                f"cannot be created here ({e.strerror}); choose another --out", self.out
-            ) from None
-        os.close(fd)
         for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                self.release()
+                raise InputError(
+                    f"cannot be created here ({e.strerror}); choose another --out", self.out
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
