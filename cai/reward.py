@@ -969,10 +969,8 @@ def _load_reward_model(rm_dir, device):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm = Path(rm_dir)
-    if not (rm / "config.json").exists():
-        raise InputError("not a model folder (no config.json); pass the --out folder of `cai train`", rm)
+    check_reward_model(rm, "--rm")  # config.json, one output, safetensors: from the files, before loading
     device = pick_device(device)
-    check_weights(rm, "--rm")
     try:
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(rm)
@@ -981,10 +979,6 @@ def _load_reward_model(rm_dir, device):
             )
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the reward model ({str(e).splitlines()[0][:160]})", rm) from None
-    if model.config.num_labels != 1:
-        raise InputError(
-            f"has num_labels={model.config.num_labels}; a reward model has exactly one output", rm
-        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
