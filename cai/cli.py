@@ -268,8 +268,7 @@ def compare(**kw):
     from cai.compare import command_line, run_compare, summary_line
 
     model = _model(kw)
-    m = model["backend_options"]
-    shared = dict(pairs="-", out="-", seed=kw["seed"], device=m.get("device", "auto"))
+    shared = dict(pairs="-", out="-", seed=kw["seed"], device=kw["device"])  # RMs run where the judge does
     train_t = _config(TrainConfig, kw, TRAIN_RENAMED, **shared, trust_remote_code=kw["trust_remote_code"])
     eval_t = _config(EvalConfig, kw, rms=[], **shared)
     cfg = _config(CompareConfig, kw, **model, train=train_t, eval=eval_t, command=command_line())
