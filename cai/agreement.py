@@ -33,7 +33,7 @@ from pathlib import Path
 from cai import __version__
 from cai.configs import AgreementConfig
 from cai.errors import InputError
-from cai.fmt import pct
+from cai.fmt import pct, rate_txt
 from cai.options import check_config
 from cai.records import (
     claim_output,
@@ -287,19 +287,12 @@ def warnings(m: dict) -> list[str]:
 # ============================================================================ the report
 
 
-def _ci(r: dict) -> str:
-    if r["agreement"] is None:
-        return "n/a"
-    lo, hi = r["ci95"]
-    return f"{pct(r['agreement'])} ({pct(lo)} – {pct(hi)})"
-
-
 def _kappa(r: dict) -> str:
     return "n/a" if r.get("kappa") is None else f"{r['kappa'] + 0.0:+.2f}".replace("-0.00", "+0.00")
 
 
 def _row(name: str, r: dict) -> list[str]:
-    return [name, str(r["n"]), _ci(r), _kappa(r), str(r["ties"]), str(r["reference_ties"])]
+    return [name, str(r["n"]), rate_txt(r), _kappa(r), str(r["ties"]), str(r["reference_ties"])]
 
 
 HEAD = ["", "pairs", "agreement (95% CI)", "Cohen's κ", "AI ties (½)", "human ties (left out)"]
@@ -485,6 +478,6 @@ def summary_line(m: dict, out) -> str:
     o = m["overall"]
     k = _kappa(o)
     return (
-        f"cai agreement: AI vs people {_ci(o)} on {o['n']} pairs, Cohen's kappa {k}; "
+        f"cai agreement: AI vs people {rate_txt(o)} on {o['n']} pairs, Cohen's kappa {k}; "
         f"{len(m['annotators'])} annotator(s) -> {Path(out) / 'agreement.html'}"
     )

@@ -19,6 +19,14 @@ def ci_txt(d: dict) -> str:
     return "n/a" if lo is None else f"{pct(lo)} – {pct(hi)}"
 
 
+def rate_txt(r: dict | None) -> str:
+    """A cai.stats.rate/agreement result as 'agreement (lo – hi)'; 'n/a' when there is none."""
+    if not r or r.get("agreement") is None:
+        return "n/a"
+    lo, hi = r["ci95"]
+    return f"{pct(r['agreement'])} ({pct(lo)} – {pct(hi)})"
+
+
 def num(x, fmt="{:.3f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 

@@ -15,6 +15,7 @@ from cai.fmt import ci_txt as _ci_txt
 from cai.fmt import num as _f
 from cai.fmt import pct as _pct
 from cai.fmt import pts as _pts
+from cai.fmt import rate_txt
 from cai.records import write_atomic, write_json, write_text
 
 PLOTS = ("accuracy.png", "reliability.png", "margins.png", "length_bias.png")
@@ -576,7 +577,6 @@ def study_blocks(study: dict) -> list[tuple]:
     if lab:
         B.append(("h3", "AI labels against human labels (training pairs)"))
         h = lab.get("human") or {}
-        ci = h.get("ci95") or [None, None]
         B.append(
             (
                 "table",
@@ -596,7 +596,7 @@ def study_blocks(study: dict) -> list[tuple]:
                         lab["judge"],
                         lab["constitution"],
                         str(h.get("n", 0)),
-                        f"{_pct(h.get('agreement'))} ({_pct(ci[0])} – {_pct(ci[1])})" if h else "n/a",
+                        rate_txt(h),
                         " / ".join(_pct(x) for x in h.get("agreement_by_order") or []) or "n/a",
                         _pct(h.get("shorter_rule")),
                         _pct(lab.get("position_consistency")),
