@@ -64,34 +64,29 @@ def tiny_rm(tmp_path_factory, tiny_reward_base) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def pickle_model(tmp_path_factory, tiny_model) -> Path:
-    """The tiny LLM's folder with its weights as pytorch_model.bin only (a pickle)."""
+def _as_pickle(src: Path, out: Path) -> Path:
+    """A copy of model folder ``src`` whose weights are pytorch_model.bin only (a pickle)."""
     import torch
     from safetensors.torch import load_file
 
-    out = tmp_path_factory.mktemp("pickle-llm")
-    for f in tiny_model.iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
     state = {}
-    for f in tiny_model.glob("*.safetensors"):
-        state.update(load_file(f))
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            state.update(load_file(f))
+        else:
+            (out / f.name).write_bytes(f.read_bytes())
     torch.save(state, out / "pytorch_model.bin")
     return out
 
 
 @pytest.fixture(scope="module")
-def pickle_rm(tmp_path_factory, tiny_rm) -> Path:
-    import torch
-    from safetensors.torch import load_file
+def pickle_model(tmp_path_factory, tiny_model) -> Path:
+    return _as_pickle(tiny_model, tmp_path_factory.mktemp("pickle-llm"))
 
-    out = tmp_path_factory.mktemp("pickle-rm")
-    for f in tiny_rm.iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    torch.save(load_file(next(tiny_rm.glob("*.safetensors"))), out / "pytorch_model.bin")
-    return out
+
+@pytest.fixture(scope="module")
+def pickle_rm(tmp_path_factory, tiny_rm) -> Path:
+    return _as_pickle(tiny_rm, tmp_path_factory.mktemp("pickle-rm"))
 
 
 @pytest.fixture
