@@ -63,6 +63,10 @@ class HFBackend:
         # _check_prefix_path); an architecture where it disagrees falls back to plain batches.
         self.share_prefix = share_prefix
         self._prefix_ok: bool | None = None
+        # The last generate() call's sequences and their KV cache, for the next call's prompts
+        # that start with them (a critique prompt repeats the conversation and the response).
+        self._kept: _Kept | None = None
+        self._reuse_ok: bool | None = None  # checked once against a plain prefill (_check_reuse)
         self._decode_ok: bool | None = None  # the decode loop, checked once against generate()
         from transformers.utils import logging as hf_logging
 
@@ -90,6 +94,8 @@ class HFBackend:
             self.threads = pick_threads(threads)
             if self.threads != torch.get_num_threads():
                 torch.set_num_threads(self.threads)
+            if self.dtype == torch.float32:
+                route_small_linears(self.model)
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"  # keep the end of long conversations
         if self.tok.pad_token is None:
@@ -133,35 +139,55 @@ class HFBackend:
             out.append(r)
         return out
 
-    def _batches(self, texts: list[str] | None = None, ids: list[list[int]] | None = None):
-        """Yield (indices, encoding) for length-sorted batches of at most batch_size."""
-        ids = self._encode(texts) if ids is None else ids
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    def _pad(self, rows: list[list[int]]) -> dict:
+        enc = self.tok.pad({"input_ids": rows}, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _batches(self, ids: list[list[int]], skip: list[int] | None = None):
+        """Yield (indices, encoding) for length-sorted batches of at most batch_size. ``skip``:
+        leading tokens of each prompt whose KV comes from elsewhere (kept from the last call); the
+        encoding holds the rest, and batches are sorted by that rest's length."""
+        skip = skip or [0] * len(ids)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]) - skip[i])
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
-            rows = [ids[i] for i in idx]
-            enc = self.tok.pad({"input_ids": rows}, return_tensors="pt", padding=True)
-            self.stats["prompt_tokens"] += sum(len(r) for r in rows)
+            enc = self._pad([ids[i][skip[i] :] for i in idx])
+            self.stats["prompt_tokens"] += sum(len(ids[i]) for i in idx)
             self.stats["computed_tokens"] += enc["input_ids"].numel()
-            yield idx, {k: v.to(self.device) for k, v in enc.items()}
+            yield idx, enc
 
     # -- the two operations --------------------------------------------------------------
 
     def generate(self, conversations, *, max_new_tokens=256, temperature=0.0, seed=None):
         torch = self._torch
-        texts = [self.render(c) for c in conversations]
-        out: list[Generation | None] = [None] * len(texts)
+        ids = self._encode([self.render(c) for c in conversations])
+        out: list[Generation | None] = [None] * len(ids)
         sample = bool(temperature and temperature > 0)
-        for b, (idx, enc) in enumerate(self._batches(texts)):
+        # This call's sequences serve the next call only; the previous call's are dropped after it.
+        kept, self._kept = self._kept, (_Kept(KEEP_BYTES) if self.share_prefix else None)
+        reuse = kept.match(ids) if kept and self._reuse_ok is not False else [(0, -1)] * len(ids)
+        for b, (idx, enc) in enumerate(self._batches(ids=ids, skip=[n for n, _ in reuse])):
             if sample:
                 # Seeded per (seed, batch): identical reruns with the same batch size reproduce.
                 torch.manual_seed((seed or 0) * 1_000_003 + b)
             if self._decode_ok is None:
                 self._decode_ok = self._check_decode_path(enc)
+            past = None
+            if any(reuse[i][0] for i in idx):
+                if self._reuse_ok is None:
+                    self._reuse_ok = self._check_reuse(ids, reuse, kept, idx)
+                if self._reuse_ok:
+                    past = kept.state([reuse[i] for i in idx], self.model.config, self.device)
+                if past is None:  # no reuse after all: prefill these prompts in full
+                    enc = self._pad([ids[i] for i in idx])
+                    self.stats["computed_tokens"] += enc["input_ids"].numel()
+                else:
+                    self.stats["prefix_tokens_reused"] += sum(reuse[i][0] for i in idx)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 if self._decode_ok:
-                    rows = self._decode(enc, max_new_tokens, temperature if sample else 0.0)
+                    keep = (self._kept, [ids[i] for i in idx]) if self._kept is not None else None
+                    rows = self._decode(enc, max_new_tokens, temperature if sample else 0.0, past, keep)
                 else:
                     rows = self._hf_generate(enc, max_new_tokens, temperature if sample else 0.0)
             self.stats["generate_s"] += time.perf_counter() - t0
@@ -170,6 +196,38 @@ class HFBackend:
                 self.stats["generated_tokens"] += len(toks)
                 out[i] = Generation(self.tok.decode(toks, skip_special_tokens=True).strip(), len(toks))
         return out
+
+    def _check_reuse(self, ids, reuse, kept, idx) -> bool:
+        """Once per backend: continuing a kept KV cache must give the next-token log-probs of a
+        plain prefill of the whole prompt (on the batch's prompt with the longest reused part)."""
+        torch = self._torch
+        i = max(idx, key=lambda i: reuse[i][0])
+        try:
+            with torch.inference_mode():
+                full = self.model(**self._pad([ids[i]]), logits_to_keep=1).logits[:, -1].float()
+                n = reuse[i][0]
+                cache, past_mask, past_lens = kept.state([reuse[i]], self.model.config, self.device)
+                new = torch.ones((1, len(ids[i]) - n), dtype=past_mask.dtype, device=self.device)
+                res = self.model(
+                    input_ids=torch.tensor([ids[i][n:]], device=self.device),
+                    attention_mask=torch.cat([past_mask, new], 1),
+                    position_ids=past_lens[:, None] + new.cumsum(1) - 1,
+                    logits_to_keep=1,
+                    use_cache=True,
+                    **{self._cache_kw: cache},
+                )
+        except Exception as e:  # noqa: BLE001 - any failure means: prefill in full
+            _warn(f"reusing the KV cache across calls failed on this model ({type(e).__name__}: {e})")
+            return False
+        a, b = torch.log_softmax(full, -1), torch.log_softmax(res.logits[:, -1].float(), -1)
+        diff = float((a - b).abs().max())
+        tol = 1e-3 if self.dtype == torch.float32 else 0.1
+        if diff > tol:
+            _warn(
+                f"reusing the KV cache across calls differs from a plain prefill by {diff:.3g}; not reusing"
+            )
+            return False
+        return True
 
     def _stop_ids(self) -> set[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -193,21 +251,23 @@ class HFBackend:
             rows.append(toks[:n])
         return rows
 
-    def _decode(self, enc, max_new_tokens, temperature):
+    def _decode(self, enc, max_new_tokens, temperature, past=None, keep=None):
         """Greedy (or plain-temperature) decoding with the KV cache, the same tokens as
         transformers' generate() but cheaper per step on a CPU:
 
         - one host sync per step (the new tokens come back as one small list),
-        - with greedy decoding, finished rows leave the batch (their KV rows are dropped) once at
-          most a quarter of it is still going, or at once in a batch under 16 rows. Not earlier:
-          torch's fp32 CPU matmul is about 1.7x slower for 15 rows than for 16 (under 16 rows
-          it falls back to a path whose cost grows with every row; measured in
-          bench/RESULTS-roofline.md), so dropping one row of 16 slows every later step, while
-          16 -> 4 rows is a gain. With sampling the batch keeps its shape so the random stream
-          matches generate()'s,
+        - with greedy decoding, finished rows leave the batch at once (their KV rows are
+          dropped), so later steps neither compute them nor read their cache. On a CPU this
+          relies on route_small_linears: with torch's plain fp32 matmul 15 rows cost ~1.7x what
+          16 do, which made dropping rows a loss. With sampling the batch keeps its shape so the
+          random stream matches generate()'s,
         - the KV cache is written in place into buffers sized for the whole generation, instead
           of being copied into a one-token-longer tensor at every step in every layer,
         - no logits processors, stopping criteria or per-step output objects to build.
+
+        ``past``: (cache, mask, lengths) of tokens that come before ``enc``'s (a kept prefix);
+        ``keep``: (a _Kept, each row's prompt ids): every row's finished sequence and its KV
+        cache are handed to it for the next call.
         Returns each row's new token ids up to and including its stop token.
         """
         torch = self._torch
@@ -216,12 +276,25 @@ class HFBackend:
         pad = self.tok.pad_token_id
         stop = self._stop_ids() | {pad}  # a pad token ends a row's text, as it always has here
         pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        lens = mask.sum(1, keepdim=True)  # next position of each row
+        cache = None
+        if past is not None:
+            cache, past_mask, past_lens = past
+            pos, lens = pos + past_lens[:, None], lens + past_lens[:, None]
+            mask = torch.cat([past_mask, mask], dim=1)
         res = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **({self._cache_kw: cache} if cache is not None else {}),
         )
         cache = getattr(res, "cache", None) or res.past_key_values
         _preallocate(cache, max_new_tokens)
-        lens = mask.sum(1, keepdim=True)  # next position of each row
+        store, prompts = keep if keep is not None else (None, None)
+        if store is not None and not store.can_keep(cache):
+            store = None
         live = list(range(n_rows))  # batch row -> output row
         rows: list[list[int]] = [[] for _ in range(n_rows)]
         done = [False] * n_rows
@@ -234,6 +307,7 @@ class HFBackend:
             else:
                 nxt = logits.argmax(-1)
             toks = nxt.tolist()  # the step's one host sync
+            last = step == max_new_tokens - 1
             for j, t in enumerate(toks):
                 r = live[j]
                 if done[r]:
@@ -241,14 +315,13 @@ class HFBackend:
                 rows[r].append(t)
                 if t in stop:
                     done[r] = True
-            if all(done) or step == max_new_tokens - 1:
+                if store is not None and (done[r] or last):
+                    # the cache holds the prompt and every new token but this step's
+                    store.add(prompts[r] + rows[r][:-1], cache, j, mask[j])
+            if all(done) or last:
                 break
             going = [j for j, r in enumerate(live) if not done[r]]
-            if (
-                temperature <= 0
-                and len(going) < len(live)
-                and (len(live) < 16 or 4 * len(going) <= len(live))
-            ):
+            if temperature <= 0 and len(going) < len(live):
                 sel = torch.tensor(going, device=ids.device)
                 cache.batch_select_indices(sel)
                 mask, lens = mask[sel], lens[sel]
@@ -620,6 +693,123 @@ def _zip_longest(a, b):
 
 def _longest(node) -> int:
     return len(node.toks) + max((_longest(k) for k in node.kids.values()), default=0)
+
+
+# The most KV cache a backend keeps from one generate() call for the next (fp32: ~46 KB per
+# token for the embedded model, so ~5,700 tokens); rows past it are simply not kept.
+KEEP_BYTES = 256 * 2**20
+
+
+class _Kept:
+    """Finished sequences of one generate() call with their KV cache, each row's valid positions
+    only, so that the next call's prompts that start with one of them skip that part of the
+    prefill. Matching is by token ids: a prompt reuses the longest kept prefix it starts with,
+    when that is at least MIN_SHARED_TOKENS long."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.seqs: list[list[int]] = []
+        self.kv: list[list[tuple]] = []  # per sequence, per layer: (keys, values) [heads, n, dim]
+        self.by_head: dict[tuple, list[int]] = {}
+
+    def __bool__(self):
+        return bool(self.seqs)
+
+    @staticmethod
+    def can_keep(cache) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(isinstance(x, DynamicLayer) and x.keys.dim() == 4 for x in layers)
+
+    def add(self, seq: list[int], cache, row: int, mask):
+        if len(seq) < MIN_SHARED_TOKENS:
+            return
+        size = sum(2 * x.keys[row].numel() * x.keys.element_size() for x in cache.layers)
+        size = size * len(seq) // max(1, cache.layers[0].keys.shape[-2])
+        if self.used + size > self.budget:
+            return
+        valid = mask.bool()
+        kv = [(x.keys[row][:, valid, :].clone(), x.values[row][:, valid, :].clone()) for x in cache.layers]
+        if kv[0][0].shape[-2] != len(seq):  # not this row's tokens after all: keep nothing
+            return
+        self.used += size
+        self.by_head.setdefault(tuple(seq[:MIN_SHARED_TOKENS]), []).append(len(self.seqs))
+        self.seqs.append(seq)
+        self.kv.append(kv)
+
+    def match(self, prompts: list[list[int]]) -> list[tuple[int, int]]:
+        """(tokens reused, kept sequence) per prompt; (0, -1) where none is long enough. At least
+        the prompt's last token is left to compute (its logits start the generation)."""
+        out = []
+        for p in prompts:
+            best = (0, -1)
+            for k in self.by_head.get(tuple(p[:MIN_SHARED_TOKENS]), []):
+                s, n, m = self.seqs[k], MIN_SHARED_TOKENS, min(len(p) - 1, len(self.seqs[k]))
+                while n < m and s[n] == p[n]:
+                    n += 1
+                if n > best[0] and n >= MIN_SHARED_TOKENS:
+                    best = (n, k)
+            out.append(best)
+        return out
+
+    def state(self, rows: list[tuple[int, int]], config, device):
+        """(cache, mask, lengths) for a batch whose row b continues rows[b] = (n, k): the first n
+        tokens of kept sequence k, right-aligned (left padding, hidden by the mask)."""
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        width = max(n for n, _ in rows)
+        cache = DynamicCache(config=config)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for b, (n, _) in enumerate(rows):
+            mask[b, width - n :] = 1
+        some = next(k for n, k in rows if k >= 0)
+        for i, (k0, _) in enumerate(self.kv[some]):
+            keys = k0.new_zeros((len(rows), k0.shape[0], width, k0.shape[-1]))
+            values = torch.zeros_like(keys)
+            for b, (n, k) in enumerate(rows):
+                if n:
+                    keys[b, :, width - n :] = self.kv[k][i][0][:, :n]
+                    values[b, :, width - n :] = self.kv[k][i][1][:, :n]
+            cache.update(keys, values, i)
+        if not all(type(x) is DynamicLayer for x in cache.layers):
+            return None
+        return cache, mask, mask.sum(1)
+
+
+# Rows for which route_small_linears computes a linear layer as (W @ x.T).T: measured per
+# decode step of the embedded model on this project's CPU build of torch (MKL, fp32, 1 thread;
+# bench/RESULTS-roofline.md). x @ W.T costs 100-158 ms for 7-15 rows (the cost grows with every
+# row under 16) and 101 ms for 16; W @ x.T costs ~90 ms flat across 7-16 rows, more above 16
+# and below 7.
+SMALL_ROWS = (7, 16)
+
+
+def route_small_linears(model):
+    """Make the model's nn.Linear layers compute 7-16-row inputs (a decode step of a batch) as
+    (W @ x.T).T instead of x @ W.T: the same products and sums, through the matrix kernel
+    that streams the weight matrix fastest for so few rows on a CPU. Larger inputs (prefill,
+    the judge) and other layer types are untouched. The decode loop is still checked against
+    generate() once per backend (_check_decode_path)."""
+    import torch
+    import torch.nn.functional as F
+
+    lo, hi = SMALL_ROWS
+
+    def forward(self, x):
+        n = x.numel() // x.shape[-1] if x.dim() else 0
+        if not lo <= n <= hi or x.dim() < 2:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.mm(self.weight, x.reshape(n, x.shape[-1]).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().view(*x.shape[:-1], self.weight.shape[0])
+
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.forward = forward.__get__(m)
 
 
 def pick_threads(threads: int | None = None) -> int:

@@ -1,0 +1,127 @@
+"""The hf backend's own decoding: small-batch linear layers, the decode loop against transformers'
+generate(), and KV reuse from one generate() call to the next."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_routed_linears_give_the_plain_products():
+    import torch
+
+    from cai.backends.hf import route_small_linears
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 8, bias=False))
+    xs = [torch.randn(n, 24) for n in range(1, 21)] + [torch.randn(2, 8, 24), torch.randn(16, 1, 24)]
+    with torch.inference_mode():
+        plain = [net(x) for x in xs]
+        route_small_linears(net)
+        routed = [net(x) for x in xs]
+    for x, a, b in zip(xs, plain, routed):
+        assert b.shape == a.shape == (*x.shape[:-1], 8)
+        assert torch.allclose(a, b, atol=1e-5), x.shape
+
+
+@pytest.fixture(scope="module")
+def lively_model(tmp_path_factory, tiny_model):
+    """The tiny random Llama with larger weights, so that its greedy tokens vary from step to step
+    and row to row (the conftest one settles on one token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lively-llm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def _prompts(n):
+    topics = ["bread", "a long road that goes on", "tides", "why the sky is blue at noon", "cats", "x"]
+    return [
+        [{"role": "user", "content": f"Tell me about {topics[i % len(topics)]} " * (1 + i % 3)}]
+        for i in range(n)
+    ]
+
+
+def test_decode_loop_matches_generate_as_rows_finish(lively_model):
+    """Rows that stop early leave the batch; the tokens stay those of transformers' generate()."""
+    from cai.backends.hf import HFBackend
+
+    b = HFBackend(str(lively_model), batch_size=8)
+    ids = b._encode([b.render(c) for c in _prompts(8)])
+    enc = b._pad(ids)
+    free = b._hf_generate(enc, 12, 0.0)
+
+    # make a token that the rows first produce at different steps (or never) a stop token
+    def first_steps(t):
+        return {row.index(t) if t in row else len(row) for row in free}
+
+    stop = max({t for row in free for t in row}, key=lambda t: len(first_steps(t)))
+    assert len(first_steps(stop)) > 1, free
+    b.model.generation_config.eos_token_id = [b.tok.eos_token_id, stop]
+    ref = b._hf_generate(enc, 12, 0.0)
+    ours = b._decode(enc, 12, 0.0)
+    assert ours == ref
+    assert len({len(r) for r in ours}) > 1  # rows did finish at different steps
+
+
+def test_a_prompt_that_continues_the_last_call_reuses_its_kv(lively_model):
+    from cai.backends.hf import HFBackend
+
+    convs = _prompts(6)
+    b = HFBackend(str(lively_model), batch_size=4)
+    first = b.generate(convs, max_new_tokens=10)
+    follow = [
+        c + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "Critique that reply."}]
+        for c, g in zip(convs, first)
+    ]
+    follow.append([{"role": "user", "content": "an unrelated prompt"}])
+    reused = b.generate(follow, max_new_tokens=10)
+    assert b._reuse_ok is True
+    assert b.stats["prefix_tokens_reused"] >= 6 * 32
+    fresh = HFBackend(str(lively_model), batch_size=4).generate(follow, max_new_tokens=10)
+    assert [g.text for g in reused] == [g.text for g in fresh]
+    assert [g.n_tokens for g in reused] == [g.n_tokens for g in fresh]
+
+
+def test_kept_sequences_match_by_longest_prefix():
+    import torch
+
+    from cai.backends.hf import MIN_SHARED_TOKENS, _Kept
+
+    class Layer:  # the two attributes _Kept reads from a cache layer
+        def __init__(self, n):
+            self.keys = torch.arange(n, dtype=torch.float32).reshape(1, 1, n, 1).repeat(1, 2, 1, 3)
+            self.values = -self.keys
+
+    class Cache:
+        layers = [Layer(40), Layer(40)]
+
+    k = _Kept(budget=2**20)
+    base = list(range(100, 100 + MIN_SHARED_TOKENS))
+    a, b = base + [1, 2, 3, 4], base + [1, 2, 9]
+    mask = torch.ones(40, dtype=torch.long)
+    mask[: 40 - len(a)] = 0
+    k.add(a, Cache(), 0, mask)
+    mask = torch.ones(40, dtype=torch.long)
+    mask[: 40 - len(b)] = 0
+    k.add(b, Cache(), 0, mask)
+    assert k.match([base + [1, 2, 9, 7], base + [1, 2, 3, 4], base[:10] + [5] * 30, a[:-1]]) == [
+        (len(b), 1),
+        (len(a) - 1, 0),  # the last token is always left to compute
+        (0, -1),
+        (len(a) - 2, 0),
+    ]
+    cache, m, lens = k.state([(len(b), 1), (len(a) - 1, 0)], None, "cpu") or (None, None, None)
+    assert m.tolist()[0] == [1] * len(b) and lens.tolist() == [len(b), len(a) - 1]
+    # row 0 continues b: its kept keys are that row's valid positions, in order
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == pytest.approx(
+        [float(x) for x in range(40 - len(b), 40)]
+    )
