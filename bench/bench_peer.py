@@ -415,8 +415,16 @@ def main():
         f"(the peer's 'no critique needed' check skipped {n - revised_peer}); (4) against cai: its time "
         "includes "
         "process start, imports, model load and the judge on every revised pair, which the peer does not "
-        "do. "
-        f"No prefix reuse across stages is involved (cai's stages share only the system prompt)."
+        "do; (5) **prefix reuse**: a critique prompt repeats the conversation and the response, whose KV "
+        "cache cai keeps from the stage before, so that part is not computed again."
+    )
+    say("")
+    need = peer["cpu"] / 8
+    say(
+        f"Goal (≥ 8x): **{'met' if ratio_cpu >= 8 and ratio >= 8 else 'not met'}** in this run. 8x CPU time "
+        f"would need cai at ≤ {need:.1f} CPU-s (it took {cai['cpu']:.1f}); where cai's CPU time goes "
+        "(model load, prefill, decode, the judge) and how close each part is to this machine's limit: "
+        "RESULTS-roofline.md."
     )
     say("")
     say(
