@@ -199,17 +199,19 @@ class HFBackend:
 
     def _check_reuse(self, ids, reuse, kept, idx) -> bool:
         """Once per backend: continuing a kept KV cache must give the next-token log-probs of a
-        plain prefill of the whole prompt (on the batch's prompt with the longest reused part)."""
+        plain prefill of the same tokens (the batch's prompt with the shortest reused part, cut 8
+        tokens past it: the check costs one short prefill)."""
         torch = self._torch
-        i = max(idx, key=lambda i: reuse[i][0])
+        i = min((i for i in idx if reuse[i][0]), key=lambda i: reuse[i][0])
+        n = reuse[i][0]
+        seq = ids[i][: n + 8]
         try:
             with torch.inference_mode():
-                full = self.model(**self._pad([ids[i]]), logits_to_keep=1).logits[:, -1].float()
-                n = reuse[i][0]
+                full = self.model(**self._pad([seq]), logits_to_keep=1).logits[:, -1].float()
                 cache, past_mask, past_lens = kept.state([reuse[i]], self.model.config, self.device)
-                new = torch.ones((1, len(ids[i]) - n), dtype=past_mask.dtype, device=self.device)
+                new = torch.ones((1, len(seq) - n), dtype=past_mask.dtype, device=self.device)
                 res = self.model(
-                    input_ids=torch.tensor([ids[i][n:]], device=self.device),
+                    input_ids=torch.tensor([seq[n:]], device=self.device),
                     attention_mask=torch.cat([past_mask, new], 1),
                     position_ids=past_lens[:, None] + new.cumsum(1) - 1,
                     logits_to_keep=1,
@@ -367,12 +369,13 @@ class HFBackend:
         if extra:
             _warn(f"the model's generation config sets {', '.join(extra)}; using transformers' generate()")
             return False
-        n = min(4, len(enc["input_ids"]))
-        sub = {k: v[:n] for k, v in enc.items()}
+        # the batch's shortest and longest prompt (so left padding is exercised), three tokens each
+        pick = sorted({0, len(enc["input_ids"]) - 1})
+        sub = {k: v[pick] for k, v in enc.items()}
         try:
             with self._torch.inference_mode():
-                a = self._decode(sub, 4, 0.0)
-                b = self._hf_generate(sub, 4, 0.0)
+                a = self._decode(sub, 3, 0.0)
+                b = self._hf_generate(sub, 3, 0.0)
         except Exception as e:  # noqa: BLE001 - any failure means: use generate()
             _warn(
                 f"fast decoding unavailable for this model ({type(e).__name__}: {e}); using transformers' "
