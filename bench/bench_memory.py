@@ -161,13 +161,22 @@ def main():
         if x.startswith("- `cai ") and not any(x.startswith(f"- `cai {args[len(cai)]} ") for _, args in jobs)
     ]
     lines += [x.replace(" |", " (earlier run) |", 1) if "(earlier run)" not in x else x for x in kept]
+    over = []
     for name, args in jobs:
         load = "/".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"== {name} ==", flush=True)
         rss, wall, rc, last = peak_rss(args)
         ok = "yes" if rc == 0 and rss < GOAL_GIB else f"FAILED (exit {rc})" if rc else "no"
+        if ok != "yes":
+            over.append(name)
         print(f"  peak RSS {rss:.2f} GiB, {wall:.0f}s, exit {rc}: {last}", flush=True)
         lines.append(f"| {name} | {rss:.2f} GiB | {ok} | {wall:.0f} | {load} |")
+    if jobs:
+        lines += [
+            "",
+            f"Goal (< {GOAL_GIB:g} GiB each, measured in this run): "
+            + (f"**not met** by {', '.join(over)}." if over else "**met** by every command measured."),
+        ]
     lines += [""] + [f"skipped — {s}" for s in skipped]
     lines += ["", "Commands (outputs to a temporary folder):", ""] + kept_cmds
     shown = (" ".join(["cai", *args[len(cai) :]]) for _, args in jobs)
