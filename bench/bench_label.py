@@ -190,6 +190,20 @@ def _naive(backend, const, rows, seed, k):
 # ---------------------------------------------------------------------------- main
 
 
+def _kept_reading(res: Path) -> str:
+    """The hand-written "## Reading" section of the previous results, carried over below the new
+    block with the date of the run it was written for (this script does not write it)."""
+    old = res.read_text() if res.exists() else ""
+    if "## Reading" not in old:
+        return ""
+    keep = old[old.index("## Reading") :]
+    when = next((x[len("date: ") :] for x in old.splitlines() if x.startswith("date: ")), "an earlier run")
+    head, _, body = keep.partition("\n")
+    if "(written for the run of" in body.split("\n", 2)[1 if body.startswith("\n") else 0]:
+        return "\n" + keep
+    return f"\n{head}\n\n(written for the run of {when}; the block above is from this run)\n{body}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=120, help="dev pairs labelled by the main run (500 = all)")
@@ -450,7 +464,7 @@ def main():
         say("```")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        Path(a.results).write_text("\n".join(OUT) + "\n")
+        Path(a.results).write_text("\n".join(OUT) + "\n" + _kept_reading(Path(a.results)))
         print(f"\nwritten: {a.results}")
 
 
