@@ -395,7 +395,7 @@ def main():
         f"plus {prof.reused:,} prompt tokens not computed at all: their KV cache was kept from the "
         "previous stage (a critique prompt repeats the conversation and the response); decode "
         f"{prof.tokens['decode']:,} row-steps in {prof.calls['decode']} forwards, {prof.needed:,} of them "
-        "needed (finished rows leave the batch at once; generate() would keep them: "
+        "needed (finished rows leave the batch once a quarter of it has finished; generate() keeps them all: "
         f"{prof.waste_hf:,} more row-steps; the one-time check against generate() adds a few); judge "
         f"{prof.tokens['judge']:,} tokens computed in {prof.calls['judge']} forwards.  "
     )
