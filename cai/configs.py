@@ -239,7 +239,15 @@ class TrainConfig:
             "fp32": "Full precision even on a GPU.",
         },
     )
-    gradient_checkpointing: bool = opt(False, "Trade compute for memory (large bases on small GPUs).")
+    gradient_checkpointing: bool | None = opt(
+        None,
+        "Recompute each layer's activations in the backward pass instead of keeping them: the "
+        "same losses and weights in far less memory, for a second forward pass. Default: on "
+        "when training on the CPU (all-MiniLM-L6-v2, 256 tokens, batch 16: peak RSS 1.4 instead "
+        "of 4.4 GiB, about twice the time per step; --no-gradient-checkpointing when memory is "
+        "plentiful), off on GPUs.",
+        negatable=True,
+    )
     fsdp: str = opt(
         "",
         "Passed to TrainingArguments.fsdp, e.g. 'full_shard auto_wrap'. Needs GPUs and a "

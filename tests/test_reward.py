@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -345,6 +346,93 @@ def test_resume_continues_from_last_checkpoint(tiny_reward_base, tmp_path):
     assert any(e.get("resume_marker") for e in final["log_history"])
 
 
+def test_checkpointing_is_on_by_default_on_cpu_and_changes_nothing(tiny_reward_base, tmp_path):
+    """Recomputing activations (dropout replayed from the saved RNG state) gives the very same
+    losses and weights as keeping them; on the CPU it is what `cai train` does unless told not to."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    pairs = write_jsonl(tmp_path / "p.jsonl", [ours(i, p=(0.9, 0.2)[i % 2]) for i in range(24)])
+    runs = {}
+    for name, gc in (("default", None), ("off", False)):
+
+        class Record(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                # transformers 5 renamed it (4.x has only the old name)
+                self.checkpointing = getattr(
+                    model,
+                    "is_activation_checkpointing"
+                    if hasattr(model, "activation_checkpointing_enable")
+                    else "is_gradient_checkpointing",
+                )
+
+            def on_train_end(self, args, state, control, **kw):
+                self.losses = [h["loss"] for h in state.log_history if "loss" in h]
+
+        rec = Record()
+        out = tmp_path / name
+        train_reward_model(
+            small_cfg(
+                tiny_reward_base,
+                pairs,
+                out,
+                max_steps=3,
+                batch_size=4,
+                device="cpu",
+                gradient_checkpointing=gc,
+            ),
+            progress=False,
+            callbacks=[rec],
+        )
+        config = json.loads((out / CONFIG_NAME).read_text())["config"]
+        runs[name] = (rec, config, load_file(out / "model.safetensors"))
+    (on, cfg_on, w_on), (off, cfg_off, w_off) = runs["default"], runs["off"]
+    assert on.checkpointing and cfg_on["gradient_checkpointing"] is True
+    assert not off.checkpointing and cfg_off["gradient_checkpointing"] is False
+    assert len(on.losses) == 3 and on.losses == off.losses
+    assert w_on.keys() == w_off.keys() and all(torch.equal(w_on[k], w_off[k]) for k in w_on)
+
+
+_MALLINFO = """
+import ctypes, json
+from cai.reward import _mmap_threshold, freed_memory_returned
+
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd x y z w v".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped_by(nbytes):  # bytes of an nbytes block that glibc serves with a mapping of its own
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(nbytes)
+    grew = libc.mallinfo2().hblkhd - before
+    libc.free(p)
+    return grew
+
+assert _mmap_threshold(32 << 20)  # where the dynamic threshold ends up after a few big frees
+with freed_memory_returned():
+    inside = mapped_by(16 << 20)
+print(json.dumps({"inside": inside, "after": mapped_by(16 << 20)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_returned_maps_big_blocks_only_inside():
+    """Inside, a 16 MiB block is a mapping of its own (unmapped on free, so freed activations
+    leave RSS at once); after, glibc is back to serving it from its heap. A fresh process, so no
+    free heap block of that size is there to be reused."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", _MALLINFO], capture_output=True, text=True, timeout=300)
+    if res.returncode and ("mallinfo2" in res.stderr or "libc.so.6" in res.stderr):
+        pytest.skip("not glibc >= 2.33")
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got["inside"] >= 16 << 20 and got["after"] == 0
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -412,6 +500,7 @@ def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
             "8",
             "--epochs",
             "1",
+            "--no-gradient-checkpointing",
         ],
         catch_exceptions=False,
     )
@@ -420,6 +509,7 @@ def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
     assert "reward model ->" in res.stderr
     rec = json.loads((out / CONFIG_NAME).read_text())
     assert rec["data"]["train"]["rows"] == 24 and rec["data"]["train"]["label_sources"] == {"human": 24}
+    assert rec["config"]["gradient_checkpointing"] is False
 
     scores = tmp_path / "scores.jsonl"
     res = runner.invoke(
