@@ -156,6 +156,7 @@ def main():
         seed=0,
         skip_bad=True,  # the shared train file has rows with an empty response
         save_steps=10_000,
+        gradient_checkpointing=False,  # cai's CPU default is on; TRL runs without it (below)
     )
     m = train_reward_model(cfg, progress=False, callbacks=[clock])
     wall_cai = time.time() - t0
