@@ -14,10 +14,24 @@ def test_routed_linears_give_the_plain_products():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 8, bias=False))
     xs = [torch.randn(n, 24) for n in range(1, 21)] + [torch.randn(2, 8, 24), torch.randn(16, 1, 24)]
-    with torch.inference_mode():
-        plain = [net(x) for x in xs]
-        route_small_linears(net)
-        routed = [net(x) for x in xs]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the routed kernel runs only with one thread
+    try:
+        with torch.inference_mode():
+            plain = [net(x) for x in xs]
+            route_small_linears(net)
+            routed = [net(x) for x in xs]
+            # the routed path runs for 7-16 rows only (it is the one calling torch.mm here)
+            calls, mm = [], torch.mm
+            torch.mm = lambda *a: calls.append(a[1].shape[1]) or mm(*a)
+            try:
+                for x in xs:
+                    net(x)
+            finally:
+                torch.mm = mm
+            assert sorted(set(calls)) == list(range(7, 17))
+    finally:
+        torch.set_num_threads(threads)
     for x, a, b in zip(xs, plain, routed):
         assert b.shape == a.shape == (*x.shape[:-1], 8)
         assert torch.allclose(a, b, atol=1e-5), x.shape

@@ -202,6 +202,12 @@ class HFBackend:
                 out[i] = Generation(self.tok.decode(toks, skip_special_tokens=True).strip(), len(toks))
         return out
 
+    def _routed(self) -> bool:
+        """Whether decode steps run through route_small_linears' kernel (CPU, fp32, one thread)."""
+        return (
+            self.device == "cpu" and self.dtype == self._torch.float32 and self._torch.get_num_threads() == 1
+        )
+
     def _keep_bytes(self) -> int:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return max(KEEP_MIN, int(KEEP_SHARE * weights))
@@ -267,13 +273,15 @@ class HFBackend:
         transformers' generate() but cheaper per step on a CPU:
 
         - one host sync per step (the new tokens come back as one small list),
-        - with greedy decoding, finished rows leave the batch (their KV rows are dropped) once a
-          quarter of it has finished, so later steps neither compute them nor read their cache.
-          Not at every finished row: each drop copies the whole cache, and a copy per row
-          fragments memory (peak RSS of 16 prompts: 1.44 GB against 1.22 GB, same time). On a
-          CPU this relies on route_small_linears: with torch's plain fp32 matmul 15 rows cost
-          ~1.7x what 16 do. With sampling the batch keeps its shape so the random stream matches
-          generate()'s,
+        - with greedy decoding, finished rows leave the batch (their KV rows are dropped), so
+          later steps neither compute them nor read their cache: once a quarter of it has
+          finished where route_small_linears' kernel runs (one CPU thread: its cost is flat from
+          7 to 16 rows). Not at every finished row: each drop copies the whole cache, and a copy
+          per row fragments memory (peak RSS of 16 prompts: 1.44 GB against 1.22 GB, same time).
+          Elsewhere only once at most a quarter is still going, or at once in a batch under 16
+          rows: torch's plain fp32 CPU matmul costs ~1.7x more for 15 rows than for 16, so
+          dropping one row of 16 would slow every later step. With sampling the batch keeps its
+          shape so the random stream matches generate()'s,
         - the KV cache is written in place into buffers sized for the whole generation, instead
           of being copied into a one-token-longer tensor at every step in every layer,
         - no logits processors, stopping criteria or per-step output objects to build.
@@ -334,7 +342,16 @@ class HFBackend:
             if all(done) or last:
                 break
             going = [j for j, r in enumerate(live) if not done[r]]
-            if temperature <= 0 and 4 * (len(live) - len(going)) >= max(1, len(live)):
+            finished = len(live) - len(going)
+            if (
+                temperature <= 0
+                and finished
+                and (
+                    4 * finished >= len(live)
+                    if self._routed()
+                    else (len(live) < 16 or 4 * len(going) <= len(live))
+                )
+            ):
                 sel = torch.tensor(going, device=ids.device)
                 cache.batch_select_indices(sel)
                 mask, lens = mask[sel], lens[sel]
@@ -820,9 +837,11 @@ SMALL_ROWS = (7, 16)
 
 def route_small_linears(model):
     """Make the model's nn.Linear layers compute 7-16-row inputs (a decode step of a batch) as
-    (W @ x.T).T instead of x @ W.T: the same products and sums, through the matrix kernel
-    that streams the weight matrix fastest for so few rows on a CPU. Larger inputs (prefill,
-    the judge) and other layer types are untouched. The decode loop is still checked against
+    (W @ x.T).T instead of x @ W.T when torch runs one thread: the same products and sums,
+    through the matrix kernel that streams the weight matrix fastest for so few rows on one
+    core. With two threads it measured slower than x @ W.T (bench/RESULTS-roofline.md, 16 rows:
+    28 vs 34 GFLOP per CPU-s), so there, as for larger inputs (prefill, the judge) and other
+    layer types, nothing changes. The decode loop is still checked against
     generate() once per backend (_check_decode_path)."""
     import torch
     import torch.nn.functional as F
@@ -831,7 +850,7 @@ def route_small_linears(model):
 
     def forward(self, x):
         n = x.numel() // x.shape[-1] if x.dim() else 0
-        if not lo <= n <= hi or x.dim() < 2:
+        if not lo <= n <= hi or x.dim() < 2 or torch.get_num_threads() != 1:
             return F.linear(x, self.weight, self.bias)
         y = torch.mm(self.weight, x.reshape(n, x.shape[-1]).t()).t()
         if self.bias is not None:
