@@ -90,6 +90,8 @@ class HFBackend:
                 ) from None
             raise InputError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
         self.model.to(self.device).eval()
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self._keep_budget = max(KEEP_MIN, int(KEEP_SHARE * weights))  # see KEEP_SHARE
         if self.device == "cpu":
             self.threads = pick_threads(threads)
             if self.threads != torch.get_num_threads():
@@ -164,7 +166,7 @@ class HFBackend:
         out: list[Generation | None] = [None] * len(ids)
         sample = bool(temperature and temperature > 0)
         # This call's sequences serve the next call only; the previous call's are dropped after it.
-        kept, self._kept = self._kept, (_Kept(self._keep_bytes()) if self.share_prefix else None)
+        kept, self._kept = self._kept, (_Kept(self._keep_budget) if self.share_prefix else None)
         reuse = kept.match(ids) if kept and self._reuse_ok is not False else [(0, -1)] * len(ids)
         if kept:
             kept.release_unused({k for _, k in reuse})
@@ -202,15 +204,24 @@ class HFBackend:
                 out[i] = Generation(self.tok.decode(toks, skip_special_tokens=True).strip(), len(toks))
         return out
 
+    def _forward(self, ids, mask, pos, cache=None):
+        """One forward with the KV cache, last position's logits only: (output, its cache)."""
+        res = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **({self._cache_kw: cache} if cache is not None else {}),
+        )
+        new = getattr(res, "cache", None)
+        return res, (res.past_key_values if new is None else new)
+
     def _routed(self) -> bool:
         """Whether decode steps run through route_small_linears' kernel (CPU, fp32, one thread)."""
         return (
             self.device == "cpu" and self.dtype == self._torch.float32 and self._torch.get_num_threads() == 1
         )
-
-    def _keep_bytes(self) -> int:
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return max(KEEP_MIN, int(KEEP_SHARE * weights))
 
     def _check_reuse(self, ids, reuse, kept, idx) -> bool:
         """Once per backend: continuing a kept KV cache must give the next-token log-probs of a
@@ -225,13 +236,11 @@ class HFBackend:
                 full = self.model(**self._pad([seq]), logits_to_keep=1).logits[:, -1].float()
                 cache, past_mask, past_lens = kept.state([reuse[i]], self.model.config, self.device)
                 new = torch.ones((1, len(seq) - n), dtype=past_mask.dtype, device=self.device)
-                res = self.model(
-                    input_ids=torch.tensor([seq[n:]], device=self.device),
-                    attention_mask=torch.cat([past_mask, new], 1),
-                    position_ids=past_lens[:, None] + new.cumsum(1) - 1,
-                    logits_to_keep=1,
-                    use_cache=True,
-                    **{self._cache_kw: cache},
+                res, _ = self._forward(
+                    torch.tensor([seq[n:]], device=self.device),
+                    torch.cat([past_mask, new], 1),
+                    past_lens[:, None] + new.cumsum(1) - 1,
+                    cache,
                 )
         except Exception as e:  # noqa: BLE001 - any failure means: prefill in full
             _warn(f"reusing the KV cache across calls failed on this model ({type(e).__name__}: {e})")
@@ -303,15 +312,7 @@ class HFBackend:
             cache, past_mask, past_lens = past
             pos, lens = pos + past_lens[:, None], lens + past_lens[:, None]
             mask = torch.cat([past_mask, mask], dim=1)
-        res = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=True,
-            logits_to_keep=1,
-            **({self._cache_kw: cache} if cache is not None else {}),
-        )
-        cache = getattr(res, "cache", None) or res.past_key_values
+        res, cache = self._forward(ids, mask, pos, cache)
         _preallocate(cache, max_new_tokens)
         store, prompts = keep if keep is not None else (None, None)
         if store is not None and not store.can_keep(cache):
@@ -536,18 +537,8 @@ class HFBackend:
             pos = past_lens[:, None] + (new_mask.cumsum(1) - 1).clamp(min=0)
             lens = past_lens + new_mask.sum(1)
         with torch.inference_mode():
-            res = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: cache},
-            )
+            res, new_cache = self._forward(ids, mask, pos, cache)
         lp = torch.log_softmax(res.logits[:, -1, :].float(), dim=-1)[:, torch.tensor(opt, device=self.device)]
-        new_cache = getattr(res, "cache", None)
-        if new_cache is None:
-            new_cache = res.past_key_values
         return (new_cache, mask, lens), lp
 
     def _check_prefix_path(self, ids, opt) -> bool:
