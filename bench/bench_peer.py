@@ -409,14 +409,17 @@ def main():
         "forward "
         "(one forward per step per stage, finished rows leave the batch; at batch 16 a step costs little "
         "more than "
-        f"at batch 1 because fp32 decoding here is bound by reading the weights, see RESULTS-roofline.md); "
+        f"at batch 1 because decoding here is bound by reading the weights, see RESULTS-roofline.md); "
         f"(3) **early stop**: cai skipped {n - revised_cai} of {n} revisions whose critique found nothing "
         "to fix "
         f"(the peer's 'no critique needed' check skipped {n - revised_peer}); (4) against cai: its time "
         "includes "
         "process start, imports, model load and the judge on every revised pair, which the peer does not "
         "do; (5) **prefix reuse**: a critique prompt repeats the conversation and the response, whose KV "
-        "cache cai keeps from the stage before, so that part is not computed again."
+        "cache cai keeps from the stage before, so that part is not computed again; (6) **the decode "
+        "kernel**: cai's decode steps multiply by the weights in the GGUF file's own 4/8-bit blocks "
+        "(cai/backends/rowkernel.py: 96 MB read per step instead of 538 MB of fp32, expanded in registers "
+        "to the same fp32 values), where the peer's pipeline streams the fp32 weights through torch."
     )
     say("")
     need = peer["cpu"] / 8

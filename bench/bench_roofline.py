@@ -4,8 +4,8 @@ of it, and where the wall time goes.
 In one process, one run:
   1. the fp32 matmul peak: torch.mm on 2048x2048 fp32 matrices with the thread count cai uses,
      in GFLOP per wall second and per CPU-second (the second is steadier on a shared machine);
-  2. the model's linear layers alone at batch 16/32/64 rows (one decode step's matmuls on the real
-     weights): the most a batch-16 decode step could reach here;
+  2. the model's linear layers alone at 1/15/16/32/64 rows (one decode step's matmuls on the real
+     weights, through cai's rowkernel where it runs, and torch's x @ W.T at 16 rows beside it);
   3. `cai generate` (run_generate, the CLI's code path, with the backend loaded beforehand) on the
      shipped prompts with forward hooks on the model and timers on the backend, split into:
      model load, tokenisation, prefill forwards, decode forwards, the decode loop's Python between
@@ -64,10 +64,12 @@ def gemm_peak(seconds=3.0, n=2048):
     return f / w / 1e9, f / c / 1e9
 
 
-def linears_only(model, rows=(1, 15, 16, "16 plain", 32, 64), reps=3):
+def linears_only(model, packed_bytes=None, rows=(1, 15, 16, "16 torch", 32, 64), reps=3):
     """One decode step's matmuls (every nn.Linear of the model, in order) on the real weights, as
-    cai runs them (cai.backends.hf.route_small_linears); "16 plain": torch's own x @ W.T at 16
-    rows, for comparison. 1 row is a matrix-vector product: how fast the weights can stream."""
+    cai runs them (cai.backends.rowkernel for 1-16 rows where it is installed, else
+    cai.backends.hf.route_small_linears; torch above 16 rows); "16 torch": torch's own x @ W.T
+    on the fp32 weights at 16 rows, for comparison. GB/CPU-s: the bytes of weights each path
+    reads (the packed ones for rowkernel) per CPU-second."""
     import torch
     import torch.nn.functional as F
 
@@ -77,16 +79,18 @@ def linears_only(model, rows=(1, 15, 16, "16 plain", 32, 64), reps=3):
     with torch.inference_mode():
         for key in rows:
             M = int(str(key).split()[0])
+            plain = key == "16 torch"
+            nbytes = packed_bytes if packed_bytes and M <= 16 and not plain else 4 * n
             xs = {d: torch.randn(M, d) for d in {m.in_features for m in lins}}
             best = None
             for _ in range(reps):
                 t = clock()
                 for m in lins:
                     x = xs[m.in_features]
-                    F.linear(x, m.weight, m.bias) if key == "16 plain" else m(x)
+                    F.linear(x, m.weight, m.bias) if plain else m(x)
                 w, c = since(t)
                 best = (w, c) if best is None or c < best[1] else best
-            out[key] = (2 * M * n / best[0] / 1e9, 2 * M * n / best[1] / 1e9, n * 4 / best[1] / 1e9)
+            out[key] = (2 * M * n / best[0] / 1e9, 2 * M * n / best[1] / 1e9, nbytes / best[1] / 1e9)
     return out
 
 
@@ -281,7 +285,11 @@ def main():
     t = clock()
     backend = HFBackend(None, batch_size=a.batch_size, threads=threads)
     load_w, load_c = since(t)
-    lin = linears_only(backend.model)
+    rk = backend.row_kernel  # cai.backends.rowkernel.install's summary, or None
+    # packed bytes actually read per step (tied lm_head/embeddings counted once, as stored)
+    lin = linears_only(
+        backend.model, rk and rk["packed_bytes"] + (lin_params(backend.model) * 4 - rk["fp32_bytes"])
+    )
     for M, (w, c, bw) in lin.items():
         print(
             f"linear layers only, {M} row(s): {w:.1f} GFLOP/s wall, {c:.1f} GFLOP/CPU-s "
@@ -354,7 +362,9 @@ def main():
     say("|---|---|---|---|")
     say(f"| fp32 GEMM peak, torch.mm 2048², {threads} thread(s) | {peak_w:.1f} | {peak_c:.1f} | 100% |")
     for M, (w, c, bw) in lin.items():
-        how = " (torch's x @ W.T)" if M == "16 plain" else ""
+        how = (
+            " (torch's x @ W.T, fp32 weights)" if M == "16 torch" else (" (cai's kernel)" if M == 16 else "")
+        )
         say(
             f"| the model's linear layers alone, {M.split()[0] if isinstance(M, str) else M} row(s){how} "
             f"(weights streamed at {bw:.1f} GB/CPU-s) | {w:.1f} "
@@ -404,7 +414,7 @@ def main():
     say("## Reading (computed from the tables above)")
     say("")
     frac16 = 100 * b16[1] / peak_c if prof.b16[1] else 0.0
-    lin16, lin1, plain16 = lin[16], lin[1], lin["16 plain"]
+    lin16, plain16 = lin[16], lin["16 torch"]
     if prof.b16[1]:
         say(
             f"- Goal: decode at batch 16 >= 50% of the fp32 peak. **Measured: {frac16:.0f}% per CPU-second "
@@ -415,18 +425,30 @@ def main():
             "- Goal: decode at batch 16 >= 50% of the fp32 peak: no decode step ran at batch 16 "
             "(fewer prompts)."
         )
-    say(
-        f"- Why: a batch-16 decode step multiplies 16 rows by every weight, so it is bound by streaming the "
-        f"{4 * lin_params(backend.model) / 1e6:.0f} MB of fp32 weights, not by arithmetic. The linear layers "
-        f"alone reach {100 * lin16[1] / peak_c:.0f}% of the peak at 16 rows with the kernel cai uses "
-        f"(weights read at {lin16[2]:.1f} GB/CPU-s; torch's own x @ W.T: {100 * plain16[1] / peak_c:.0f}%, "
-        f"{plain16[2]:.1f} GB/CPU-s), and {100 * lin[64][1] / peak_c:.0f}% at 64 rows. A matrix-vector "
-        f"product (1 row) streams the same weights at {lin1[2]:.1f} GB/CPU-s: a 16-row kernel that streamed "
-        f"as fast would reach {min(100.0, 100 * 16 * 2 * lin1[2] / 4 / peak_c):.0f}% of the peak; the "
-        "kernels tried for 16 rows (torch's x @ W.T and W @ x.T, MKL- and oneDNN-prepacked weights) stream "
-        "5-8 GB/CPU-s. The rest of a decode step is attention over the KV cache (another stream from "
-        "memory), norms and activations."
-    )
+    fp32_mb = 4 * lin_params(backend.model) / 1e6
+    if rk:
+        say(
+            f"- How: a batch-16 decode step reads every weight once for its 16 rows. As fp32 that is "
+            f"{fp32_mb:.0f} MB per step, and torch's x @ W.T reaches {100 * plain16[1] / peak_c:.0f}% of the "
+            f"peak at 16 rows (weights read at {plain16[2]:.1f} GB/CPU-s): streaming bound. cai's rowkernel "
+            f"reads the weights in the form the model file stores them ({rk['packed_bytes'] / 1e6:.0f} MB of "
+            f"packed blocks: {', '.join(f'{k} x{v}' for k, v in sorted(rk['formats'].items()))} layers) and "
+            "expands them in registers to the same fp32 values; products and sums are fp32. The linear "
+            f"layers alone then reach {100 * lin16[1] / peak_c:.0f}% of the peak at 16 rows "
+            f"({lin16[1] / plain16[1]:.2f}x torch) and {100 * lin[64][1] / peak_c:.0f}% at 64 rows "
+            "(torch, fp32). The rest of a decode step is attention over the KV cache, norms, activations "
+            "and the Python between layers."
+        )
+    else:
+        from cai.backends import rowkernel
+
+        say(
+            f"- Why: cai's rowkernel is not in use here ({rowkernel.why_not}), so a batch-16 decode step "
+            f"streams the {fp32_mb:.0f} MB of fp32 weights: the linear layers alone reach "
+            f"{100 * lin16[1] / peak_c:.0f}% of the peak at 16 rows (weights read at {lin16[2]:.1f} "
+            f"GB/CPU-s; torch's own x @ W.T: {100 * plain16[1] / peak_c:.0f}%) and "
+            f"{100 * lin[64][1] / peak_c:.0f}% at 64 rows."
+        )
     say(
         f"- Prefill and the judge run at {100 * pf[1] / peak_c:.0f}% and {100 * jd[1] / peak_c:.0f}% of the "
         "peak (large matmuls)."

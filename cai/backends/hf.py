@@ -92,12 +92,18 @@ class HFBackend:
         self.model.to(self.device).eval()
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._keep_budget = max(KEEP_MIN, int(KEEP_SHARE * weights))  # see KEEP_SHARE
+        self.row_kernel: dict | None = None  # set below where rowkernel runs the decode steps
         if self.device == "cpu":
             self.threads = pick_threads(threads)
             if self.threads != torch.get_num_threads():
                 torch.set_num_threads(self.threads)
             if self.dtype == torch.float32:
+                from cai.backends import rowkernel
+                from cai.models import fingerprint
+
                 route_small_linears(self.model)
+                # decode steps from the weights' own Q4_1/Q8_0/bf16 form (rowkernel.py)
+                self.row_kernel = rowkernel.install(self.model, fingerprint(path))
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"  # keep the end of long conversations
         if self.tok.pad_token is None:
@@ -129,7 +135,19 @@ class HFBackend:
             "device": self.device,
             "dtype": str(self.dtype).replace("torch.", ""),
             "batch_size": self.batch_size,
+            "decode_kernel": self._kernel_name(),
         }
+
+    def _kernel_name(self) -> str:
+        """Which kernel multiplies a decode step's rows by the weights (for provenance)."""
+        if self.device != "cpu":
+            return "torch"
+        if self.row_kernel:
+            f = ", ".join(f"{k} x{v}" for k, v in sorted(self.row_kernel["formats"].items()))
+            return f"cai rowkernel ({f} layers; fp32 arithmetic)"
+        from cai.backends import rowkernel
+
+        return f"torch (cai rowkernel: {rowkernel.why_not})" if rowkernel.why_not else "torch"
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, cut from the left to max_input_tokens (the end of a prompt matters most)."""
@@ -218,7 +236,10 @@ class HFBackend:
         return res, (res.past_key_values if new is None else new)
 
     def _routed(self) -> bool:
-        """Whether decode steps run through route_small_linears' kernel (CPU, fp32, one thread)."""
+        """Whether decode steps run through a kernel whose cost falls with the rows it gets
+        (rowkernel, or route_small_linears' with one CPU thread), so finished rows should leave."""
+        if self.row_kernel:
+            return True
         return (
             self.device == "cpu" and self.dtype == self._torch.float32 and self._torch.get_num_threads() == 1
         )

@@ -1,0 +1,331 @@
+"""Decode steps on the CPU from the weights' own low-bit form (rowkernel.c).
+
+A decode step of a batch multiplies a few rows (one per sequence still going) by every weight
+matrix of the model, so its time is the time to read the weights, not arithmetic. The embedded
+default model ships as a GGUF file of 4-bit (Q4_1) and 8-bit (Q8_0) blocks; transformers
+expands it to fp32, four to six times the bytes, and torch then streams 538 MB per step.
+
+Here each nn.Linear's fp32 weight is checked for the exact structure it came from: every block
+of 32 values equal to fp32 ``d * q + m`` (Q4_1, 4-bit q, fp16 d and m), ``d * q`` (Q8_0) or a
+bf16 value. Where every block matches, the layer keeps a packed copy (96 MB for the default
+model instead of 538) and 1-16-row inputs go through rowkernel.c, which expands the packed
+values to exactly the same fp32 weights in registers and multiplies in fp32. Larger inputs
+(prefill, the judge, training) and layers that match no format keep torch's fp32 path. Nothing
+is approximated: the weights are the same numbers, only the order of the fp32 sums differs,
+as between any two matmul kernels.
+
+The kernel is C with AVX-512 intrinsics, compiled once per machine with the system's ``cc``
+into ``$CAI_CACHE/kernels`` (about a second); packed weights are cached under
+``$CAI_CACHE/packed`` by the model's fingerprint. Without a compiler, AVX-512 or Linux, or with
+``CAI_ROW_KERNEL=0``, everything runs as before. Each install checks the kernel against torch
+on one layer of every format it uses before any layer switches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+FORMATS = {1: "q4_1", 2: "q8_0", 3: "bf16"}
+LAYOUT_VERSION = 1  # of the packed layout; part of the cache key
+MAX_ROWS = 16
+CACHE_MAX_BYTES = 2**30  # larger packed models are packed again at each load, not kept on disk
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+_CPU_FLAGS = {"avx512f", "avx512bw", "fma", "f16c"}
+_SOURCE = Path(__file__).with_name("rowkernel.c")
+
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+why_not: str | None = None  # why library() is None, for describe() and the bench
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None where it cannot run here (see why_not)."""
+    global _lib, why_not
+    if _lib is not False:
+        return _lib
+    _lib, why_not = None, _unsupported()
+    if why_not is None:
+        try:
+            _lib = _load(_build())
+        except (OSError, subprocess.SubprocessError) as e:
+            why_not = f"could not build {_SOURCE.name}: {str(e).strip().splitlines()[-1][:200]}"
+    return _lib
+
+
+def _unsupported() -> str | None:
+    if os.environ.get("CAI_ROW_KERNEL", "1") == "0":
+        return "off (CAI_ROW_KERNEL=0)"
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux on x86-64 (this is {sys.platform} {platform.machine()})"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return "cannot read /proc/cpuinfo"
+    missing = _CPU_FLAGS - flags
+    return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
+
+
+def _build() -> Path:
+    from cai.models import cache_dir
+
+    cc = os.environ.get("CC", "cc")
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"rowkernel-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    r = subprocess.run(
+        [cc, *FLAGS, "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise OSError(r.stderr or f"{cc} exited with {r.returncode}")
+    os.replace(tmp, out)  # atomic: a concurrent build never leaves half a library
+    return out
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.cai_rows.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+    lib.cai_rows.restype = ctypes.c_int
+    lib.cai_panel_bytes.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.cai_panel_bytes.restype = ctypes.c_long
+    return lib
+
+
+# -- finding the exact format of a weight and packing it ------------------------------------
+
+
+def _fp16_near(d, steps=(0, -1, 1, -2, 2)):
+    """fp16 values at and next to d (d >= 0), as fp32: the candidates for a block's scale."""
+    import numpy as np
+
+    u = d.astype(np.float16).view(np.uint16).astype(np.int32)
+    for s in steps:
+        yield np.clip(u + s, 0, 0x7BFF).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _blocks(B, q_range, shift):
+    """Per block of 32 values (rows of B), an fp16 scale d and integers q in q_range with
+    fp32 ``d * q + shift`` equal to the values bit for bit (two roundings, as gguf-py
+    dequantises); None unless every block has one."""
+    import numpy as np
+
+    lo, hi = q_range
+    span = (B.max(-1) - shift) if lo == 0 else np.abs(B).max(-1)
+    d0 = span / np.float32(hi)
+    D = np.zeros_like(d0)
+    Q = np.zeros(B.shape, np.int8 if lo < 0 else np.uint8)
+    ok = np.zeros(d0.shape, bool)
+    s = shift[..., None] if lo == 0 else np.float32(0)
+    for d in _fp16_near(d0):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint((B - s) / d[..., None])
+        q = np.clip(np.nan_to_num(np.where(d[..., None] > 0, q, 0)), lo, hi).astype(Q.dtype)
+        rec = d[..., None] * q.astype(np.float32)
+        if lo == 0:
+            rec = rec + s
+        good = (rec == B).all(-1) & ~ok
+        D[good], Q[good] = d[good], q[good]
+        ok |= good
+        if ok.all():
+            return D, Q
+    return None
+
+
+def _panels(a, P):
+    """[rows, ...] per-row fp16 values -> [P, blocks, 16 * size] with each panel's 16 rows together."""
+    return a.reshape(P, 16, a.shape[1]).transpose(0, 2, 1).copy()
+
+
+def pack(W, chunk: int = 4096):
+    """(format, packed uint8 array) for an fp32 weight [N, K] whose every block is exact in one
+    of FORMATS (tried in that order), else None."""
+    import numpy as np
+
+    N, K = W.shape
+    if N % 16 or K % 32 or W.dtype != np.float32:
+        return None
+    nb = K // 32
+    for fmt in FORMATS:
+        parts = []
+        for s in range(0, N, chunk):
+            Wc = W[s : s + chunk]
+            R = Wc.shape[0]
+            P = R // 16
+            B = Wc.reshape(R, nb, 32)
+            if fmt == 1:  # Q4_1: d[16] fp16, m[16] fp16, per k 8 bytes of two nibbles
+                m = B.min(-1)
+                if not np.array_equal(m.astype(np.float16).astype(np.float32), m):
+                    break
+                r = _blocks(B, (0, 15), m)
+                if r is None:
+                    break
+                d, q = r
+                q = q.reshape(P, 16, nb, 32).transpose(0, 2, 3, 1)  # panel, block, k, row
+                nib = (q[..., :8] | (q[..., 8:] << 4)).reshape(P, nb, 256)
+                dd = _panels(d.astype(np.float16), P).view(np.uint8)
+                mm = _panels(m.astype(np.float16), P).view(np.uint8)
+                parts.append(np.concatenate([dd, mm, nib], -1).reshape(P, -1))
+            elif fmt == 2:  # Q8_0: d[16] fp16, per k 16 int8
+                r = _blocks(B, (-127, 127), None)
+                if r is None:
+                    break
+                d, q = r
+                q = q.reshape(P, 16, nb, 32).transpose(0, 2, 3, 1).reshape(P, nb, 512).view(np.uint8)
+                dd = _panels(d.astype(np.float16), P).view(np.uint8)
+                parts.append(np.concatenate([dd, q], -1).reshape(P, -1))
+            else:  # BF16: per k 16 bf16
+                u = Wc.view(np.uint32)
+                if (u & 0xFFFF).any():
+                    break
+                h = (u >> 16).astype(np.uint16).reshape(P, 16, K).transpose(0, 2, 1)
+                parts.append(np.ascontiguousarray(h).view(np.uint8).reshape(P, -1))
+        else:
+            return fmt, np.ascontiguousarray(np.concatenate(parts))
+    return None
+
+
+# -- the model's layers ---------------------------------------------------------------------
+
+
+def _linears(model):
+    import torch
+
+    return [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+
+
+def packed_weights(model, fingerprint: str | None = None) -> dict:
+    """{layer name: (format, packed array)} for the model's packable nn.Linear layers, from
+    ``$CAI_CACHE/packed`` when this fingerprint was packed before."""
+    import numpy as np
+
+    from cai.models import cache_dir
+
+    path = cache_dir() / "packed" / f"{fingerprint}-v{LAYOUT_VERSION}.safetensors" if fingerprint else None
+    if path is not None and path.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "np") as f:
+                meta = f.metadata() or {}
+                return {k: (int(meta[k]), f.get_tensor(k)) for k in f.keys()}
+        except Exception:  # a damaged cache file is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    out, seen = {}, {}
+    for name, m in _linears(model):
+        w = m.weight.detach()
+        key = (w.data_ptr(), tuple(w.shape))
+        if key not in seen:  # tied weights (lm_head = embeddings) are packed once
+            seen[key] = pack(np.ascontiguousarray(w.float().numpy())) if w.device.type == "cpu" else None
+        if seen[key] is not None:
+            out[name] = seen[key]
+    if out:
+        mb = sum({id(v[1]): v[1].nbytes for v in out.values()}.values()) / 1e6
+        print(f"cai: packed {len(out)} layers ({mb:.0f} MB) for the CPU decode kernel", file=sys.stderr)
+    if path is not None and out and sum(v[1].nbytes for v in out.values()) <= CACHE_MAX_BYTES:
+        from safetensors.numpy import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_file(
+            {k: v[1] for k, v in out.items()}, str(tmp), metadata={k: str(v[0]) for k, v in out.items()}
+        )
+        os.replace(tmp, path)
+    return out
+
+
+def install(model, fingerprint: str | None = None) -> dict | None:
+    """Route the model's packable nn.Linear layers' 1-16-row inputs through the kernel. Returns
+    what it did ({"layers", "formats", "packed_bytes", "fp32_bytes"}) or None (see why_not)."""
+    global why_not
+    import torch
+    import torch.nn.functional as F
+
+    lib = library()
+    if lib is None:
+        return None
+    why_not = None
+    packs = packed_weights(model, fingerprint)
+    layers = {n: m for n, m in _linears(model) if n in packs}
+    if not layers:
+        why_not = "no layer's weights are exactly Q4_1, Q8_0 or bf16 values"
+        return None
+
+    def rows(fmt, packed, x2, bias, out_features, threads):
+        n, k = x2.shape
+        y = torch.empty(n, out_features)
+        b = bias.data_ptr() if bias is not None else None
+        xt = torch.empty(MAX_ROWS * k)  # x transposed; per call, as callers may be threads
+        rc = lib.cai_rows(
+            fmt,
+            x2.data_ptr(),
+            packed.ctypes.data,
+            b,
+            y.data_ptr(),
+            n,
+            out_features,
+            k,
+            threads,
+            xt.data_ptr(),
+        )
+        if rc:
+            raise RuntimeError(f"rowkernel refused a {n}x{k} input for a {out_features}-row weight")
+        return y
+
+    # The kernel against torch, on one layer of each format and an odd row count, before any
+    # layer switches: a miscompiled kernel or a wrong packing must never reach a generation.
+    gen = torch.Generator().manual_seed(0)
+    for fmt in sorted({p[0] for p in packs.values()}):
+        name = next(n for n in layers if packs[n][0] == fmt)
+        m = layers[name]
+        x = torch.randn(5, m.in_features, generator=gen)
+        with torch.no_grad():
+            want = F.linear(x, m.weight.float(), m.bias)
+            got = rows(fmt, packs[name][1], x, m.bias, m.out_features, torch.get_num_threads())
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            why_not = f"the kernel disagreed with torch on {name} ({FORMATS[fmt]}); not used"
+            return None
+
+    def forward(self, x):
+        n = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
+        if (
+            not 1 <= n <= MAX_ROWS
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            return self._cai_fallback(x)
+        y = rows(
+            *self._cai_packed,
+            x.reshape(n, -1).contiguous(),
+            self.bias,
+            self.out_features,
+            torch.get_num_threads(),
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
+    for name, m in layers.items():
+        m._cai_fallback = m.forward  # route_small_linears' or nn.Linear's own
+        m._cai_packed = packs[name]
+        m.forward = forward.__get__(m)
+    formats: dict[str, int] = {}
+    for name in layers:
+        formats[FORMATS[packs[name][0]]] = formats.get(FORMATS[packs[name][0]], 0) + 1
+    unique = {id(p[1]): p[1] for p in packs.values()}.values()
+    return {
+        "layers": len(layers),
+        "formats": formats,
+        "packed_bytes": sum(a.nbytes for a in unique),
+        "fp32_bytes": sum({m.weight.data_ptr(): m.weight.numel() * 4 for m in layers.values()}.values()),
+    }

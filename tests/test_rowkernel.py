@@ -1,0 +1,175 @@
+"""cai.backends.rowkernel: decode-step linear layers from the weights' exact Q4_1/Q8_0/bf16 form.
+
+The kernel is real C built with the machine's compiler; where it cannot run (no AVX-512, no
+compiler) these tests skip and the backend keeps torch's path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _kernel():
+    from cai.backends import rowkernel
+
+    if rowkernel.library() is None:
+        pytest.skip(f"rowkernel does not run here: {rowkernel.why_not}")
+    return rowkernel
+
+
+def _exact(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """fp32 weights whose values are exactly those of a Q4_1/Q8_0 GGUF tensor or of bf16."""
+    import gguf.quants as q
+    import torch
+    from gguf import GGMLQuantizationType as T
+
+    w = np.random.default_rng(seed).normal(0, 0.5, (n, k)).astype(np.float32)
+    if kind == "bf16":
+        return torch.from_numpy(w).bfloat16().float().numpy()
+    t = {"q4_1": T.Q4_1, "q8_0": T.Q8_0}[kind]
+    return q.dequantize(q.quantize(w, t), t).reshape(n, k).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bf16"])
+def test_pack_finds_the_exact_format(kind):
+    from cai.backends.rowkernel import FORMATS, pack
+
+    w = _exact(kind, 48, 96)
+    fmt, packed = pack(w)
+    assert FORMATS[fmt] == kind
+    per_weight = {"q4_1": 20 / 32, "q8_0": 34 / 32, "bf16": 2}[kind]
+    assert packed.nbytes == pytest.approx(w.size * per_weight)
+
+
+def test_pack_refuses_what_it_cannot_reproduce():
+    from cai.backends.rowkernel import pack
+
+    rng = np.random.default_rng(0)
+    assert pack(rng.normal(size=(32, 64)).astype(np.float32)) is None  # plain fp32
+    assert pack(_exact("q4_1", 40, 64)[:, :48].copy()) is None  # 48 inputs: not whole blocks
+    assert pack(_exact("bf16", 24, 64)) is None  # 24 outputs: not whole panels of 16
+    w = _exact("q4_1", 32, 64)
+    w[3, 5] = np.nextafter(w[3, 5], np.float32(9))  # one value off by one ulp
+    got = pack(w)
+    assert got is None or got[0] != 1  # never packed as Q4_1 (it may still be exact bf16)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bf16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_torch_for_every_row_count(kind, threads):
+    import torch
+    import torch.nn.functional as F
+
+    rk = _kernel()
+    w = _exact(kind, 64, 96, seed=1)
+    fmt, packed = rk.pack(w)
+    lin = torch.nn.Linear(96, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert rk.install(lin) is not None
+        for rows in [1, 2, 3, 5, 8, 11, 12, 13, 16]:
+            x = torch.randn(rows, 96)
+            with torch.no_grad():
+                got, want = lin(x), F.linear(x, lin.weight, lin.bias)
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), rows
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_install_routes_only_small_inference_inputs():
+    import torch
+    import torch.nn.functional as F
+
+    rk = _kernel()
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 48))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(_exact("q8_0", 32, 64)))
+        net[1].weight.copy_(torch.from_numpy(_exact("bf16", 48, 32)))
+    info = rk.install(net)
+    assert info["layers"] == 2 and info["formats"] == {"q8_0": 1, "bf16": 1}
+    assert info["packed_bytes"] < info["fp32_bytes"]
+
+    lib = rk.library()
+    calls, fn = [], lib.cai_rows
+    lib.cai_rows = lambda *a: calls.append(a[5]) or fn(*a)  # a[5]: the row count
+    try:
+        with torch.no_grad():
+            for shape in [(3, 64), (2, 1, 64), (16, 64), (17, 64), (4, 40, 64)]:
+                x = torch.randn(*shape)
+                ref = F.linear(F.linear(x, net[0].weight), net[1].weight, net[1].bias)
+                assert torch.allclose(net(x), ref, rtol=1e-5, atol=1e-5), shape
+        assert calls == [3, 3, 2, 2, 16, 16]  # 17 and 160 rows stay with torch
+        calls.clear()
+        x = torch.randn(4, 64, requires_grad=True)  # a training step keeps torch's path
+        net(x).sum().backward()
+        assert calls == [] and x.grad is not None and net[0].weight.grad is not None
+    finally:
+        lib.cai_rows = fn
+
+
+def test_packed_weights_are_cached_by_fingerprint(tmp_path, monkeypatch, capsys):
+    import torch
+
+    rk = _kernel()
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(_exact("q4_1", 32, 64)))
+    first = rk.packed_weights(net, "abc123")
+    assert "packed 1 layers" in capsys.readouterr().err
+    files = list((tmp_path / "packed").glob("abc123-*.safetensors"))
+    assert len(files) == 1
+    again = rk.packed_weights(net, "abc123")
+    assert "packed" not in capsys.readouterr().err
+    assert again.keys() == first.keys() == {"0"}
+    assert again["0"][0] == first["0"][0] == 1
+    assert np.array_equal(again["0"][1], first["0"][1])
+    files[0].write_bytes(b"damaged")  # a damaged cache file is rebuilt, not trusted
+    assert np.array_equal(rk.packed_weights(net, "abc123")["0"][1], first["0"][1])
+
+
+@pytest.fixture(scope="module")
+def q4_model(tmp_path_factory, tiny_model):
+    """The tiny random Llama with lively weights that are exact Q4_1 values, as the embedded
+    GGUF model's are."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("q4-llm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if p.dim() == 2:
+                w = _exact("q4_1", *p.shape, seed=i) if p.shape[1] % 32 == 0 else p.numpy()
+                p.copy_(torch.from_numpy(w))
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def test_backend_decodes_through_the_kernel_with_the_same_tokens(q4_model, monkeypatch, tmp_path):
+    _kernel()
+    from cai.backends.hf import HFBackend
+
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    convs = [
+        [{"role": "user", "content": f"Tell me about {t}"}] for t in ["tides", "bread", "a long road", "x"]
+    ]
+    on = HFBackend(str(q4_model), batch_size=4)
+    assert on.row_kernel and on.row_kernel["formats"]["q4_1"] >= 1
+    assert on.describe()["decode_kernel"].startswith("cai rowkernel")
+    with_kernel = on.generate(convs, max_new_tokens=12)
+
+    monkeypatch.setenv("CAI_ROW_KERNEL", "0")
+    from cai.backends import rowkernel
+
+    monkeypatch.setattr(rowkernel, "_lib", False)  # forget the loaded library for this backend
+    off = HFBackend(str(q4_model), batch_size=4)
+    assert off.row_kernel is None and "CAI_ROW_KERNEL=0" in off.describe()["decode_kernel"]
+    without = off.generate(convs, max_new_tokens=12)
+    assert [g.text for g in with_kernel] == [g.text for g in without]
+    assert len({g.text for g in with_kernel}) > 1
