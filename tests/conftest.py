@@ -18,6 +18,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # instead of spinning while they wait: on a shared 2-core machine a spinning thread starves its
 # partner (llama.cpp decoding measured 2.5 vs 29 tokens/s). See cai/backends/llamacpp.py.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# The hf backend's one-time path checks run in every test (their cached verdicts would skip them;
+# tests/test_hf_decode.py covers the cache itself).
+os.environ["CAI_CHECK_CACHE"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -139,3 +139,30 @@ def test_kept_sequences_match_by_longest_prefix():
     assert cache.layers[0].keys[0, 0, :, 0].tolist() == pytest.approx(
         [float(x) for x in range(40 - len(b), 40)]
     )
+
+
+def test_path_check_verdicts_are_remembered_per_model_and_code(lively_model, monkeypatch, tmp_path):
+    import json
+
+    from cai.backends.hf import HFBackend
+
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    monkeypatch.setenv("CAI_CHECK_CACHE", "1")
+    b = HFBackend(str(lively_model), batch_size=4)
+    runs = []
+    real = b._check_decode_path
+    b._check_decode_path = lambda enc: runs.append(1) or real(enc)
+    b.generate(_prompts(3), max_new_tokens=4)
+    assert runs == [1] and b._decode_ok is True
+    saved = json.loads((tmp_path / "checks.json").read_text())
+    assert list(saved.values()) == [{"decode": True}]
+
+    again = HFBackend(str(lively_model), batch_size=4)  # a new process would start like this
+    again._check_decode_path = lambda enc: runs.append(2) or real(enc)
+    again.generate(_prompts(3), max_new_tokens=4)
+    assert runs == [1] and again._decode_ok is True  # the verdict came from the cache
+
+    other = HFBackend(str(lively_model), batch_size=4, share_prefix=False)  # other settings: checked
+    other._check_decode_path = lambda enc: runs.append(3) or real(enc)
+    other.generate(_prompts(3), max_new_tokens=4)
+    assert runs == [1, 3] and len(json.loads((tmp_path / "checks.json").read_text())) == 2

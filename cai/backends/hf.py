@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import sys
 import time
@@ -109,6 +110,7 @@ class HFBackend:
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self._torch = torch
+        self._check_key = self._checks_key(path)
         params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed past_key_values -> cache
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -194,11 +196,11 @@ class HFBackend:
                 # Seeded per (seed, batch): identical reruns with the same batch size reproduce.
                 torch.manual_seed((seed or 0) * 1_000_003 + b)
             if self._decode_ok is None:
-                self._decode_ok = self._check_decode_path(enc)
+                self._decode_ok = self._checked("decode", lambda: self._check_decode_path(enc))
             past = None
             if any(reuse[i][0] for i in idx):
                 if self._reuse_ok is None:
-                    self._reuse_ok = self._check_reuse(ids, reuse, kept, idx)
+                    self._reuse_ok = self._checked("reuse", lambda: self._check_reuse(ids, reuse, kept, idx))
                 if self._reuse_ok:
                     past = kept.state([reuse[i] for i in idx], self.model.config, self.device)
                 if kept:  # what no later batch continues is not needed any more
@@ -234,6 +236,66 @@ class HFBackend:
         )
         new = getattr(res, "cache", None)
         return res, (res.past_key_values if new is None else new)
+
+    def _checks_key(self, path) -> str | None:
+        """What the one-time path checks' verdicts depend on: the model's weights, cai's backend
+        code, torch, transformers and the settings that pick kernels. None (check in every
+        process) for models without a local folder, or with CAI_CHECK_CACHE=0."""
+        import hashlib
+        import json
+        from pathlib import Path
+
+        import transformers
+
+        from cai import __version__
+        from cai.backends import rowkernel
+        from cai.models import fingerprint
+
+        fp = fingerprint(path)
+        if not fp or os.environ.get("CAI_CHECK_CACHE", "1") == "0":
+            return None
+        h = hashlib.sha256()
+        for f in (__file__, rowkernel.__file__, rowkernel._SOURCE):
+            h.update(Path(f).read_bytes())
+        torch = self._torch
+        h.update(
+            json.dumps(
+                [fp, __version__, torch.__version__, transformers.__version__, self.device, str(self.dtype)]
+                + [torch.get_num_threads(), self._kernel_name(), self.share_prefix]
+            ).encode()
+        )
+        return h.hexdigest()[:32]
+
+    def _checked(self, name: str, run) -> bool:
+        """A one-time path check's verdict: remembered in $CAI_CACHE/checks.json for this model,
+        code and settings (see _checks_key), so each process does not pay for it again."""
+        from cai.models import cache_dir
+
+        path = cache_dir() / "checks.json"
+        key = self._check_key
+        if key:
+            try:
+                seen = json.loads(path.read_text()).get(key, {})
+                if isinstance(seen.get(name), bool):
+                    return seen[name]
+            except (OSError, ValueError, AttributeError):
+                pass
+        ok = bool(run())
+        if key:
+            try:
+                try:
+                    known = json.loads(path.read_text())
+                    known = known if isinstance(known, dict) else {}
+                except (OSError, ValueError):
+                    known = {}
+                known.setdefault(key, {})[name] = ok
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"checks.json.tmp{os.getpid()}")
+                tmp.write_text(json.dumps(known, indent=1))
+                os.replace(tmp, path)  # atomic: readers never see half a file
+            except OSError:
+                pass  # a read-only cache only costs the check again next time
+        return ok
 
     def _routed(self) -> bool:
         """Whether decode steps run through a kernel whose cost falls with the rows it gets
@@ -305,9 +367,10 @@ class HFBackend:
         - one host sync per step (the new tokens come back as one small list),
         - with greedy decoding, finished rows leave the batch (their KV rows are dropped), so
           later steps neither compute them nor read their cache: once a quarter of it has
-          finished where route_small_linears' kernel runs (one CPU thread: its cost is flat from
-          7 to 16 rows). Not at every finished row: each drop copies the whole cache, and a copy
-          per row fragments memory (peak RSS of 16 prompts: 1.44 GB against 1.22 GB, same time).
+          finished where rowkernel runs (its cost steps down with the rows: 16, 12, 8, 4, 2, 1)
+          or route_small_linears' kernel (one CPU thread: its cost is flat from 7 to 16 rows).
+          Not at every finished row: each drop copies the whole cache, and a copy per row
+          fragments memory (peak RSS of 16 prompts: 1.44 GB against 1.22 GB, same time).
           Elsewhere only once at most a quarter is still going, or at once in a batch under 16
           rows: torch's plain fp32 CPU matmul costs ~1.7x more for 15 rows than for 16, so
           dropping one row of 16 would slow every later step. With sampling the batch keeps its
@@ -454,7 +517,7 @@ class HFBackend:
         ids = self._encode([self.render(p) for p in prompts])
         if self.share_prefix and len(ids) > 1:
             if self._prefix_ok is None:
-                self._prefix_ok = self._check_prefix_path(ids, opt)
+                self._prefix_ok = self._checked("prefix", lambda: self._check_prefix_path(ids, opt))
             if self._prefix_ok:
                 self.stats["prompt_tokens"] += sum(len(r) for r in ids)
                 return self._tree_logprobs(ids, opt)
