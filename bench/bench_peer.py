@@ -279,7 +279,12 @@ def main():
         flush=True,
     )
     raw = OUTDIR / "cai-raw.jsonl"
+    from cai.models import cache_dir
+
+    checks = cache_dir() / "checks.json"  # the hf backend's one-time path checks (cai/backends/hf.py)
+    before = checks.read_text() if checks.exists() else ""
     cai = run_cai(n, a.max_new_tokens, threads, raw)
+    warm = bool(before) and (checks.read_text() if checks.exists() else "") == before  # no new verdict
     print(
         f"  {cai['wall']:.1f}s wall, {cai['cpu']:.1f} CPU-s; load {cai['load']} -> {cai['load_after']}\n  "
         f"{cai['line']}",
@@ -419,7 +424,15 @@ def main():
         "cache cai keeps from the stage before, so that part is not computed again; (6) **the decode "
         "kernel**: cai's decode steps multiply by the weights in the GGUF file's own 4/8-bit blocks "
         "(cai/backends/rowkernel.py: 96 MB read per step instead of 538 MB of fp32, expanded in registers "
-        "to the same fp32 values), where the peer's pipeline streams the fp32 weights through torch."
+        "to the same fp32 values), where the peer's pipeline streams the fp32 weights through torch. "
+        + (
+            "The hf backend's one-time path checks (its decode loop, KV reuse and the judge's prefix tree, "
+            "each against the plain path) had verdicts remembered in $CAI_CACHE/checks.json from an "
+            "earlier run on this machine; a model's first run on a machine also runs them (~2 CPU-s)."
+            if warm
+            else "The hf backend's one-time path checks ran in this process (~2 CPU-s; later runs of the "
+            "same model and code on this machine take their verdicts from $CAI_CACHE/checks.json)."
+        )
     )
     say("")
     need = peer["cpu"] / 8

@@ -64,12 +64,13 @@ def gemm_peak(seconds=3.0, n=2048):
     return f / w / 1e9, f / c / 1e9
 
 
-def linears_only(model, packed_bytes=None, rows=(1, 15, 16, "16 torch", 32, 64), reps=3):
+def linears_only(model, packed_bytes=None, rows=("1 torch", 1, 15, 16, "16 torch", 32, 64), reps=3):
     """One decode step's matmuls (every nn.Linear of the model, in order) on the real weights, as
     cai runs them (cai.backends.rowkernel for 1-16 rows where it is installed, else
     cai.backends.hf.route_small_linears; torch above 16 rows); "16 torch": torch's own x @ W.T
-    on the fp32 weights at 16 rows, for comparison. GB/CPU-s: the bytes of weights each path
-    reads (the packed ones for rowkernel) per CPU-second."""
+    on the fp32 weights at 16 rows, for comparison; "1 torch": a matrix-vector product on the
+    fp32 weights, the rate at which this core streams memory. GB/CPU-s: the bytes of weights
+    each path reads (the packed ones for rowkernel) per CPU-second."""
     import torch
     import torch.nn.functional as F
 
@@ -79,7 +80,7 @@ def linears_only(model, packed_bytes=None, rows=(1, 15, 16, "16 torch", 32, 64),
     with torch.inference_mode():
         for key in rows:
             M = int(str(key).split()[0])
-            plain = key == "16 torch"
+            plain = str(key).endswith("torch")
             nbytes = packed_bytes if packed_bytes and M <= 16 and not plain else 4 * n
             xs = {d: torch.randn(M, d) for d in {m.in_features for m in lins}}
             best = None
@@ -116,6 +117,9 @@ class Profile:
         self.real = defaultdict(int)
         self.calls = defaultdict(int)
         self.b16 = [0.0, 0.0, 0.0]  # decode steps at the full batch of 16: flops, wall, cpu
+        self.b16_steps, self.b16_kv = 0, 0  # those steps, and the KV positions their rows attend to
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.kv_bytes_per_pos = 2 * self.layers * kv_heads * self.head_dim * 4  # fp32 K and V, all layers
         self.waste_hf = 0  # row-steps generate() would have computed for finished rows
         self.needed = 0  # decode row-steps the rows actually needed
         self._start = None
@@ -211,6 +215,8 @@ class Profile:
             self.b16[0] += f
             self.b16[1] += w
             self.b16[2] += c
+            self.b16_steps += 1
+            self.b16_kv += B * kv
 
 
 def lin_params(model) -> int:
@@ -362,9 +368,8 @@ def main():
     say("|---|---|---|---|")
     say(f"| fp32 GEMM peak, torch.mm 2048², {threads} thread(s) | {peak_w:.1f} | {peak_c:.1f} | 100% |")
     for M, (w, c, bw) in lin.items():
-        how = (
-            " (torch's x @ W.T, fp32 weights)" if M == "16 torch" else (" (cai's kernel)" if M == 16 else "")
-        )
+        how = " (torch's x @ W.T, fp32 weights)" if str(M).endswith("torch") else ""
+        how += " (cai's kernel)" if M == 16 and rk else ""
         say(
             f"| the model's linear layers alone, {M.split()[0] if isinstance(M, str) else M} row(s){how} "
             f"(weights streamed at {bw:.1f} GB/CPU-s) | {w:.1f} "
@@ -436,8 +441,28 @@ def main():
             "expands them in registers to the same fp32 values; products and sums are fp32. The linear "
             f"layers alone then reach {100 * lin16[1] / peak_c:.0f}% of the peak at 16 rows "
             f"({lin16[1] / plain16[1]:.2f}x torch) and {100 * lin[64][1] / peak_c:.0f}% at 64 rows "
-            "(torch, fp32). The rest of a decode step is attention over the KV cache, norms, activations "
-            "and the Python between layers."
+            "(torch, fp32)."
+        )
+    if prof.b16_steps:
+        step_ms = 1000 * prof.b16[2] / prof.b16_steps
+        lin_ms = 1000 * 2 * 16 * lin_params(backend.model) / 1e9 / lin16[1]
+        kv_mb = prof.b16_kv * prof.kv_bytes_per_pos / prof.b16_steps / 1e6
+        stream = lin["1 torch"][2]
+        kv_ms = kv_mb / 1e3 / stream * 1000
+        floor_ms = 1000 * 2 * 16 * lin_params(backend.model) / 1e9 / peak_c + kv_ms
+        best = 100 * (prof.b16[0] / prof.b16_steps) / 1e9 / (floor_ms / 1000) / peak_c
+        say(
+            f"- Where a batch-16 decode step's {step_ms:.0f} CPU-ms go: its linear layers take "
+            f"~{lin_ms:.0f} ms "
+            f"(from the row above); attention reads the fp32 KV cache, on average {kv_mb:.0f} MB per step "
+            f"(16 rows x {prof.b16_kv / 16 / prof.b16_steps:.0f} positions x {prof.layers} layers, K and V), "
+            f"~{kv_ms:.0f} ms at the rate this core streams memory (a matrix-vector product: {stream:.1f} "
+            f"GB/CPU-s); the remaining ~{max(0.0, step_ms - lin_ms - kv_ms):.0f} ms are norms, rotary "
+            "embeddings, activations, the attention arithmetic and Python between layers. With the "
+            "linear layers at the full peak and nothing else but the KV read, a step would reach "
+            f"~{best:.0f}% "
+            "of the peak: the fp32 KV cache holds the goal close to out of reach for prompts this long "
+            "(a lower-precision KV cache would change the numbers the model computes; cai does not do that)."
         )
     else:
         from cai.backends import rowkernel
