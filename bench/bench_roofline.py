@@ -442,6 +442,12 @@ def main():
             f"layers alone then reach {100 * lin16[1] / peak_c:.0f}% of the peak at 16 rows "
             f"({lin16[1] / plain16[1]:.2f}x torch) and {100 * lin[64][1] / peak_c:.0f}% at 64 rows "
             "(torch, fp32)."
+            + (
+                " Decode attention runs through rowkernel too (each row's fp32 keys and values read once "
+                "for the query heads that share them)."
+                if backend.row_attention
+                else ""
+            )
         )
     if prof.b16_steps:
         step_ms = 1000 * prof.b16[2] / prof.b16_steps
@@ -461,8 +467,8 @@ def main():
             "embeddings, activations, the attention arithmetic and Python between layers. With the "
             "linear layers at the full peak and nothing else but the KV read, a step would reach "
             f"~{best:.0f}% "
-            "of the peak: the fp32 KV cache holds the goal close to out of reach for prompts this long "
-            "(a lower-precision KV cache would change the numbers the model computes; cai does not do that)."
+            "of the peak (a lower-precision KV cache would read less, but change the numbers the model "
+            "computes; cai does not do that)."
         )
     else:
         from cai.backends import rowkernel

@@ -162,6 +162,7 @@ def test_backend_decodes_through_the_kernel_with_the_same_tokens(q4_model, monke
     on = HFBackend(str(q4_model), batch_size=4)
     assert on.row_kernel and on.row_kernel["formats"]["q4_1"] >= 1
     assert on.describe()["decode_kernel"].startswith("cai rowkernel")
+    assert on.row_attention and on.model.config._attn_implementation == "cai_cpu"
     with_kernel = on.generate(convs, max_new_tokens=12)
 
     monkeypatch.setenv("CAI_ROW_KERNEL", "0")
@@ -170,6 +171,55 @@ def test_backend_decodes_through_the_kernel_with_the_same_tokens(q4_model, monke
     monkeypatch.setattr(rowkernel, "_lib", False)  # forget the loaded library for this backend
     off = HFBackend(str(q4_model), batch_size=4)
     assert off.row_kernel is None and "CAI_ROW_KERNEL=0" in off.describe()["decode_kernel"]
+    assert not off.row_attention and off.model.config._attn_implementation == "sdpa"
     without = off.generate(convs, max_new_tokens=12)
     assert [g.text for g in with_kernel] == [g.text for g in without]
     assert len({g.text for g in with_kernel}) > 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_sdpa(threads):
+    """One query per row against a cache view with spare room, grouped heads, left padding."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rk = _kernel()
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=192, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=6, num_key_value_heads=2, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    assert rk.install_attention(model)
+    from transformers import AttentionInterface
+
+    fn = AttentionInterface._global_mapping[rk.ATTENTION]
+
+    class Module:
+        num_key_value_groups = 3
+        is_causal = True
+
+    gen = torch.Generator().manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for L in (1, 15, 16, 17, 100):
+            q = torch.randn(4, 6, 1, 32, generator=gen)
+            k = torch.randn(4, 2, L + 7, 32, generator=gen)[:, :, :L]
+            v = torch.randn(4, 2, L + 7, 32, generator=gen)[:, :, :L]
+            mask = torch.ones(4, 1, 1, L, dtype=torch.bool)
+            mask[1, ..., : L // 2] = False  # a left-padded row
+            for m in (mask, None):
+                with torch.inference_mode():
+                    got, _ = fn(Module, q, k, v, m, scaling=0.3)
+                    want, _ = sdpa_attention_forward(Module, q, k, v, m, scaling=0.3)
+                assert got.shape == want.shape == (4, 1, 6, 32)
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (L, m is None)
+        # two queries per row (prefill) go to SDPA
+        q2 = torch.randn(4, 6, 2, 32, generator=gen)
+        with torch.inference_mode():
+            got, _ = fn(Module, q2, k, v, None, scaling=0.3)
+            want, _ = sdpa_attention_forward(Module, q2, k, v, None, scaling=0.3)
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(old)

@@ -94,6 +94,7 @@ class HFBackend:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._keep_budget = max(KEEP_MIN, int(KEEP_SHARE * weights))  # see KEEP_SHARE
         self.row_kernel: dict | None = None  # set below where rowkernel runs the decode steps
+        self.row_attention = False  # decode attention through rowkernel (set below)
         if self.device == "cpu":
             self.threads = pick_threads(threads)
             if self.threads != torch.get_num_threads():
@@ -105,6 +106,7 @@ class HFBackend:
                 route_small_linears(self.model)
                 # decode steps from the weights' own Q4_1/Q8_0/bf16 form (rowkernel.py)
                 self.row_kernel = rowkernel.install(self.model, fingerprint(path))
+                self.row_attention = rowkernel.install_attention(self.model)
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"  # keep the end of long conversations
         if self.tok.pad_token is None:
@@ -144,12 +146,13 @@ class HFBackend:
         """Which kernel multiplies a decode step's rows by the weights (for provenance)."""
         if self.device != "cpu":
             return "torch"
+        att = "; decode attention: cai rowkernel" if self.row_attention else ""
         if self.row_kernel:
             f = ", ".join(f"{k} x{v}" for k, v in sorted(self.row_kernel["formats"].items()))
-            return f"cai rowkernel ({f} layers; fp32 arithmetic)"
+            return f"cai rowkernel ({f} layers; fp32 arithmetic){att}"
         from cai.backends import rowkernel
 
-        return f"torch (cai rowkernel: {rowkernel.why_not})" if rowkernel.why_not else "torch"
+        return (f"torch (cai rowkernel: {rowkernel.why_not})" if rowkernel.why_not else "torch") + att
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, cut from the left to max_input_tokens (the end of a prompt matters most)."""

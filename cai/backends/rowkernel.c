@@ -17,6 +17,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 enum { Q4_1 = 1, Q8_0 = 2, BF16 = 3 };
@@ -129,4 +130,112 @@ int cai_rows(int fmt, const float *x, const void *Wv, const float *bias, float *
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int j = 0; j < panels; j++) fn(W + pb * j, xt, K, bias, y, M, N, j);
     return 0;
+}
+
+/* ---- decode attention: one new query per row against its fp32 KV cache ----------------------
+ * q [B, H, D] (contiguous), K/V [B, KVH, L, D] with any batch/head strides (positions D apart),
+ * keep [B, L] (1 = attend; NULL = all), out [B, H, D]. Each (row, KV head) reads its keys and
+ * values once for the H / KVH query heads that share them (grouped-query attention); softmax
+ * in fp32 with the maximum subtracted, exp from a degree-6 polynomial (~1 ulp, as torch's
+ * vectorised exp). */
+
+static inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2hi = _mm512_set1_ps(0.693359375f), ln2lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2hi, x);
+    r = _mm512_fnmadd_ps(n, ln2lo, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+#define ATT_MAX_G 8   /* query heads per KV head */
+#define ATT_MAX_D 256
+
+int cai_decode_attention(const float *q, const float *k, const float *v, const uint8_t *keep, float *out,
+                         int B, int H, int KVH, int L, int D, long kb, long kh, long vb, long vh,
+                         float scale, int threads) {
+    int G = KVH > 0 ? H / KVH : 0;
+    if (B < 1 || L < 1 || G < 1 || G * KVH != H || G > ATT_MAX_G || D % 16 || D > ATT_MAX_D) return 1;
+    int tasks = B * KVH, nd = D / 16;
+    int Lp = (L + 15) & ~15;
+    int bad = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *s = (float *)_mm_malloc(sizeof(float) * (size_t)G * Lp, 64);
+        if (!s) {
+#pragma omp atomic write
+            bad = 1;
+        }
+#pragma omp for schedule(static)
+        for (int t = 0; t < tasks; t++) {
+            if (!s) continue;
+            int b = t / KVH, h = t % KVH;
+            const float *kk = k + b * kb + h * kh, *vv = v + b * vb + h * vh;
+            const float *qq = q + ((size_t)b * H + (size_t)h * G) * D;
+            const uint8_t *m = keep ? keep + (size_t)b * L : 0;
+            __m512 qv[ATT_MAX_G][ATT_MAX_D / 16];
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < nd; i++)
+                    qv[g][i] = _mm512_mul_ps(_mm512_loadu_ps(qq + (size_t)g * D + 16 * i), _mm512_set1_ps(scale));
+            float mx[ATT_MAX_G];
+            for (int g = 0; g < G; g++) mx[g] = -INFINITY;
+            for (int j = 0; j < L; j++) {
+                const float *kj = kk + (size_t)j * D;
+                _mm_prefetch((const char *)(kj + 4 * D), _MM_HINT_T0);
+                if (m && !m[j]) {
+                    for (int g = 0; g < G; g++) s[(size_t)g * Lp + j] = -INFINITY;
+                    continue;
+                }
+                for (int g = 0; g < G; g++) {
+                    __m512 a = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(kj));
+                    for (int i = 1; i < nd; i++) a = _mm512_fmadd_ps(qv[g][i], _mm512_loadu_ps(kj + 16 * i), a);
+                    float d = _mm512_reduce_add_ps(a);
+                    s[(size_t)g * Lp + j] = d;
+                    if (d > mx[g]) mx[g] = d;
+                }
+            }
+            float inv[ATT_MAX_G];
+            for (int g = 0; g < G; g++) {
+                float *sg = s + (size_t)g * Lp;
+                __m512 mxv = _mm512_set1_ps(mx[g]), sum = _mm512_setzero_ps();
+                for (int j = 0; j < L; j += 16) {
+                    __mmask16 mk = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+                    __m512 x = _mm512_maskz_loadu_ps(mk, sg + j);
+                    __mmask16 live = _mm512_mask_cmp_ps_mask(mk, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                    __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(x, mxv)));
+                    _mm512_mask_storeu_ps(sg + j, mk, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                float z = _mm512_reduce_add_ps(sum);
+                inv[g] = z > 0 ? 1.0f / z : 0.0f;
+            }
+            __m512 acc[ATT_MAX_G][ATT_MAX_D / 16];
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < nd; i++) acc[g][i] = _mm512_setzero_ps();
+            for (int j = 0; j < L; j++) {
+                if (m && !m[j]) continue;
+                const float *vj = vv + (size_t)j * D;
+                _mm_prefetch((const char *)(vj + 4 * D), _MM_HINT_T0);
+                for (int g = 0; g < G; g++) {
+                    __m512 p = _mm512_set1_ps(s[(size_t)g * Lp + j]);
+                    for (int i = 0; i < nd; i++) acc[g][i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * i), acc[g][i]);
+                }
+            }
+            for (int g = 0; g < G; g++)
+                for (int i = 0; i < nd; i++)
+                    _mm512_storeu_ps(out + ((size_t)b * H + (size_t)h * G + g) * D + 16 * i,
+                                     _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g])));
+        }
+        if (s) _mm_free(s);
+    }
+    return bad ? 2 : 0;
 }

@@ -329,3 +329,121 @@ def install(model, fingerprint: str | None = None) -> dict | None:
         "packed_bytes": sum(a.nbytes for a in unique),
         "fp32_bytes": sum({m.weight.data_ptr(): m.weight.numel() * 4 for m in layers.values()}.values()),
     }
+
+
+# -- decode attention -----------------------------------------------------------------------
+
+ATTENTION = "cai_cpu"  # the name registered with transformers' attention and mask interfaces
+
+
+def install_attention(model) -> bool:
+    """Route the model's one-query-per-row attention (decode steps) through rowkernel.c's
+    cai_decode_attention: each row's fp32 keys and values are read once for all the query heads
+    that share them, where torch's CPU SDPA reached ~45% of this core's streaming rate. Prefill,
+    the judge's longer forwards, training and anything unusual (dropout, soft-capping, sinks, a
+    per-head or float mask) keep transformers' SDPA. Only for models that use "sdpa"; checked
+    against SDPA at install. Returns whether it is installed."""
+    global why_not
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    lib = library()
+    if lib is None or getattr(model.config, "_attn_implementation", None) not in ("sdpa", ATTENTION):
+        return False
+
+    def ours(module, query, key, value, mask, scaling):
+        B, H, T, D = query.shape
+        KVH, L = key.shape[1], key.shape[2]
+        if (
+            T != 1
+            or query.dtype != torch.float32
+            or key.dtype != torch.float32
+            or value.dtype != torch.float32
+            or query.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or key.stride(-1) != 1
+            or value.stride(-1) != 1
+            or key.stride(-2) != D
+            or value.stride(-2) != D
+            or value.shape[2] != L
+            or value.shape[-1] != D
+        ):
+            return None
+        keep = None
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != L:
+                return None
+            keep = mask[:, 0, -1, :].expand(B, L).to(torch.uint8).contiguous()
+        q = query.reshape(B, H, D).contiguous()
+        out = torch.empty(B, H, D)
+        rc = lib.cai_decode_attention(
+            q.data_ptr(),
+            key.data_ptr(),
+            value.data_ptr(),
+            keep.data_ptr() if keep is not None else None,
+            out.data_ptr(),
+            B,
+            H,
+            KVH,
+            L,
+            D,
+            key.stride(0),
+            key.stride(1),
+            value.stride(0),
+            value.stride(1),
+            scaling if scaling is not None else D**-0.5,
+            torch.get_num_threads(),
+        )
+        return None if rc else out.view(B, 1, H, D)
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+        if not dropout and all(kw.get(k) is None for k in ("softcap", "s_aux", "position_bias")):
+            out = ours(module, query, key, value, attention_mask, scaling)
+            if out is not None:
+                return out, None
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kw,
+        )
+
+    lib.cai_decode_attention.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_int]
+    )
+    lib.cai_decode_attention.restype = ctypes.c_int
+
+    # against SDPA first, with grouped heads, padding and a cache view that is not contiguous
+    gen = torch.Generator().manual_seed(0)
+    cfg = model.config
+    H = cfg.num_attention_heads
+    KVH = getattr(cfg, "num_key_value_heads", None) or H
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    B, L = 3, 37
+    q = torch.randn(B, H, 1, D, generator=gen)
+    k = torch.randn(B, KVH, L + 5, D, generator=gen)[:, :, :L]
+    v = torch.randn(B, KVH, L + 5, D, generator=gen)[:, :, :L]
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., :9] = False
+
+    class Module:
+        num_key_value_groups = H // KVH
+        is_causal = True
+
+    with torch.no_grad():
+        got = ours(Module, q, k, v, mask, None)
+        want = sdpa_attention_forward(Module, q, k, v, mask)[0]
+    if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        why_not = "the decode attention disagreed with SDPA (or does not take this model's heads); not used"
+        return False
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same boolean masks as "sdpa"
+    model.config._attn_implementation = ATTENTION
+    return True
