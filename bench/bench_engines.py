@@ -355,7 +355,13 @@ def render(results, engines, a, up, scale=None) -> str:
                 ag, dp, n = agreement(lhf, _labels(results["label", e]["out"]))
                 lines.append(
                     f"- label agreement {e} vs hf: same side on **{ag:.1%}** of {n} pairs, "
-                    f"mean |p_chosen difference| {dp:.3f} (quantisation: Q4_1 weights vs fp32)"
+                    f"mean |p_chosen difference| {dp:.3f}"
+                    + (
+                        " (the same Q4_1 weight values on both sides, hf expanding them to fp32; llama.cpp "
+                        "also rounds the activations to 8 bits in its dot products)"
+                        if not e.startswith("hf")
+                        else ""
+                    )
                 )
         lines.append("")
     if scale:

@@ -344,10 +344,7 @@ def main():
         f"{a.max_new_tokens} new tokens, greedy, CPU)"
     )
     say("")
-    say(
-        f"command: `.venv/bin/python bench/bench_peer.py --limit {a.limit} --max-new-tokens "
-        f"{a.max_new_tokens}`  "
-    )
+    say(f"command: `.venv/bin/python bench/bench_peer.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + "  ")
     say(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s) on both sides), "
         f"transformers {transformers.__version__}; date {time.strftime('%Y-%m-%d %H:%M')}  "

@@ -245,7 +245,6 @@ class HFBackend:
         code, torch, transformers and the settings that pick kernels. None (check in every
         process) for models without a local folder, or with CAI_CHECK_CACHE=0."""
         import hashlib
-        import json
         from pathlib import Path
 
         import transformers

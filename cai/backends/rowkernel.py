@@ -14,6 +14,9 @@ values to exactly the same fp32 weights in registers and multiplies in fp32. Lar
 is approximated: the weights are the same numbers, only the order of the fp32 sums differs,
 as between any two matmul kernels.
 
+Decode attention (one query per row) goes through the same library (install_attention): each
+row's fp32 keys and values are read once for all the query heads that share them.
+
 The kernel is C with AVX-512 intrinsics, compiled once per machine with the system's ``cc``
 into ``$CAI_CACHE/kernels`` (about a second); packed weights are cached under
 ``$CAI_CACHE/packed`` by the model's fingerprint. Without a compiler, AVX-512 or Linux, or with
@@ -53,7 +56,8 @@ def library() -> ctypes.CDLL | None:
         try:
             _lib = _load(_build())
         except (OSError, subprocess.SubprocessError) as e:
-            why_not = f"could not build {_SOURCE.name}: {str(e).strip().splitlines()[-1][:200]}"
+            last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            why_not = f"could not build {_SOURCE.name}: {last[:200]}"
     return _lib
 
 
@@ -81,12 +85,15 @@ def _build() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    r = subprocess.run(
-        [cc, *FLAGS, "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):  # without OpenMP: one thread
+        r = subprocess.run(
+            [cc, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if r.returncode == 0:
+            break
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise OSError(r.stderr or f"{cc} exited with {r.returncode}")
@@ -100,6 +107,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.cai_rows.restype = ctypes.c_int
     lib.cai_panel_bytes.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.cai_panel_bytes.restype = ctypes.c_long
+    lib.cai_decode_attention.argtypes = (
+        [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_int]
+    )
+    lib.cai_decode_attention.restype = ctypes.c_int
     return lib
 
 
@@ -414,11 +425,6 @@ def install_attention(model) -> bool:
             is_causal=is_causal,
             **kw,
         )
-
-    lib.cai_decode_attention.argtypes = (
-        [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_int]
-    )
-    lib.cai_decode_attention.restype = ctypes.c_int
 
     # against SDPA first, with grouped heads, padding and a cache view that is not contiguous
     gen = torch.Generator().manual_seed(0)
