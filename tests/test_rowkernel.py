@@ -223,3 +223,21 @@ def test_decode_attention_matches_sdpa(threads):
         assert torch.equal(got, want)
     finally:
         torch.set_num_threads(old)
+
+
+def test_a_packed_cache_of_the_wrong_size_is_not_used(tmp_path, monkeypatch):
+    import torch
+
+    rk = _kernel()
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(_exact("q4_1", 32, 64)))
+    rk.packed_weights(net, "fp0")  # cached under this fingerprint
+    other = torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))  # same name "0", other shape
+    with torch.no_grad():
+        other[0].weight.copy_(torch.from_numpy(_exact("q4_1", 32, 32)))
+    assert rk.install(other, "fp0") is None  # the cached array does not fit: nothing installed
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(other(x), x @ other[0].weight.T)

@@ -247,12 +247,15 @@ def packed_weights(model, fingerprint: str | None = None) -> dict:
     if path is not None and out and sum(v[1].nbytes for v in out.values()) <= CACHE_MAX_BYTES:
         from safetensors.numpy import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file(
-            {k: v[1] for k, v in out.items()}, str(tmp), metadata={k: str(v[0]) for k, v in out.items()}
-        )
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v[1] for k, v in out.items()}, str(tmp), metadata={k: str(v[0]) for k, v in out.items()}
+            )
+            os.replace(tmp, path)  # atomic: a concurrent or killed run never leaves half a file
+        except OSError:  # a read-only or full cache only costs the packing again next time
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -268,7 +271,15 @@ def install(model, fingerprint: str | None = None) -> dict | None:
         return None
     why_not = None
     packs = packed_weights(model, fingerprint)
-    layers = {n: m for n, m in _linears(model) if n in packs}
+    # a packed array must have exactly the bytes its layer's shape needs (a cache written under
+    # other layer names or shapes is never read past its end)
+    layers = {
+        n: m
+        for n, m in _linears(model)
+        if n in packs
+        and m.out_features % 16 == 0
+        and packs[n][1].nbytes == lib.cai_panel_bytes(packs[n][0], m.in_features) * (m.out_features // 16)
+    }
     if not layers:
         why_not = "no layer's weights are exactly Q4_1, Q8_0 or bf16 values"
         return None
@@ -429,9 +440,13 @@ def install_attention(model) -> bool:
     # against SDPA first, with grouped heads, padding and a cache view that is not contiguous
     gen = torch.Generator().manual_seed(0)
     cfg = model.config
-    H = cfg.num_attention_heads
+    H = getattr(cfg, "num_attention_heads", None)
+    if not isinstance(H, int) or H < 1:
+        return False  # not a config this check can read (composite models): SDPA stays
     KVH = getattr(cfg, "num_key_value_heads", None) or H
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    D = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 0) // H
+    if not D:
+        return False
     B, L = 3, 37
     q = torch.randn(B, H, 1, D, generator=gen)
     k = torch.randn(B, KVH, L + 5, D, generator=gen)[:, :, :L]
