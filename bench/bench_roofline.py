@@ -471,10 +471,9 @@ def main():
             "computes; cai does not do that)."
         )
     else:
-        from cai.backends import rowkernel
-
         say(
-            f"- Why: cai's rowkernel is not in use here ({rowkernel.why_not}), so a batch-16 decode step "
+            f"- Why: cai's rowkernel is not in use here ({backend.describe()['decode_kernel']}), so a "
+            "batch-16 decode step "
             f"streams the {fp32_mb:.0f} MB of fp32 weights: the linear layers alone reach "
             f"{100 * lin16[1] / peak_c:.0f}% of the peak at 16 rows (weights read at {lin16[2]:.1f} "
             f"GB/CPU-s; torch's own x @ W.T: {100 * plain16[1] / peak_c:.0f}%) and "

@@ -69,7 +69,8 @@ def test_kernel_matches_torch_for_every_row_count(kind, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert rk.install(lin) is not None
+        info, why = rk.install(lin)
+        assert info is not None and why is None
         for rows in [1, 2, 3, 5, 8, 11, 12, 13, 16]:
             x = torch.randn(rows, 96)
             with torch.no_grad():
@@ -89,7 +90,7 @@ def test_install_routes_only_small_inference_inputs():
     with torch.no_grad():
         net[0].weight.copy_(torch.from_numpy(_exact("q8_0", 32, 64)))
         net[1].weight.copy_(torch.from_numpy(_exact("bf16", 48, 32)))
-    info = rk.install(net)
+    info, _ = rk.install(net)
     assert info["layers"] == 2 and info["formats"] == {"q8_0": 1, "bf16": 1}
     assert info["packed_bytes"] < info["fp32_bytes"]
 
@@ -237,7 +238,8 @@ def test_a_packed_cache_of_the_wrong_size_is_not_used(tmp_path, monkeypatch):
     other = torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False))  # same name "0", other shape
     with torch.no_grad():
         other[0].weight.copy_(torch.from_numpy(_exact("q4_1", 32, 32)))
-    assert rk.install(other, "fp0") is None  # the cached array does not fit: nothing installed
+    # the cached array does not fit: nothing installed, and it says why
+    assert rk.install(other, "fp0") == (None, "no layer's weights are exactly Q4_1, Q8_0 or bf16 values")
     x = torch.randn(3, 32)
     with torch.no_grad():
         assert torch.equal(other(x), x @ other[0].weight.T)

@@ -43,7 +43,14 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from cai.models import check_weights, pick_device, pick_dtype, quiet_transformers, resolve_model
+        from cai.models import (
+            check_weights,
+            fingerprint,
+            pick_device,
+            pick_dtype,
+            quiet_transformers,
+            resolve_model,
+        )
 
         path, self.model_id = resolve_model(model)
         check_weights(path)
@@ -94,6 +101,8 @@ class HFBackend:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self._keep_budget = max(KEEP_MIN, int(KEEP_SHARE * weights))  # see KEEP_SHARE
         self.row_kernel: dict | None = None  # set below where rowkernel runs the decode steps
+        self._row_kernel_note: str | None = None  # or why it does not
+        model_fp = fingerprint(path)  # the packed-weights cache and the path checks' cache key
         self.row_attention = False  # decode attention through rowkernel (set below)
         if self.device == "cpu":
             self.threads = pick_threads(threads)
@@ -101,18 +110,17 @@ class HFBackend:
                 torch.set_num_threads(self.threads)
             if self.dtype == torch.float32:
                 from cai.backends import rowkernel
-                from cai.models import fingerprint
 
                 route_small_linears(self.model)
                 # decode steps from the weights' own Q4_1/Q8_0/bf16 form (rowkernel.py)
-                self.row_kernel = rowkernel.install(self.model, fingerprint(path))
+                self.row_kernel, self._row_kernel_note = rowkernel.install(self.model, model_fp)
                 self.row_attention = rowkernel.install_attention(self.model)
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"  # keep the end of long conversations
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self._torch = torch
-        self._check_key = self._checks_key(path)
+        self._check_key = self._checks_key(model_fp)
         params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed past_key_values -> cache
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -150,9 +158,8 @@ class HFBackend:
         if self.row_kernel:
             f = ", ".join(f"{k} x{v}" for k, v in sorted(self.row_kernel["formats"].items()))
             return f"cai rowkernel ({f} layers; fp32 arithmetic){att}"
-        from cai.backends import rowkernel
-
-        return (f"torch (cai rowkernel: {rowkernel.why_not})" if rowkernel.why_not else "torch") + att
+        note = self._row_kernel_note
+        return (f"torch (cai rowkernel: {note})" if note else "torch") + att
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, cut from the left to max_input_tokens (the end of a prompt matters most)."""
@@ -240,7 +247,7 @@ class HFBackend:
         new = getattr(res, "cache", None)
         return res, (res.past_key_values if new is None else new)
 
-    def _checks_key(self, path) -> str | None:
+    def _checks_key(self, fp: str | None) -> str | None:
         """What the one-time path checks' verdicts depend on: the model's weights, cai's backend
         code, torch, transformers and the settings that pick kernels. None (check in every
         process) for models without a local folder, or with CAI_CHECK_CACHE=0."""
@@ -251,13 +258,11 @@ class HFBackend:
 
         from cai import __version__
         from cai.backends import rowkernel
-        from cai.models import fingerprint
 
-        fp = fingerprint(path)
         if not fp or os.environ.get("CAI_CHECK_CACHE", "1") == "0":
             return None
         h = hashlib.sha256()
-        for f in (__file__, rowkernel.__file__, rowkernel._SOURCE):
+        for f in (__file__, rowkernel.__file__, rowkernel.SOURCE):
             h.update(Path(f).read_bytes())
         torch = self._torch
         h.update(
@@ -304,9 +309,7 @@ class HFBackend:
         (rowkernel, or route_small_linears' with one CPU thread), so finished rows should leave."""
         if self.row_kernel:
             return True
-        return (
-            self.device == "cpu" and self.dtype == self._torch.float32 and self._torch.get_num_threads() == 1
-        )
+        return self.device == "cpu" and self.dtype == self._torch.float32 and small_rows_routed()
 
     def _check_reuse(self, ids, reuse, kept, idx) -> bool:
         """Once per backend: continuing a kept KV cache must give the next-token log-probs of a
@@ -912,6 +915,14 @@ class _Kept:
 SMALL_ROWS = (7, 16)
 
 
+def small_rows_routed() -> bool:
+    """Whether route_small_linears' (W @ x.T).T runs now: with one torch thread, where it was
+    calibrated (SMALL_ROWS); the decode loop's drop policy reads the same predicate."""
+    import torch
+
+    return torch.get_num_threads() == 1
+
+
 def route_small_linears(model):
     """Make the model's nn.Linear layers compute 7-16-row inputs (a decode step of a batch) as
     (W @ x.T).T instead of x @ W.T when torch runs one thread: the same products and sums,
@@ -927,7 +938,7 @@ def route_small_linears(model):
 
     def forward(self, x):
         n = x.numel() // x.shape[-1] if x.dim() else 0
-        if not lo <= n <= hi or x.dim() < 2 or torch.get_num_threads() != 1:
+        if not lo <= n <= hi or x.dim() < 2 or not small_rows_routed():
             return F.linear(x, self.weight, self.bias)
         y = torch.mm(self.weight, x.reshape(n, x.shape[-1]).t()).t()
         if self.bias is not None:

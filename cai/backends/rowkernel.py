@@ -26,6 +26,7 @@ on one layer of every format it uses before any layer switches.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import os
@@ -40,10 +41,10 @@ MAX_ROWS = 16
 CACHE_MAX_BYTES = 2**30  # larger packed models are packed again at each load, not kept on disk
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "fma", "f16c"}
-_SOURCE = Path(__file__).with_name("rowkernel.c")
+SOURCE = Path(__file__).with_name("rowkernel.c")
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
-why_not: str | None = None  # why library() is None, for describe() and the bench
+why_not: str | None = None  # why library() is None on this machine
 
 
 def library() -> ctypes.CDLL | None:
@@ -57,7 +58,7 @@ def library() -> ctypes.CDLL | None:
             _lib = _load(_build())
         except (OSError, subprocess.SubprocessError) as e:
             last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-            why_not = f"could not build {_SOURCE.name}: {last[:200]}"
+            why_not = f"could not build {SOURCE.name}: {last[:200]}"
     return _lib
 
 
@@ -78,7 +79,7 @@ def _build() -> Path:
     from cai.models import cache_dir
 
     cc = os.environ.get("CC", "cc")
-    src = _SOURCE.read_bytes()
+    src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"rowkernel-{key}.so"
     if out.exists():
@@ -87,7 +88,7 @@ def _build() -> Path:
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):  # without OpenMP: one thread
         r = subprocess.run(
-            [cc, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp)],
+            [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -259,17 +260,15 @@ def packed_weights(model, fingerprint: str | None = None) -> dict:
     return out
 
 
-def install(model, fingerprint: str | None = None) -> dict | None:
+def install(model, fingerprint: str | None = None) -> tuple[dict | None, str | None]:
     """Route the model's packable nn.Linear layers' 1-16-row inputs through the kernel. Returns
-    what it did ({"layers", "formats", "packed_bytes", "fp32_bytes"}) or None (see why_not)."""
-    global why_not
+    (what it did: {"layers", "formats", "packed_bytes", "fp32_bytes"}, None), or (None, why not)."""
     import torch
     import torch.nn.functional as F
 
     lib = library()
     if lib is None:
-        return None
-    why_not = None
+        return None, why_not
     packs = packed_weights(model, fingerprint)
     # a packed array must have exactly the bytes its layer's shape needs (a cache written under
     # other layer names or shapes is never read past its end)
@@ -281,8 +280,7 @@ def install(model, fingerprint: str | None = None) -> dict | None:
         and packs[n][1].nbytes == lib.cai_panel_bytes(packs[n][0], m.in_features) * (m.out_features // 16)
     }
     if not layers:
-        why_not = "no layer's weights are exactly Q4_1, Q8_0 or bf16 values"
-        return None
+        return None, "no layer's weights are exactly Q4_1, Q8_0 or bf16 values"
 
     def rows(fmt, packed, x2, bias, out_features, threads):
         n, k = x2.shape
@@ -308,7 +306,7 @@ def install(model, fingerprint: str | None = None) -> dict | None:
     # The kernel against torch, on one layer of each format and an odd row count, before any
     # layer switches: a miscompiled kernel or a wrong packing must never reach a generation.
     gen = torch.Generator().manual_seed(0)
-    for fmt in sorted({p[0] for p in packs.values()}):
+    for fmt in sorted({packs[n][0] for n in layers}):
         name = next(n for n in layers if packs[n][0] == fmt)
         m = layers[name]
         x = torch.randn(5, m.in_features, generator=gen)
@@ -316,8 +314,7 @@ def install(model, fingerprint: str | None = None) -> dict | None:
             want = F.linear(x, m.weight.float(), m.bias)
             got = rows(fmt, packs[name][1], x, m.bias, m.out_features, torch.get_num_threads())
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-            why_not = f"the kernel disagreed with torch on {name} ({FORMATS[fmt]}); not used"
-            return None
+            return None, f"the kernel disagreed with torch on {name} ({FORMATS[fmt]}); not used"
 
     def forward(self, x):
         n = x.numel() // x.shape[-1] if x.dim() >= 2 else 0
@@ -341,16 +338,14 @@ def install(model, fingerprint: str | None = None) -> dict | None:
         m._cai_fallback = m.forward  # route_small_linears' or nn.Linear's own
         m._cai_packed = packs[name]
         m.forward = forward.__get__(m)
-    formats: dict[str, int] = {}
-    for name in layers:
-        formats[FORMATS[packs[name][0]]] = formats.get(FORMATS[packs[name][0]], 0) + 1
-    unique = {id(p[1]): p[1] for p in packs.values()}.values()
-    return {
+    used = [packs[n] for n in layers]
+    info = {
         "layers": len(layers),
-        "formats": formats,
-        "packed_bytes": sum(a.nbytes for a in unique),
+        "formats": dict(collections.Counter(FORMATS[fmt] for fmt, _ in used)),
+        "packed_bytes": sum({id(a): a.nbytes for _, a in used}.values()),  # tied weights once
         "fp32_bytes": sum({m.weight.data_ptr(): m.weight.numel() * 4 for m in layers.values()}.values()),
     }
+    return info, None
 
 
 # -- decode attention -----------------------------------------------------------------------
@@ -364,8 +359,8 @@ def install_attention(model) -> bool:
     that share them, where torch's CPU SDPA reached ~45% of this core's streaming rate. Prefill,
     the judge's longer forwards, training and anything unusual (dropout, soft-capping, sinks, a
     per-head or float mask) keep transformers' SDPA. Only for models that use "sdpa"; checked
-    against SDPA at install. Returns whether it is installed."""
-    global why_not
+    against SDPA at install (a disagreement, or heads it does not take, leave SDPA in place).
+    Returns whether it is installed."""
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -462,7 +457,6 @@ def install_attention(model) -> bool:
         got = ours(Module, q, k, v, mask, None)
         want = sdpa_attention_forward(Module, q, k, v, mask)[0]
     if got is None or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        why_not = "the decode attention disagreed with SDPA (or does not take this model's heads); not used"
         return False
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same boolean masks as "sdpa"
