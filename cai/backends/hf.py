@@ -277,31 +277,26 @@ class HFBackend:
         """A one-time path check's verdict: remembered in $CAI_CACHE/checks.json for this model,
         code and settings (see _checks_key), so each process does not pay for it again."""
         from cai.models import cache_dir
+        from cai.records import write_json
 
+        if not self._check_key:
+            return bool(run())
         path = cache_dir() / "checks.json"
-        key = self._check_key
-        if key:
-            try:
-                seen = json.loads(path.read_text()).get(key, {})
-                if isinstance(seen.get(name), bool):
-                    return seen[name]
-            except (OSError, ValueError, AttributeError):
-                pass
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = None
+        known = known if isinstance(known, dict) else {}
+        seen = known.get(self._check_key)
+        seen = seen if isinstance(seen, dict) else {}
+        if isinstance(seen.get(name), bool):
+            return seen[name]
         ok = bool(run())
-        if key:
-            try:
-                try:
-                    known = json.loads(path.read_text())
-                    known = known if isinstance(known, dict) else {}
-                except (OSError, ValueError):
-                    known = {}
-                known.setdefault(key, {})[name] = ok
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"checks.json.tmp{os.getpid()}")
-                tmp.write_text(json.dumps(known, indent=1))
-                os.replace(tmp, path)  # atomic: readers never see half a file
-            except OSError:
-                pass  # a read-only cache only costs the check again next time
+        known[self._check_key] = {**seen, name: ok}
+        try:
+            write_json(path, known)  # atomic: readers never see half a file
+        except OSError:
+            pass  # a read-only cache only costs the check again next time
         return ok
 
     def _routed(self) -> bool:

@@ -246,17 +246,15 @@ def packed_weights(model, fingerprint: str | None = None) -> dict:
         mb = sum({id(v[1]): v[1].nbytes for v in out.values()}.values()) / 1e6
         print(f"cai: packed {len(out)} layers ({mb:.0f} MB) for the CPU decode kernel", file=sys.stderr)
     if path is not None and out and sum(v[1].nbytes for v in out.values()) <= CACHE_MAX_BYTES:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(
-                {k: v[1] for k, v in out.items()}, str(tmp), metadata={k: str(v[0]) for k, v in out.items()}
-            )
-            os.replace(tmp, path)  # atomic: a concurrent or killed run never leaves half a file
+        from cai.records import write_atomic
+
+        data = save({k: v[1] for k, v in out.items()}, metadata={k: str(v[0]) for k, v in out.items()})
+        try:  # atomic: a concurrent or killed run never leaves half a file
+            write_atomic(path, lambda f: f.write(data))
         except OSError:  # a read-only or full cache only costs the packing again next time
-            tmp.unlink(missing_ok=True)
+            pass
     return out
 
 
