@@ -18,7 +18,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
-#include <string.h>
 
 enum { Q4_1 = 1, Q8_0 = 2, BF16 = 3 };
 
