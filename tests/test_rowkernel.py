@@ -164,6 +164,7 @@ def test_backend_decodes_through_the_kernel_with_the_same_tokens(q4_model, monke
     assert on.row_kernel and on.row_kernel["formats"]["q4_1"] >= 1
     assert on.describe()["decode_kernel"].startswith("cai rowkernel")
     assert on.row_attention and on.model.config._attn_implementation == "cai_cpu"
+    assert "decode steps: one rowkernel call" in on.describe()["decode_kernel"]
     with_kernel = on.generate(convs, max_new_tokens=12)
 
     monkeypatch.setenv("CAI_ROW_KERNEL", "0")
@@ -243,3 +244,76 @@ def test_a_packed_cache_of_the_wrong_size_is_not_used(tmp_path, monkeypatch):
     x = torch.randn(3, 32)
     with torch.no_grad():
         assert torch.equal(other(x), x @ other[0].weight.T)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_call_decode_step_matches_the_model(threads):
+    """install_decoder: 1, 5 and 16 rows, left padding, biases, grouped heads, several steps
+    into hf.py's buffered cache, against an unpatched copy of the same model."""
+    import copy
+    import inspect
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cai.backends.hf import _preallocate
+
+    rk = _kernel()
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if p.dim() == 2 and p.shape[1] % 32 == 0:
+                p.copy_(torch.from_numpy(_exact("q4_1", *p.shape, seed=i)))
+            elif p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn(p.shape))  # biases and norm weights that matter
+    ref = copy.deepcopy(model)
+    info, _ = rk.install(model)
+    assert info and info["layers"] == 2 * 7 + 1
+    assert rk.install_decoder(model) is None
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    lib = rk.library()
+    calls, fn = [], lib.cai_decode_layers
+    lib.cai_decode_layers = lambda *a: calls.append(a[5]) or fn(*a)  # a[5]: the row count
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B in (1, 5, 16):
+            ids = torch.randint(0, 96, (B, 7))
+            mask = torch.ones(B, 7, dtype=torch.long)
+            mask[-1, :3] = 0  # a left-padded row
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                a = ref(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+                b = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+                ca, cb = getattr(a, kw), getattr(b, kw)
+                _preallocate(cb, 4)
+                for step in range(4):
+                    nxt = a.logits[:, -1:].argmax(-1)
+                    mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+                    p = pos[:, -1:] + 1 + step
+                    a = ref(input_ids=nxt, attention_mask=mask, position_ids=p, use_cache=True, **{kw: ca})
+                    b = model(input_ids=nxt, attention_mask=mask, position_ids=p, use_cache=True, **{kw: cb})
+                    scale = float(a.logits.abs().max())
+                    assert torch.allclose(b.logits, a.logits, rtol=1e-4, atol=1e-5 * scale), (B, step)
+                for x, y in zip(ca.layers, cb.layers):  # the step wrote the same keys and values
+                    assert torch.allclose(y.keys, x.keys, atol=1e-4) and torch.allclose(
+                        y.values, x.values, atol=1e-4
+                    )
+                assert calls == [B] * 4, (B, calls)
+                calls.clear()
+                # two new tokens per row (not a decode step) go to the model's own forward
+                two = torch.cat([nxt, nxt], 1)
+                m2 = torch.cat([mask, torch.ones(B, 2, dtype=torch.long)], 1)
+                p2 = torch.cat([p + 1, p + 2], 1)
+                a = ref(input_ids=two, attention_mask=m2, position_ids=p2, use_cache=True, **{kw: ca})
+                b = model(input_ids=two, attention_mask=m2, position_ids=p2, use_cache=True, **{kw: cb})
+                assert calls == [] and torch.allclose(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+    finally:
+        lib.cai_decode_layers = fn
+        torch.set_num_threads(old)

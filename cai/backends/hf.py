@@ -104,6 +104,7 @@ class HFBackend:
         self._row_kernel_note: str | None = None  # or why it does not
         model_fp = fingerprint(path)  # the packed-weights cache and the path checks' cache key
         self.row_attention = False  # decode attention through rowkernel (set below)
+        self._decoder_note: str | None = "off"  # None: decode steps in one rowkernel call
         if self.device == "cpu":
             self.threads = pick_threads(threads)
             if self.threads != torch.get_num_threads():
@@ -115,6 +116,8 @@ class HFBackend:
                 # decode steps from the weights' own Q4_1/Q8_0/bf16 form (rowkernel.py)
                 self.row_kernel, self._row_kernel_note = rowkernel.install(self.model, model_fp)
                 self.row_attention = rowkernel.install_attention(self.model)
+                if self.row_kernel:  # whole decode steps in one call (Llama-style models)
+                    self._decoder_note = rowkernel.install_decoder(self.model)
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"  # keep the end of long conversations
         if self.tok.pad_token is None:
@@ -155,6 +158,8 @@ class HFBackend:
         if self.device != "cpu":
             return "torch"
         att = "; decode attention: cai rowkernel" if self.row_attention else ""
+        if self._decoder_note is None:
+            att += "; decode steps: one rowkernel call"
         if self.row_kernel:
             f = ", ".join(f"{k} x{v}" for k, v in sorted(self.row_kernel["formats"].items()))
             return f"cai rowkernel ({f} layers; fp32 arithmetic){att}"
@@ -685,8 +690,8 @@ def _buffered_layer():
         def update(self, key_states, value_states, *args, **kwargs):
             n, t = self.keys.shape[-2], key_states.shape[-2]
             if n + t > self._keys.shape[-2]:  # out of room: back to plain concatenation
-                self.__class__ = DynamicLayer
-                return super().update(key_states, value_states, *args, **kwargs)
+                self.__class__ = DynamicLayer  # (zero-argument super() would fail after this)
+                return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
             self._keys[..., n : n + t, :] = key_states
             self._values[..., n : n + t, :] = value_states
             self.keys, self.values = self._keys[..., : n + t, :], self._values[..., : n + t, :]

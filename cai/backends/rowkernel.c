@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
+#include <string.h>
 
 enum { Q4_1 = 1, Q8_0 = 2, BF16 = 3 };
 
@@ -237,4 +238,104 @@ int cai_decode_attention(const float *q, const float *k, const float *v, const u
         if (s) _mm_free(s);
     }
     return bad ? 2 : 0;
+}
+
+/* ---- a whole decode step of a Llama-style decoder, one call for all layers -------------------
+ * Per layer, for B rows (one new token each) at cache position n:
+ *   x = rmsnorm(h) * w_in;  q, k, v = x Wq, x Wk, x Wv (+ biases);  rotary on q and k (rotate-half
+ *   form, the caller's cos/sin per row);  k, v written at position n of the layer's cache;
+ *   a = attention(q, cache[0..n], keep);  h += a Wo;  x = rmsnorm(h) * w_post;
+ *   h += (silu(x Wg) * x Wu) Wd
+ * then h = rmsnorm(h) * w_final. Each elementwise step rounds as transformers' Llama code does
+ * (x * r then w * that; q * cos + rot(q) * sin; residual + out; silu = x / (1 + exp(-x))), so
+ * only the order of sums and exp's last bit differ from the torch path. What it saves is the
+ * ~50 small torch operations per layer around the matrix products and their Python. */
+
+typedef struct {
+    const void *w[7];       /* packed q, k, v, o, gate, up, down (cai_panel_bytes layout) */
+    int fmt[7];
+    const float *bias[7];   /* or NULL */
+    const float *norm_in, *norm_post;
+    float *k, *v;           /* this layer's cache buffers: [B, KVH, cap, D] with strides kb, kh */
+} cai_layer;
+
+static void rmsnorm(const float *x, const float *w, float *y, int B, int N, float eps) {
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (size_t)b * N;
+        float *yb = y + (size_t)b * N;
+        float ss = 0.0f;
+        for (int i = 0; i < N; i++) ss += xb[i] * xb[i];
+        float r = 1.0f / sqrtf(ss / (float)N + eps);
+        for (int i = 0; i < N; i++) yb[i] = w[i] * (xb[i] * r);
+    }
+}
+
+/* rows [B, heads * D] in place; cos/sin [B, D] */
+static void rotary(float *x, const float *cs, const float *sn, int B, int heads, int D) {
+    int half = D / 2;
+    float tmp[ATT_MAX_D];
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < heads; h++) {
+            float *v = x + ((size_t)b * heads + h) * D;
+            const float *c = cs + (size_t)b * D, *s = sn + (size_t)b * D;
+            for (int i = 0; i < D; i++) tmp[i] = v[i];
+            for (int i = 0; i < half; i++) v[i] = tmp[i] * c[i] + (-tmp[i + half]) * s[i];
+            for (int i = half; i < D; i++) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
+        }
+}
+
+static void silu_mul(float *g, const float *u, size_t n) {
+    size_t i = 0;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+int cai_decode_layers(const cai_layer *layers, int nl, float *h, float *out, const float *norm_final, int B,
+                      int hidden, int H, int KVH, int D, int I, float eps, const float *cs, const float *sn,
+                      const uint8_t *keep, int n, long kb, long kh, float scale, int threads) {
+    int qn = H * D, kvn = KVH * D;
+    if (B < 1 || B > 16 || n < 0 || D > ATT_MAX_D || D % 2) return 1;
+    int maxk = hidden > I ? hidden : I;
+    if (qn > maxk) maxk = qn;
+    size_t need = (size_t)B * (hidden + qn + 2 * kvn + qn + hidden + 2 * (size_t)I) + (size_t)16 * maxk;
+    float *buf = (float *)_mm_malloc(sizeof(float) * need, 64);
+    if (!buf) return 2;
+    float *x = buf, *q = x + (size_t)B * hidden, *kk = q + (size_t)B * qn, *vv = kk + (size_t)B * kvn;
+    float *att = vv + (size_t)B * kvn, *o = att + (size_t)B * qn, *g = o + (size_t)B * hidden;
+    float *u = g + (size_t)B * I, *xt = u + (size_t)B * I;
+    int rc = 0;
+    for (int l = 0; l < nl && !rc; l++) {
+        const cai_layer *L = layers + l;
+        rmsnorm(h, L->norm_in, x, B, hidden, eps);
+        rc |= cai_rows(L->fmt[0], x, L->w[0], L->bias[0], q, B, qn, hidden, threads, xt);
+        rc |= cai_rows(L->fmt[1], x, L->w[1], L->bias[1], kk, B, kvn, hidden, threads, xt);
+        rc |= cai_rows(L->fmt[2], x, L->w[2], L->bias[2], vv, B, kvn, hidden, threads, xt);
+        if (rc) break;
+        rotary(q, cs, sn, B, H, D);
+        rotary(kk, cs, sn, B, KVH, D);
+        for (int b = 0; b < B; b++)
+            for (int j = 0; j < KVH; j++) {
+                memcpy(L->k + b * kb + j * kh + (size_t)n * D, kk + ((size_t)b * KVH + j) * D, sizeof(float) * D);
+                memcpy(L->v + b * kb + j * kh + (size_t)n * D, vv + ((size_t)b * KVH + j) * D, sizeof(float) * D);
+            }
+        rc |= cai_decode_attention(q, L->k, L->v, keep, att, B, H, KVH, n + 1, D, kb, kh, kb, kh, scale, threads);
+        rc |= cai_rows(L->fmt[3], att, L->w[3], L->bias[3], o, B, hidden, qn, threads, xt);
+        if (rc) break;
+        for (size_t i = 0; i < (size_t)B * hidden; i++) h[i] = h[i] + o[i];
+        rmsnorm(h, L->norm_post, x, B, hidden, eps);
+        rc |= cai_rows(L->fmt[4], x, L->w[4], L->bias[4], g, B, I, hidden, threads, xt);
+        rc |= cai_rows(L->fmt[5], x, L->w[5], L->bias[5], u, B, I, hidden, threads, xt);
+        if (rc) break;
+        silu_mul(g, u, (size_t)B * I);
+        rc |= cai_rows(L->fmt[6], g, L->w[6], L->bias[6], o, B, hidden, I, threads, xt);
+        for (size_t i = 0; i < (size_t)B * hidden; i++) h[i] = h[i] + o[i];
+    }
+    if (!rc) rmsnorm(h, norm_final, out, B, hidden, eps);
+    _mm_free(buf);
+    return rc ? 3 : 0;
 }

@@ -27,6 +27,7 @@ on one layer of every format it uses before any layer switches.
 from __future__ import annotations
 
 import collections
+import copy
 import ctypes
 import hashlib
 import os
@@ -112,7 +113,30 @@ def _load(path: Path) -> ctypes.CDLL:
         [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_int]
     )
     lib.cai_decode_attention.restype = ctypes.c_int
+    lib.cai_decode_layers.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int]
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int] * 6
+        + [ctypes.c_float]
+        + [ctypes.c_void_p] * 3
+        + [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int]
+    )
+    lib.cai_decode_layers.restype = ctypes.c_int
     return lib
+
+
+class _Layer(ctypes.Structure):
+    """rowkernel.c's cai_layer: one decoder layer's packed weights, norms and KV cache buffers."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p * 7),
+        ("fmt", ctypes.c_int * 7),
+        ("bias", ctypes.c_void_p * 7),
+        ("norm_in", ctypes.c_void_p),
+        ("norm_post", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+    ]
 
 
 # -- finding the exact format of a weight and packing it ------------------------------------
@@ -460,3 +484,195 @@ def install_attention(model) -> bool:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same boolean masks as "sdpa"
     model.config._attn_implementation = ATTENTION
     return True
+
+
+# -- a whole decode step in one call --------------------------------------------------------
+
+_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache"}
+_STEP_ARGS |= {"logits_to_keep", "return_dict"}
+
+
+def install_decoder(model) -> str | None:
+    """Run a Llama-style model's decode steps (one new token per row, 1-16 rows) as one call to
+    rowkernel.c's cai_decode_layers: norms, projections, rotary, the cache write, attention and
+    the MLP of every layer, then the final norm; only the embedding lookup, the rotary table and
+    the output layer stay in torch. It removes the ~50 small torch operations per layer (and their
+    Python) that cost a third of a batch-16 step once the weights are read fast (install).
+
+    Needs install's packed weights on all seven projections of every layer, and a KV cache whose
+    layers keep fp32 buffers with room for the new token (hf.py's BufferedLayer: ``_keys`` and
+    ``_values`` [rows, kv heads, capacity, head dim], ``keys``/``values`` their first n
+    positions); any other call goes to the model's own forward. Checked against that forward on
+    one step before it is used. Returns None when installed, else why not."""
+    import dataclasses
+    import functools
+
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    lib = library()
+    if lib is None:
+        return why_not
+    cfg, base = model.config, getattr(model, "model", None)
+    if getattr(cfg, "model_type", None) != "llama" or base is None or not hasattr(model, "lm_head"):
+        return f"not a Llama-style model ({getattr(cfg, 'model_type', None)})"
+    if getattr(cfg, "hidden_act", None) != "silu" or (getattr(cfg, "pretraining_tp", 1) or 1) != 1:
+        return "activation or tensor-parallel split it does not take"
+    H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    if H % KVH or H // KVH > 8 or D % 16 or D > 256:
+        return f"attention heads it does not take ({H} query, {KVH} key/value, dimension {D})"
+    layers = list(base.layers)
+    norms = [base.norm] + [m for lay in layers for m in (lay.input_layernorm, lay.post_attention_layernorm)]
+    if len({getattr(m, "variance_epsilon", None) for m in norms}) != 1:
+        return "norms with different epsilons"
+    structs = (_Layer * len(layers))()
+    for lay, st in zip(layers, structs):
+        mods = [lay.get_submodule(n) for n in _PROJ + _MLP]
+        if not all(hasattr(m, "_cai_packed") for m in mods):
+            return "a projection without packed weights"
+        for i, m in enumerate(mods):
+            st.w[i] = m._cai_packed[1].ctypes.data
+            st.fmt[i] = m._cai_packed[0]
+            st.bias[i] = m.bias.data_ptr() if m.bias is not None else None
+        st.norm_in = lay.input_layernorm.weight.data_ptr()
+        st.norm_post = lay.post_attention_layernorm.weight.data_ptr()
+    hidden, inter, eps = cfg.hidden_size, cfg.intermediate_size, float(base.norm.variance_epsilon)
+    scale = float(layers[0].self_attn.scaling)
+    cache_kw = (
+        "cache"
+        if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+        else "past_key_values"
+    )
+    own = model.forward
+
+    def buffers(cache, B):
+        """The cache's layers as (layer, n) if every one has buffers this step can write."""
+        cl = getattr(cache, "layers", None)
+        if not cl or len(cl) != len(layers):
+            return None
+        n = cl[0].keys.shape[-2] if getattr(cl[0], "keys", None) is not None else -1
+        for c in cl:
+            kb, vb = getattr(c, "_keys", None), getattr(c, "_values", None)
+            if (
+                kb is None
+                or vb is None
+                or kb.dtype != torch.float32
+                or kb.shape != (B, KVH, kb.shape[2], D)
+                or vb.shape != kb.shape
+                or not kb.is_contiguous()
+                or not vb.is_contiguous()
+                or c.keys.shape[-2] != n
+                or c.keys.data_ptr() != kb.data_ptr()
+                or c.values.data_ptr() != vb.data_ptr()
+                or kb.shape[2] <= n
+            ):
+                return None
+        return cl, n
+
+    def step(ids, mask, pos, cache):
+        B = ids.shape[0]
+        found = buffers(cache, B)
+        if found is None:
+            return None
+        cl, n = found
+        if mask is not None and tuple(mask.shape) != (B, n + 1):
+            return None
+        pos = pos if pos is not None else torch.full((B, 1), n)
+        h = base.embed_tokens(ids).reshape(B, hidden).contiguous()
+        cos, sin = base.rotary_emb(h, position_ids=pos.reshape(B, 1))
+        # held in names until the call returns: a temporary's memory would be freed before it
+        cos, sin = cos.reshape(B, D).float().contiguous(), sin.reshape(B, D).float().contiguous()
+        keep = mask.to(torch.uint8).contiguous() if mask is not None else None
+        for st, c in zip(structs, cl):
+            st.k, st.v = c._keys.data_ptr(), c._values.data_ptr()
+        out = torch.empty(B, hidden)
+        kb = cl[0]._keys
+        rc = lib.cai_decode_layers(
+            ctypes.addressof(structs), len(layers), h.data_ptr(), out.data_ptr(), base.norm.weight.data_ptr(),
+            B, hidden, H, KVH, D, inter, eps,
+            cos.data_ptr(), sin.data_ptr(),
+            keep.data_ptr() if keep is not None else None,
+            n, kb.stride(0), kb.stride(1), scale, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(f"rowkernel's decode step refused {B} rows at position {n} (code {rc})")
+        for c in cl:
+            c.keys, c.values = c._keys[..., : n + 1, :], c._values[..., : n + 1, :]
+        logits = model.lm_head(out).view(B, 1, -1)
+        return CausalLMOutputWithPast(logits=logits, **{cache_kw: cache})
+
+    @functools.wraps(own)
+    def forward(*args, **kw):
+        ids = kw.get("input_ids", args[0] if args else None)
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if (
+            len(args) <= 1
+            and cache is not None
+            and isinstance(ids, torch.Tensor)
+            and ids.dim() == 2
+            and ids.shape[1] == 1
+            and 1 <= ids.shape[0] <= MAX_ROWS
+            and ids.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not model.training
+            and set(kw) <= _STEP_ARGS
+            and kw.get("use_cache", True)
+            and kw.get("logits_to_keep", 0) in (0, 1)
+            and kw.get("return_dict", True)
+        ):  # fmt: skip
+            out = step(ids, kw.get("attention_mask"), kw.get("position_ids"), cache)
+            if out is not None:
+                return out
+        return own(*args, **kw)
+
+    why = _check_decoder(model, own, step, D)
+    if why:
+        return why
+    model.forward = forward
+    model._cai_decoder = True
+    return None
+
+
+def _check_decoder(model, own, step, D) -> str | None:
+    """One fused step against the model's own forward, with left padding and a buffered cache."""
+    import inspect
+
+    import torch
+
+    kw = "cache" if "cache" in inspect.signature(own).parameters else "past_key_values"
+    gen = torch.Generator().manual_seed(0)
+    B, T = 3, 6
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=gen)
+    mask = torch.ones(B, T + 1, dtype=torch.long)
+    mask[0, :2] = 0
+    pos = (mask[:, :T].cumsum(-1) - 1).clamp(min=0)
+    nxt = torch.randint(0, model.config.vocab_size, (B, 1), generator=gen)
+    with torch.inference_mode():
+        ref = own(input_ids=ids, attention_mask=mask[:, :T], position_ids=pos, use_cache=True)
+        cache = getattr(ref, "cache", None) or ref.past_key_values
+        mine = copy.deepcopy(cache)
+        for c in mine.layers:
+            for name in ("keys", "values"):
+                t = getattr(c, name)
+                buf = t.new_zeros(t.shape[:2] + (T + 3, D))
+                buf[..., :T, :] = t
+                setattr(c, "_" + name, buf)
+                setattr(c, name, buf[..., :T, :])
+        want = own(
+            input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + 1, use_cache=True, **{kw: cache}
+        )
+        got = step(nxt, mask, pos[:, -1:] + 1, mine)
+    if got is None:
+        return "the check's cache was not taken"
+    a, b = want.logits.float(), got.logits.float()
+    ka, kb = [c.keys for c in cache.layers], [c.keys for c in mine.layers]
+    tol = 1e-3 * float(a.abs().max())
+    if not torch.allclose(a, b, rtol=1e-4, atol=tol) or not all(
+        torch.allclose(x, y, rtol=1e-4, atol=1e-4 * float(x.abs().max())) for x, y in zip(ka, kb)
+    ):
+        diff = float((a - b).abs().max())
+        return f"the one-call decode step disagreed with the model's forward (max |dlogit| {diff:.3g})"
+    return None
