@@ -10,7 +10,7 @@
  *
  * Layout (packed by cai/backends/rowkernel.py): panels of 16 output rows; per panel, per block
  * of 32 inputs k, the 16 rows' values for each k lie together:
- *   Q4_1: d[16] fp16, m[16] fp16, then for each k 8 bytes: byte j = row j | row j+8 << 4
+ *   Q4_1: d[16] fp16, m[16] fp16, then for each pair k, k+1 16 bytes: byte j = row j's k | k+1 << 4
  *   Q8_0: d[16] fp16, then for each k 16 int8
  *   BF16: for each k 16 bf16 (no blocks)
  * so the kernel broadcasts x[m,k] and accumulates y[m, panel] directly (no horizontal sums).
@@ -33,14 +33,12 @@ long cai_panel_bytes(int fmt, int K) {
 
 #define AI static inline __attribute__((always_inline))
 
-/* the 16 rows' fp32 weights for inputs k (and k+1 for the nibble pair) */
+/* the 16 rows' fp32 weights for inputs k and k+1: byte j holds row j's k (low nibble) and k+1 */
 AI void q4_pair(const uint8_t *q, __m512 d, __m512 m, __m512 *w0, __m512 *w1) {
-    __m128i v = _mm_loadu_si128((const __m128i *)q); /* k: bytes 0-7, k+1: bytes 8-15 */
-    __m128i f = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(v, f), hi = _mm_and_si128(_mm_srli_epi16(v, 4), f);
-    __m128i a = _mm_unpacklo_epi64(lo, hi), b = _mm_unpackhi_epi64(lo, hi);
-    *w0 = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a))), m);
-    *w1 = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))), m);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F)), hi = _mm512_srli_epi32(v, 4);
+    *w0 = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), m);
+    *w1 = _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)), m);
 }
 
 AI __m512 q8_one(const int8_t *q, __m512 d) {

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 FORMATS = {1: "q4_1", 2: "q8_0", 3: "bf16"}
-LAYOUT_VERSION = 1  # of the packed layout; part of the cache key
+LAYOUT_VERSION = 2  # of the packed layout; part of the cache key
 MAX_ROWS = 16
 CACHE_MAX_BYTES = 2**30  # larger packed models are packed again at each load, not kept on disk
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
@@ -200,7 +200,7 @@ def pack(W, chunk: int = 4096):
             R = Wc.shape[0]
             P = R // 16
             B = Wc.reshape(R, nb, 32)
-            if fmt == 1:  # Q4_1: d[16] fp16, m[16] fp16, per k 8 bytes of two nibbles
+            if fmt == 1:  # Q4_1: d[16] fp16, m[16] fp16, per pair of k 16 bytes of two nibbles
                 m = B.min(-1)
                 if not np.array_equal(m.astype(np.float16).astype(np.float32), m):
                     break
@@ -209,7 +209,7 @@ def pack(W, chunk: int = 4096):
                     break
                 d, q = r
                 q = q.reshape(P, 16, nb, 32).transpose(0, 2, 3, 1)  # panel, block, k, row
-                nib = (q[..., :8] | (q[..., 8:] << 4)).reshape(P, nb, 256)
+                nib = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(P, nb, 256)  # row j: k | k+1
                 dd = _panels(d.astype(np.float16), P).view(np.uint8)
                 mm = _panels(m.astype(np.float16), P).view(np.uint8)
                 parts.append(np.concatenate([dd, mm, nib], -1).reshape(P, -1))
