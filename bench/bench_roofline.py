@@ -448,6 +448,12 @@ def main():
                 if backend.row_attention
                 else ""
             )
+            + (
+                " And each decode step is one call into it for all layers (norms, projections, rotary, "
+                "the cache write, attention and the MLP), not ~50 small torch operations per layer."
+                if backend.row_decoder
+                else ""
+            )
         )
     if prof.b16_steps:
         step_ms = 1000 * prof.b16[2] / prof.b16_steps
@@ -463,8 +469,15 @@ def main():
             f"(from the row above); attention reads the fp32 KV cache, on average {kv_mb:.0f} MB per step "
             f"(16 rows x {prof.b16_kv / 16 / prof.b16_steps:.0f} positions x {prof.layers} layers, K and V), "
             f"~{kv_ms:.0f} ms at the rate this core streams memory (a matrix-vector product: {stream:.1f} "
-            f"GB/CPU-s); the remaining ~{max(0.0, step_ms - lin_ms - kv_ms):.0f} ms are norms, rotary "
-            "embeddings, activations, the attention arithmetic and Python between layers. With the "
+            f"GB/CPU-s); the remaining ~{max(0.0, step_ms - lin_ms - kv_ms):.0f} ms are "
+            + (
+                "the attention arithmetic, norms, rotary embeddings and activations (in the same C call), "
+                "the embedding lookup and the Python around each step"
+                if backend.row_decoder
+                else "norms, rotary embeddings, activations, the attention arithmetic and Python "
+                "between layers"
+            )
+            + ". With the "
             "linear layers at the full peak and nothing else but the KV read, a step would reach "
             f"~{best:.0f}% "
             "of the peak (a lower-precision KV cache would read less, but change the numbers the model "

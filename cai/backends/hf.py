@@ -153,12 +153,17 @@ class HFBackend:
             "decode_kernel": self._kernel_name(),
         }
 
+    @property
+    def row_decoder(self) -> bool:
+        """Whether whole decode steps run as one rowkernel call (rowkernel.install_decoder)."""
+        return self._decoder_note is None
+
     def _kernel_name(self) -> str:
         """Which kernel multiplies a decode step's rows by the weights (for provenance)."""
         if self.device != "cpu":
             return "torch"
         att = "; decode attention: cai rowkernel" if self.row_attention else ""
-        if self._decoder_note is None:
+        if self.row_decoder:
             att += "; decode steps: one rowkernel call"
         if self.row_kernel:
             f = ", ".join(f"{k} x{v}" for k, v in sorted(self.row_kernel["formats"].items()))
