@@ -317,3 +317,31 @@ def test_one_call_decode_step_matches_the_model(threads):
     finally:
         lib.cai_decode_layers = fn
         torch.set_num_threads(old)
+
+
+def test_the_one_call_step_is_checked_once_and_a_failed_check_leaves_the_model_alone(
+    q4_model, monkeypatch, tmp_path
+):
+    import json
+
+    rk = _kernel()
+    from cai.backends.hf import HFBackend
+
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    monkeypatch.setenv("CAI_CHECK_CACHE", "1")
+    runs, real = [], rk._check_decoder
+    monkeypatch.setattr(rk, "_check_decoder", lambda *a: runs.append(1) or real(*a))
+    first = HFBackend(str(q4_model), batch_size=4)
+    again = HFBackend(str(q4_model), batch_size=4)
+    assert first.row_decoder and again.row_decoder and runs == [1]  # the second verdict came from the cache
+    assert [v.get("decoder") for v in json.loads((tmp_path / "checks.json").read_text()).values()] == [True]
+
+    monkeypatch.setenv("CAI_CHECK_CACHE", "0")
+    monkeypatch.setattr(rk, "_check_decoder", lambda *a: "it disagreed")
+    off = HFBackend(str(q4_model), batch_size=4)
+    assert not off.row_decoder and "one rowkernel call" not in off.describe()["decode_kernel"]
+    assert "forward" not in vars(off.model)  # the class's own forward, not patched
+    convs = [[{"role": "user", "content": "Tell me about tides"}], [{"role": "user", "content": "x"}]]
+    assert [g.text for g in off.generate(convs, max_new_tokens=8)] == [
+        g.text for g in first.generate(convs, max_new_tokens=8)
+    ]

@@ -116,14 +116,18 @@ class HFBackend:
                 # decode steps from the weights' own Q4_1/Q8_0/bf16 form (rowkernel.py)
                 self.row_kernel, self._row_kernel_note = rowkernel.install(self.model, model_fp)
                 self.row_attention = rowkernel.install_attention(self.model)
-                if self.row_kernel:  # whole decode steps in one call (Llama-style models)
-                    self._decoder_note = rowkernel.install_decoder(self.model)
         self.tok.padding_side = "left"
         self.tok.truncation_side = "left"  # keep the end of long conversations
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self._torch = torch
         self._check_key = self._checks_key(model_fp)
+        if self.row_kernel:  # whole decode steps in one call (Llama-style models)
+            from cai.backends import rowkernel
+
+            self._decoder_note = rowkernel.install_decoder(
+                self.model, checked=lambda run: self._checked("decoder", run)
+            )
         params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed past_key_values -> cache
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

@@ -494,7 +494,7 @@ _STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "cache", "past_key_
 _STEP_ARGS |= {"logits_to_keep", "return_dict"}
 
 
-def install_decoder(model) -> str | None:
+def install_decoder(model, checked=None) -> str | None:
     """Run a Llama-style model's decode steps (one new token per row, 1-16 rows) as one call to
     rowkernel.c's cai_decode_layers: norms, projections, rotary, the cache write, attention and
     the MLP of every layer, then the final norm; only the embedding lookup, the rotary table and
@@ -505,7 +505,8 @@ def install_decoder(model) -> str | None:
     layers keep fp32 buffers with room for the new token (hf.py's BufferedLayer: ``_keys`` and
     ``_values`` [rows, kv heads, capacity, head dim], ``keys``/``values`` their first n
     positions); any other call goes to the model's own forward. Checked against that forward on
-    one step before it is used. Returns None when installed, else why not."""
+    one step before it is used (``checked(run)``: the caller's way to remember the verdict of
+    ``run()``). Returns None when installed, else why not."""
     import dataclasses
     import functools
 
@@ -628,9 +629,16 @@ def install_decoder(model) -> str | None:
                 return out
         return own(*args, **kw)
 
-    why = _check_decoder(model, own, step, D)
-    if why:
-        return why
+    found = []
+
+    def run() -> bool:
+        found.append(_check_decoder(model, own, step, D))
+        return found[-1] is None
+
+    if not (checked or (lambda f: f()))(run):
+        return (
+            found[-1] if found else "the one-call decode step disagreed with the model's forward (remembered)"
+        )
     model.forward = forward
     model._cai_decoder = True
     return None
