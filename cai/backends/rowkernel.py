@@ -529,6 +529,9 @@ def install_decoder(model, checked=None) -> str | None:
     norms = [base.norm] + [m for lay in layers for m in (lay.input_layernorm, lay.post_attention_layernorm)]
     if len({getattr(m, "variance_epsilon", None) for m in norms}) != 1:
         return "norms with different epsilons"
+    weights = [m.weight for m in norms] + [base.embed_tokens.weight]
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
+        return "not an fp32 model on the CPU"
     structs = (_Layer * len(layers))()
     for lay, st in zip(layers, structs):
         mods = [lay.get_submodule(n) for n in _PROJ + _MLP]
@@ -555,14 +558,18 @@ def install_decoder(model, checked=None) -> str | None:
         if not cl or len(cl) != len(layers):
             return None
         n = cl[0].keys.shape[-2] if getattr(cl[0], "keys", None) is not None else -1
+        shape = getattr(getattr(cl[0], "_keys", None), "shape", None)  # one stride for all layers
         for c in cl:
             kb, vb = getattr(c, "_keys", None), getattr(c, "_values", None)
             if (
                 kb is None
                 or vb is None
                 or kb.dtype != torch.float32
-                or kb.shape != (B, KVH, kb.shape[2], D)
-                or vb.shape != kb.shape
+                or vb.dtype != torch.float32
+                or kb.device.type != "cpu"
+                or kb.shape != shape
+                or shape != (B, KVH, shape[2], D)
+                or vb.shape != shape
                 or not kb.is_contiguous()
                 or not vb.is_contiguous()
                 or c.keys.shape[-2] != n
@@ -640,7 +647,6 @@ def install_decoder(model, checked=None) -> str | None:
             found[-1] if found else "the one-call decode step disagreed with the model's forward (remembered)"
         )
     model.forward = forward
-    model._cai_decoder = True
     return None
 
 
