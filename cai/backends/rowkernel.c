@@ -19,6 +19,12 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM omp_get_thread_num()
+#else
+#define THREAD_NUM 0
+#endif
 
 enum { Q4_1 = 1, Q8_0 = 2, BF16 = 3 };
 
@@ -113,20 +119,37 @@ DEFS(BF16)
 #define ROW(F) {panel_##F##_1, panel_##F##_2, panel_##F##_4, panel_##F##_8, panel_##F##_12, panel_##F##_16}
 static const panel_fn PANELS[3][6] = {ROW(Q4_1), ROW(Q8_0), ROW(BF16)};
 
-/* xt: scratch of K * 16 floats. Returns 0, or 1 for shapes it does not take. */
-int cai_rows(int fmt, const float *x, const void *Wv, const float *bias, float *y, int M, int N,
-             int K, int threads, float *xt) {
-    const uint8_t *W = (const uint8_t *)Wv;
-    if (M < 1 || M > 16 || N % 16 || K % 32 || (fmt != Q4_1 && fmt != Q8_0 && fmt != BF16)) return 1;
-    int i = M <= 1 ? 0 : M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 3 : M <= 12 ? 4 : 5;
-    int MR = (int[]){1, 2, 4, 8, 12, 16}[i];
+static int variant(int M) { return M <= 1 ? 0 : M <= 2 ? 1 : M <= 4 ? 2 : M <= 8 ? 3 : M <= 12 ? 4 : 5; }
+static int rows_for(int M) { return (int[]){1, 2, 4, 8, 12, 16}[variant(M)]; }
+
+static int rows_shape_ok(int fmt, int M, int N, int K) {
+    return M >= 1 && M <= 16 && N % 16 == 0 && K % 32 == 0 && (fmt == Q4_1 || fmt == Q8_0 || fmt == BF16);
+}
+
+/* xt [K][MR] <- x [M][K], the rows past M zero (MR = rows_for(M)) */
+static void transpose_in(const float *x, float *xt, int M, int K) {
+    int MR = rows_for(M);
     for (int k = 0; k < K; k++)
         for (int r = 0; r < MR; r++) xt[(size_t)k * MR + r] = r < M ? x[(size_t)r * K + k] : 0.0f;
-    panel_fn fn = PANELS[fmt - 1][i];
+}
+
+/* y [M][N] = x W^T (+ bias) from x already transposed into xt */
+static void rows_t(int fmt, const float *xt, const void *Wv, const float *bias, float *y, int M, int N, int K,
+                   int threads) {
+    const uint8_t *W = (const uint8_t *)Wv;
+    panel_fn fn = PANELS[fmt - 1][variant(M)];
     long pb = cai_panel_bytes(fmt, K);
     int panels = N / 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int j = 0; j < panels; j++) fn(W + pb * j, xt, K, bias, y, M, N, j);
+}
+
+/* xt: scratch of K * 16 floats. Returns 0, or 1 for shapes it does not take. */
+int cai_rows(int fmt, const float *x, const void *W, const float *bias, float *y, int M, int N,
+             int K, int threads, float *xt) {
+    if (!rows_shape_ok(fmt, M, N, K)) return 1;
+    transpose_in(x, xt, M, K);
+    rows_t(fmt, xt, W, bias, y, M, N, K, threads);
     return 0;
 }
 
@@ -158,130 +181,152 @@ static inline __m512 exp512(__m512 x) {
 #define ATT_MAX_G 8   /* query heads per KV head */
 #define ATT_MAX_D 256
 
+static int attention_ok(int B, int H, int KVH, int L, int D) {
+    int G = KVH > 0 ? H / KVH : 0;
+    return B >= 1 && L >= 1 && G >= 1 && G * KVH == H && G <= ATT_MAX_G && D % 16 == 0 && D <= ATT_MAX_D;
+}
+
+/* one (row b, KV head h): its G query heads against positions 0..L-1; s: scratch of G * Lp floats */
+static void attend(const float *q, const float *k, const float *v, const uint8_t *keep, float *out, int b, int h,
+                   int H, int KVH, int L, int D, long kb, long kh, long vb, long vh, float scale, float *s) {
+    int G = H / KVH, nd = D / 16, Lp = (L + 15) & ~15;
+    const float *kk = k + b * kb + h * kh, *vv = v + b * vb + h * vh;
+    const float *qq = q + ((size_t)b * H + (size_t)h * G) * D;
+    const uint8_t *m = keep ? keep + (size_t)b * L : 0;
+    __m512 qv[ATT_MAX_G][ATT_MAX_D / 16];
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < nd; i++)
+            qv[g][i] = _mm512_mul_ps(_mm512_loadu_ps(qq + (size_t)g * D + 16 * i), _mm512_set1_ps(scale));
+    float mx[ATT_MAX_G];
+    for (int g = 0; g < G; g++) mx[g] = -INFINITY;
+    for (int j = 0; j < L; j++) {
+        const float *kj = kk + (size_t)j * D;
+        _mm_prefetch((const char *)(kj + 4 * D), _MM_HINT_T0);
+        if (m && !m[j]) {
+            for (int g = 0; g < G; g++) s[(size_t)g * Lp + j] = -INFINITY;
+            continue;
+        }
+        for (int g = 0; g < G; g++) {
+            __m512 a = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(kj));
+            for (int i = 1; i < nd; i++) a = _mm512_fmadd_ps(qv[g][i], _mm512_loadu_ps(kj + 16 * i), a);
+            float d = _mm512_reduce_add_ps(a);
+            s[(size_t)g * Lp + j] = d;
+            if (d > mx[g]) mx[g] = d;
+        }
+    }
+    float inv[ATT_MAX_G];
+    for (int g = 0; g < G; g++) {
+        float *sg = s + (size_t)g * Lp;
+        __m512 mxv = _mm512_set1_ps(mx[g]), sum = _mm512_setzero_ps();
+        for (int j = 0; j < L; j += 16) {
+            __mmask16 mk = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(mk, sg + j);
+            __mmask16 live = _mm512_mask_cmp_ps_mask(mk, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(x, mxv)));
+            _mm512_mask_storeu_ps(sg + j, mk, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        float z = _mm512_reduce_add_ps(sum);
+        inv[g] = z > 0 ? 1.0f / z : 0.0f;
+    }
+    __m512 acc[ATT_MAX_G][ATT_MAX_D / 16];
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < nd; i++) acc[g][i] = _mm512_setzero_ps();
+    for (int j = 0; j < L; j++) {
+        if (m && !m[j]) continue;
+        const float *vj = vv + (size_t)j * D;
+        _mm_prefetch((const char *)(vj + 4 * D), _MM_HINT_T0);
+        for (int g = 0; g < G; g++) {
+            __m512 p = _mm512_set1_ps(s[(size_t)g * Lp + j]);
+            for (int i = 0; i < nd; i++) acc[g][i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * i), acc[g][i]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < nd; i++)
+            _mm512_storeu_ps(out + ((size_t)b * H + (size_t)h * G + g) * D + 16 * i,
+                             _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g])));
+}
+
 int cai_decode_attention(const float *q, const float *k, const float *v, const uint8_t *keep, float *out,
                          int B, int H, int KVH, int L, int D, long kb, long kh, long vb, long vh,
                          float scale, int threads) {
-    int G = KVH > 0 ? H / KVH : 0;
-    if (B < 1 || L < 1 || G < 1 || G * KVH != H || G > ATT_MAX_G || D % 16 || D > ATT_MAX_D) return 1;
-    int tasks = B * KVH, nd = D / 16;
-    int Lp = (L + 15) & ~15;
-    int bad = 0;
+    if (!attention_ok(B, H, KVH, L, D)) return 1;
+    int tasks = B * KVH;
+    size_t per = (size_t)(H / KVH) * ((L + 15) & ~15);
+    float *s = (float *)_mm_malloc(sizeof(float) * per * (threads > 1 ? threads : 1), 64);
+    if (!s) return 2;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        float *s = (float *)_mm_malloc(sizeof(float) * (size_t)G * Lp, 64);
-        if (!s) {
-#pragma omp atomic write
-            bad = 1;
-        }
+        float *mine = s + per * THREAD_NUM;
 #pragma omp for schedule(static)
-        for (int t = 0; t < tasks; t++) {
-            if (!s) continue;
-            int b = t / KVH, h = t % KVH;
-            const float *kk = k + b * kb + h * kh, *vv = v + b * vb + h * vh;
-            const float *qq = q + ((size_t)b * H + (size_t)h * G) * D;
-            const uint8_t *m = keep ? keep + (size_t)b * L : 0;
-            __m512 qv[ATT_MAX_G][ATT_MAX_D / 16];
-            for (int g = 0; g < G; g++)
-                for (int i = 0; i < nd; i++)
-                    qv[g][i] = _mm512_mul_ps(_mm512_loadu_ps(qq + (size_t)g * D + 16 * i), _mm512_set1_ps(scale));
-            float mx[ATT_MAX_G];
-            for (int g = 0; g < G; g++) mx[g] = -INFINITY;
-            for (int j = 0; j < L; j++) {
-                const float *kj = kk + (size_t)j * D;
-                _mm_prefetch((const char *)(kj + 4 * D), _MM_HINT_T0);
-                if (m && !m[j]) {
-                    for (int g = 0; g < G; g++) s[(size_t)g * Lp + j] = -INFINITY;
-                    continue;
-                }
-                for (int g = 0; g < G; g++) {
-                    __m512 a = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(kj));
-                    for (int i = 1; i < nd; i++) a = _mm512_fmadd_ps(qv[g][i], _mm512_loadu_ps(kj + 16 * i), a);
-                    float d = _mm512_reduce_add_ps(a);
-                    s[(size_t)g * Lp + j] = d;
-                    if (d > mx[g]) mx[g] = d;
-                }
-            }
-            float inv[ATT_MAX_G];
-            for (int g = 0; g < G; g++) {
-                float *sg = s + (size_t)g * Lp;
-                __m512 mxv = _mm512_set1_ps(mx[g]), sum = _mm512_setzero_ps();
-                for (int j = 0; j < L; j += 16) {
-                    __mmask16 mk = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
-                    __m512 x = _mm512_maskz_loadu_ps(mk, sg + j);
-                    __mmask16 live = _mm512_mask_cmp_ps_mask(mk, x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-                    __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(x, mxv)));
-                    _mm512_mask_storeu_ps(sg + j, mk, e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                float z = _mm512_reduce_add_ps(sum);
-                inv[g] = z > 0 ? 1.0f / z : 0.0f;
-            }
-            __m512 acc[ATT_MAX_G][ATT_MAX_D / 16];
-            for (int g = 0; g < G; g++)
-                for (int i = 0; i < nd; i++) acc[g][i] = _mm512_setzero_ps();
-            for (int j = 0; j < L; j++) {
-                if (m && !m[j]) continue;
-                const float *vj = vv + (size_t)j * D;
-                _mm_prefetch((const char *)(vj + 4 * D), _MM_HINT_T0);
-                for (int g = 0; g < G; g++) {
-                    __m512 p = _mm512_set1_ps(s[(size_t)g * Lp + j]);
-                    for (int i = 0; i < nd; i++) acc[g][i] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * i), acc[g][i]);
-                }
-            }
-            for (int g = 0; g < G; g++)
-                for (int i = 0; i < nd; i++)
-                    _mm512_storeu_ps(out + ((size_t)b * H + (size_t)h * G + g) * D + 16 * i,
-                                     _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g])));
-        }
-        if (s) _mm_free(s);
+        for (int t = 0; t < tasks; t++)
+            attend(q, k, v, keep, out, t / KVH, t % KVH, H, KVH, L, D, kb, kh, vb, vh, scale, mine);
     }
-    return bad ? 2 : 0;
+    _mm_free(s);
+    return 0;
 }
 
-/* ---- a whole decode step of a Llama-style decoder, one call for all layers -------------------
- * Per layer, for B rows (one new token each) at cache position n:
- *   x = rmsnorm(h) * w_in;  q, k, v = x Wq, x Wk, x Wv (+ biases);  rotary on q and k (rotate-half
- *   form, the caller's cos/sin per row);  k, v written at position n of the layer's cache;
- *   a = attention(q, cache[0..n], keep);  h += a Wo;  x = rmsnorm(h) * w_post;
- *   h += (silu(x Wg) * x Wu) Wd
- * then h = rmsnorm(h) * w_final. Each elementwise step rounds as transformers' Llama code does
- * (x * r then w * that; q * cos + rot(q) * sin; residual + out; silu = x / (1 + exp(-x))), so
- * only the order of sums and exp's last bit differ from the torch path. What it saves is the
- * ~50 small torch operations per layer around the matrix products and their Python. */
+static float sum_sq(const float *x, int N) {
+    __m512 a = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= N; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        a = _mm512_add_ps(a, _mm512_mul_ps(v, v));
+    }
+    float s = _mm512_reduce_add_ps(a);
+    for (; i < N; i++) s += x[i] * x[i];
+    return s;
+}
 
-typedef struct {
-    const void *w[7];       /* packed q, k, v, o, gate, up, down (cai_panel_bytes layout) */
-    int fmt[7];
-    const float *bias[7];   /* or NULL */
-    const float *norm_in, *norm_post;
-    float *k, *v;           /* this layer's cache buffers: [B, KVH, cap, D] with strides kb, kh */
-} cai_layer;
-
+/* y [B][N] = w * (x * 1/sqrt(mean(x^2) + eps)), as LlamaRMSNorm rounds it */
 static void rmsnorm(const float *x, const float *w, float *y, int B, int N, float eps) {
     for (int b = 0; b < B; b++) {
         const float *xb = x + (size_t)b * N;
-        float *yb = y + (size_t)b * N;
-        float ss = 0.0f;
-        for (int i = 0; i < N; i++) ss += xb[i] * xb[i];
-        float r = 1.0f / sqrtf(ss / (float)N + eps);
-        for (int i = 0; i < N; i++) yb[i] = w[i] * (xb[i] * r);
+        float r = 1.0f / sqrtf(sum_sq(xb, N) / (float)N + eps);
+        for (int i = 0; i < N; i++) y[(size_t)b * N + i] = w[i] * (xb[i] * r);
     }
 }
 
-/* rows [B, heads * D] in place; cos/sin [B, D] */
-static void rotary(float *x, const float *cs, const float *sn, int B, int heads, int D) {
-    int half = D / 2;
-    float tmp[ATT_MAX_D];
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < heads; h++) {
-            float *v = x + ((size_t)b * heads + h) * D;
-            const float *c = cs + (size_t)b * D, *s = sn + (size_t)b * D;
-            for (int i = 0; i < D; i++) tmp[i] = v[i];
-            for (int i = 0; i < half; i++) v[i] = tmp[i] * c[i] + (-tmp[i + half]) * s[i];
-            for (int i = half; i < D; i++) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
-        }
+/* Below, functions with "omp for" share their loop among the threads of the caller's parallel
+ * region (each ends with a barrier); called outside one, a single thread runs it all. */
+
+/* rmsnorm written transposed for the panels: xt [N][MR], rows past B zero */
+static void rmsnorm_t(const float *x, const float *w, float *xt, int B, int N, float eps) {
+    int MR = rows_for(B);
+    float r[16];
+    for (int b = 0; b < B; b++) r[b] = 1.0f / sqrtf(sum_sq(x + (size_t)b * N, N) / (float)N + eps);
+#pragma omp for schedule(static)
+    for (int i = 0; i < N; i++)
+        for (int b = 0; b < MR; b++) xt[(size_t)i * MR + b] = b < B ? w[i] * (x[(size_t)b * N + i] * r[b]) : 0.0f;
 }
 
+static void transpose_shared(const float *x, float *xt, int M, int K) {
+    int MR = rows_for(M);
+#pragma omp for schedule(static)
+    for (int k = 0; k < K; k++)
+        for (int r = 0; r < MR; r++) xt[(size_t)k * MR + r] = r < M ? x[(size_t)r * K + k] : 0.0f;
+}
+
+/* x += y, both [B][N] */
+static void add_shared(float *x, const float *y, int B, int N) {
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < N; i++) x[(size_t)b * N + i] = x[(size_t)b * N + i] + y[(size_t)b * N + i];
+}
+
+/* one row's heads [heads][D] in place, rotate-half form: x * cos + rot(x) * sin */
+static void rotary(float *x, const float *c, const float *s, int heads, int D) {
+    int half = D / 2;
+    float tmp[ATT_MAX_D];
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (size_t)h * D;
+        for (int i = 0; i < D; i++) tmp[i] = v[i];
+        for (int i = 0; i < half; i++) v[i] = tmp[i] * c[i] + (-tmp[i + half]) * s[i];
+        for (int i = half; i < D; i++) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
+    }
+}
+
+/* g = silu(g) * u = g / (1 + exp(-g)) * u */
 static void silu_mul(float *g, const float *u, size_t n) {
     size_t i = 0;
     const __m512 one = _mm512_set1_ps(1.0f);
@@ -293,47 +338,110 @@ static void silu_mul(float *g, const float *u, size_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* products that read the same transposed input, their panels shared out as one loop */
+typedef struct {
+    panel_fn fn;
+    const uint8_t *W;
+    long pb;
+    const float *bias;
+    float *y;
+    int N, K;
+} product;
+
+static product prod(int fmt, const void *W, const float *bias, float *y, int M, int N, int K) {
+    product p = {PANELS[fmt - 1][variant(M)], (const uint8_t *)W, cai_panel_bytes(fmt, K), bias, y, N, K};
+    return p;
+}
+
+static void products_shared(const product *P, int np, const float *xt, int M) {
+    int total = 0;
+    for (int i = 0; i < np; i++) total += P[i].N / 16;
+#pragma omp for schedule(static)
+    for (int t = 0; t < total; t++) {
+        int i = 0, j = t;
+        while (j >= P[i].N / 16) j -= P[i++].N / 16;
+        P[i].fn(P[i].W + P[i].pb * j, xt, P[i].K, P[i].bias, P[i].y, M, P[i].N, j);
+    }
+}
+
+/* ---- a whole decode step of a Llama-style decoder, one call for all layers -------------------
+ * Per layer, for B rows (one new token each) at cache position n:
+ *   x = rmsnorm(h) * w_in;  q, k, v = x Wq, x Wk, x Wv (+ biases);  rotary on q and k (rotate-half
+ *   form, the caller's cos/sin per row);  k, v written at position n of the layer's cache;
+ *   a = attention(q, cache[0..n], keep);  h += a Wo;  x = rmsnorm(h) * w_post;
+ *   h += (silu(x Wg) * x Wu) Wd
+ * then out = rmsnorm(h) * w_final. Each elementwise step rounds as transformers' Llama code does
+ * (x * r then w * that; q * cos + rot(q) * sin; residual + out; silu = x / (1 + exp(-x))), so
+ * only the order of sums and exp's last bit differ from the torch path. What it saves is the
+ * ~50 small torch operations per layer around the matrix products and their Python; the whole
+ * step is one OpenMP parallel region (barriers between stages, no fork/join per product). */
+
+typedef struct {
+    const void *w[7];       /* packed q, k, v, o, gate, up, down (cai_panel_bytes layout) */
+    int fmt[7];
+    const float *bias[7];   /* or NULL */
+    const float *norm_in, *norm_post;
+    float *k, *v;           /* this layer's cache buffers: [B, KVH, cap, D] with strides kb, kh */
+} cai_layer;
+
 int cai_decode_layers(const cai_layer *layers, int nl, float *h, float *out, const float *norm_final, int B,
                       int hidden, int H, int KVH, int D, int I, float eps, const float *cs, const float *sn,
                       const uint8_t *keep, int n, long kb, long kh, float scale, int threads) {
-    int qn = H * D, kvn = KVH * D;
-    if (B < 1 || B > 16 || n < 0 || D > ATT_MAX_D || D % 2) return 1;
+    int qn = H * D, kvn = KVH * D, L = n + 1;
+    if (B < 1 || B > 16 || n < 0 || !attention_ok(B, H, KVH, L, D)) return 1;
+    const int N[7] = {qn, kvn, kvn, hidden, I, I, hidden}, K[7] = {hidden, hidden, hidden, qn, hidden, hidden, I};
+    for (int l = 0; l < nl; l++)
+        for (int i = 0; i < 7; i++)
+            if (!rows_shape_ok(layers[l].fmt[i], B, N[i], K[i])) return 1;
     int maxk = hidden > I ? hidden : I;
     if (qn > maxk) maxk = qn;
-    size_t need = (size_t)B * (hidden + qn + 2 * kvn + qn + hidden + 2 * (size_t)I) + (size_t)16 * maxk;
+    size_t per = (size_t)(H / KVH) * ((L + 15) & ~15);  /* attention scratch per thread */
+    int nt = threads > 1 ? threads : 1;
+    size_t need = (size_t)B * (qn + 2 * kvn + qn + hidden + 2 * (size_t)I) + (size_t)16 * maxk + per * nt;
     float *buf = (float *)_mm_malloc(sizeof(float) * need, 64);
     if (!buf) return 2;
-    float *x = buf, *q = x + (size_t)B * hidden, *kk = q + (size_t)B * qn, *vv = kk + (size_t)B * kvn;
+    float *q = buf, *kk = q + (size_t)B * qn, *vv = kk + (size_t)B * kvn;
     float *att = vv + (size_t)B * kvn, *o = att + (size_t)B * qn, *g = o + (size_t)B * hidden;
-    float *u = g + (size_t)B * I, *xt = u + (size_t)B * I;
-    int rc = 0;
-    for (int l = 0; l < nl && !rc; l++) {
-        const cai_layer *L = layers + l;
-        rmsnorm(h, L->norm_in, x, B, hidden, eps);
-        rc |= cai_rows(L->fmt[0], x, L->w[0], L->bias[0], q, B, qn, hidden, threads, xt);
-        rc |= cai_rows(L->fmt[1], x, L->w[1], L->bias[1], kk, B, kvn, hidden, threads, xt);
-        rc |= cai_rows(L->fmt[2], x, L->w[2], L->bias[2], vv, B, kvn, hidden, threads, xt);
-        if (rc) break;
-        rotary(q, cs, sn, B, H, D);
-        rotary(kk, cs, sn, B, KVH, D);
-        for (int b = 0; b < B; b++)
-            for (int j = 0; j < KVH; j++) {
-                memcpy(L->k + b * kb + j * kh + (size_t)n * D, kk + ((size_t)b * KVH + j) * D, sizeof(float) * D);
-                memcpy(L->v + b * kb + j * kh + (size_t)n * D, vv + ((size_t)b * KVH + j) * D, sizeof(float) * D);
+    float *u = g + (size_t)B * I, *xt = u + (size_t)B * I, *scratch = xt + (size_t)16 * maxk;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *s = scratch + per * THREAD_NUM;
+        for (int l = 0; l < nl; l++) {
+            const cai_layer *Ly = layers + l;
+            product qkv[3], gu[2], od[1];
+            for (int i = 0; i < 3; i++) qkv[i] = prod(Ly->fmt[i], Ly->w[i], Ly->bias[i], i ? (i == 1 ? kk : vv) : q, B, N[i], K[i]);
+            rmsnorm_t(h, Ly->norm_in, xt, B, hidden, eps);  /* one transposed input for q, k and v */
+            products_shared(qkv, 3, xt, B);
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                rotary(q + (size_t)b * qn, cs + (size_t)b * D, sn + (size_t)b * D, H, D);
+                rotary(kk + (size_t)b * kvn, cs + (size_t)b * D, sn + (size_t)b * D, KVH, D);
+                for (int j = 0; j < KVH; j++) {
+                    memcpy(Ly->k + b * kb + j * kh + (size_t)n * D, kk + (size_t)b * kvn + (size_t)j * D, sizeof(float) * D);
+                    memcpy(Ly->v + b * kb + j * kh + (size_t)n * D, vv + (size_t)b * kvn + (size_t)j * D, sizeof(float) * D);
+                }
             }
-        rc |= cai_decode_attention(q, L->k, L->v, keep, att, B, H, KVH, n + 1, D, kb, kh, kb, kh, scale, threads);
-        rc |= cai_rows(L->fmt[3], att, L->w[3], L->bias[3], o, B, hidden, qn, threads, xt);
-        if (rc) break;
-        for (size_t i = 0; i < (size_t)B * hidden; i++) h[i] = h[i] + o[i];
-        rmsnorm(h, L->norm_post, x, B, hidden, eps);
-        rc |= cai_rows(L->fmt[4], x, L->w[4], L->bias[4], g, B, I, hidden, threads, xt);
-        rc |= cai_rows(L->fmt[5], x, L->w[5], L->bias[5], u, B, I, hidden, threads, xt);
-        if (rc) break;
-        silu_mul(g, u, (size_t)B * I);
-        rc |= cai_rows(L->fmt[6], g, L->w[6], L->bias[6], o, B, hidden, I, threads, xt);
-        for (size_t i = 0; i < (size_t)B * hidden; i++) h[i] = h[i] + o[i];
+#pragma omp for schedule(static)
+            for (int t = 0; t < B * KVH; t++)
+                attend(q, Ly->k, Ly->v, keep, att, t / KVH, t % KVH, H, KVH, L, D, kb, kh, kb, kh, scale, s);
+            transpose_shared(att, xt, B, qn);
+            od[0] = prod(Ly->fmt[3], Ly->w[3], Ly->bias[3], o, B, hidden, qn);
+            products_shared(od, 1, xt, B);
+            add_shared(h, o, B, hidden);
+            rmsnorm_t(h, Ly->norm_post, xt, B, hidden, eps);  /* one for gate and up */
+            gu[0] = prod(Ly->fmt[4], Ly->w[4], Ly->bias[4], g, B, I, hidden);
+            gu[1] = prod(Ly->fmt[5], Ly->w[5], Ly->bias[5], u, B, I, hidden);
+            products_shared(gu, 2, xt, B);
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) silu_mul(g + (size_t)b * I, u + (size_t)b * I, (size_t)I);
+            transpose_shared(g, xt, B, I);
+            od[0] = prod(Ly->fmt[6], Ly->w[6], Ly->bias[6], o, B, hidden, I);
+            products_shared(od, 1, xt, B);
+            add_shared(h, o, B, hidden);
+        }
+#pragma omp single
+        rmsnorm(h, norm_final, out, B, hidden, eps);
     }
-    if (!rc) rmsnorm(h, norm_final, out, B, hidden, eps);
     _mm_free(buf);
-    return rc ? 3 : 0;
+    return 0;
 }
