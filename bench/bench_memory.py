@@ -143,7 +143,7 @@ def main():
     lines = [
         "# Peak memory (RSS) with the embedded defaults, CPU",
         "",
-        f"command: `.venv/bin/python bench/bench_memory.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+        f"command: `{' '.join(['.venv/bin/python', 'bench/bench_memory.py', *sys.argv[1:]])}`  ",
         f"machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d %H:%M')}; peak RSS = ru_maxrss of "
         "the "
         "process (os.wait4)",

@@ -344,7 +344,7 @@ def main():
         f"{a.max_new_tokens} new tokens, greedy, CPU)"
     )
     say("")
-    say(f"command: `.venv/bin/python bench/bench_peer.py {' '.join(sys.argv[1:])}`".replace(" `", "`") + "  ")
+    say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_peer.py', *sys.argv[1:]])}`  ")
     say(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s) on both sides), "
         f"transformers {transformers.__version__}; date {time.strftime('%Y-%m-%d %H:%M')}  "
@@ -421,7 +421,9 @@ def main():
         "cache cai keeps from the stage before, so that part is not computed again; (6) **the decode "
         "kernel**: cai's decode steps multiply by the weights in the GGUF file's own 4/8-bit blocks "
         "(cai/backends/rowkernel.py: 96 MB read per step instead of 538 MB of fp32, expanded in registers "
-        "to the same fp32 values), where the peer's pipeline streams the fp32 weights through torch. "
+        "to the same fp32 values), and each decode step runs as one call into it for all layers (norms, "
+        "rotary, the cache write, attention, the MLP: no small torch operations between them), where the "
+        "peer's pipeline streams the fp32 weights through torch, op by op. "
         + (
             "The hf backend's one-time path checks (its decode loop, KV reuse and the judge's prefix tree, "
             "each against the plain path) had verdicts remembered in $CAI_CACHE/checks.json from an "

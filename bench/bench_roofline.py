@@ -355,7 +355,7 @@ def main():
         f"{a.max_new_tokens} new tokens, judge on, batch {a.batch_size}, CPU)"
     )
     say("")
-    say(f"command: `.venv/bin/python bench/bench_roofline.py {' '.join(sys.argv[1:])}`".rstrip() + "  ")
+    say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_roofline.py', *sys.argv[1:]])}`  ")
     say(
         f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s)), transformers "
         f"{transformers.__version__}; load average {load0} at start, {load1} at end; "

@@ -120,7 +120,7 @@ def main():
         f"{torch.get_num_threads()} thread(s))"
     )
     say("")
-    say(f"command: `.venv/bin/python bench/bench_scaling.py {' '.join(sys.argv[1:])}`".rstrip() + "  ")
+    say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_scaling.py', *sys.argv[1:]])}`  ")
     say(
         f"date {time.strftime('%Y-%m-%d %H:%M')}; model loaded once; prompts = the 31 shipped ones cycled "
         "with fresh ids; "

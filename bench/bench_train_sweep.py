@@ -563,7 +563,7 @@ def render(full_rows, frozen, noise_rows, best, argv: str) -> str:
     L = [
         "## Recipe sweep (shared dev, 499 pairs; trained on the 1,297 valid shared train pairs)",
         "",
-        f"command: `.venv/bin/python bench/bench_train_sweep.py {argv}`".replace(" `", " `").rstrip()
+        f"command: `{' '.join(['.venv/bin/python', 'bench/bench_train_sweep.py', *argv.split()])}`"
         + " (load average at end "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)",
         "",
