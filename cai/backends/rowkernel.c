@@ -91,8 +91,9 @@ AI void panel(const int fmt, const int MR, const uint8_t *p, const float *xt, in
             p += 320;
         } else {
             const int8_t *q = (const int8_t *)(p + 32);
+#pragma GCC unroll 32
             for (int k = 0; k < 32; k++) {
-                _mm_prefetch((const char *)(q + 16 * k) + 1024, _MM_HINT_T0);
+                if (k % 4 == 0) _mm_prefetch((const char *)(q + 16 * k) + 1024, _MM_HINT_T0); /* once a line */
                 __m512 w = q8_one(q + 16 * k, d);
                 FMA_ROWS(w, b * 32 + k);
             }
