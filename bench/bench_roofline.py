@@ -463,10 +463,17 @@ def main():
         kv_ms = kv_mb / 1e3 / stream * 1000
         floor_ms = 1000 * 2 * 16 * lin_params(backend.model) / 1e9 / peak_c + kv_ms
         best = 100 * (prof.b16[0] / prof.b16_steps) / 1e9 / (floor_ms / 1000) / peak_c
+        rough = (
+            "; each layer called on its own from Python: with more than one thread that includes per-call "
+            "overhead and idle threads the one-call step does not have, so the split is rough"
+            if threads > 1
+            else ""
+        )
         say(
             f"- Where a batch-16 decode step's {step_ms:.0f} CPU-ms go: its linear layers take "
             f"~{lin_ms:.0f} ms "
-            f"(from the row above); attention reads the fp32 KV cache, on average {kv_mb:.0f} MB per step "
+            f"(from the row above{rough}); attention reads the fp32 KV cache, on average "
+            f"{kv_mb:.0f} MB per step "
             f"(16 rows x {prof.b16_kv / 16 / prof.b16_steps:.0f} positions x {prof.layers} layers, K and V), "
             f"~{kv_ms:.0f} ms at the rate this core streams memory (a matrix-vector product: {stream:.1f} "
             f"GB/CPU-s); the remaining ~{max(0.0, step_ms - lin_ms - kv_ms):.0f} ms are "
