@@ -437,8 +437,10 @@ def run_review(cfg: ReviewConfig, ready=None) -> dict:
                     ready(server)
                 else:
                     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+                    # Short sleeps: Python runs signal handlers in the main thread, and a signal
+                    # the kernel hands to a request thread does not cut a long sleep short.
                     while True:
-                        time.sleep(3600)
+                        time.sleep(0.5)
             except KeyboardInterrupt:
                 pass
             finally:
