@@ -127,9 +127,11 @@ static int rows_shape_ok(int fmt, int M, int N, int K) {
     return M >= 1 && M <= 16 && N % 16 == 0 && K % 32 == 0 && (fmt == Q4_1 || fmt == Q8_0 || fmt == BF16);
 }
 
-/* xt [K][MR] <- x [M][K], the rows past M zero (MR = rows_for(M)) */
-static void transpose_in(const float *x, float *xt, int M, int K) {
+/* xt [K][MR] <- x [M][K], the rows past M zero (MR = rows_for(M)). Its "omp for" shares the
+ * loop among the threads of the caller's parallel region; outside one, one thread runs it. */
+static void transpose_shared(const float *x, float *xt, int M, int K) {
     int MR = rows_for(M);
+#pragma omp for schedule(static)
     for (int k = 0; k < K; k++)
         for (int r = 0; r < MR; r++) xt[(size_t)k * MR + r] = r < M ? x[(size_t)r * K + k] : 0.0f;
 }
@@ -149,7 +151,7 @@ static void rows_t(int fmt, const float *xt, const void *Wv, const float *bias, 
 int cai_rows(int fmt, const float *x, const void *W, const float *bias, float *y, int M, int N,
              int K, int threads, float *xt) {
     if (!rows_shape_ok(fmt, M, N, K)) return 1;
-    transpose_in(x, xt, M, K);
+    transpose_shared(x, xt, M, K);
     rows_t(fmt, xt, W, bias, y, M, N, K, threads);
     return 0;
 }
@@ -299,13 +301,6 @@ static void rmsnorm_t(const float *x, const float *w, float *xt, int B, int N, f
 #pragma omp for schedule(static)
     for (int i = 0; i < N; i++)
         for (int b = 0; b < MR; b++) xt[(size_t)i * MR + b] = b < B ? w[i] * (x[(size_t)b * N + i] * r[b]) : 0.0f;
-}
-
-static void transpose_shared(const float *x, float *xt, int M, int K) {
-    int MR = rows_for(M);
-#pragma omp for schedule(static)
-    for (int k = 0; k < K; k++)
-        for (int r = 0; r < MR; r++) xt[(size_t)k * MR + r] = r < M ? x[(size_t)r * K + k] : 0.0f;
 }
 
 /* x += y, both [B][N] */
