@@ -639,7 +639,7 @@ def install_decoder(model, checked=None) -> str | None:
     found = []
 
     def run() -> bool:
-        found.append(_check_decoder(model, own, step, D))
+        found.append(_check_decoder(model, own, step))
         return found[-1] is None
 
     if not (checked or (lambda f: f()))(run):
@@ -650,11 +650,13 @@ def install_decoder(model, checked=None) -> str | None:
     return None
 
 
-def _check_decoder(model, own, step, D) -> str | None:
+def _check_decoder(model, own, step) -> str | None:
     """One fused step against the model's own forward, with left padding and a buffered cache."""
     import inspect
 
     import torch
+
+    from cai.backends.hf import _preallocate
 
     kw = "cache" if "cache" in inspect.signature(own).parameters else "past_key_values"
     gen = torch.Generator().manual_seed(0)
@@ -668,13 +670,7 @@ def _check_decoder(model, own, step, D) -> str | None:
         ref = own(input_ids=ids, attention_mask=mask[:, :T], position_ids=pos, use_cache=True)
         cache = getattr(ref, "cache", None) or ref.past_key_values
         mine = copy.deepcopy(cache)
-        for c in mine.layers:
-            for name in ("keys", "values"):
-                t = getattr(c, name)
-                buf = t.new_zeros(t.shape[:2] + (T + 3, D))
-                buf[..., :T, :] = t
-                setattr(c, "_" + name, buf)
-                setattr(c, name, buf[..., :T, :])
+        _preallocate(mine, 3)  # the buffered cache hf's decode loop hands to the step
         want = own(
             input_ids=nxt, attention_mask=mask, position_ids=pos[:, -1:] + 1, use_cache=True, **{kw: cache}
         )
