@@ -136,23 +136,43 @@ static void transpose_shared(const float *x, float *xt, int M, int K) {
         for (int r = 0; r < MR; r++) xt[(size_t)k * MR + r] = r < M ? x[(size_t)r * K + k] : 0.0f;
 }
 
-/* y [M][N] = x W^T (+ bias) from x already transposed into xt */
-static void rows_t(int fmt, const float *xt, const void *Wv, const float *bias, float *y, int M, int N, int K,
-                   int threads) {
-    const uint8_t *W = (const uint8_t *)Wv;
-    panel_fn fn = PANELS[fmt - 1][variant(M)];
-    long pb = cai_panel_bytes(fmt, K);
-    int panels = N / 16;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int j = 0; j < panels; j++) fn(W + pb * j, xt, K, bias, y, M, N, j);
+/* products y [M][N] = x W^T (+ bias) that read the same transposed input xt; products_shared
+ * shares their panels out as one loop among the threads of the caller's parallel region */
+typedef struct {
+    panel_fn fn;
+    const uint8_t *W;
+    long pb;
+    const float *bias;
+    float *y;
+    int N, K;
+} product;
+
+static product prod(int fmt, const void *W, const float *bias, float *y, int M, int N, int K) {
+    product p = {PANELS[fmt - 1][variant(M)], (const uint8_t *)W, cai_panel_bytes(fmt, K), bias, y, N, K};
+    return p;
+}
+
+static void products_shared(const product *P, int np, const float *xt, int M) {
+    int total = 0;
+    for (int i = 0; i < np; i++) total += P[i].N / 16;
+#pragma omp for schedule(static)
+    for (int t = 0; t < total; t++) {
+        int i = 0, j = t;
+        while (j >= P[i].N / 16) j -= P[i++].N / 16;
+        P[i].fn(P[i].W + P[i].pb * j, xt, P[i].K, P[i].bias, P[i].y, M, P[i].N, j);
+    }
 }
 
 /* xt: scratch of K * 16 floats. Returns 0, or 1 for shapes it does not take. */
 int cai_rows(int fmt, const float *x, const void *W, const float *bias, float *y, int M, int N,
              int K, int threads, float *xt) {
     if (!rows_shape_ok(fmt, M, N, K)) return 1;
-    transpose_shared(x, xt, M, K);
-    rows_t(fmt, xt, W, bias, y, M, N, K, threads);
+    product p = prod(fmt, W, bias, y, M, N, K);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        transpose_shared(x, xt, M, K);
+        products_shared(&p, 1, xt, M);
+    }
     return 0;
 }
 
@@ -332,32 +352,6 @@ static void silu_mul(float *g, const float *u, size_t n) {
         _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
     }
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-/* products that read the same transposed input, their panels shared out as one loop */
-typedef struct {
-    panel_fn fn;
-    const uint8_t *W;
-    long pb;
-    const float *bias;
-    float *y;
-    int N, K;
-} product;
-
-static product prod(int fmt, const void *W, const float *bias, float *y, int M, int N, int K) {
-    product p = {PANELS[fmt - 1][variant(M)], (const uint8_t *)W, cai_panel_bytes(fmt, K), bias, y, N, K};
-    return p;
-}
-
-static void products_shared(const product *P, int np, const float *xt, int M) {
-    int total = 0;
-    for (int i = 0; i < np; i++) total += P[i].N / 16;
-#pragma omp for schedule(static)
-    for (int t = 0; t < total; t++) {
-        int i = 0, j = t;
-        while (j >= P[i].N / 16) j -= P[i++].N / 16;
-        P[i].fn(P[i].W + P[i].pb * j, xt, P[i].K, P[i].bias, P[i].y, M, P[i].N, j);
-    }
 }
 
 /* ---- a whole decode step of a Llama-style decoder, one call for all layers -------------------
