@@ -166,14 +166,13 @@ class HFBackend:
         """Which kernel multiplies a decode step's rows by the weights (for provenance)."""
         if self.device != "cpu":
             return "torch"
-        att = "; decode attention: cai rowkernel" if self.row_attention else ""
-        if self.row_decoder:
-            att += "; decode steps: one rowkernel call"
+        also = "; decode attention: cai rowkernel" if self.row_attention else ""
+        also += "; decode steps: one rowkernel call" if self.row_decoder else ""
         if self.row_kernel:
             f = ", ".join(f"{k} x{v}" for k, v in sorted(self.row_kernel["formats"].items()))
-            return f"cai rowkernel ({f} layers; fp32 arithmetic){att}"
+            return f"cai rowkernel ({f} layers; fp32 arithmetic){also}"
         note = self._row_kernel_note
-        return (f"torch (cai rowkernel: {note})" if note else "torch") + att
+        return (f"torch (cai rowkernel: {note})" if note else "torch") + also
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, cut from the left to max_input_tokens (the end of a prompt matters most)."""
