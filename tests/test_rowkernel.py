@@ -246,10 +246,15 @@ def test_a_packed_cache_of_the_wrong_size_is_not_used(tmp_path, monkeypatch):
         assert torch.equal(other(x), x @ other[0].weight.T)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_one_call_decode_step_matches_the_model(threads):
+@pytest.mark.parametrize(
+    "threads,variant",
+    [(1, "all in one call"), (2, "all in one call"), (2, "torch output layer, dynamic rope")],
+)
+def test_one_call_decode_step_matches_the_model(threads, variant):
     """install_decoder: 1, 5 and 16 rows, left padding, biases, grouped heads, several steps
-    into hf.py's buffered cache, against an unpatched copy of the same model."""
+    into hf.py's buffered cache, against an unpatched copy of the same model. The step does the
+    embedding, the layers and the output layer with a rotary table; or, where the output layer is
+    not packed and the rotary frequencies depend on the length, it leaves those to torch."""
     import copy
     import inspect
 
@@ -263,6 +268,8 @@ def test_one_call_decode_step_matches_the_model(threads):
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, attention_bias=True, attn_implementation="sdpa",
     )  # fmt: skip
+    if variant != "all in one call":
+        cfg.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -274,12 +281,16 @@ def test_one_call_decode_step_matches_the_model(threads):
     ref = copy.deepcopy(model)
     info, _ = rk.install(model)
     assert info and info["layers"] == 2 * 7 + 1
+    if variant != "all in one call":
+        head = model.lm_head  # as if the output layer's weights had no exact format
+        head.forward = head._cai_fallback
+        del head._cai_packed
     assert rk.install_decoder(model) is None
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     lib = rk.library()
-    calls, fn = [], lib.cai_decode_layers
-    lib.cai_decode_layers = lambda *a: calls.append(a[5]) or fn(*a)  # a[5]: the row count
+    calls, fn = [], lib.cai_decode_step
+    lib.cai_decode_step = lambda *a: calls.append(a[7]) or fn(*a)  # a[7]: the row count
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -315,8 +326,55 @@ def test_one_call_decode_step_matches_the_model(threads):
                 b = model(input_ids=two, attention_mask=m2, position_ids=p2, use_cache=True, **{kw: cb})
                 assert calls == [] and torch.allclose(b.logits, a.logits, rtol=1e-4, atol=1e-4)
     finally:
-        lib.cai_decode_layers = fn
+        lib.cai_decode_step = fn
         torch.set_num_threads(old)
+
+
+def test_the_rotary_table_holds_the_bits_each_step_would_compute():
+    """The one-call step reads cos/sin from a table built 16 positions a call; a step computing
+    them for its own rows (1-16 of them, any positions) gets the same bits."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rk = _kernel()
+    cfg = LlamaConfig(hidden_size=576, num_attention_heads=9, max_position_embeddings=8192)
+    rot = LlamaRotaryEmbedding(cfg)
+    assert rk._static_rope(rot)
+    table = rk._RopeTable(rot, 64)
+    table.grow(300)
+    assert table.size >= 300 and table.cos.shape == (table.size, 64)
+    gen = torch.Generator().manual_seed(0)
+    for B in (1, 3, 5, 16):
+        pos = torch.randint(0, 300, (B, 1), generator=gen)
+        cos, sin = rot(torch.empty(B, 1), position_ids=pos)
+        assert torch.equal(cos.reshape(B, 64), table.cos[pos[:, 0]])
+        assert torch.equal(sin.reshape(B, 64), table.sin[pos[:, 0]])
+    table.grow(table.size + 1)  # grows by doubling, keeping what it had
+    one = rot(torch.empty(1, 1), position_ids=torch.tensor([[299]]))[0]
+    assert table.size >= 600 and torch.equal(table.cos[299], one[0, 0])
+
+
+def test_huge_page_buffers_are_aligned_and_backed_by_2mb_pages():
+    import re
+    from pathlib import Path
+
+    from cai.backends import hugepages
+
+    a = hugepages.empty(5 << 20)
+    assert a.nbytes == 5 << 20 and a.ctypes.data % (2 << 20) == 0
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages are off on this system")
+
+    def huge_kb():
+        return int(re.search(r"AnonHugePages:\s+(\d+)", Path("/proc/self/smaps_rollup").read_text()).group(1))
+
+    before = huge_kb()
+    a[:] = 1  # commits the pages
+    assert huge_kb() - before >= 4096  # the two whole 2 MB pages inside it, at least
+    t = hugepages.torch_empty((3, 5, 7), __import__("torch").float32)
+    assert t.shape == (3, 5, 7) and t.is_contiguous() and t.data_ptr() % (2 << 20) == 0
 
 
 def test_the_one_call_step_is_checked_once_and_a_failed_check_leaves_the_model_alone(

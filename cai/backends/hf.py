@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -672,18 +674,29 @@ def _preallocate(cache, extra: int):
     cache per layer per step). Caches of other kinds are left as they are."""
     from transformers.cache_utils import DynamicLayer
 
-    for layer in getattr(cache, "layers", None) or []:
-        if (
-            type(layer) is not DynamicLayer
-            or not getattr(layer, "is_initialized", False)
-            or layer.keys.dim() != 4
-        ):
-            continue
+    from cai.backends import hugepages
+
+    layers = [
+        x
+        for x in getattr(cache, "layers", None) or []
+        if type(x) is DynamicLayer and getattr(x, "is_initialized", False) and x.keys.dim() == 4
+    ]
+    if not layers:
+        return
+    # every layer's keys and values in one arena on 2 MB pages (a step reads them all)
+    shapes = [t.shape[:-2] + (t.shape[-2] + extra, t.shape[-1]) for x in layers for t in (x.keys, x.values)]
+    sizes = [math.prod(s) for s in shapes]
+    k0 = layers[0].keys
+    if k0.device.type == "cpu" and all(t.dtype == k0.dtype for x in layers for t in (x.keys, x.values)):
+        arena = hugepages.torch_empty((sum(sizes),), k0.dtype)
+        starts = itertools.accumulate([0] + sizes[:-1])
+        bufs = [arena[a : a + n].view(s) for a, n, s in zip(starts, sizes, shapes)]
+    else:
+        bufs = [t.new_empty(s) for x in layers for t, s in zip((x.keys, x.values), shapes)]
+    for i, layer in enumerate(layers):
         n = layer.keys.shape[-2]
-        for name in ("keys", "values"):
-            t = getattr(layer, name)
-            buf = t.new_empty(t.shape[:-2] + (n + extra, t.shape[-1]))
-            buf[..., :n, :] = t
+        for name, buf in zip(("keys", "values"), bufs[2 * i : 2 * i + 2]):
+            buf[..., :n, :] = getattr(layer, name)
             setattr(layer, "_" + name, buf)
             setattr(layer, name, buf[..., :n, :])
         layer.__class__ = _buffered_layer_class()
@@ -706,8 +719,13 @@ def _buffered_layer():
             return self.keys, self.values
 
         def batch_select_indices(self, indices):
-            n = self.keys.shape[-2]
-            self._keys, self._values = self._keys[indices, ...], self._values[indices, ...]
+            # in place: the kept rows move to the front of the same buffers (no new allocation,
+            # the buffers stay on their pages); indexing copies them out first
+            n, m = self.keys.shape[-2], len(indices)
+            for name in ("_keys", "_values"):
+                buf = getattr(self, name)
+                buf[:m] = buf[indices]
+                setattr(self, name, buf[:m])
             self.keys, self.values = self._keys[..., :n, :], self._values[..., :n, :]
 
     return BufferedLayer

@@ -354,13 +354,14 @@ static void silu_mul(float *g, const float *u, size_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* ---- a whole decode step of a Llama-style decoder, one call for all layers -------------------
- * Per layer, for B rows (one new token each) at cache position n:
+/* ---- a whole decode step of a Llama-style decoder, one call ---------------------------------
+ * For B rows (one new token each) at cache position n: h = embed[ids]; per layer
  *   x = rmsnorm(h) * w_in;  q, k, v = x Wq, x Wk, x Wv (+ biases);  rotary on q and k (rotate-half
- *   form, the caller's cos/sin per row);  k, v written at position n of the layer's cache;
- *   a = attention(q, cache[0..n], keep);  h += a Wo;  x = rmsnorm(h) * w_post;
+ *   form, row b's cos/sin: row pos[b] of the caller's tables);  k, v written at position n of the
+ *   layer's cache;  a = attention(q, cache[0..n], keep);  h += a Wo;  x = rmsnorm(h) * w_post;
  *   h += (silu(x Wg) * x Wu) Wd
- * then out = rmsnorm(h) * w_final. Each elementwise step rounds as transformers' Llama code does
+ * then x = rmsnorm(h) * w_final and out = x W_out^T (+ bias): the logits, or x itself where the
+ * output layer is not packed. Each elementwise step rounds as transformers' Llama code does
  * (x * r then w * that; q * cos + rot(q) * sin; residual + out; silu = x / (1 + exp(-x))), so
  * only the order of sums and exp's last bit differ from the torch path. What it saves is the
  * ~50 small torch operations per layer around the matrix products and their Python; the whole
@@ -374,38 +375,59 @@ typedef struct {
     float *k, *v;           /* this layer's cache buffers: [B, KVH, cap, D] with strides kb, kh */
 } cai_layer;
 
-int cai_decode_layers(const cai_layer *layers, int nl, float *h, float *out, const float *norm_final, int B,
-                      int hidden, int H, int KVH, int D, int I, float eps, const float *cs, const float *sn,
-                      const uint8_t *keep, int n, long kb, long kh, float scale, int threads) {
-    int qn = H * D, kvn = KVH * D, L = n + 1;
+typedef struct {
+    const cai_layer *layers;
+    int nl, hidden, H, KVH, D, I, vocab;
+    float eps, scale;
+    const float *embed;     /* token embeddings [vocab][hidden], fp32 */
+    const float *norm_final;
+    const void *out_w;      /* packed output layer [vocab][hidden], or NULL: out = the normed h */
+    int out_fmt;
+    const float *out_bias;  /* or NULL */
+} cai_decoder;
+
+/* Returns 0; 1 for shapes it does not take; 2 out of memory; 3 a token id or position outside
+ * the embedding or the cos/sin tables (rows: positions, D floats each). */
+int cai_decode_step(const cai_decoder *m, const int64_t *ids, const int64_t *pos, const float *cs,
+                    const float *sn, int positions, const uint8_t *keep, int B, int n, long kb, long kh,
+                    float *out, int threads) {
+    const int hidden = m->hidden, H = m->H, KVH = m->KVH, D = m->D, I = m->I, nl = m->nl;
+    const int qn = H * D, kvn = KVH * D, L = n + 1;
+    const float eps = m->eps, scale = m->scale;
     if (B < 1 || B > 16 || n < 0 || !attention_ok(B, H, KVH, L, D)) return 1;
     const int N[7] = {qn, kvn, kvn, hidden, I, I, hidden}, K[7] = {hidden, hidden, hidden, qn, hidden, hidden, I};
     for (int l = 0; l < nl; l++)
         for (int i = 0; i < 7; i++)
-            if (!rows_shape_ok(layers[l].fmt[i], B, N[i], K[i])) return 1;
+            if (!rows_shape_ok(m->layers[l].fmt[i], B, N[i], K[i])) return 1;
+    if (m->out_w && !rows_shape_ok(m->out_fmt, B, m->vocab, hidden)) return 1;
+    for (int b = 0; b < B; b++)
+        if (ids[b] < 0 || ids[b] >= m->vocab || pos[b] < 0 || pos[b] >= positions) return 3;
     int maxk = hidden > I ? hidden : I;
     if (qn > maxk) maxk = qn;
     size_t per = (size_t)(H / KVH) * ((L + 15) & ~15);  /* attention scratch per thread */
     int nt = threads > 1 ? threads : 1;
-    size_t need = (size_t)B * (qn + 2 * kvn + qn + hidden + 2 * (size_t)I) + (size_t)16 * maxk + per * nt;
+    size_t need = (size_t)B * (2 * (size_t)hidden + 2 * (size_t)qn + 2 * kvn + 2 * (size_t)I) + (size_t)16 * maxk + per * nt;
     float *buf = (float *)_mm_malloc(sizeof(float) * need, 64);
     if (!buf) return 2;
-    float *q = buf, *kk = q + (size_t)B * qn, *vv = kk + (size_t)B * kvn;
+    float *h = buf, *q = h + (size_t)B * hidden, *kk = q + (size_t)B * qn, *vv = kk + (size_t)B * kvn;
     float *att = vv + (size_t)B * kvn, *o = att + (size_t)B * qn, *g = o + (size_t)B * hidden;
     float *u = g + (size_t)B * I, *xt = u + (size_t)B * I, *scratch = xt + (size_t)16 * maxk;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float *s = scratch + per * THREAD_NUM;
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) memcpy(h + (size_t)b * hidden, m->embed + (size_t)ids[b] * hidden, sizeof(float) * hidden);
         for (int l = 0; l < nl; l++) {
-            const cai_layer *Ly = layers + l;
+            const cai_layer *Ly = m->layers + l;
             product qkv[3], gu[2], od[1];
             for (int i = 0; i < 3; i++) qkv[i] = prod(Ly->fmt[i], Ly->w[i], Ly->bias[i], i ? (i == 1 ? kk : vv) : q, B, N[i], K[i]);
             rmsnorm_t(h, Ly->norm_in, xt, B, hidden, eps);  /* one transposed input for q, k and v */
             products_shared(qkv, 3, xt, B);
 #pragma omp for schedule(static)
             for (int b = 0; b < B; b++) {
-                rotary(q + (size_t)b * qn, cs + (size_t)b * D, sn + (size_t)b * D, H, D);
-                rotary(kk + (size_t)b * kvn, cs + (size_t)b * D, sn + (size_t)b * D, KVH, D);
+                const float *c = cs + (size_t)pos[b] * D, *si = sn + (size_t)pos[b] * D;
+                rotary(q + (size_t)b * qn, c, si, H, D);
+                rotary(kk + (size_t)b * kvn, c, si, KVH, D);
                 for (int j = 0; j < KVH; j++) {
                     memcpy(Ly->k + b * kb + j * kh + (size_t)n * D, kk + (size_t)b * kvn + (size_t)j * D, sizeof(float) * D);
                     memcpy(Ly->v + b * kb + j * kh + (size_t)n * D, vv + (size_t)b * kvn + (size_t)j * D, sizeof(float) * D);
@@ -429,8 +451,14 @@ int cai_decode_layers(const cai_layer *layers, int nl, float *h, float *out, con
             products_shared(od, 1, xt, B);
             add_shared(h, o, B, hidden);
         }
+        if (m->out_w) {
+            product lm = prod(m->out_fmt, m->out_w, m->out_bias, out, B, m->vocab, hidden);
+            rmsnorm_t(h, m->norm_final, xt, B, hidden, eps);
+            products_shared(&lm, 1, xt, B);
+        } else {
 #pragma omp single
-        rmsnorm(h, norm_final, out, B, hidden, eps);
+            rmsnorm(h, m->norm_final, out, B, hidden, eps);
+        }
     }
     _mm_free(buf);
     return 0;

@@ -113,15 +113,12 @@ def _load(path: Path) -> ctypes.CDLL:
         [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float, ctypes.c_int]
     )
     lib.cai_decode_attention.restype = ctypes.c_int
-    lib.cai_decode_layers.argtypes = (
-        [ctypes.c_void_p, ctypes.c_int]
-        + [ctypes.c_void_p] * 3
-        + [ctypes.c_int] * 6
-        + [ctypes.c_float]
-        + [ctypes.c_void_p] * 3
-        + [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int]
+    lib.cai_decode_step.argtypes = (
+        [ctypes.c_void_p] * 5
+        + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        + [ctypes.c_void_p, ctypes.c_int]
     )
-    lib.cai_decode_layers.restype = ctypes.c_int
+    lib.cai_decode_step.restype = ctypes.c_int
     return lib
 
 
@@ -136,6 +133,22 @@ class _Layer(ctypes.Structure):
         ("norm_post", ctypes.c_void_p),
         ("k", ctypes.c_void_p),
         ("v", ctypes.c_void_p),
+    ]
+
+
+class _Decoder(ctypes.Structure):
+    """rowkernel.c's cai_decoder: the model's layers, shapes, embedding, final norm, output layer."""
+
+    _fields_ = [
+        ("layers", ctypes.c_void_p),
+        *((f, ctypes.c_int) for f in ("nl", "hidden", "H", "KVH", "D", "I", "vocab")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("embed", ctypes.c_void_p),
+        ("norm_final", ctypes.c_void_p),
+        ("out_w", ctypes.c_void_p),
+        ("out_fmt", ctypes.c_int),
+        ("out_bias", ctypes.c_void_p),
     ]
 
 
@@ -356,11 +369,12 @@ def install(model, fingerprint: str | None = None) -> tuple[dict | None, str | N
         )
         return y.view(*x.shape[:-1], self.out_features)
 
+    homed = _on_huge_pages([packs[n][1] for n in layers])
     for name, m in layers.items():
         m._cai_fallback = m.forward  # route_small_linears' or nn.Linear's own
-        m._cai_packed = packs[name]
+        m._cai_packed = (packs[name][0], homed[id(packs[name][1])])
         m.forward = forward.__get__(m)
-    used = [packs[n] for n in layers]
+    used = [m._cai_packed for m in layers.values()]
     info = {
         "layers": len(layers),
         "formats": dict(collections.Counter(FORMATS[fmt] for fmt, _ in used)),
@@ -368,6 +382,25 @@ def install(model, fingerprint: str | None = None) -> tuple[dict | None, str | N
         "fp32_bytes": sum({m.weight.data_ptr(): m.weight.numel() * 4 for m in layers.values()}.values()),
     }
     return info, None
+
+
+def _on_huge_pages(arrays) -> dict:
+    """{id(array): the same values in one arena on 2 MB pages} (hugepages.py: a step streams
+    them all); tied weights, one array under several names, are copied once."""
+    from cai.backends import hugepages
+
+    distinct = list({id(a): a for a in arrays}.values())
+    offsets, total = [], 0
+    for a in distinct:
+        offsets.append(total)
+        total += -(-a.nbytes // 64) * 64
+    arena = hugepages.empty(total)
+    out = {}
+    for a, off in zip(distinct, offsets):
+        dst = arena[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+        dst[...] = a
+        out[id(a)] = dst
+    return out
 
 
 # -- decode attention -----------------------------------------------------------------------
@@ -494,19 +527,54 @@ _STEP_ARGS = {"input_ids", "attention_mask", "position_ids", "cache", "past_key_
 _STEP_ARGS |= {"logits_to_keep", "return_dict"}
 
 
+def _static_rope(rotary) -> bool:
+    """Whether the rotary module's frequencies are fixed (not recomputed from the length)."""
+    kind = getattr(rotary, "rope_type", None)
+    return isinstance(kind, str) and "dynamic" not in kind and kind != "longrope"
+
+
+class _RopeTable:
+    """cos/sin [positions, head dim] from the model's own rotary module, computed 16 positions a
+    call: the shape of a 16-row step's request, so each row holds the bits that call returns."""
+
+    def __init__(self, rotary, D):
+        import torch
+
+        self.rotary, self.D, self.torch = rotary, D, torch
+        self.cos = self.sin = torch.empty(0, D)
+        self.size = 0
+
+    def grow(self, positions: int):
+        torch = self.torch
+        target = max(-(-positions // 16) * 16, 2 * self.size)
+        x = torch.empty(16, 1)  # only its dtype and device are read
+        cos, sin = [self.cos], [self.sin]
+        with torch.no_grad():
+            for p in range(self.size, target, 16):
+                c, s = self.rotary(x, position_ids=torch.arange(p, p + 16).reshape(16, 1))
+                cos.append(c.reshape(16, self.D).float())
+                sin.append(s.reshape(16, self.D).float())
+        self.cos, self.sin = torch.cat(cos).contiguous(), torch.cat(sin).contiguous()
+        self.size = target
+
+
 def install_decoder(model, checked=None) -> str | None:
     """Run a Llama-style model's decode steps (one new token per row, 1-16 rows) as one call to
-    rowkernel.c's cai_decode_layers: norms, projections, rotary, the cache write, attention and
-    the MLP of every layer, then the final norm; only the embedding lookup, the rotary table and
-    the output layer stay in torch. It removes the ~50 small torch operations per layer (and their
-    Python) that cost a third of a batch-16 step once the weights are read fast (install).
+    rowkernel.c's cai_decode_step: the embedding lookup, then the norms, projections, rotary, the
+    cache write, attention and MLP of every layer, the final norm and the output layer. It removes
+    the ~50 small torch operations per layer (and their Python) that cost a third of a batch-16
+    step once the weights are read fast (install), and the dozen left around the layers, each of
+    which pays for caches the step's weights have just flushed (~0.1-0.3 ms apiece).
 
     Needs install's packed weights on all seven projections of every layer, and a KV cache whose
     layers keep fp32 buffers with room for the new token (hf.py's BufferedLayer: ``_keys`` and
     ``_values`` [rows, kv heads, capacity, head dim], ``keys``/``values`` their first n
-    positions); any other call goes to the model's own forward. Checked against that forward on
-    one step before it is used (``checked(run)``: the caller's way to remember the verdict of
-    ``run()``). Returns None when installed, else why not."""
+    positions); any other call goes to the model's own forward. An output layer without packed
+    weights stays in torch. The rotary cos/sin come from a table the model's own rotary module
+    computes (16 positions a call, as a 16-row step asks for them), or every step from that module
+    where its frequencies depend on the length (dynamic RoPE types). Checked against the model's
+    forward on one step before it is used (``checked(run)``: the caller's way to remember the
+    verdict of ``run()``). Returns None when installed, else why not."""
     import dataclasses
     import functools
 
@@ -529,6 +597,8 @@ def install_decoder(model, checked=None) -> str | None:
     norms = [base.norm] + [m for lay in layers for m in (lay.input_layernorm, lay.post_attention_layernorm)]
     if len({getattr(m, "variance_epsilon", None) for m in norms}) != 1:
         return "norms with different epsilons"
+    if type(base.embed_tokens) is not torch.nn.Embedding or base.embed_tokens.max_norm is not None:
+        return f"an embedding it does not take ({type(base.embed_tokens).__name__})"
     weights = [m.weight for m in norms] + [base.embed_tokens.weight]
     if any(w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() for w in weights):
         return "not an fp32 model on the CPU"
@@ -543,18 +613,35 @@ def install_decoder(model, checked=None) -> str | None:
             st.bias[i] = m.bias.data_ptr() if m.bias is not None else None
         st.norm_in = lay.input_layernorm.weight.data_ptr()
         st.norm_post = lay.post_attention_layernorm.weight.data_ptr()
-    hidden, inter, eps = cfg.hidden_size, cfg.intermediate_size, float(base.norm.variance_epsilon)
-    scale = float(layers[0].self_attn.scaling)
+    hidden, vocab = cfg.hidden_size, base.embed_tokens.weight.shape[0]
+    head = getattr(model.lm_head, "_cai_packed", None)
+    if head is not None and (model.lm_head.in_features, model.lm_head.out_features) != (hidden, vocab):
+        head = None
+    dec = _Decoder(
+        ctypes.addressof(structs), len(layers), hidden, H, KVH, D, cfg.intermediate_size, vocab,
+        float(base.norm.variance_epsilon), float(layers[0].self_attn.scaling),
+        base.embed_tokens.weight.data_ptr(), base.norm.weight.data_ptr(),
+        head[1].ctypes.data if head else None, head[0] if head else 0,
+        model.lm_head.bias.data_ptr() if head and model.lm_head.bias is not None else None,
+    )  # fmt: skip
+    rope = _RopeTable(base.rotary_emb, D) if _static_rope(base.rotary_emb) else None
     cache_kw = (
         "cache"
         if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
         else "past_key_values"
     )
     own = model.forward
+    rows = torch.arange(MAX_ROWS)
+    last = {}  # what the previous step left: its cache, the layers' buffers and views, and n
 
     def buffers(cache, B):
         """The cache's layers as (layer, n) if every one has buffers this step can write."""
         cl = getattr(cache, "layers", None)
+        if "views" in last and last["cache"] is cache and last["B"] == B and last["n"] + 1 < last["cap"]:
+            # the step before left these views; nothing has replaced them or the buffers since
+            if all(c.keys is k and c.values is v for c, (k, v) in zip(cl, last["views"])):
+                return cl, last["n"] + 1
+        last.clear()
         if not cl or len(cl) != len(layers):
             return None
         n = cl[0].keys.shape[-2] if getattr(cl[0], "keys", None) is not None else -1
@@ -578,6 +665,9 @@ def install_decoder(model, checked=None) -> str | None:
                 or kb.shape[2] <= n
             ):
                 return None
+        for st, c in zip(structs, cl):
+            st.k, st.v = c._keys.data_ptr(), c._values.data_ptr()
+        last.update(cache=cache, B=B, cap=shape[2], stride=(cl[0]._keys.stride(0), cl[0]._keys.stride(1)))
         return cl, n
 
     def step(ids, mask, pos, cache):
@@ -588,29 +678,41 @@ def install_decoder(model, checked=None) -> str | None:
         cl, n = found
         if mask is not None and tuple(mask.shape) != (B, n + 1):
             return None
-        pos = pos if pos is not None else torch.full((B, 1), n)
-        h = base.embed_tokens(ids).reshape(B, hidden).contiguous()
-        cos, sin = base.rotary_emb(h, position_ids=pos.reshape(B, 1))
-        # held in names until the call returns: a temporary's memory would be freed before it
-        cos, sin = cos.reshape(B, D).float().contiguous(), sin.reshape(B, D).float().contiguous()
+        ids = ids.reshape(B).long().contiguous()
+        pos = pos.reshape(B).long().contiguous() if pos is not None else torch.full((B,), n)
+        if rope is not None:
+            if rope.size < last["cap"]:
+                rope.grow(last["cap"])
+            cos, sin, at = rope.cos, rope.sin, pos
+        else:
+            cos, sin = base.rotary_emb(base.embed_tokens.weight[:1], position_ids=pos.reshape(B, 1))
+            # held in names until the call returns: a temporary's memory would be freed before it
+            cos, sin = cos.reshape(B, D).float().contiguous(), sin.reshape(B, D).float().contiguous()
+            at = rows
         keep = mask.to(torch.uint8).contiguous() if mask is not None else None
-        for st, c in zip(structs, cl):
-            st.k, st.v = c._keys.data_ptr(), c._values.data_ptr()
-        out = torch.empty(B, hidden)
-        kb = cl[0]._keys
-        rc = lib.cai_decode_layers(
-            ctypes.addressof(structs), len(layers), h.data_ptr(), out.data_ptr(), base.norm.weight.data_ptr(),
-            B, hidden, H, KVH, D, inter, eps,
-            cos.data_ptr(), sin.data_ptr(),
-            keep.data_ptr() if keep is not None else None,
-            n, kb.stride(0), kb.stride(1), scale, torch.get_num_threads(),
-        )  # fmt: skip
+        out = torch.empty(B, vocab if head else hidden)
+        args = [ctypes.byref(dec), ids.data_ptr(), at.data_ptr(), None, None, 0]
+        args += [keep.data_ptr() if keep is not None else None, B, n, *last["stride"], out.data_ptr()]
+        args.append(torch.get_num_threads())
+        for _ in range(2):
+            args[3:6] = cos.data_ptr(), sin.data_ptr(), cos.shape[0]
+            rc = lib.cai_decode_step(*args)
+            if rc != 3 or rope is None or int(pos.max()) < rope.size:
+                break
+            rope.grow(int(pos.max()) + 1)  # a position past the table: extend it, once
+            cos, sin = rope.cos, rope.sin
+        if rc == 3:
+            last.clear()
+            return None  # a token id outside the vocabulary: the model's forward says so
         if rc:
             raise RuntimeError(f"rowkernel's decode step refused {B} rows at position {n} (code {rc})")
+        views = []
         for c in cl:
-            c.keys, c.values = c._keys[..., : n + 1, :], c._values[..., : n + 1, :]
-        logits = model.lm_head(out).view(B, 1, -1)
-        return CausalLMOutputWithPast(logits=logits, **{cache_kw: cache})
+            c.keys, c.values = c._keys.narrow(2, 0, n + 1), c._values.narrow(2, 0, n + 1)
+            views.append((c.keys, c.values))
+        last.update(views=views, n=n)
+        logits = out if head else model.lm_head(out)
+        return CausalLMOutputWithPast(logits=logits.view(B, 1, -1), **{cache_kw: cache})
 
     @functools.wraps(own)
     def forward(*args, **kw):
