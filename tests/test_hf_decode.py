@@ -166,3 +166,31 @@ def test_path_check_verdicts_are_remembered_per_model_and_code(lively_model, mon
     other._check_decode_path = lambda enc: runs.append(3) or real(enc)
     other.generate(_prompts(3), max_new_tokens=4)
     assert runs == [1, 3] and len(json.loads((tmp_path / "checks.json").read_text())) == 2
+
+
+def test_buffered_cache_layers_write_in_place_and_turn_plain_when_set_otherwise():
+    """hf.py's BufferedLayer: keys/values are views of the first _n positions of buffers with
+    room; update writes in place; setting them to another tensor (crop) makes a plain layer."""
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    from cai.backends.hf import _preallocate
+
+    cache = DynamicCache()
+    k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    cache.update(k, v, 0)
+    _preallocate(cache, 4)
+    layer = cache.layers[0]
+    assert type(layer).__name__ == "BufferedLayer" and layer._keys.shape == (2, 3, 9, 8)
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    k2, v2 = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8)
+    keys, values = cache.update(k2, v2, 0)
+    assert layer._n == 6 and keys.data_ptr() == layer._keys.data_ptr()  # in place
+    assert torch.equal(keys, torch.cat([k, k2], 2)) and torch.equal(values, torch.cat([v, v2], 2))
+    layer.keys = layer.keys  # the view it already is: nothing changes
+    assert type(layer).__name__ == "BufferedLayer"
+    layer.batch_select_indices(torch.tensor([1]))  # in place, to the front of the same buffers
+    assert torch.equal(layer.keys, torch.cat([k, k2], 2)[1:]) and layer.keys.shape[0] == 1
+    cache.crop(-2)  # drop the last two positions
+    assert type(layer) is DynamicLayer and torch.equal(layer.keys, k[1:, :, :4])
+    assert torch.equal(layer.values, v[1:, :, :4])

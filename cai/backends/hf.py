@@ -698,7 +698,8 @@ def _preallocate(cache, extra: int):
         for name, buf in zip(("keys", "values"), bufs[2 * i : 2 * i + 2]):
             buf[..., :n, :] = getattr(layer, name)
             setattr(layer, "_" + name, buf)
-            setattr(layer, name, buf[..., :n, :])
+            del layer.__dict__[name]  # from here on a view the class makes (BufferedLayer.keys)
+        layer._n = n
         layer.__class__ = _buffered_layer_class()
 
 
@@ -706,27 +707,64 @@ def _buffered_layer():
     from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):
-        """A DynamicLayer whose keys/values are views into buffers with spare room at the end."""
+        """A DynamicLayer whose keys/values are the first ``_n`` positions of buffers with spare
+        room at the end (``_keys``/``_values`` [rows, heads, capacity, dim]): writing position n
+        in place and setting ``_n`` is a whole cache update (rowkernel's one-call step does just
+        that, without making 60 tensor views a step). Setting ``keys``/``values`` to anything but
+        the views they already are (crop, reorder, offload, ...) makes it a plain DynamicLayer
+        holding what was set."""
+
+        @property
+        def keys(self):
+            return self._keys.narrow(-2, 0, self._n)
+
+        @keys.setter
+        def keys(self, t):
+            self._set("keys", t)
+
+        @property
+        def values(self):
+            return self._values.narrow(-2, 0, self._n)
+
+        @values.setter
+        def values(self, t):
+            self._set("values", t)
+
+        def _set(self, name, t):
+            buf = getattr(self, "_" + name)
+            if (
+                isinstance(t, type(buf))
+                and t.data_ptr() == buf.data_ptr()
+                and t.shape == buf.shape[:-2] + (self._n, buf.shape[-1])
+                and t.stride() == buf.stride()
+            ):
+                return  # the view it already is
+            self._plain()
+            setattr(self, name, t)
+
+        def _plain(self):
+            """Become a DynamicLayer holding the current views."""
+            self.__dict__["keys"], self.__dict__["values"] = self.keys, self.values
+            self.__class__ = DynamicLayer
 
         def update(self, key_states, value_states, *args, **kwargs):
-            n, t = self.keys.shape[-2], key_states.shape[-2]
+            n, t = self._n, key_states.shape[-2]
             if n + t > self._keys.shape[-2]:  # out of room: back to plain concatenation
-                self.__class__ = DynamicLayer  # (zero-argument super() would fail after this)
+                self._plain()  # (zero-argument super() would fail after this)
                 return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
             self._keys[..., n : n + t, :] = key_states
             self._values[..., n : n + t, :] = value_states
-            self.keys, self.values = self._keys[..., : n + t, :], self._values[..., : n + t, :]
+            self._n = n + t
             return self.keys, self.values
 
         def batch_select_indices(self, indices):
             # in place: the kept rows move to the front of the same buffers (no new allocation,
             # the buffers stay on their pages); indexing copies them out first
-            n, m = self.keys.shape[-2], len(indices)
+            m = len(indices)
             for name in ("_keys", "_values"):
                 buf = getattr(self, name)
                 buf[:m] = buf[indices]
                 setattr(self, name, buf[:m])
-            self.keys, self.values = self._keys[..., :n, :], self._values[..., :n, :]
 
     return BufferedLayer
 

@@ -568,13 +568,13 @@ def install_decoder(model, checked=None) -> str | None:
 
     Needs install's packed weights on all seven projections of every layer, and a KV cache whose
     layers keep fp32 buffers with room for the new token (hf.py's BufferedLayer: ``_keys`` and
-    ``_values`` [rows, kv heads, capacity, head dim], ``keys``/``values`` their first n
-    positions); any other call goes to the model's own forward. An output layer without packed
-    weights stays in torch. The rotary cos/sin come from a table the model's own rotary module
-    computes (16 positions a call, as a 16-row step asks for them), or every step from that module
-    where its frequencies depend on the length (dynamic RoPE types). Checked against the model's
-    forward on one step before it is used (``checked(run)``: the caller's way to remember the
-    verdict of ``run()``). Returns None when installed, else why not."""
+    ``_values`` [rows, kv heads, capacity, head dim] of which ``_n`` positions are filled; the
+    step writes position ``_n`` and counts it); any other call goes to the model's own forward.
+    An output layer without packed weights stays in torch. The rotary cos/sin come from a table
+    the model's own rotary module computes (16 positions a call, as a 16-row step asks for them),
+    or every step from that module where its frequencies depend on the length (dynamic RoPE).
+    Checked against the model's forward on one step before it is used (``checked(run)``: the
+    caller's way to remember the verdict of ``run()``). Returns None when installed, else why not."""
     import dataclasses
     import functools
 
@@ -635,21 +635,25 @@ def install_decoder(model, checked=None) -> str | None:
     last = {}  # what the previous step left: its cache, the layers' buffers and views, and n
 
     def buffers(cache, B):
-        """The cache's layers as (layer, n) if every one has buffers this step can write."""
+        """The cache's layers as (layers, n) if every one has buffers this step can write."""
         cl = getattr(cache, "layers", None)
-        if "views" in last and last["cache"] is cache and last["B"] == B and last["n"] + 1 < last["cap"]:
-            # the step before left these views; nothing has replaced them or the buffers since
-            if all(c.keys is k and c.values is v for c, (k, v) in zip(cl, last["views"])):
-                return cl, last["n"] + 1
+        if "n" in last and last["cache"] is cache and last["B"] == B and last["n"] + 1 < last["cap"]:
+            # the step before left these buffers at n + 1 and nothing has touched them since
+            n = last["n"] + 1
+            held = zip(cl, last["layout"])
+            if all(type(c) is t and c._keys is k and c._values is v and c._n == n for c, (t, k, v) in held):
+                return cl, n
         last.clear()
         if not cl or len(cl) != len(layers):
             return None
-        n = cl[0].keys.shape[-2] if getattr(cl[0], "keys", None) is not None else -1
+        n = getattr(cl[0], "_n", None)
         shape = getattr(getattr(cl[0], "_keys", None), "shape", None)  # one stride for all layers
         for c in cl:
             kb, vb = getattr(c, "_keys", None), getattr(c, "_values", None)
             if (
-                kb is None
+                not isinstance(n, int)
+                or getattr(c, "_n", None) != n
+                or kb is None
                 or vb is None
                 or kb.dtype != torch.float32
                 or vb.dtype != torch.float32
@@ -659,15 +663,14 @@ def install_decoder(model, checked=None) -> str | None:
                 or vb.shape != shape
                 or not kb.is_contiguous()
                 or not vb.is_contiguous()
-                or c.keys.shape[-2] != n
-                or c.keys.data_ptr() != kb.data_ptr()
-                or c.values.data_ptr() != vb.data_ptr()
                 or kb.shape[2] <= n
             ):
                 return None
         for st, c in zip(structs, cl):
             st.k, st.v = c._keys.data_ptr(), c._values.data_ptr()
         last.update(cache=cache, B=B, cap=shape[2], stride=(cl[0]._keys.stride(0), cl[0]._keys.stride(1)))
+        # what the fast path above compares by identity (a replaced buffer means new pointers)
+        last["layout"] = [(type(c), c._keys, c._values) for c in cl]
         return cl, n
 
     def step(ids, mask, pos, cache):
@@ -706,11 +709,9 @@ def install_decoder(model, checked=None) -> str | None:
             return None  # a token id outside the vocabulary: the model's forward says so
         if rc:
             raise RuntimeError(f"rowkernel's decode step refused {B} rows at position {n} (code {rc})")
-        views = []
         for c in cl:
-            c.keys, c.values = c._keys.narrow(2, 0, n + 1), c._values.narrow(2, 0, n + 1)
-            views.append((c.keys, c.values))
-        last.update(views=views, n=n)
+            c._n = n + 1
+        last["n"] = n
         logits = out if head else model.lm_head(out)
         return CausalLMOutputWithPast(logits=logits.view(B, 1, -1), **{cache_kw: cache})
 
