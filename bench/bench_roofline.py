@@ -449,8 +449,9 @@ def main():
                 else ""
             )
             + (
-                " And each decode step is one call into it for all layers (norms, projections, rotary, "
-                "the cache write, attention and the MLP), not ~50 small torch operations per layer."
+                " And each decode step is one call into it, embedding to logits (every layer's norms, "
+                "projections, rotary, cache write, attention and MLP, then the output layer), not ~50 small "
+                "torch operations per layer, with the packed weights and the KV cache on 2 MB pages."
                 if backend.row_decoder
                 else ""
             )
@@ -476,10 +477,17 @@ def main():
             f"{kv_mb:.0f} MB per step "
             f"(16 rows x {prof.b16_kv / 16 / prof.b16_steps:.0f} positions x {prof.layers} layers, K and V), "
             f"~{kv_ms:.0f} ms at the rate this core streams memory (a matrix-vector product: {stream:.1f} "
-            f"GB/CPU-s); the remaining ~{max(0.0, step_ms - lin_ms - kv_ms):.0f} ms are "
+            f"GB/CPU-s); "
             + (
-                "the attention arithmetic, norms, rotary embeddings and activations (in the same C call), "
-                "the embedding lookup and the Python around each step"
+                f"the remaining ~{step_ms - lin_ms - kv_ms:.0f} ms are "
+                if step_ms >= lin_ms + kv_ms
+                else "together more than the whole step: the two are measured apart (the linears with "
+                "per-call overhead, the KV rate on fp32 weights on 4 KB pages), so each is only an upper "
+                "bound, and the rest is small: "
+            )
+            + (
+                "the attention arithmetic, norms, rotary embeddings and activations (in the same C call) "
+                "and the Python around each step"
                 if backend.row_decoder
                 else "norms, rotary embeddings, activations, the attention arithmetic and Python "
                 "between layers"

@@ -256,7 +256,9 @@ def test_one_call_decode_step_matches_the_model(threads, variant):
     embedding, the layers and the output layer with a rotary table; or, where the output layer is
     not packed and the rotary frequencies depend on the length, it leaves those to torch."""
     import copy
+    import gc
     import inspect
+    import weakref
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -325,6 +327,10 @@ def test_one_call_decode_step_matches_the_model(threads, variant):
                 a = ref(input_ids=two, attention_mask=m2, position_ids=p2, use_cache=True, **{kw: ca})
                 b = model(input_ids=two, attention_mask=m2, position_ids=p2, use_cache=True, **{kw: cb})
                 assert calls == [] and torch.allclose(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+        held = weakref.ref(cb)  # the step keeps no hold on a finished generation's cache
+        del a, b, ca, cb
+        gc.collect()
+        assert held() is None
     finally:
         lib.cai_decode_step = fn
         torch.set_num_threads(old)

@@ -390,8 +390,9 @@ class HFBackend:
           rows: torch's plain fp32 CPU matmul costs ~1.7x more for 15 rows than for 16, so
           dropping one row of 16 would slow every later step. With sampling the batch keeps its
           shape so the random stream matches generate()'s,
-        - the KV cache is written in place into buffers sized for the whole generation, instead
-          of being copied into a one-token-longer tensor at every step in every layer,
+        - the KV cache is written in place into buffers sized for the whole generation (one
+          arena on 2 MB pages, hugepages.py), instead of being copied into a one-token-longer
+          tensor at every step in every layer,
         - no logits processors, stopping criteria or per-step output objects to build.
 
         ``past``: (cache, mask, lengths) of tokens that come before ``enc``'s (a kept prefix);

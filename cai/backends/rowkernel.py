@@ -15,7 +15,9 @@ is approximated: the weights are the same numbers, only the order of the fp32 su
 as between any two matmul kernels.
 
 Decode attention (one query per row) goes through the same library (install_attention): each
-row's fp32 keys and values are read once for all the query heads that share them.
+row's fp32 keys and values are read once for all the query heads that share them. For
+Llama-style models a whole decode step, embedding to logits, is one call (install_decoder). The
+packed weights live on 2 MB pages (hugepages.py): a step streams all of them.
 
 The kernel is C with AVX-512 intrinsics, compiled once per machine with the system's ``cc``
 into ``$CAI_CACHE/kernels`` (about a second); packed weights are cached under
@@ -577,6 +579,7 @@ def install_decoder(model, checked=None) -> str | None:
     caller's way to remember the verdict of ``run()``). Returns None when installed, else why not."""
     import dataclasses
     import functools
+    import weakref
 
     import torch
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -632,16 +635,20 @@ def install_decoder(model, checked=None) -> str | None:
     )
     own = model.forward
     rows = torch.arange(MAX_ROWS)
-    last = {}  # what the previous step left: its cache, the layers' buffers and views, and n
+    # what the previous step left: its cache, each layer's class and buffers, and n (held weakly:
+    # a finished generation's cache must not outlive it here)
+    last = {}
 
     def buffers(cache, B):
         """The cache's layers as (layers, n) if every one has buffers this step can write."""
         cl = getattr(cache, "layers", None)
-        if "n" in last and last["cache"] is cache and last["B"] == B and last["n"] + 1 < last["cap"]:
+        if "n" in last and last["cache"]() is cache and last["B"] == B and last["n"] + 1 < last["cap"]:
             # the step before left these buffers at n + 1 and nothing has touched them since
             n = last["n"] + 1
             held = zip(cl, last["layout"])
-            if all(type(c) is t and c._keys is k and c._values is v and c._n == n for c, (t, k, v) in held):
+            if all(type(c) is t and c._keys is k() and c._values is v() for c, (t, k, v) in held) and all(
+                c._n == n for c in cl
+            ):
                 return cl, n
         last.clear()
         if not cl or len(cl) != len(layers):
@@ -668,9 +675,9 @@ def install_decoder(model, checked=None) -> str | None:
                 return None
         for st, c in zip(structs, cl):
             st.k, st.v = c._keys.data_ptr(), c._values.data_ptr()
-        last.update(cache=cache, B=B, cap=shape[2], stride=(cl[0]._keys.stride(0), cl[0]._keys.stride(1)))
+        last.update(cache=weakref.ref(cache), B=B, cap=shape[2], stride=cl[0]._keys.stride()[:2])
         # what the fast path above compares by identity (a replaced buffer means new pointers)
-        last["layout"] = [(type(c), c._keys, c._values) for c in cl]
+        last["layout"] = [(type(c), weakref.ref(c._keys), weakref.ref(c._values)) for c in cl]
         return cl, n
 
     def step(ids, mask, pos, cache):
