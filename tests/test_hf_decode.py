@@ -194,3 +194,28 @@ def test_buffered_cache_layers_write_in_place_and_turn_plain_when_set_otherwise(
     cache.crop(-2)  # drop the last two positions
     assert type(layer) is DynamicLayer and torch.equal(layer.keys, k[1:, :, :4])
     assert torch.equal(layer.values, v[1:, :, :4])
+
+
+def test_a_cache_with_room_takes_the_prompt_into_its_buffers():
+    """_cache_with_room: the prefill's keys and values are written straight into buffers with
+    room for the generation (one arena for all layers), not copied there after it."""
+    import torch
+    from transformers import LlamaConfig
+
+    from cai.backends.hf import _cache_with_room
+
+    cfg = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    cache = _cache_with_room(cfg, 9)
+    k, v = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    for i in range(3):
+        keys, values = cache.update(k + i, v - i, i)
+        assert torch.equal(keys, k + i) and torch.equal(values, v - i)
+    first = cache.layers[0]._keys
+    for i, layer in enumerate(cache.layers):
+        assert type(layer).__name__ == "BufferedLayer" and layer._n == 5
+        assert layer._keys.shape == (2, 2, 9, 16)
+        # the six buffers lie one after another in one arena
+        assert layer._keys.data_ptr() == first.data_ptr() + 2 * i * first.numel() * 4
+    assert cache.get_seq_length() == 5
+    keys, _ = cache.update(torch.ones(2, 2, 1, 16), torch.ones(2, 2, 1, 16), 0)
+    assert keys.shape[-2] == 6 and keys.data_ptr() == first.data_ptr()

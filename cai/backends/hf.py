@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import json
 import math
 import os
@@ -412,8 +411,14 @@ class HFBackend:
             cache, past_mask, past_lens = past
             pos, lens = pos + past_lens[:, None], lens + past_lens[:, None]
             mask = torch.cat([past_mask, mask], dim=1)
+        # the prompt's keys and values go straight into buffers with room for the whole generation
+        room = ids.shape[1] + max_new_tokens
+        if cache is None:
+            cache = _cache_with_room(self.model.config, room)
+        else:
+            _preallocate(cache, room)
         res, cache = self._forward(ids, mask, pos, cache)
-        _preallocate(cache, max_new_tokens)
+        _preallocate(cache, max_new_tokens)  # where the forward made its own cache
         store, prompts = keep if keep is not None else (None, None)
         if store is not None and not store.can_keep(cache):
             store = None
@@ -675,33 +680,59 @@ def _preallocate(cache, extra: int):
     cache per layer per step). Caches of other kinds are left as they are."""
     from transformers.cache_utils import DynamicLayer
 
-    from cai.backends import hugepages
-
     layers = [
         x
         for x in getattr(cache, "layers", None) or []
         if type(x) is DynamicLayer and getattr(x, "is_initialized", False) and x.keys.dim() == 4
     ]
-    if not layers:
-        return
-    # every layer's keys and values in one arena on 2 MB pages (a step reads them all)
-    shapes = [t.shape[:-2] + (t.shape[-2] + extra, t.shape[-1]) for x in layers for t in (x.keys, x.values)]
-    sizes = [math.prod(s) for s in shapes]
-    k0 = layers[0].keys
-    if k0.device.type == "cpu" and all(t.dtype == k0.dtype for x in layers for t in (x.keys, x.values)):
-        arena = hugepages.torch_empty((sum(sizes),), k0.dtype)
-        starts = itertools.accumulate([0] + sizes[:-1])
-        bufs = [arena[a : a + n].view(s) for a, n, s in zip(starts, sizes, shapes)]
-    else:
-        bufs = [t.new_empty(s) for x in layers for t, s in zip((x.keys, x.values), shapes)]
-    for i, layer in enumerate(layers):
+    arena = _Arena(2 * len(layers))
+    for layer in layers:
         n = layer.keys.shape[-2]
-        for name, buf in zip(("keys", "values"), bufs[2 * i : 2 * i + 2]):
-            buf[..., :n, :] = getattr(layer, name)
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            buf = arena.take(t.shape[:-2] + (n + extra, t.shape[-1]), t)
+            buf[..., :n, :] = t
             setattr(layer, "_" + name, buf)
             del layer.__dict__[name]  # from here on a view the class makes (BufferedLayer.keys)
         layer._n = n
         layer.__class__ = _buffered_layer_class()
+
+
+def _cache_with_room(config, room: int):
+    """An empty DynamicCache for this model whose layers put their first keys and values (the
+    prompt's) into buffers with room for ``room`` positions, so nothing is copied after the
+    prefill. None where the model's cache has layers of other kinds (sliding windows, ...)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    if not cache.layers or not all(type(x) is DynamicLayer for x in cache.layers):
+        return None
+    arena, cls = _Arena(2 * len(cache.layers)), _buffered_layer_class()
+    cache.layers = [cls.empty(arena, room) for _ in cache.layers]
+    return cache
+
+
+class _Arena:
+    """Buffers for one cache's layers from one mapping on 2 MB pages (hugepages.py: a decode step
+    reads them all): the first request sizes it for ``count`` buffers like itself; a request
+    that does not fit what is left, or is not on the CPU, gets memory of its own."""
+
+    def __init__(self, count: int):
+        self.count, self.left = count, None
+
+    def take(self, shape, like):
+        from cai.backends import hugepages
+
+        n = math.prod(shape)
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        if self.left is None:
+            self.left = hugepages.torch_empty((n * self.count,), like.dtype)
+        if self.left.dtype != like.dtype or self.left.numel() < n:
+            return hugepages.torch_empty(shape, like.dtype)
+        buf, self.left = self.left[:n].view(shape), self.left[n:]
+        return buf
 
 
 def _buffered_layer():
@@ -714,6 +745,14 @@ def _buffered_layer():
         that, without making 60 tensor views a step). Setting ``keys``/``values`` to anything but
         the views they already are (crop, reorder, offload, ...) makes it a plain DynamicLayer
         holding what was set."""
+
+        @classmethod
+        def empty(cls, arena: _Arena, room: int):
+            """A layer whose first update puts its keys and values in buffers of ``room``
+            positions from ``arena``."""
+            layer = cls.__new__(cls)
+            layer.__dict__.update(is_initialized=False, _arena=arena, _room=room)
+            return layer
 
         @property
         def keys(self):
@@ -732,9 +771,10 @@ def _buffered_layer():
             self._set("values", t)
 
         def _set(self, name, t):
-            buf = getattr(self, "_" + name)
+            buf = self.__dict__.get("_" + name)
             if (
-                isinstance(t, type(buf))
+                buf is not None
+                and isinstance(t, type(buf))
                 and t.data_ptr() == buf.data_ptr()
                 and t.shape == buf.shape[:-2] + (self._n, buf.shape[-1])
                 and t.stride() == buf.stride()
@@ -744,11 +784,19 @@ def _buffered_layer():
             setattr(self, name, t)
 
         def _plain(self):
-            """Become a DynamicLayer holding the current views."""
-            self.__dict__["keys"], self.__dict__["values"] = self.keys, self.values
+            """Become a DynamicLayer holding the current views (None before the first update)."""
+            d = self.__dict__
+            d["keys"], d["values"] = (self.keys, self.values) if "_keys" in d else (None, None)
+            d.pop("_arena", None)
             self.__class__ = DynamicLayer
 
         def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:  # the first: buffers with room for the whole generation
+                for name, x in (("_keys", key_states), ("_values", value_states)):
+                    shape = x.shape[:-2] + (max(self._room, x.shape[-2]), x.shape[-1])
+                    setattr(self, name, self._arena.take(shape, x))
+                self.__dict__.update(_n=0, is_initialized=True, device=key_states.device)
+                del self._arena
             n, t = self._n, key_states.shape[-2]
             if n + t > self._keys.shape[-2]:  # out of room: back to plain concatenation
                 self._plain()  # (zero-argument super() would fail after this)
