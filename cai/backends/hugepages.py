@@ -15,6 +15,7 @@ everything works the same, only slower; ``CAI_HUGEPAGES=0`` asks for ordinary pa
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
@@ -41,14 +42,7 @@ def empty(nbytes: int):
 
 
 def torch_empty(shape, dtype):
-    """A contiguous CPU tensor on huge pages (numpy-typed dtypes only; else torch.empty)."""
+    """A contiguous CPU tensor on huge pages."""
     import torch
 
-    try:
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        n = 1
-        for s in shape:
-            n *= int(s)
-        return torch.from_numpy(empty(n * itemsize)).view(dtype).view(tuple(shape))
-    except (TypeError, RuntimeError):
-        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.from_numpy(empty(math.prod(shape) * dtype.itemsize)).view(dtype).view(tuple(shape))
