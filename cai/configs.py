@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cai.backends import BACKENDS
+from cai.backends import CHOICES
 from cai.options import count_or_all, opt
 
 PAIR_MODES = ("revision", "samples")
@@ -33,7 +33,12 @@ class ModelOptions:
         "the served name (langchain). Default: the embedded SmolLM2-135M-Instruct.",
         cli=("--model", "-m"),
     )
-    backend: str = opt("hf", "Model backend.", choices=tuple(BACKENDS))
+    backend: str = opt(
+        "auto",
+        "Model backend. auto: hf on a GPU; on a CPU llamacpp for GGUF models (the embedded default "
+        "included) and hf for others; langchain with --base-url.",
+        choices=CHOICES,
+    )
     batch_size: int = opt(
         16,
         "Prompts per forward pass (hf), requests in flight (langchain) or parallel sequences (llamacpp).",
@@ -44,16 +49,24 @@ class ModelOptions:
     base_url: str | None = opt(
         None, "langchain: an OpenAI-compatible server, e.g. http://localhost:8000/v1 (vLLM, TGI, llama.cpp)."
     )
+    threads: int | None = opt(
+        None, "CPU threads (hf, llamacpp). Default: every core this process may use.", min=1
+    )
 
-    def backend_options(self) -> dict:
-        """What ``load_backend`` takes besides the model, for this backend."""
-        if self.backend == "hf":
-            return dict(
-                batch_size=self.batch_size, device=self.device, trust_remote_code=self.trust_remote_code
-            )
-        if self.backend == "llamacpp":
-            return dict(batch_size=self.batch_size)  # in-process llama.cpp: batch_size = parallel sequences
-        return dict(batch_size=self.batch_size, base_url=self.base_url)
+    def resolve(self) -> tuple[str, dict]:
+        """(the backend ``--backend`` stands for here, the options it takes). An option set for
+        another backend is refused with one line (cai.backends.applicable)."""
+        from cai.backends import applicable, resolve_backend
+
+        name = resolve_backend(self.backend, self.model, device=self.device, base_url=self.base_url)
+        options = dict(
+            batch_size=self.batch_size,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+            base_url=self.base_url,
+            threads=self.threads,
+        )
+        return name, applicable(name, options)
 
 
 # ----------------------------------------------------------------------------- generate
@@ -65,7 +78,7 @@ class GenerateConfig:
     prompts: str = opt(help=".jsonl/.jsonl.gz (prompt, id), .txt (one per line) or HH-RLHF rows.", path=True)
     out: str = opt(help="Pairs JSONL to write (appended and resumable by id).", path=True)
     model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
-    backend: str = "hf"
+    backend: str = "auto"
     backend_options: dict = field(default_factory=dict)
     rounds: int | None = opt(
         None, "Critique -> revision rounds (default: the constitution's, else 2).", min=0
@@ -120,7 +133,7 @@ class LabelConfig:
         path=True,
     )
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    backend: str = "hf"
+    backend: str = "auto"
     backend_options: dict = field(default_factory=dict)  # passed to the backend (batch_size, device, ...)
     principles: int | None = opt(
         1, "Principles averaged per pair: K (a seeded draw per pair) or 'all'.", parse=count_or_all
@@ -352,7 +365,7 @@ class CompareConfig:
     constitution: str = opt(help="The judge's constitution folder.", path=True)
     out: str = opt(help="Study folder: report files and the steps/ cache.", path=True)
     model: str | None = None  # judge model (default: the embedded SmolLM2-135M-Instruct)
-    backend: str = "hf"
+    backend: str = "auto"
     backend_options: dict = field(default_factory=dict)
     limit: int | None = opt(
         None, "Only the first N training pairs (and N test pairs, unless --test-limit).", min=1

