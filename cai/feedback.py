@@ -502,6 +502,10 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     const = load_constitution(cfg.constitution)
     inputs = [cfg.pairs, *(Path(const.path) / f for f in const.files)]
     check_output(summary_path(cfg.out), inputs, option="--out's summary file")
+    if cfg.backend == "hf":
+        from cai.models import check_model, resolve_model
+
+        check_model(resolve_model(cfg.model)[0])  # weights whole, tokenizer fits: before any work
     with claim_output(cfg.out, inputs):
         return _label(cfg, const, principles, lo, hi)
 
