@@ -440,7 +440,13 @@ def run_agreement(cfg: AgreementConfig) -> dict:
     check_config(cfg)
     if not cfg.human:
         raise InputError("pass at least one --human file (`cai review` output)")
-    with claim_output(cfg.out, inputs=[cfg.ai, *cfg.human], kind="folder"):
+    with claim_output(
+        cfg.out,
+        inputs=[cfg.ai, *cfg.human],
+        kind="folder",
+        marker=("agreement.json", "agreement report"),
+        discard_on_error=True,
+    ):
         ai, ai_counts = load_ai(cfg.ai)
         human, h_counts = load_human(cfg.human)
         kept, join = align(human, ai)

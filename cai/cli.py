@@ -7,7 +7,9 @@ functions so `cai --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import functools
+import signal
 import sys
 
 import click
@@ -36,21 +38,49 @@ def _fail(msg: str):
     sys.exit(2)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the run unwinds as on Ctrl-C (a row being written is
+    rolled back, locks and temp files go) and exits 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+# a disk that refuses a write, where no stage turned it into an OutputError first
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
 def handle_errors(fn):
-    """Library errors -> 'Error: ...' on stderr, exit 2, no traceback."""
+    """Library errors -> 'Error: ...' on stderr, exit 2, no traceback. Ctrl-C exits 130 and
+    SIGTERM 143 (interrupted is not success), after the stage has kept what it wrote."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            old = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (an embedding caller): leave signals alone
+            old = None
+        try:
             return fn(*args, **kwargs)
         except CaiError as e:
             _fail(str(e))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            how = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
             click.echo(
-                "\ncai: interrupted; rows written so far are kept — rerun the same command to resume",
+                f"\ncai: {how}; rows written so far are kept — rerun the same command to resume",
                 err=True,
             )
-            sys.exit(130)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            from cai.records import write_error
+
+            _fail(str(write_error(e, e.filename or "the output")))
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
     return wrapper
 
@@ -139,6 +169,8 @@ def generate(**kw):
 
     summary = run_generate(_config(GenerateConfig, kw, **_model(kw)))
     click.echo(summary.line(), err=True)
+    if summary.interrupted:  # stopped by Ctrl-C with prompts left: not success (`... && cai train` stops)
+        sys.exit(130)
 
 
 @cli.command()

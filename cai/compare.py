@@ -50,7 +50,7 @@ def _prepare(cfg: CompareConfig, d: Path) -> dict:
     its label replaced by WITHHELD; the swap is undone after judging.
     """
     stats: dict = {}
-    rows = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=stats)
+    rows = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=stats, need_label=True)
     rng = random.Random(cfg.seed)
     human, judge, swaps = [], [], {}
     for r in rows:
@@ -200,26 +200,26 @@ def run_compare(cfg: CompareConfig) -> dict:
     for c in (cfg, cfg.train, cfg.eval):
         check_config(c)
     inputs = [cfg.human_train, cfg.test, cfg.generated_pairs, cfg.eval.shift_pairs]
-    with claim_output(cfg.out, inputs=inputs, kind="folder"):
+    with claim_output(cfg.out, inputs=inputs, kind="folder", marker=("steps", "study folder")):
         return _run_compare(cfg)
 
 
 def _run_compare(cfg: CompareConfig) -> dict:
     from cai.constitution import load_constitution
-    from cai.models import check_weights, resolve_model, resolve_reward_base
+    from cai.models import check_model, resolve_model, resolve_reward_base
     from cai.report import write_report
 
     out = Path(cfg.out)
     # fail on a bad constitution, judge or base before any work
     constitution = load_constitution(cfg.constitution)
     if cfg.backend == "hf":
-        check_weights(resolve_model(cfg.model)[0])
-    check_weights(resolve_reward_base(cfg.train.base)[0], "--base")
+        check_model(resolve_model(cfg.model)[0])
+    check_model(resolve_reward_base(cfg.train.base)[0], "--base")
     test = load_pairset(cfg.test, cfg.test_limit if cfg.test_limit is not None else cfg.limit, cfg.skip_bad)
     shift = load_pairset(cfg.eval.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.eval.shift_pairs else None
-    train_preview = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad)
+    train_preview = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad, need_label=True)
     gen_n = (
-        len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=cfg.skip_bad))
+        len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, need_label=True))
         if cfg.generated_pairs
         else 0
     )

@@ -14,9 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cai.backends import CHOICES
-from cai.options import count_or_all, opt
+from cai.options import count_or_all, opt, pairs_or_all
 
 PAIR_MODES = ("revision", "samples")
+# Every --seed: numpy's and torch's seeders both take 0 .. 2**32 - 1 (transformers.set_seed seeds
+# both; per-batch sampling seeds are built from it and stay inside torch's 64-bit range).
+SEED = dict(min=0, max=2**32 - 1, max_why="the range numpy and torch seed from")
 LENGTH_ROBUST = ("none", "odin", "balance", "odin+balance")  # cai train --length-robust
 
 
@@ -81,9 +84,9 @@ class GenerateConfig:
     backend: str = "auto"
     backend_options: dict = field(default_factory=dict)
     rounds: int | None = opt(
-        None, "Critique -> revision rounds (default: the constitution's, else 2).", min=0
+        None, "Critique -> revision rounds (default: the constitution's, else 2).", min=1
     )
-    seed: int = opt(0, "Seeds principle draws and sampling.")
+    seed: int = opt(0, "Seeds principle draws and sampling.", **SEED)
     max_new_tokens: int = opt(128, "Tokens per generated response.", min=1)
     temperature: float = opt(0.0, "0 = greedy.", min=0.0)
     limit: int | None = opt(None, "Only the first N prompts.", min=1)
@@ -146,7 +149,7 @@ class LabelConfig:
         (0.4, 0.6), "With --cot: the band each probability is clamped to (the CAI paper's 40-60%)."
     )
     max_new_tokens: int = opt(128, "With --cot: length of the reasoning.", min=1)
-    seed: int = opt(0, "Seeds the per-pair principle draw.")
+    seed: int = opt(0, "Seeds the per-pair principle draw.", **SEED)
     limit: int | None = opt(None, "Only the first N pairs.", min=1)
     chunk_size: int = opt(16, "Pairs per checkpoint; a kill loses at most one chunk.", min=1)
     skip_bad: bool = opt(
@@ -239,7 +242,7 @@ class TrainConfig:
     length_weight: float = opt(
         1.0, "odin: weight of the length-correlation and orthogonality terms (ODIN's lambda).", min=0.0
     )
-    seed: int = opt(0, "Seed for the head's initialisation, shuffling and dropout.")
+    seed: int = opt(0, "Seed for the head's initialisation, shuffling and dropout.", **SEED)
     precision: str = opt(
         "auto",
         "auto (bf16 on GPUs that support it, else fp16; fp32 on CPU), fp32, bf16 or fp16. "
@@ -314,12 +317,13 @@ class EvalConfig:
     )
     device: str | None = opt("auto", "auto, cpu, cuda, ...")
     bootstrap: int = opt(2000, "Bootstrap resamples per interval.", min=100)
-    seed: int = opt(0, "Seed of the bootstrap resamples.")
+    seed: int = opt(0, "Seed of the bootstrap resamples.", **SEED)
     probes: bool = opt(True, "Robustness probes (length, refusal, formatting).", negatable=True)
     probe_limit: int | None = opt(
         200,
-        "Refusal/format probes score 4 extra responses per pair: on the first N pairs only (0 = all).",
-        min=0,
+        "Refusal/format probes score 4 extra responses per pair: on the first N pairs only, or 'all'.",
+        min=1,
+        parse=pairs_or_all,
     )
     skip_bad: bool = opt(
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
@@ -378,7 +382,9 @@ class CompareConfig:
         parse=count_or_all,
     )
     cot: bool = opt(False, "The judge reasons before answering (slower).")
-    seed: int = opt(0, "Seeds the judge's draws, the label-hiding shuffle, every RM and the bootstrap.")
+    seed: int = opt(
+        0, "Seeds the judge's draws, the label-hiding shuffle, every RM and the bootstrap.", **SEED
+    )
     skip_bad: bool = opt(
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
     )
@@ -403,8 +409,8 @@ class ReviewConfig:
     )
     annotator: str | None = opt(None, "Your name, recorded in every row (default: $USER).")
     sample: int | None = opt(None, "Only the first N pairs of the seeded order (default: all).", min=1)
-    seed: int = opt(0, "Seeds the order of the pairs and of each pair's two responses.")
-    port: int = opt(0, "Port on 127.0.0.1 (default: any free port).", min=0)
+    seed: int = opt(0, "Seeds the order of the pairs and of each pair's two responses.", **SEED)
+    port: int = opt(0, "Port on 127.0.0.1 (default: any free port).", min=0, max=65535)
     reveal: bool = opt(True, "Offer the AI label of a pair once you have answered it.", negatable=True)
     host: str = "127.0.0.1"
 

@@ -29,6 +29,7 @@ line.
 
 from __future__ import annotations
 
+import codecs
 import contextvars
 import difflib
 import functools
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import InputError
-from cai.records import to_transcript
+from cai.records import check_input_file, to_transcript
 
 REQUIRED_TEMPLATES = ("critique", "revision", "compare")
 SECTIONS = ("critique", "revision", "compare")
@@ -56,6 +57,12 @@ MAX_RANGE = 100_000  # items in one range()
 MAX_STEPS = 1_000_000  # loop iterations + calls in one render
 MAX_DEPTH = 50  # macros nested inside macros (a recursive macro stops here)
 MAX_SECONDS = 10.0  # wall-clock time of one render
+
+# What one file may hold, checked when it is read (naming the file), far below the render cap:
+# a principle, the few-shot examples and a prompt (records.MAX_TEXT_CHARS) all fit one render.
+MAX_PRINCIPLE_CHARS = 20_000
+MAX_FILE_CHARS = 100_000  # a template, a few-shot example, constitution.toml
+MAX_FEWSHOT_CHARS = 100_000  # all few-shot examples together
 
 # constitution.toml: every key a constitution may set, with its type.
 SCHEMA: dict[str, object] = {
@@ -519,10 +526,13 @@ def _render(env, template_dir: Path, name: str, variables: dict) -> list[dict]:
 
 
 def _decode(data: bytes, path: Path) -> str:
+    if data.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark is accepted and dropped
+        data = data[len(codecs.BOM_UTF8) :]
     try:
-        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and dropped
-    except UnicodeDecodeError:
-        raise InputError("not UTF-8 text; save the file as UTF-8", path) from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1  # the line the bad bytes are on
+        raise InputError("not UTF-8 text; save the file as UTF-8", path, line) from None
 
 
 def _read_text(path: Path) -> str:
@@ -554,8 +564,11 @@ class _Reader:
                 path,
             )
 
-    def read(self, path: Path) -> bytes:
+    def read(self, path: Path, limit: int = MAX_FILE_CHARS, what: str = "the file") -> bytes:
         self.check(path)
+        size = check_input_file(path).stat().st_size  # a FIFO or a device would block: refused
+        if size > 4 * limit:  # UTF-8 holds at most 4 bytes a character: too long before reading it
+            _too_long(path, what, f"{size:,} bytes", limit)
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -563,8 +576,12 @@ class _Reader:
         self.data[path] = data
         return data
 
-    def text(self, path: Path, strip: bool = True) -> str:
-        text = _decode(self.read(path), path)
+    def text(
+        self, path: Path, strip: bool = True, limit: int = MAX_FILE_CHARS, what: str = "the file"
+    ) -> str:
+        text = _decode(self.read(path, limit, what), path)
+        if len(text) > limit:
+            _too_long(path, what, f"{len(text):,} characters", limit)
         return text.strip() if strip else text
 
     def files(self, folder: Path, suffix: str, recursive: bool = False) -> list[Path]:
@@ -585,8 +602,8 @@ class _Reader:
             for n in sorted(filenames):
                 if not n.startswith(".") and n.endswith(suffix):
                     self.check(d / n)
-                    if (d / n).is_file():
-                        out.append(d / n)
+                    if not (d / n).is_dir():
+                        out.append(check_input_file(d / n))  # a FIFO here is an error, not skipped
             if not recursive:
                 break
         return sorted(out)
@@ -597,6 +614,14 @@ class _Reader:
             h.update(f.relative_to(self.root).as_posix().encode() + b"\0")
             h.update(self.data[f] + b"\0")
         return h.hexdigest()
+
+
+def _too_long(path: Path, what: str, size: str, limit: int):
+    raise InputError(
+        f"{what} is {size}; it may hold at most {limit:,} characters (it goes into prompts whole): "
+        "shorten it",
+        path,
+    )
 
 
 def parse_principle(path: Path, text: str | None = None) -> Principle:
@@ -692,8 +717,8 @@ def _check_schema(meta: dict, text: str, path: Path):
                 f"'{key}' must be {_TYPE_NAMES[want]}, not {type(value).__name__} {value!r}"[:300], None, key
             )
     defaults = meta.get("defaults", {})
-    if "rounds" in defaults and defaults["rounds"] < 0:
-        fail(f"defaults.rounds must be a whole number >= 0, not {defaults['rounds']!r}", "defaults", "rounds")
+    if "rounds" in defaults and defaults["rounds"] < 1:
+        fail(f"defaults.rounds must be a whole number >= 1, not {defaults['rounds']!r}", "defaults", "rounds")
     if "no_change_pattern" in defaults:
         try:
             re.compile(defaults["no_change_pattern"])
@@ -753,10 +778,13 @@ def load_constitution(path) -> Constitution:
     files = reader.files(pdir, ".txt")
     if not files:
         raise InputError("no principles: add one or more principles/*.txt files", pdir)
-    principles = {f.stem: parse_principle(f, reader.text(f)) for f in files}
+    principles = {
+        f.stem: parse_principle(f, reader.text(f, limit=MAX_PRINCIPLE_CHARS, what="the principle"))
+        for f in files
+    }
     tdir = root / "templates"
     sources = {
-        f.relative_to(tdir).as_posix(): reader.text(f, strip=False)
+        f.relative_to(tdir).as_posix(): reader.text(f, strip=False, what="the template")
         for f in reader.files(tdir, ".jinja", True)
     }
     for name in REQUIRED_TEMPLATES:
@@ -766,7 +794,13 @@ def load_constitution(path) -> Constitution:
                 f"every constitution needs {', '.join(REQUIRED_TEMPLATES)}",
                 tdir,
             )
-    fewshot = [reader.text(f) for f in reader.files(root / "fewshot", ".txt")]
+    fewshot = [reader.text(f, what="the few-shot example") for f in reader.files(root / "fewshot", ".txt")]
+    if sum(map(len, fewshot)) > MAX_FEWSHOT_CHARS:
+        raise InputError(
+            f"the few-shot examples hold {sum(map(len, fewshot)):,} characters together; at most "
+            f"{MAX_FEWSHOT_CHARS:,} (every template render may include them all): drop or shorten some",
+            root / "fewshot",
+        )
     defaults = meta.get("defaults", {})
     env = _make_env(tdir, sources)
     c = Constitution(

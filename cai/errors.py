@@ -15,3 +15,12 @@ class InputError(CaiError):
         super().__init__(where + message)
         self.path = path
         self.line = line
+
+
+class OutputError(CaiError):
+    """An output could not be written (no space left, quota, read-only, I/O error). CLI exit
+    code 2; what was written before is kept whole (``records`` rolls a failed write back)."""
+
+    def __init__(self, message: str, path=None):
+        super().__init__(f"{path}: {message}" if path is not None else message)
+        self.path = path

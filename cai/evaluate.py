@@ -298,7 +298,7 @@ def make_pairset(rows: list[dict], source: dict | None = None) -> PairSet:
 
 def load_pairset(path, limit: int | None = None, skip_bad: bool = False) -> PairSet:
     stats: dict = {}
-    rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats)
+    rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats, need_label=True)
     ps = make_pairset(rows, {"file": str(path), "sha256": file_sha256(path), "limit": limit})
     ps.source["skipped"] = len(stats.get("skipped", []))
     if stats.get("skipped"):
@@ -829,7 +829,13 @@ def run_eval(cfg: EvalConfig, provenance: dict | None = None, progress: bool = T
     for r in cfg.rms:
         check_reward_model(r, "--rm")
     names = _unique_names(cfg.rms, cfg.names)
-    with claim_output(cfg.out, inputs=[cfg.pairs, cfg.shift_pairs, *cfg.rms], kind="folder"):
+    with claim_output(
+        cfg.out,
+        inputs=[cfg.pairs, cfg.shift_pairs, *cfg.rms],
+        kind="folder",
+        marker=("metrics.json", "report folder"),  # one rule for whole-folder outputs (train's too)
+        discard_on_error=True,  # a report folder this run made is removed when the run fails
+    ):
         ps = load_pairset(cfg.pairs, cfg.limit, cfg.skip_bad)
         shift = load_pairset(cfg.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.shift_pairs else None
         prov = {n: {**rm_provenance(r), **((provenance or {}).get(n, {}))} for n, r in zip(names, cfg.rms)}

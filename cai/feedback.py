@@ -502,6 +502,17 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     const = load_constitution(cfg.constitution)
     inputs = [cfg.pairs, *(Path(const.path) / f for f in const.files)]
     check_output(summary_path(cfg.out), inputs, option="--out's summary file")
+    if cfg.backend == "auto":  # the engine it stands for here, before anything loads
+        from dataclasses import replace
+
+        from cai.backends import resolved
+
+        name, options = resolved(cfg.backend, cfg.model, cfg.backend_options)
+        cfg = replace(cfg, backend=name, backend_options=options)
+    if cfg.backend == "hf":
+        from cai.models import check_model, resolve_model
+
+        check_model(resolve_model(cfg.model)[0])  # weights whole, tokenizer fits: before any work
     with claim_output(cfg.out, inputs):
         return _label(cfg, const, principles, lo, hi)
 

@@ -14,7 +14,7 @@ disagree. ``opt()`` builds such a field::
     def train(**kw):
         train_reward_model(TrainConfig(**kw))
 
-``check_config`` enforces the same bounds (``min``, ``choices``) for callers of the Python API,
+``check_config`` enforces the same bounds (``min``, ``max``, ``choices``) for callers of the Python API,
 so `--limit 0` means the same thing — an error — in every command. This module imports only
 click and the standard library, and only when building options.
 """
@@ -32,9 +32,10 @@ from cai.errors import InputError
 def opt(default=dataclasses.MISSING, help: str = "", *, factory=None, **meta):
     """A dataclass field that is also a CLI option.
 
-    meta: ``min`` (numbers: the smallest allowed value), ``choices``, ``cli`` (option names,
-    e.g. ``("--model", "-m")``), ``negatable`` (``--x/--no-x``), ``flag_values`` (several flags
-    that set one field, e.g. ``{"--bf16": "bf16"}``), ``parse`` (a function turning the text
+    meta: ``min`` / ``max`` (numbers: the smallest / largest allowed value; ``max_why`` says why),
+    ``choices``, ``cli`` (option names, e.g. ``("--model", "-m")``), ``negatable``
+    (``--x/--no-x``), ``flag_values`` (several flags that set one field, e.g.
+    ``{"--bf16": "bf16"}``), ``parse`` (a function turning the text
     into the value, raising ValueError with a message), ``metavar``, ``path`` (a file path).
     """
     md = {"help": help, **meta}
@@ -172,8 +173,9 @@ def _list_fields(cls) -> set[str]:
 
 
 def check_config(cfg, rename: dict | None = None) -> None:
-    """Bounds from the fields' metadata, for every caller: counts and limits are >= their ``min``,
-    numbers are finite, choices are one of the listed. Raises InputError naming the option."""
+    """Bounds from the fields' metadata, for every caller: counts and limits are >= their ``min``
+    (and <= their ``max``: seeds, ports), numbers are finite, choices are one of the listed.
+    Raises InputError naming the option."""
     rename = rename or {}
     for f, _ in _fields(type(cfg)):
         v = getattr(cfg, f.name)
@@ -189,6 +191,10 @@ def check_config(cfg, rename: dict | None = None) -> None:
         lo = f.metadata.get("min")
         if lo is not None and isinstance(v, (int, float)) and v < lo:
             raise InputError(f"{name} must be >= {lo}, not {v}")
+        hi = f.metadata.get("max")
+        if hi is not None and isinstance(v, (int, float)) and v > hi:
+            why = f" ({f.metadata['max_why']})" if f.metadata.get("max_why") else ""
+            raise InputError(f"{name} must be <= {hi}{why}, not {v}")
         choices = f.metadata.get("choices")
         if choices and v not in choices:
             raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, not {v!r}")
@@ -204,4 +210,17 @@ def count_or_all(value):
         k = 0
     if k < 1:
         raise ValueError(f"{value!r}: pass a number of principles (1, 2, ...) or 'all'")
+    return k
+
+
+def pairs_or_all(value):
+    """'all' -> None, 'N' -> N >= 1 (pairs a step runs on): a count, never 0 for "all"."""
+    if value is None or str(value).lower() == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"{value!r}: pass a number of pairs (1, 2, ...) or 'all'")
     return k

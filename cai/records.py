@@ -11,20 +11,31 @@ Messages are ``{"role": "user"|"assistant"|"system", "content": str}``.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import errno
 import gzip
 import hashlib
 import json
 import math
 import os
 import re
+import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from cai.errors import InputError
+from cai.errors import InputError, OutputError
 
 ROLES = ("system", "user", "assistant")
+
+# Sizes checked where an input is read, so an oversized row is named (file:line) before any
+# model loads instead of failing a render or a forward pass later. A row's text (prompt and
+# responses together) stays far below what one template render may hold (constitution.py's
+# MAX_RENDER_CHARS, 1,000,000), leaving room for the principle, few-shot examples and template.
+MAX_TEXT_CHARS = 100_000
+MAX_LINE_BYTES = 16 << 20  # one line of a JSONL/text input (JSON escapes included)
 
 # "\n\nHuman: ...\n\nAssistant: ..." (Anthropic HH-RLHF). Speaker tags start a line.
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
@@ -100,36 +111,80 @@ def _check_messages(value, path, line, field) -> list[dict]:
 # ----------------------------------------------------------------------------- raw file reading
 
 
-def _open_text(path: Path):
-    # utf-8-sig: a byte-order mark (Windows editors add one) is accepted and stripped.
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_input_file(path) -> Path:
+    """An input file is a regular file: a FIFO, socket or device would block the reader (or never
+    end), so it is refused in one line before anything is opened."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError("file not found; check the path", path) from None
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e})", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError("is a folder, expected a file", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"must be a regular file, not {_kind(st.st_mode)}; pass a file saved on disk", path)
+    return path
 
 
 def _iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, text) for every non-blank line; errors name the file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("file not found; check the path", path)
-    if path.is_dir():
-        raise InputError("is a folder, expected a file", path)
+    """(line number, text) for every non-blank line; errors name the file and its real line.
+
+    Lines are read as bytes and decoded one by one, so a decoding error names the line it is on
+    (a text stream decodes ahead in blocks). A UTF-8 byte-order mark (Windows editors add one) is
+    accepted and stripped.
+    """
+    path = check_input_file(path)
+    gz = path.suffix == ".gz"
     n = 0
     try:
-        with _open_text(path) as f:
-            for n, text in enumerate(f, 1):
-                if "\x00" in text:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                n += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise InputError(
+                        f"line is longer than {MAX_LINE_BYTES >> 20} MiB; split or shorten the row", path, n
+                    )
+                if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                if b"\x00" in raw:
                     raise InputError("binary data, not text; pass a .jsonl, .jsonl.gz or .txt file", path, n)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InputError(
+                        "not UTF-8 text (binary file?); pass a .jsonl, .jsonl.gz or .txt file", path, n
+                    ) from None
                 if text.strip():
                     yield n, text
-    except UnicodeDecodeError:
-        raise InputError(
-            "not UTF-8 text (binary file?); pass a .jsonl, .jsonl.gz or .txt file", path, n + 1
-        ) from None
     except (gzip.BadGzipFile, EOFError, OSError) as e:
         raise InputError(
-            f"cannot read ({e}); is it really {'gzip' if path.suffix == '.gz' else 'text'}?", path
+            f"cannot read ({e}); is it really {'gzip' if gz else 'text'}?", path, n + 1 if n else None
         ) from None
+
+
+def _check_text_size(parts: Iterable[list[dict]], what: str, path, line) -> None:
+    chars = sum(len(m["content"]) for msgs in parts for m in msgs)
+    if chars > MAX_TEXT_CHARS:
+        raise InputError(
+            f"{what} holds {chars:,} characters of text; a row may hold at most {MAX_TEXT_CHARS:,} "
+            "(prompt and responses together): shorten it or drop the row",
+            path,
+            line,
+        )
 
 
 def _parse_line(path, n: int, text: str) -> dict:
@@ -183,6 +238,7 @@ def read_prompts(path, limit: int | None = None) -> list[dict]:
                 raise InputError(
                     "row has no 'prompt' (a string or a list of chat messages); add one", path, n
                 )
+            _check_text_size([msgs], "the prompt", path, n)
             rid = str(row["id"]) if row.get("id") is not None else stable_id(msgs)
             if rid not in seen:
                 seen.add(rid)
@@ -190,8 +246,9 @@ def read_prompts(path, limit: int | None = None) -> list[dict]:
             if limit and len(rows) >= limit:
                 break
     else:
-        for _, text in _iter_lines(path):
+        for n, text in _iter_lines(path):
             msgs = [{"role": "user", "content": text.strip()}]
+            _check_text_size([msgs], "the prompt", path, n)
             rid = stable_id(msgs)
             if rid not in seen:
                 seen.add(rid)
@@ -252,6 +309,7 @@ def normalise_pair(row: dict, path=None, line: int | None = None) -> dict:
     for field, msgs in (("chosen", ch), ("rejected", rj)):
         if not response_text(msgs).strip():
             raise InputError(f"'{field}' response is empty; a response needs some text", path, line)
+    _check_text_size([prompt, ch, rj], "the row", path, line)
     out = dict(row)
     out["prompt"], out["chosen"], out["rejected"] = prompt, ch, rj
     out["label"] = label
@@ -273,21 +331,28 @@ def check_label(label, path=None, line: int | None = None) -> dict:
 
     The one validator every pair reader goes through, so label/train/score/eval/compare agree.
     A row may carry ``p_chosen: null`` only when a ``prior`` holds a label (a pair the judge
-    could not score keeps the human one).
+    could not score keeps the human one): some ``prior`` below it has a probability.
     """
     if not isinstance(label, dict):
         raise InputError(
             f"'label' must be an object with 'p_chosen', not {json.dumps(label)[:40]}", path, line
         )
-    out, node, what = dict(label), label, "label.p_chosen"
+    node, what, held = label, "label", False
     while isinstance(node, dict):
-        if node.get("p_chosen") is not None or node is label and "prior" not in label:
-            check_probability(node.get("p_chosen"), what, path, line)
+        if node.get("p_chosen") is not None:
+            check_probability(node["p_chosen"], f"{what}.p_chosen", path, line)
+            held = True
         prior = node.get("prior")
         if prior is not None and not isinstance(prior, dict):
-            raise InputError(f"'{what.replace('p_chosen', 'prior')}' must be an object", path, line)
-        node, what = prior, what.replace("p_chosen", "prior.p_chosen")
-    return out
+            raise InputError(f"'{what}.prior' must be an object", path, line)
+        node, what = prior, f"{what}.prior"
+    if not held:
+        raise InputError(
+            "label.p_chosen is null and no label.prior holds a label; give label.p_chosen a number in [0, 1]",
+            path,
+            line,
+        )
+    return dict(label)
 
 
 def response_text(messages: list[dict]) -> str:
@@ -295,7 +360,11 @@ def response_text(messages: list[dict]) -> str:
 
 
 def read_pairs(
-    path, limit: int | None = None, skip_bad: bool = False, stats: dict | None = None
+    path,
+    limit: int | None = None,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+    need_label: bool = False,
 ) -> list[dict]:
     """Read any pairs format in docs/pairs-contract.md into pairs-contract rows.
 
@@ -307,6 +376,9 @@ def read_pairs(
     Rows with ``label.revision`` are answers from `cai review`: for one id the last revision
     wins, and a last revision with ``p_chosen: null`` (a skip or an undo) leaves the pair out
     (counted in ``stats['unlabelled']``).
+
+    ``need_label``: the command uses the label itself (train, eval, compare), so a row whose
+    ``p_chosen`` is null (only a ``prior`` holds one) is a bad row there.
     """
     path = Path(path)
     stats = stats if stats is not None else {}
@@ -322,6 +394,13 @@ def read_pairs(
                 continue
             answer = isinstance(lab, dict) and "revision" in lab
             row = normalise_pair(raw, path, n)
+            if need_label and not answer and row["label"].get("p_chosen") is None:
+                raise InputError(
+                    "label.p_chosen is null (only label.prior holds a label); this command needs "
+                    "a label on every row: label it (cai label) or drop the row",
+                    path,
+                    n,
+                )
             if response_text(row["chosen"]).strip() == response_text(row["rejected"]).strip():
                 raise InputError("'chosen' and 'rejected' are identical; nothing to compare", path, n)
         except InputError as e:
@@ -358,25 +437,66 @@ def read_pairs(
 
 # ----------------------------------------------------------------------------- the writer
 
+_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "the file is too large for its file system",
+    errno.EROFS: "the file system is read-only",
+    errno.EIO: "input/output error (a failing disk?)",
+}
+
+
+def write_error(e: OSError, path, kept: str = "") -> OutputError:
+    """A failed write as one line naming the output, what happened and what to do."""
+    reason = _REASONS.get(e.errno) or (e.strerror or str(e)).lower()
+    todo = (
+        "free some space (or choose another --out) and rerun"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else "choose another --out and rerun"
+    )
+    return OutputError(f"cannot write: {reason}; {todo}{kept}", path)
+
+
+def _dumps(row: dict) -> bytes:
+    # the bytes jsonlines' compact writer makes: no spaces, UTF-8 text as is
+    return (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _is_row(data: bytes) -> bool:
+    try:
+        return isinstance(json.loads(data), dict)
+    except ValueError:
+        return False
+
 
 class RowWriter:
     """Append-only, resumable JSONL writer keyed by ``id``.
 
-    - A torn last line (a kill mid-write) is cut back to the last newline before appending.
+    - A last line without its newline is a row if it parses (the newline is added before the
+      next row); one that does not parse is torn (a kill mid-write): its bytes are moved to
+      ``<name>.torn`` beside the file, never dropped, and the file is cut back to the last
+      whole row before appending.
     - ``done`` holds the ids already in the file, so a rerun skips them.
-    - Each row is one ``write`` of one whole line, flushed and fsynced per batch, so a kill at
-      any instant loses at most the rows not yet written and never corrupts earlier ones.
-    - Nothing is created until the first row is written (bad input leaves no file behind).
+    - Rows go straight to the file descriptor (no buffer holds them), one batch per ``write``
+      call, fsynced by ``sync``/``write_many``. A write or an fsync that fails (a full disk) or
+      is interrupted is rolled back: the file is cut back to what was there before, so a row is
+      either on disk and acknowledged or not written at all (never half a line, never later).
+    - Nothing is created until the first row is written (bad input leaves no file behind), and a
+      file this writer created is removed again when its first rows could not be written.
+    - ``overwrite``: the old file stays until the first rows are on disk in its replacement.
     """
 
     def __init__(self, path, overwrite: bool = False):
-        import jsonlines  # noqa: F401  (the contract's writer; imported lazily for a fast --help)
-
         self.path = Path(path)
         self.done: set[str] = set()
         self.first_meta: dict | None = None
-        self._fp = None
-        self._writer = None
+        self.repaired_bytes = 0  # bytes of a torn last line moved aside
+        self.torn_path: Path | None = None
+        self._fd: int | None = None
+        self._created = False
+        self._pending = b""  # the newline owed to a last row written without one
+        self._synced = 0  # file size at the last fsync
+        self._unsynced: list[str] = []  # ids written since then
         # --overwrite empties the file at the first write, not now: a run that fails before
         # producing a row (bad model, bad option) leaves the old output as it was.
         self._truncate = overwrite and self.path.exists()
@@ -384,86 +504,212 @@ class RowWriter:
             self._scan_existing()
 
     def _scan_existing(self):
+        check_input_file(self.path)
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
-            self.repaired_bytes = len(data) - cut
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-                f.flush()
-                os.fsync(f.fileno())
-            data = data[:cut]
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if _is_row(data[cut:]):
+                self._pending = b"\n"  # a whole row missing only its newline: a row
+            else:
+                self._set_aside(data[cut:], cut)
+                data = data[:cut]
+        for n, line in enumerate(data.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
                 raise InputError(
                     "existing output has a corrupt line; move the file aside or pass --overwrite",
                     self.path,
                     n,
-                ) from None
+                )
             self.done.add(str(row.get("id")))
             if self.first_meta is None:
                 self.first_meta = row.get("meta")
 
-    def _open(self):
-        import jsonlines
+    def _set_aside(self, tail: bytes, cut: int):
+        aside = self.path.with_name(self.path.name + ".torn")
+        try:
+            with open(aside, "ab") as f:  # kept, never dropped: several repairs append
+                f.write(tail + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(e, aside) from None
+        self.repaired_bytes, self.torn_path = len(tail), aside
+        print(
+            f"cai: {self.path}: its last line was cut off mid-row (a kill mid-write?); its "
+            f"{len(tail)} bytes were moved to {aside}, and the run goes on after the last whole row",
+            file=sys.stderr,
+        )
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fp = open(self.path, "w" if self._truncate else "a", encoding="utf-8")
-        self._truncate = False
-        self._writer = jsonlines.Writer(self._fp, compact=True, flush=True)
+    def _open(self):
+        existed = self.path.exists()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            raise write_error(e, self.path) from None
+        self._created = not existed
+        if self._created:
+            self._pending = b""
+        self._synced = os.fstat(self._fd).st_size
+        try:
+            _hold(self.path)  # the output's lock holds this file too (another name for it is refused)
+        except BaseException:
+            self._rollback(self._synced)
+            raise
+
+    def _rollback(self, size: int):
+        """Cut the file back to ``size`` bytes; a file this writer made and left empty goes."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        if self._created and size == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd, self._created = None, False
+
+    def _append(self, rows: list[dict]):
+        data = b"".join(_dumps(r) for r in rows)  # every row serialised before a byte is written
+        if not data:
+            return
+        if self._truncate:
+            return self._replace(data, rows)
+        if self._fd is None:
+            self._open()
+        start = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(self._pending + data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except BaseException as e:
+            self._rollback(start)
+            if isinstance(e, OSError):
+                raise write_error(e, self.path, KEPT) from None
+            raise
+        self._pending = b""
+        for r in rows:
+            rid = str(r["id"])
+            if rid not in self.done:
+                self.done.add(rid)
+                self._unsynced.append(rid)
+
+    def _replace(self, data: bytes, rows: list[dict]):
+        """--overwrite: the first rows go into a new file beside the old one, which replaces it
+        once they are on disk; a failure leaves the old file as it was."""
+        real, tmp = _real(self.path), None
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+            try:
+                with contextlib.suppress(OSError):
+                    os.chmod(tmp, stat.S_IMODE(os.stat(real).st_mode))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, real)
+        except BaseException as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise write_error(e, self.path, "; the old file is unchanged") from None
+            raise
+        self._truncate, self._created, self._pending = False, False, b""
+        self._fd = os.open(real, os.O_WRONLY | os.O_APPEND)
+        self._synced = os.fstat(self._fd).st_size
+        self.done.update(str(r["id"]) for r in rows)
+        _hold(self.path)  # the lock takes the new file
 
     def write(self, row: dict):
-        if self._writer is None:
-            self._open()
-        self._writer.write(row)
-        self.done.add(str(row["id"]))
+        """Append one row (on disk at the next ``sync``)."""
+        self._append([row])
 
     def write_many(self, rows: Iterable[dict]):
-        for row in rows:
-            self.write(row)
+        """Append rows and fsync them: all of them are on disk when this returns, or none is."""
+        self._append(list(rows))
         self.sync()
 
     def sync(self):
-        if self._fp is not None:
-            self._fp.flush()
-            os.fsync(self._fp.fileno())
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except BaseException as e:
+            self._rollback(self._synced)
+            self.done.difference_update(self._unsynced)
+            self._unsynced = []
+            if isinstance(e, OSError):
+                raise write_error(e, self.path, KEPT) from None
+            raise
+        if self._fd is not None:
+            self._synced = os.fstat(self._fd).st_size
+        self._unsynced = []
 
     def close(self):
-        if self._writer is not None:
-            self.sync()
-            self._writer.close()
-            self._fp.close()
-            self._writer = self._fp = None
+        if self._fd is not None:
+            try:
+                self.sync()
+            finally:
+                if self._fd is not None:
+                    os.close(self._fd)
+                self._fd = None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:  # the error on its way out is the one to report
+            with contextlib.suppress(Exception):
+                self.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+KEPT = "; the rows written before are kept, and the rerun resumes after them"
 
 
 def write_atomic(path, write) -> Path:
     """Create ``path`` atomically: ``write(file)`` fills a temp file beside it, which is fsynced
-    and renamed over ``path``. A kill or an error never leaves half a file or a temp file behind.
+    and renamed over ``path``. A kill or an error never leaves half a file or a temp file behind;
+    a failed write (a full disk) is one ``OutputError`` naming the file.
 
     The one writer for every whole-file output (JSON, JSONL, Markdown, HTML, PNG bytes).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from None
         raise
     return path
 
@@ -487,21 +733,49 @@ def write_jsonl(path, rows: Iterable[dict]) -> Path:
 # ----------------------------------------------------------------------------- the output guard
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def file_identity(path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file a path names, symlinks followed; None when nothing is there.
+    Two names (a symlink, a hard link, another spelling of the path) of one file share it."""
     try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _real(path: Path) -> Path:
+    """The path with its symlinks resolved (for a path that does not exist yet: its folder's)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return Path(path).expanduser().absolute()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    ia, ib = file_identity(a), file_identity(b)
+    if ia is not None and ib is not None:
+        return ia == ib
+    return _real(a) == _real(b)
 
 
 def check_output(
-    out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True, option: str = "--out"
+    out,
+    inputs: Iterable = (),
+    kind: str = "file",
+    exists_ok: bool = True,
+    option: str = "--out",
+    marker: tuple[str, str] | None = None,
 ) -> Path:
     """Refuse an output path that would damage an input or fail late; call before any model loads.
 
-    - not the same file as any input (symlinks and hard links included), and for a folder
-      output no input inside it;
-    - a file where a folder is expected (or the reverse) is named;
+    - every input that exists is a regular file or a folder (a FIFO or a device would block);
+    - not the same file as any input (by identity: symlinks and hard links included), and for a
+      folder output no input inside it;
+    - a file where a folder is expected (or the reverse) is named; a file output is a regular
+      file (never a device or a pipe);
+    - ``marker=(name, what)``, for whole-folder outputs: an existing, non-empty folder must hold
+      ``name`` (the file this command writes into every folder it makes), so cai never writes
+      into a folder it did not make;
     - the nearest existing parent must be a writable folder;
     - ``exists_ok=False``: an existing output is refused (reports that would be overwritten).
     """
@@ -512,6 +786,8 @@ def check_output(
         if src is None or str(src) == "-":
             continue
         src = Path(src).expanduser()
+        if src.exists() and not src.is_dir():
+            check_input_file(src)
         if _same_file(out, src):
             raise InputError(f"{option} is the input file {src}; write to a new path", out)
         if kind == "folder" and src.exists() and out.exists() and out.is_dir():
@@ -523,8 +799,18 @@ def check_output(
             raise InputError(f"is a folder; {option} needs a file path here", out)
         if kind == "folder" and not out.is_dir():
             raise InputError(f"is a file; {option} needs a folder here", out)
+        if kind == "file" and not out.is_file():
+            raise InputError(
+                f"must be a regular file, not {_kind(os.stat(out).st_mode)}; choose another {option}", out
+            )
         if not exists_ok:
             raise InputError(f"already exists; pass a new {option} (or remove it)", out)
+        if kind == "folder" and marker and not (out / marker[0]).exists() and any(out.iterdir()):
+            raise InputError(
+                f"exists and is not a cai {marker[1]} (no {marker[0]}); "
+                f"pass a new {option} or empty the folder",
+                out,
+            )
         if not os.access(out, os.W_OK):
             raise InputError("cannot be written (permission denied); choose another " + option, out)
     parent = out.parent
@@ -537,16 +823,52 @@ def check_output(
     return out
 
 
+_HELD: dict[Path, OutputLock] = {}  # resolved output path -> the lock this process holds on it
+
+
+def _hold(path) -> None:
+    """A file just created under a held output lock: the lock takes the file itself too."""
+    lock = _HELD.get(_real(Path(path)))
+    if lock is not None:
+        lock.hold_file()
+
+
+def _flock_holder(ident: tuple[int, int]) -> str | None:
+    """The pid holding a flock on the file (dev, ino), from Linux's /proc/locks."""
+    dev, ino = ident
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and want in fields:
+                    return fields[fields.index(want) - 1]
+    except OSError:
+        pass
+    return None
+
+
 class OutputLock:
-    """An advisory lock (``fcntl.flock``) on a sidecar ``.<name>.lock`` beside an output, held
-    for a run's lifetime, so two runs never write one output. The sidecar holds the owner's
-    pid (for the refusal message) and is removed on release."""
+    """Two runs never write one output. The lock follows the file, not the name:
+
+    - an advisory lock (``fcntl.flock``) on a sidecar ``.<name>.lock`` beside the output's real
+      path (symlinks resolved, so a symlink to the output finds the same sidecar), held for the
+      run's lifetime; the sidecar holds the owner's pid (for the refusal message) and is removed
+      on release;
+    - a flock on the output file itself while it exists (taken at acquire, or when the run
+      creates it): a hard link is another name for the same inode, so a run writing through it
+      is refused as well (the holder's pid read from /proc/locks).
+    """
 
     def __init__(self, out):
         out = Path(out).expanduser()
-        self.path = out.parent / f".{out.name}.lock"
         self.out = out
+        self.real = _real(out)
+        self.path = self.real.parent / f".{self.real.name}.lock"
         self._fd: int | None = None
+        self._file_fd: int | None = None
+        self._file_id: tuple[int, int] | None = None
+        self._created: list[Path] = []
 
     def acquire(self) -> OutputLock:
         import fcntl
@@ -571,6 +893,7 @@ class OutputLock:
             except OSError:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
                 os.close(fd)
+                self.release()
                 raise InputError(
                     f"is in use by another cai run (pid {holder}); "
                     "wait for it to finish or choose another --out",
@@ -581,21 +904,69 @@ class OutputLock:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
-            if same:
+            if not same:
+                os.close(fd)
+                continue
+            self._fd = fd
+            try:
                 os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
-                self._fd = fd
-                return self
-            os.close(fd)
+                pid = str(os.getpid()).encode()
+                if os.write(fd, pid) != len(pid):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.hold_file()
+            except OSError as e:
+                self.release()
+                raise write_error(e, self.out) from None
+            except BaseException:
+                self.release()
+                raise
+            _HELD[self.real] = self
+            return self
+        self.release()
         raise InputError("could not take the output lock; retry", self.out)
 
+    def hold_file(self) -> None:
+        """flock the output file itself (a regular file that exists), so that a run writing
+        through another name for it (a hard link) is refused."""
+        import fcntl
+
+        try:
+            st = os.stat(self.real)
+        except OSError:
+            return
+        ident = (st.st_dev, st.st_ino)
+        if not stat.S_ISREG(st.st_mode) or ident == self._file_id:
+            return
+        try:
+            fd = os.open(self.real, os.O_RDONLY)
+        except OSError:
+            return  # unreadable: the sidecar alone guards it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = _flock_holder(ident) or "another process"
+            raise InputError(
+                f"is in use by another cai run (pid {holder}) under another name for the same file "
+                "(a hard link); wait for it to finish or choose another --out",
+                self.out,
+            ) from None
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+        self._file_fd, self._file_id = fd, ident
+
     def release(self):
+        if _HELD.get(self.real) is self:
+            del _HELD[self.real]
+        if self._file_fd is not None:
+            os.close(self._file_fd)
+            self._file_fd = self._file_id = None
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
-        for d in getattr(self, "_created", []):  # innermost first; stops at the first non-empty one
+        for d in self._created:  # innermost first; stops at the first non-empty one
             try:
                 d.rmdir()
             except OSError:
@@ -611,7 +982,13 @@ class OutputLock:
 
 @contextlib.contextmanager
 def claim_output(
-    out, inputs: Iterable = (), kind: str = "file", exists_ok: bool = True, option: str = "--out"
+    out,
+    inputs: Iterable = (),
+    kind: str = "file",
+    exists_ok: bool = True,
+    option: str = "--out",
+    marker: tuple[str, str] | None = None,
+    discard_on_error: bool = False,
 ):
     """``check_output`` then hold ``OutputLock`` for the block: every command's one output guard.
 
@@ -619,13 +996,24 @@ def claim_output(
 
         with claim_output(cfg.out, inputs=[cfg.pairs]):
             ...
+
+    ``discard_on_error`` (report folders): a folder that did not exist before the claim is removed
+    again when the block fails or is interrupted, so nothing half-made is left behind.
     """
-    path = check_output(out, inputs, kind=kind, exists_ok=exists_ok, option=option)
+    path = check_output(out, inputs, kind=kind, exists_ok=exists_ok, option=option, marker=marker)
     if str(path) == "-":
         yield path
         return
+    fresh = not path.exists() and not path.is_symlink()
     with OutputLock(path):
-        yield path
+        try:
+            yield path
+        except BaseException:
+            if discard_on_error and fresh and path.is_dir() and not path.is_symlink():
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            raise
 
 
 def skip_note(stats: dict, path=None) -> str | None:

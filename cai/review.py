@@ -28,6 +28,7 @@ the pair has no label. Restarting the command resumes at the first pair without 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -35,6 +36,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,7 +47,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from cai import __version__
 from cai.configs import ReviewConfig
-from cai.errors import InputError
+from cai.errors import CaiError, InputError
 from cai.options import check_config
 from cai.records import RowWriter, claim_output, file_sha256, read_pairs, read_rows, response_text
 
@@ -56,6 +58,9 @@ ASSETS = {"/review.js": ("review.js", "text/javascript"), "/review.css": ("revie
 _ANNOTATOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 MAX_NOTE = 2000
 MAX_BODY = 16_384
+TIMEOUT = 10.0  # seconds any one read or write on a connection may wait
+MAX_CONNECTIONS = 32  # connections served at once (a bound on threads)
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -292,9 +297,16 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     session: ReviewSession
     token: str
+    timeout = TIMEOUT  # StreamRequestHandler: the socket's timeout, so no read waits for ever
 
     def log_message(self, fmt, *args):  # quiet: the terminal shows one URL, not a request log
         pass
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:  # a whole request head arrived: no longer an idle connection the server may drop
+            self.server.busy(self.connection)
+        return ok
 
     def _send(self, status: int, body: bytes, ctype: str):
         self.send_response(status)
@@ -311,16 +323,27 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj):
         self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
 
+    def _forbidden(self, why: str) -> bool:
+        self._send(HTTPStatus.FORBIDDEN, f"403: {why}\n".encode(), "text/plain; charset=utf-8")
+        return False
+
     def _authorised(self) -> bool:
+        """Three walls, each enough on its own to refuse: the Host is this server's loopback name
+        (a page on another site that re-points its DNS name at 127.0.0.1 sends its own name), an
+        Origin, when sent, is this server's, and the request carries the token."""
+        hosts = self.server.allowed_hosts
+        if (self.headers.get("Host") or "").strip().lower() not in hosts:
+            return self._forbidden(
+                "the Host header must name this server (127.0.0.1, localhost or [::1] with its port); "
+                "open the URL cai review printed"
+            )
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.strip().lower() not in {f"http://{h}" for h in hosts}:
+            return self._forbidden("requests from another origin are refused")
         url = urlsplit(self.path)
         given = self.headers.get("X-Cai-Token") or (parse_qs(url.query).get("token") or [""])[0]
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            self._send(
-                HTTPStatus.FORBIDDEN,
-                b"403: missing or wrong token; open the URL cai review printed\n",
-                "text/plain; charset=utf-8",
-            )
-            return False
+            return self._forbidden("missing or wrong token; open the URL cai review printed")
         return True
 
     def do_GET(self):
@@ -346,17 +369,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
+    def _body(self) -> dict:
+        """The request's JSON object: a Content-Length of 0..MAX_BODY bytes (no chunked bodies,
+        no negative or non-numeric lengths, which would read until the client closes)."""
+        if self.headers.get("Transfer-Encoding"):
+            raise ValueError("send the body with a Content-Length, not a Transfer-Encoding")
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not length.isdigit() or not length.isascii():
+            raise ValueError("Content-Length must be a whole number of bytes")
+        n = int(length)
+        if n > MAX_BODY or "application/json" not in (self.headers.get("Content-Type") or ""):
+            raise ValueError("send a small application/json body")
+        try:
+            body = json.loads(self.rfile.read(n) or b"{}")
+        except RecursionError:
+            raise ValueError("the body is nested too deeply") from None
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        return body
+
     def do_POST(self):
         if not self._authorised():
             return
         path = urlsplit(self.path).path
         try:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > MAX_BODY or "application/json" not in (self.headers.get("Content-Type") or ""):
-                raise ValueError("send a small application/json body")
-            body = json.loads(self.rfile.read(n) or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
+            body = self._body()
             if path == "/api/answer":
                 view = self.session.answer(
                     str(body.get("id", "")), str(body.get("answer", "")), str(body.get("note") or "")
@@ -365,31 +402,107 @@ class _Handler(BaseHTTPRequestHandler):
                 view = self.session.undo()
             else:
                 return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-        except (ValueError, json.JSONDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
         except LookupError as e:
             return self._json(HTTPStatus.CONFLICT, {"error": str(e), "state": self.session.view()})
-        except OSError as e:  # the disk refused the row: say so on the page, keep serving
-            return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"could not save the answer: {e}"})
+        except (OSError, CaiError) as e:  # the disk refused the row: it is not saved, and never will be
+            return self._json(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                {"error": f"could not save the answer, so it is not saved: {e}; answer again"},
+            )
         self._json(HTTPStatus.OK, view)
+
+
+class _Server(ThreadingHTTPServer):
+    """The standard library's threading server with bounds: at most ``max_connections`` open at
+    once. A connection that has not sent a whole request head yet is idle; when the bound is
+    reached the longest-idle one is dropped to make room, so idle connections (no token needed
+    to open one) never starve real requests. With none to drop, the new one gets 503 at once."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, max_connections: int):
+        self.max_connections = max_connections
+        self._conns: dict[socket.socket, float | None] = {}  # socket -> idle since (None: busy)
+        self._conns_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def busy(self, conn):
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns[conn] = None
+
+    def _drop(self, conn):
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)  # its handler's read returns at once; the thread ends
+
+    def process_request(self, request, client_address):
+        with self._conns_lock:
+            if len(self._conns) >= self.max_connections:
+                idle = [(t, c) for c, t in self._conns.items() if t is not None]
+                if idle:
+                    victim = min(idle, key=lambda x: x[0])[1]
+                    del self._conns[victim]
+                    self._drop(victim)
+            full = len(self._conns) >= self.max_connections
+            if not full:
+                self._conns[request] = time.monotonic()
+        if full:
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conns_lock:
+                self._conns.pop(request, None)
+
+    def handle_error(self, request, client_address):
+        """A client that went away (reset, broken pipe, timeout) is nothing to report; anything
+        else is one line on stderr, not a traceback in the person's terminal."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            print(f"cai review: a request failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+    def drop_all(self):
+        with self._conns_lock:
+            conns, self._conns = list(self._conns), {}
+        for c in conns:
+            self._drop(c)
 
 
 class ReviewServer:
     """The session plus its HTTP server; ``url`` carries the token."""
 
     def __init__(
-        self, session: ReviewSession, host: str = "127.0.0.1", port: int = 0, token: str | None = None
+        self,
+        session: ReviewSession,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        *,
+        timeout: float = TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         self.token = token or secrets.token_urlsafe(18)
-        handler = type("Handler", (_Handler,), {"session": session, "token": self.token})
+        handler = type("Handler", (_Handler,), {"session": session, "token": self.token, "timeout": timeout})
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
-        except OSError as e:
-            raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
-        self.httpd.daemon_threads = True
+            self.httpd = _Server((host, port), handler, max_connections)
+        except (OSError, OverflowError) as e:
+            why = getattr(e, "strerror", None) or "not a port number"
+            raise InputError(f"cannot listen on {host}:{port} ({why}); pass another --port") from None
         self.session = session
         h, p = self.httpd.server_address[:2]
         self.url = f"http://{h}:{p}/?token={self.token}"
+        # the names a browser may send as Host for this server (a second wall behind the token)
+        names = list(LOOPBACK) + ([] if host in ("127.0.0.1", "localhost", "::1") else [host])
+        self.httpd.allowed_hosts = {f"{n}:{p}" for n in names} | (set(names) if p == 80 else set())
         self._thread: threading.Thread | None = None
 
     def start(self) -> ReviewServer:
@@ -400,6 +513,7 @@ class ReviewServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.drop_all()
 
 
 def _interrupt(signum, frame):

@@ -99,8 +99,8 @@ class _Interrupt:
 
 
 def _validate(cfg: GenerateConfig, rounds: int):
-    if rounds < 0:
-        raise InputError(f"--rounds must be >= 0, not {rounds}")
+    if rounds < 1:
+        raise InputError(f"--rounds must be >= 1, not {rounds}")
     if cfg.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, not {cfg.max_new_tokens}")
     if cfg.pair_mode not in PAIR_MODES:
@@ -119,6 +119,17 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     const = load_constitution(cfg.constitution)
     rounds = cfg.rounds if cfg.rounds is not None else int(const.defaults.get("rounds", 2))
     _validate(cfg, rounds)
+    if cfg.backend == "auto":  # the engine it stands for here, before anything loads
+        from dataclasses import replace
+
+        from cai.backends import resolved
+
+        name, options = resolved(cfg.backend, cfg.model, cfg.backend_options)
+        cfg = replace(cfg, backend=name, backend_options=options)
+    if cfg.backend == "hf":
+        from cai.models import check_model, resolve_model
+
+        check_model(resolve_model(cfg.model)[0])  # weights whole, tokenizer fits: before any work
     with claim_output(cfg.out, inputs=[cfg.prompts, *(Path(const.path) / f for f in const.files)]):
         prompts = read_prompts(cfg.prompts, limit=cfg.limit)
         writer = RowWriter(cfg.out, overwrite=cfg.overwrite)

@@ -37,8 +37,8 @@ from cai.configs import LENGTH_ROBUST, ScoreConfig, TrainConfig
 from cai.errors import InputError
 from cai.models import (
     DEFAULT_REWARD_BASE,
+    check_model,
     check_reward_model,
-    check_weights,
     pick_device,
     pick_dtype,
     quiet_transformers,
@@ -333,11 +333,13 @@ class RewardModelTrainer(Trainer):
 def pair_metrics(rewards, p) -> dict:
     """Accuracy against the label (a reward tie counts half) and mean margin toward the preferred side.
 
-    `rewards` is (n, 2): chosen, rejected. Rows labelled exactly 0.5 prefer neither side and are left out.
+    `rewards` is (n, 2): chosen, rejected. Rows labelled exactly 0.5 prefer neither side and are left
+    out, and so are rows without a label (``p_chosen`` null): no accuracy is made of them.
     """
     r = np.asarray(rewards, dtype=np.float64).reshape(-1, 2)
-    sign = np.sign(np.asarray(p, dtype=np.float64).reshape(-1) - 0.5)
-    keep = sign != 0
+    p = np.array([np.nan if x is None else x for x in np.asarray(p, dtype=object).reshape(-1)], np.float64)
+    sign = np.sign(p - 0.5)
+    keep = np.isfinite(sign) & (sign != 0)  # rows without a label (p_chosen null) say nothing
     d = (r[:, 0] - r[:, 1])[keep] * sign[keep]
     if not len(d):
         return {"accuracy": float("nan"), "margin": float("nan"), "pairs": 0}
@@ -523,7 +525,7 @@ def read_training_rows(
     path, limit, labels: str, what: str, skip_bad: bool = False
 ) -> tuple[list[dict], dict]:
     stats: dict = {}
-    rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats)
+    rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats, need_label=True)
     good, bad, ties = [], list(stats.get("skipped", [])), 0
     for r in rows:
         p = r["label"].get("p_chosen")
@@ -641,7 +643,9 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
     are checked and the output folder claimed (cai.records.claim_output) before any model loads.
     """
     check_config(cfg)
-    with claim_output(cfg.out, inputs=[cfg.pairs, cfg.eval_pairs], kind="folder"):
+    with claim_output(
+        cfg.out, inputs=[cfg.pairs, cfg.eval_pairs], kind="folder", marker=(CONFIG_NAME, "reward model")
+    ):
         return _train_reward_model(cfg, progress, callbacks=callbacks)
 
 
@@ -655,7 +659,7 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
     out = Path(cfg.out)
     prev = _check_out(out, cfg.resume)
     base_path, base_name = resolve_reward_base(cfg.base)
-    check_weights(base_path, "--base")
+    check_model(base_path, "--base")  # safetensors, whole, with a tokenizer that fits: before loading
     tok = _load_tokenizer(base_path, base_name, cfg.trust_remote_code)
     rows, train_info = read_training_rows(cfg.pairs, cfg.limit, cfg.labels, "training", cfg.skip_bad)
     eval_rows, eval_info = (None, None)

@@ -346,7 +346,19 @@ FAULTS = {
     ),
     "rounds is negative": (
         lambda d, t: _write(d, TOML, "[defaults]\nrounds = -1\n"),
-        ["constitution.toml:2", ">= 0"],
+        ["constitution.toml:2", ">= 1"],
+    ),
+    "rounds is zero": (  # counts are >= 1 everywhere, the constitution's default too
+        lambda d, t: _write(d, TOML, "[defaults]\nrounds = 0\n"),
+        ["constitution.toml:2", ">= 1"],
+    ),
+    "a template over the size limit": (
+        lambda d, t: _write(d, CRITIQUE, "{# " + "x" * 200_000 + " #}\n"),
+        ["templates/critique.jinja:", "at most 100,000 characters"],
+    ),
+    "invalid UTF-8 in a template": (
+        lambda d, t: (d / CRITIQUE).write_bytes(b"line one\nline two\nline \xff three\n"),
+        ["templates/critique.jinja:3:", "not UTF-8"],
     ),
     "no_change_pattern is a number": (
         lambda d, t: _write(d, TOML, "[defaults]\nno_change_pattern = 5\n"),

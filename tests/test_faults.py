@@ -10,8 +10,12 @@ Cases are grouped by the class of defect they guard against (docs/architecture.m
   option      counts and limits below 1, in every command alike
   strict      a malformed row stops every command at its file:line by default
   noise       a folder that is not a reward model: one line, no load report
+  model       a model folder checked from its files before use: whole safetensors (none that
+              config.json redirects to a pickle), its own tokenizer, fitting the embedding
+  folder      a whole-folder output never goes into a folder cai did not make
 
-Templates and constitution.toml faults live in tests/test_constitution_faults.py.
+Templates and constitution.toml faults live in tests/test_constitution_faults.py; files, disks,
+signals and links in tests/test_faults_io.py; the review server's bounds in tests/test_review.py.
 """
 
 from __future__ import annotations
@@ -166,6 +170,12 @@ def ws(tmp_path, tiny_model, tiny_reward_base, tiny_rm):
                 "100",
                 "--no-probes",
             ]
+        if cmd == "review":
+            out = out or tmp_path / "human.jsonl"
+            return ["review", "--pairs", inp, "--out", str(out), "--annotator", "a"]
+        if cmd == "agreement":
+            out = out or tmp_path / "agreement"
+            return ["agreement", "--ai", inp, "--human", str(pairs), "--out", str(out)]
         if cmd == "compare":
             out = out or tmp_path / "study"
             return [
@@ -266,6 +276,77 @@ def test_pickle_weights_are_refused(ws, cmd, which, pickle_model, pickle_rm, tmp
     assert_clean_failure(ws["args"](cmd, **kw), ws["dir"], "safetensors only")
 
 
+def _redirected(src: Path, out: Path) -> Path:
+    """A copy of model folder ``src`` with its model.safetensors kept but config.json pointing
+    transformers at a pickle (``transformers_weights``), which it then loads instead."""
+    out.mkdir()
+    _as_pickle(src, out)
+    for f in src.glob("*.safetensors"):
+        (out / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "pytorch_model.bin"}))
+    return out
+
+
+@pytest.mark.parametrize(
+    "cmd,which",
+    [("generate", "model"), ("label", "model"), ("train", "base"), ("score", "rm"), ("eval", "rm")],
+)
+def test_weights_redirected_to_a_pickle_are_refused(ws, cmd, which, tiny_model, tiny_rm, tmp_path):
+    src = {"model": tiny_model, "rm": tiny_rm, "base": tiny_rm}[which]
+    folder = _redirected(src, tmp_path / f"redirect-{which}")
+    assert_clean_failure(ws["args"](cmd, **{which: folder}), ws["dir"], "safetensors only")
+
+
+# ----------------------------------------------------------------------------- model folders
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def _broken_model(src: Path, out: Path, fault: str, other_tokenizer: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, out)
+    if fault == "truncated":
+        (st,) = out.glob("*.safetensors")
+        data = st.read_bytes()
+        st.write_bytes(data[: len(data) // 2])  # a download cut short
+    else:
+        for name in TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
+        if fault == "foreign-tokenizer":  # another model's, with more ids than this embedding has rows
+            for name in TOKENIZER_FILES:
+                if (other_tokenizer / name).exists():
+                    shutil.copy(other_tokenizer / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize(
+    "cmd,which,fault,expect",
+    [
+        ("generate", "model", "truncated", "truncated"),
+        ("label", "model", "truncated", "truncated"),
+        ("train", "base", "truncated", "truncated"),
+        ("score", "rm", "truncated", "truncated"),
+        ("eval", "rm", "truncated", "truncated"),
+        ("compare", "base", "truncated", "truncated"),
+        ("generate", "model", "no-tokenizer", "no tokenizer files"),
+        ("train", "base", "no-tokenizer", "no tokenizer files"),
+        ("score", "rm", "no-tokenizer", "no tokenizer files"),
+        ("eval", "rm", "no-tokenizer", "no tokenizer files"),
+        ("score", "rm", "foreign-tokenizer", "belongs to another model"),
+        ("eval", "rm", "foreign-tokenizer", "belongs to another model"),
+        ("train", "base", "foreign-tokenizer", "belongs to another model"),
+    ],
+)
+def test_a_model_folder_is_checked_before_use(ws, cmd, which, fault, expect, tiny_model, tiny_rm, tmp_path):
+    """Weights readable, tokenizer present and fitting the embedding: one line before any load,
+    not a SafetensorError, an IndexError mid-run, or every reward equal (a fallback tokenizer)."""
+    src = {"model": tiny_model, "rm": tiny_rm, "base": tiny_rm}[which]
+    folder = _broken_model(src, tmp_path / f"{fault}-{which}", fault, other_tokenizer=tiny_model)
+    assert_clean_failure(ws["args"](cmd, **{which: folder}), ws["dir"], expect)
+
+
 # ----------------------------------------------------------------------------- labels
 
 BAD_LABELS = {
@@ -302,6 +383,42 @@ def test_empty_responses_are_refused(ws, cmd, shape):
     path = _write_rows(ws["dir"] / "empty.jsonl", [_pair(1), row])
     err = assert_clean_failure(ws["args"](cmd, inp=path), ws["dir"], "empty")
     assert "empty.jsonl:2:" in err
+
+
+@pytest.mark.parametrize("cmd", ["label", "train", "score", "eval", "compare"])
+def test_a_null_label_needs_a_prior_that_holds_one(ws, cmd):
+    """`p_chosen: null` is allowed only when a prior holds a label; `prior: {}` holds none."""
+    good = [_pair(i, label={"p_chosen": 1.0, "source": "human"}) for i in range(3)]
+    path = _write_rows(ws["dir"] / "null.jsonl", [*good, _pair(9, label={"p_chosen": None, "prior": {}})])
+    err = assert_clean_failure(ws["args"](cmd, inp=path), ws["dir"], "no label.prior holds a label")
+    assert "null.jsonl:4:" in err
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval", "compare"])
+def test_commands_that_use_the_label_refuse_a_null_one(ws, cmd):
+    """A null p_chosen kept for its human prior is a row without a label where the label is the
+    data (train, eval, compare): a bad row at its line, like any other."""
+    row = _pair(9, label={"p_chosen": None, "source": "ai", "prior": {"p_chosen": 1.0, "source": "human"}})
+    path = _write_rows(ws["dir"] / "null.jsonl", [_pair(0), _pair(1), row])
+    err = assert_clean_failure(ws["args"](cmd, inp=path), ws["dir"], "needs a label")
+    assert "null.jsonl:3:" in err
+
+
+def test_score_makes_no_accuracy_of_rows_without_a_label(ws):
+    prior = {"p_chosen": 1.0, "source": "human"}
+    path = _write_rows(
+        ws["dir"] / "null.jsonl",
+        [_pair(i, label={"p_chosen": None, "source": "ai", "prior": prior}) for i in range(3)],
+    )
+    res = CliRunner().invoke(cli, ws["args"]("score", inp=path))
+    assert res.exit_code == 0, res.output
+    assert "scored 3 pairs" in res.output and "accuracy vs labels" not in res.output
+    mixed = _write_rows(
+        ws["dir"] / "mixed.jsonl",
+        [_pair(0, label=prior), *[json.loads(x) for x in path.read_text().splitlines()]],
+    )
+    res = CliRunner().invoke(cli, ws["args"]("score", inp=mixed, out=ws["dir"] / "s2.jsonl"))
+    assert res.exit_code == 0 and "on 1)" in res.output, res.output  # the one labelled row only
 
 
 def test_nested_human_prior_must_be_a_probability(ws):
@@ -358,6 +475,28 @@ def test_out_where_nothing_can_be_created(ws, cmd):
     )
 
 
+# ----------------------------------------------------------------------------- folder
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval", "compare", "agreement"])
+def test_whole_folder_outputs_refuse_a_folder_cai_did_not_make(ws, cmd):
+    """One rule for every whole-folder output: an existing folder that is not empty must be one
+    this command made (its marker file), or nothing is written into it."""
+    mine = ws["dir"] / "my-notes"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report; keep me\n")
+    assert_clean_failure(ws["args"](cmd, out=mine), ws["dir"], "not a cai")
+
+
+def test_eval_rewrites_its_own_report_folder_and_an_empty_one(ws):
+    out = ws["dir"] / "report"
+    out.mkdir()  # empty: fine
+    for extra in ([], ["--probe-limit", "all"]):  # and again into what it made
+        res = CliRunner().invoke(cli, [*ws["args"]("eval", out=out), *extra])
+        assert res.exit_code == 0, res.output
+    assert (out / "metrics.json").exists() and (out / "report.md").exists()
+
+
 # ----------------------------------------------------------------------------- options
 
 
@@ -380,6 +519,21 @@ def test_out_where_nothing_can_be_created(ws, cmd):
         ("eval", "--bootstrap", "5"),
         ("compare", "--train-batch-size", "0"),
         ("compare", "--test-limit", "-3"),
+        ("generate", "--rounds", "0"),
+        ("review", "--sample", "0"),
+        # seeds: what numpy and torch seed from (0 .. 2**32 - 1), refused before any model loads
+        ("generate", "--seed", str(2**32)),
+        ("generate", "--seed", "-1"),
+        ("label", "--seed", str(2**64)),
+        ("train", "--seed", str(2**32)),
+        ("eval", "--seed", "-5"),
+        ("compare", "--seed", str(2**40)),
+        ("review", "--seed", str(2**32)),
+        # a port is 0 .. 65535 (0: any free one)
+        ("review", "--port", "70000"),
+        ("review", "--port", "-1"),
+        ("eval", "--probe-limit", "0"),  # a count: 'all' says all
+        ("compare", "--probe-limit", "0"),
     ],
 )
 def test_counts_and_limits_are_checked_alike(ws, cmd, opt, value):

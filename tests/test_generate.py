@@ -163,16 +163,31 @@ def test_sigkill_then_resume(tiny_model, tmp_path):
 
 
 def test_ctrl_c_stops_after_the_chunk_in_flight(tiny_model, tmp_path):
-    """SIGINT: the chunk in flight is finished and written whole, the run exits 0 and says how to resume."""
+    """SIGINT: the chunk in flight is finished and written whole; the run exits 130 (interrupted
+    is not success: `cai generate ... && cai train ...` stops) and says how to resume."""
     proc, out, args = _start_long_run(tiny_model, tmp_path, min_rows=2, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 130, err[-2000:]
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
     rows = _rows(out)  # every line is whole JSON
     assert len(rows) % 2 == 0 and 2 <= len(rows) < 24  # whole chunks only
     assert _run(args[3:]).exit_code == 0  # the same arguments, in-process
     assert len({r["id"] for r in _rows(out)}) == 24
+
+
+def test_sigterm_stops_now_and_exits_non_zero(tiny_model, tmp_path):
+    """SIGTERM: the run stops at once (a row being written is rolled back), exits 143, keeps every
+    whole row and removes its lock; the same command then finishes the rest."""
+    proc, out, args = _start_long_run(tiny_model, tmp_path, min_rows=2, stderr=subprocess.PIPE)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped (SIGTERM)" in err and "Traceback" not in err
+    assert out.read_bytes().endswith(b"\n") and 2 <= len(_rows(out)) < 24  # whole rows only
+    assert not (tmp_path / ".pairs.jsonl.lock").exists()
+    assert _run(args[3:]).exit_code == 0
+    assert len({r["id"] for r in _rows(out)}) == len(_rows(out)) == 24
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from cai.errors import InputError
 from cai.records import RowWriter, read_pairs, read_rows
 from cai.review import ReviewConfig, ReviewServer, ReviewSession, chosen_first, seeded_order
 
@@ -154,6 +158,117 @@ def test_revisions_last_wins_in_read_pairs(tmp_path):
         assert s2.done() == 3 and s2.current() is None and s2.last_answered() == order[2]
         other = ReviewSession(ReviewConfig(pairs=str(pairs), out=str(out), annotator="b", seed=1), w)
         assert other.done() == 0  # another annotator starts afresh in the same file
+
+
+# ============================================================================ the server's bounds
+
+
+def _raw(srv, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the server and read the whole reply (it closes after one request)."""
+    with socket.create_connection(srv.httpd.server_address[:2], timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def _head(srv, method="GET", path="/api/state", host=None, **headers) -> bytes:
+    port = srv.httpd.server_address[1]
+    lines = [f"{method} {path} HTTP/1.1"]
+    if host is not False:
+        lines.append(f"Host: {host or f'127.0.0.1:{port}'}")
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _status(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+
+
+def test_bodies_the_server_cannot_trust_are_400(server):
+    """A body nested thousands deep (RecursionError), a negative, non-numeric or chunked length
+    (which would read until the client closes): 400 at once, nothing written, still serving."""
+    srv, out = server
+    tok = {"X_Cai_Token": srv.token, "Content_Type": "application/json"}
+    deep = b"[" * 5000 + b"]" * 5000
+    cases = {
+        "deep": _head(srv, "POST", "/api/answer", Content_Length=len(deep), **tok) + deep,
+        "negative": _head(srv, "POST", "/api/answer", Content_Length="-1", **tok),
+        "words": _head(srv, "POST", "/api/answer", Content_Length="twelve", **tok),
+        "chunked": _head(srv, "POST", "/api/answer", Transfer_Encoding="chunked", **tok) + b"5\r\n{}\r\n",
+    }
+    for name, request in cases.items():
+        t0 = time.monotonic()
+        reply = _raw(srv, request)
+        assert _status(reply) == 400, (name, reply[:200])
+        assert time.monotonic() - t0 < 3, name  # answered, not waiting for more bytes
+    assert b"nested too deeply" in _raw(srv, cases["deep"])
+    assert _get(srv.url.split("?")[0] + "api/state", srv.token)[0] == 200
+    assert not out.exists()
+
+
+def test_host_and_origin_are_a_second_wall_behind_the_token(server):
+    srv, out = server
+    port = srv.httpd.server_address[1]
+    tok = {"X_Cai_Token": srv.token}
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        assert _status(_raw(srv, _head(srv, host=host, **tok))) == 200, host
+    for host in (
+        f"evil.example:{port}",
+        "127.0.0.1",
+        f"127.0.0.1:{port + 1}",
+        f"127.0.0.1.nip.io:{port}",
+        False,
+    ):
+        reply = _raw(srv, _head(srv, host=host, **tok))
+        assert _status(reply) == 403 and b"Host" in reply, host  # a rebound DNS name is not this server
+    assert _status(_raw(srv, _head(srv, Origin=f"http://127.0.0.1:{port}", **tok))) == 200
+    for origin in ("http://evil.example", "null", f"https://127.0.0.1:{port}"):
+        body = json.dumps({"id": "x", "answer": "first"})
+        head = _head(srv, "POST", "/api/answer", Origin=origin, Content_Length=len(body), **tok)
+        post = head.replace(b"\r\n\r\n", b"\r\nContent-Type: application/json\r\n\r\n") + body.encode()
+        assert _status(_raw(srv, post)) == 403, origin
+    assert not out.exists()
+
+
+def test_idle_connections_do_not_starve_real_requests(tmp_path):
+    """Hundreds of connections that never send a request (no token needed to open one) hold at
+    most max_connections threads, the longest-idle are dropped to make room, and a real request
+    is answered at once; an idle connection is also closed after the socket timeout."""
+    pairs = make_pairs(tmp_path / "pairs.jsonl", 2)
+    out = tmp_path / "human.jsonl"
+    with RowWriter(out) as w:
+        session = ReviewSession(ReviewConfig(pairs=str(pairs), out=str(out), annotator="a"), w)
+        srv = ReviewServer(session, timeout=1.0, max_connections=16).start()
+        threads = threading.active_count()
+        idle = []
+        try:
+            for _ in range(300):
+                with contextlib.suppress(OSError):
+                    idle.append(socket.create_connection(srv.httpd.server_address[:2], timeout=2))
+            t0 = time.monotonic()
+            status, _ = _get(srv.url.split("?")[0] + "api/state", srv.token)
+            assert status == 200 and time.monotonic() - t0 < 5
+            assert threading.active_count() <= threads + 16 + 2  # bounded, not one per socket
+            assert len(idle) >= 250  # they were all accepted (or waiting), not refused
+            deadline = time.monotonic() + 10
+            while threading.active_count() > threads + 1 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the socket timeout closes what is still idle
+            assert threading.active_count() <= threads + 1
+            assert idle[-1].recv(1) == b""  # closed by the server, not waiting for ever
+        finally:
+            for s in idle:
+                s.close()
+            srv.close()
+
+
+def test_a_port_out_of_range_is_one_line(tmp_path):
+    pairs = make_pairs(tmp_path / "pairs.jsonl", 2)
+    out = tmp_path / "h.jsonl"
+    session = ReviewSession(ReviewConfig(pairs=str(pairs), out=str(out), annotator="a"), RowWriter(out))
+    with pytest.raises(InputError, match="cannot listen on 127.0.0.1:70000"):
+        ReviewServer(session, port=70000)
 
 
 # ============================================================================ a real browser

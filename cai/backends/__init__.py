@@ -61,15 +61,21 @@ def resolve_backend(name: str, model: str | None, *, device: str | None = "auto"
     return "hf"
 
 
+def resolved(name: str, model: str | None, options: dict) -> tuple[str, dict]:
+    """(backend, options) with ``auto`` resolved and the options it takes (see applicable)."""
+    if name != "auto":
+        return name, dict(options)
+    name = resolve_backend(name, model, device=options.get("device"), base_url=options.get("base_url"))
+    return name, applicable(name, options)
+
+
 def load_backend(name: str, model: str | None, **options) -> Backend:
     """Instantiate backend ``name`` (or ``auto``, see resolve_backend) for ``model``."""
     import importlib
 
     from cai.errors import InputError
 
-    if name == "auto":
-        name = resolve_backend(name, model, device=options.get("device"), base_url=options.get("base_url"))
-        options = applicable(name, options)
+    name, options = resolved(name, model, options)
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; use one of {', '.join(CHOICES)}")
     module, cls = BACKENDS[name].split(":")
