@@ -32,10 +32,11 @@ from cai.errors import InputError
 def opt(default=dataclasses.MISSING, help: str = "", *, factory=None, **meta):
     """A dataclass field that is also a CLI option.
 
-    meta: ``min`` (numbers: the smallest allowed value), ``choices``, ``cli`` (option names,
-    e.g. ``("--model", "-m")``), ``negatable`` (``--x/--no-x``), ``flag_values`` (several flags
-    that set one field, e.g. ``{"--bf16": "bf16"}``), ``parse`` (a function turning the text
-    into the value, raising ValueError with a message), ``metavar``, ``path`` (a file path).
+    meta: ``min`` / ``max`` (numbers: the smallest / largest allowed value), ``choices``, ``cli``
+    (option names, e.g. ``("--model", "-m")``), ``negatable`` (``--x/--no-x``), ``flag_values``
+    (several flags that set one field, e.g. ``{"--bf16": "bf16"}``), ``parse`` (a function
+    turning the text into the value, raising ValueError with a message), ``metavar``, ``path``
+    (a file path).
     """
     md = {"help": help, **meta}
     if factory is not None:
@@ -172,8 +173,9 @@ def _list_fields(cls) -> set[str]:
 
 
 def check_config(cfg, rename: dict | None = None) -> None:
-    """Bounds from the fields' metadata, for every caller: counts and limits are >= their ``min``,
-    numbers are finite, choices are one of the listed. Raises InputError naming the option."""
+    """Bounds from the fields' metadata, for every caller: counts and limits are >= their ``min``
+    (and <= their ``max``), numbers are finite, choices are one of the listed. Raises InputError
+    naming the option."""
     rename = rename or {}
     for f, _ in _fields(type(cfg)):
         v = getattr(cfg, f.name)
@@ -186,9 +188,10 @@ def check_config(cfg, rename: dict | None = None) -> None:
             continue
         if isinstance(v, float) and not math.isfinite(v):
             raise InputError(f"{name} must be a finite number, not {v}")
-        lo = f.metadata.get("min")
-        if lo is not None and isinstance(v, (int, float)) and v < lo:
-            raise InputError(f"{name} must be >= {lo}, not {v}")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(v, (int, float)) and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+            bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"between {lo} and {hi}"
+            raise InputError(f"{name} must be {bound}, not {v}")
         choices = f.metadata.get("choices")
         if choices and v not in choices:
             raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, not {v!r}")
