@@ -137,7 +137,8 @@ def generate(**kw):
     from cai.revise import run_generate
 
     summary = run_generate(_config(GenerateConfig, kw, **_model(kw)))
-    click.echo(summary.line(), err=True)
+    for line in summary.lines():
+        click.echo(line, err=True)
 
 
 @cli.command()

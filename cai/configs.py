@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from cai.backends import BACKENDS
 from cai.options import count_or_all, opt
+from cai.recheck import DEFAULT_MARGIN as RECHECK_MARGIN  # P(final better) < 0.4: a regression
 
 PAIR_MODES = ("revision", "samples")
 LENGTH_ROBUST = ("none", "odin", "balance", "odin+balance")  # cai train --length-robust
@@ -98,6 +99,25 @@ class GenerateConfig:
         parse=count_or_all,
         cli=("--principles",),
     )
+    recheck: bool = opt(
+        False,
+        "Judge (initial, final) under every principle of the constitution, both orders: "
+        "trace.recheck (P(final better) per principle) and trace.regressed (docs/judge.md).",
+    )
+    recheck_margin: float = opt(
+        RECHECK_MARGIN,
+        "With --recheck: a principle whose P(final better) is below 0.5 minus this is a "
+        "regression (and above 0.5 plus this, an improvement); 0 to 0.5.",
+        min=0.0,
+        max=0.5,
+    )
+    repair_rounds: int = opt(
+        0,
+        "With --recheck: up to N more critique -> revision rounds for a row's worst regressed "
+        "principle, each re-checked; the final answer with fewer regressions is kept (the trace "
+        "keeps both).",
+        min=0,
+    )
     sample_temperature: float = 0.8  # samples mode: temperature of the two samples
 
 
@@ -133,6 +153,18 @@ class LabelConfig:
         (0.4, 0.6), "With --cot: the band each probability is clamped to (the CAI paper's 40-60%)."
     )
     max_new_tokens: int = opt(128, "With --cot: length of the reasoning.", min=1)
+    recheck: bool = opt(
+        False,
+        "Also judge chosen vs rejected under every principle, both orders (trace.recheck, "
+        "trace.regressed; the label itself is unchanged).",
+    )
+    recheck_margin: float = opt(
+        RECHECK_MARGIN,
+        "With --recheck: a principle whose P(final better) is below 0.5 minus this is a "
+        "regression; 0 to 0.5.",
+        min=0.0,
+        max=0.5,
+    )
     seed: int = opt(0, "Seeds the per-pair principle draw.")
     limit: int | None = opt(None, "Only the first N pairs.", min=1)
     chunk_size: int = opt(16, "Pairs per checkpoint; a kill loses at most one chunk.", min=1)
