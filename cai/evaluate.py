@@ -747,6 +747,11 @@ def evaluate(
             t = paired_test(correct[a], correct[b], n_boot, seed + 60)
             t.update(a=a, b=b)
             metrics["comparisons"].append(t)
+    from cai.recheck import stats as recheck_stats
+
+    rc = recheck_stats(ps.rows)  # the pairs' own re-check (`--recheck`), when they carry one
+    if rc:
+        metrics["recheck"] = rc
     metrics["seconds"] = round(time.time() - t0, 2)
     return annotate(metrics)
 
@@ -768,6 +773,11 @@ def annotate(metrics: dict) -> dict:
     for c in metrics["comparisons"]:
         c["verdict"] = comparison_verdict(
             c["a"], c["b"], c, tuple(n for n in (c["a"], c["b"]) if at_chance(n))
+        )
+    if (metrics.get("recheck") or {}).get("at_chance"):
+        metrics["notes"].append(
+            "The test pairs' re-check judge is at chance (see Re-check below): its per-principle "
+            "improvements, regressions and conflicts are noise."
         )
     return metrics
 
