@@ -217,6 +217,11 @@ class TrainConfig:
     skip_bad: bool = opt(
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
     )
+    drop_regressed: bool = opt(
+        False,
+        "Leave out rows whose re-check found a regression (a non-empty trace.regressed, from "
+        "--recheck); counted in the model card.",
+    )
     batch_size: int = opt(
         16, "Pairs per device per step (each pair is two sequences in the forward pass).", min=1
     )
@@ -356,6 +361,7 @@ TRAIN_SET_BY_STUDY = (
     "device",
     "trust_remote_code",
     "skip_bad",
+    "drop_regressed",  # the study's training files carry no re-check
     "resume",
     "keep_checkpoints",
     "save_steps",
