@@ -24,7 +24,7 @@ from __future__ import annotations
 from cai.fmt import pct
 from cai.stats import wilson_interval
 
-DEFAULT_MARGIN = 0.1  # the same as configs.RECHECK_MARGIN, for rows that do not record theirs
+DEFAULT_MARGIN = 0.1  # --recheck-margin's default (configs), and for rows that do not record theirs
 FEW = 30  # fewer re-checked rows than this: the intervals are wide
 
 

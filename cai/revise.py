@@ -222,7 +222,7 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
                 break
     bar.close()
     summary.seconds = time.perf_counter() - t0
-    if cfg.recheck:
+    if cfg.recheck and Path(cfg.out).exists():  # over every row of these prompts, resumed ones too
         from cai.recheck import stats
         from cai.records import read_rows
 
