@@ -35,6 +35,7 @@ from cai.configs import AgreementConfig
 from cai.errors import InputError
 from cai.fmt import pct, rate_txt
 from cai.options import check_config
+from cai.recheck import stats as recheck_stats
 from cai.records import (
     claim_output,
     file_sha256,
@@ -461,8 +462,6 @@ def run_agreement(cfg: AgreementConfig) -> dict:
                 cfg.human[0],
             )
         m = compute(ai, kept, cfg.bins)
-        from cai.recheck import stats as recheck_stats
-
         rc = recheck_stats(list(ai.values()))  # over every AI row, answered by people or not
         if rc:
             m["recheck"] = rc

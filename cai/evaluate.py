@@ -32,6 +32,7 @@ from cai.configs import EvalConfig
 from cai.errors import InputError
 from cai.fmt import pct as _pct
 from cai.fmt import pts as _pts
+from cai.recheck import stats as recheck_stats
 from cai.records import claim_output, file_sha256, read_pairs, response_text, skip_note
 
 Scorer = Callable[[list[dict]], list[tuple[float, float]]]
@@ -747,8 +748,6 @@ def evaluate(
             t = paired_test(correct[a], correct[b], n_boot, seed + 60)
             t.update(a=a, b=b)
             metrics["comparisons"].append(t)
-    from cai.recheck import stats as recheck_stats
-
     rc = recheck_stats(ps.rows)  # the pairs' own re-check (`--recheck`), when they carry one
     if rc:
         metrics["recheck"] = rc

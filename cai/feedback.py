@@ -36,6 +36,9 @@ from pathlib import Path
 from cai.configs import LabelConfig
 from cai.errors import InputError
 from cai.fmt import pct as _pct
+from cai.recheck import regressed
+from cai.recheck import stats as recheck_stats
+from cai.recheck import summary_lines as recheck_lines
 from cai.records import response_text, write_json
 from cai.stats import agrees, rate
 
@@ -549,9 +552,7 @@ class LabelSummary:
         if self.skipped > 5:
             out.append(f"skipped: ... and {self.skipped - 5} more")
         out += format_summary(self.stats)
-        from cai.recheck import summary_lines
-
-        out += summary_lines(self.recheck)
+        out += recheck_lines(self.recheck)
         out.append(f"summary: {self.summary_path}")
         return out
 
@@ -688,8 +689,6 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
     done = [r for r in read_rows(cfg.out) if str(r.get("id")) in ids] if Path(cfg.out).exists() else []
     s.stats = summarize(done)
     if cfg.recheck:
-        from cai.recheck import stats as recheck_stats
-
         s.recheck = recheck_stats(done)
     write_json(
         Path(s.summary_path),
@@ -717,8 +716,6 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
 def _rechecked(backend, const, chunk: list[dict], cfg: LabelConfig) -> list[dict]:
     """The chunk's rows with trace.recheck / regressed / recheck_side: each pair under every
     principle (chosen vs rejected; the revision as `final` in a `cai generate` row)."""
-    from cai.recheck import regressed
-
     sides = [recheck_side(r) for r in chunk]
     items = [
         (r["prompt"], response_text(r[side]), response_text(r["rejected" if side == "chosen" else "chosen"]))

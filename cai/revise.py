@@ -23,6 +23,8 @@ from cai import __version__
 from cai.backends.base import warn_truncation
 from cai.configs import PAIR_MODES, GenerateConfig
 from cai.errors import InputError
+from cai.recheck import regressed, summary_lines
+from cai.recheck import stats as recheck_stats
 
 
 @dataclass
@@ -63,8 +65,6 @@ class GenerateSummary:
 
     def lines(self) -> list[str]:
         """The summary line, then the re-check's per-principle rates and conflicts (--recheck)."""
-        from cai.recheck import summary_lines
-
         return [self.line(), *summary_lines(self.recheck)]
 
 
@@ -223,11 +223,10 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
     bar.close()
     summary.seconds = time.perf_counter() - t0
     if cfg.recheck and Path(cfg.out).exists():  # over every row of these prompts, resumed ones too
-        from cai.recheck import stats
         from cai.records import read_rows
 
         ids = {p["id"] for p in prompts}
-        summary.recheck = stats([r for r in read_rows(cfg.out) if str(r.get("id")) in ids])
+        summary.recheck = recheck_stats([r for r in read_rows(cfg.out) if str(r.get("id")) in ids])
     return summary
 
 
@@ -344,7 +343,6 @@ class _Engine:
         current final, each re-checked, keeping the answer with fewer regressions. All rows of
         the chunk go through each step together (one backend call per step)."""
         from cai.feedback import recheck_pairs
-        from cai.recheck import regressed
 
         margin = self.cfg.recheck_margin
 

@@ -45,6 +45,7 @@ from cai.models import (
     resolve_reward_base,
 )
 from cai.options import check_config
+from cai.recheck import has_regression
 from cai.records import (
     claim_output,
     file_sha256,
@@ -527,8 +528,6 @@ def read_training_rows(
     good, bad, ties = [], list(stats.get("skipped", [])), 0
     regressed = None
     if drop_regressed:
-        from cai.recheck import has_regression
-
         checked = sum(1 for r in rows if (r.get("trace") or {}).get("recheck"))
         if not checked:
             raise InputError(
