@@ -182,10 +182,16 @@ def warnings(s: dict) -> list[str]:
         w.append(
             f"the re-check judge is at chance: both orders agreed on the better response in "
             f"{pct(c['rate'])} of {c['n']} (pair, principle) judgements (95% CI {pct(c['ci95'][0])}–"
-            f"{pct(c['ci95'][1])} over {c['rows']} pairs), not clearly more often than a coin's 50%, so "
-            "which response wins may depend on where it is shown rather than on what it says; the "
-            "improvements, regressions and conflicts are noise, not the revisions' effect; use a "
-            "stronger --model (or re-check more pairs)"
+            f"{pct(c['ci95'][1])} over {c['rows']} pairs), "
+            + (
+                "less often than a coin's 50%, so which response wins depends on where it is shown, "
+                "not on what it says"
+                if c["ci95"][1] < 0.5
+                else "not clearly more often than a coin's 50%, so which response wins may depend on "
+                "where it is shown rather than on what it says"
+            )
+            + "; the improvements, regressions and conflicts are noise, not the revisions' effect; "
+            "use a stronger --model (or re-check more pairs)"
         )
     if s["rows"] < FEW:
         w.append(f"only {s['rows']} re-checked rows: the intervals are wide; re-check more rows")

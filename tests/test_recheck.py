@@ -434,6 +434,7 @@ def test_eval_report_says_a_position_biased_judge_is_at_chance(const_dir, script
     assert "warning: the re-check judge is at chance: both orders agreed on the better response in 0.0%" in (
         res.output
     )
+    assert "less often than a coin's 50%, so which response wins depends on where it is shown" in res.output
     rep = tmp_path / "report"
     res = _run(["eval", "--rm", tiny_rm, "--pairs", out, "--out", rep, "--no-probes", "--bootstrap", "100"])
     assert res.exit_code == 0, res.output
