@@ -19,6 +19,7 @@ for script in (
     "bench_memory.py",
     "bench_scaling.py",
     "bench_engines.py",
+    "bench_recheck.py",
 ):
     print(f"\n=== {script} ===", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

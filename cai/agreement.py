@@ -35,6 +35,7 @@ from cai.configs import AgreementConfig
 from cai.errors import InputError
 from cai.fmt import pct, rate_txt
 from cai.options import check_config
+from cai.recheck import stats as recheck_stats
 from cai.records import (
     claim_output,
     file_sha256,
@@ -275,6 +276,11 @@ def warnings(m: dict) -> list[str]:
         out.append(
             f'"Pick the shorter answer" agrees with people as often ({pct(sh["agreement"])}) as the judge.'
         )
+    if (m.get("recheck") or {}).get("at_chance"):
+        out.append(
+            "The re-check judge is at chance (see Re-check): its per-principle improvements, "
+            "regressions and conflicts are noise."
+        )
     for b in m["between_annotators"]:
         if b["kappa"] is not None and b["kappa"] < 0.2:
             out.append(
@@ -387,6 +393,10 @@ def build_blocks(m: dict) -> list[tuple]:
         )
     )
     B.append(("img", PLOT, "agreement by judge confidence"))
+    if m.get("recheck"):
+        from cai.report import recheck_blocks
+
+        B += recheck_blocks(m["recheck"])
     j = m["join"]
     B.append(("h2", "Provenance"))
     B.append(
@@ -458,6 +468,9 @@ def run_agreement(cfg: AgreementConfig) -> dict:
                 cfg.human[0],
             )
         m = compute(ai, kept, cfg.bins)
+        rc = recheck_stats(list(ai.values()))  # over every AI row, answered by people or not
+        if rc:
+            m["recheck"] = rc
         m["join"] = join
         m["provenance"] = {
             "ai": {"path": str(cfg.ai), "sha256": file_sha256(cfg.ai), **ai_counts},
@@ -470,7 +483,10 @@ def run_agreement(cfg: AgreementConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "agreement.json", m)
         write_plot(m, out)
-        from cai.report import render_html, render_md
+        from cai.report import render_html, render_md, write_recheck_plot
+
+        if rc:
+            write_recheck_plot(rc, out)
 
         blocks = build_blocks(m)
         write_text(out / "agreement.md", render_md(blocks))

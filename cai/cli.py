@@ -168,7 +168,8 @@ def generate(**kw):
     from cai.revise import run_generate
 
     summary = run_generate(_config(GenerateConfig, kw, **_model(kw)))
-    click.echo(summary.line(), err=True)
+    for line in summary.lines():
+        click.echo(line, err=True)
     if summary.interrupted:  # stopped by Ctrl-C with prompts left: not success (`... && cai train` stops)
         sys.exit(130)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from cai.backends import CHOICES
 from cai.options import count_or_all, opt, pairs_or_all
+from cai.recheck import DEFAULT_MARGIN as RECHECK_MARGIN  # P(final better) < 0.4: a regression
 
 PAIR_MODES = ("revision", "samples")
 # Every --seed: numpy's and torch's seeders both take 0 .. 2**32 - 1 (transformers.set_seed seeds
@@ -114,6 +115,25 @@ class GenerateConfig:
         parse=count_or_all,
         cli=("--principles",),
     )
+    recheck: bool = opt(
+        False,
+        "Judge (initial, final) under every principle of the constitution, both orders: "
+        "trace.recheck (P(final better) per principle) and trace.regressed (docs/judge.md).",
+    )
+    recheck_margin: float = opt(
+        RECHECK_MARGIN,
+        "With --recheck: a principle whose P(final better) is below 0.5 minus this is a "
+        "regression (and above 0.5 plus this, an improvement); 0 to 0.5.",
+        min=0.0,
+        max=0.5,
+    )
+    repair_rounds: int = opt(
+        0,
+        "With --recheck: up to N more critique -> revision rounds for a row's worst regressed "
+        "principle, each re-checked; the final answer with fewer regressions is kept (the trace "
+        "keeps both).",
+        min=0,
+    )
     sample_temperature: float = 0.8  # samples mode: temperature of the two samples
 
 
@@ -149,6 +169,18 @@ class LabelConfig:
         (0.4, 0.6), "With --cot: the band each probability is clamped to (the CAI paper's 40-60%)."
     )
     max_new_tokens: int = opt(128, "With --cot: length of the reasoning.", min=1)
+    recheck: bool = opt(
+        False,
+        "Also judge chosen vs rejected under every principle, both orders (trace.recheck, "
+        "trace.regressed; the label itself is unchanged).",
+    )
+    recheck_margin: float = opt(
+        RECHECK_MARGIN,
+        "With --recheck: a principle whose P(final better) is below 0.5 minus this is a "
+        "regression; 0 to 0.5.",
+        min=0.0,
+        max=0.5,
+    )
     seed: int = opt(0, "Seeds the per-pair principle draw.", **SEED)
     limit: int | None = opt(None, "Only the first N pairs.", min=1)
     chunk_size: int = opt(16, "Pairs per checkpoint; a kill loses at most one chunk.", min=1)
@@ -200,6 +232,11 @@ class TrainConfig:
     limit: int | None = opt(None, "Use only the first N valid training pairs.", min=1)
     skip_bad: bool = opt(
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
+    drop_regressed: bool = opt(
+        False,
+        "Leave out rows whose re-check found a regression (a non-empty trace.regressed, from "
+        "--recheck); counted in the model card.",
     )
     batch_size: int = opt(
         16, "Pairs per device per step (each pair is two sequences in the forward pass).", min=1
@@ -341,6 +378,7 @@ TRAIN_SET_BY_STUDY = (
     "device",
     "trust_remote_code",
     "skip_bad",
+    "drop_regressed",  # the study's training files carry no re-check
     "resume",
     "keep_checkpoints",
     "save_steps",

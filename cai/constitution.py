@@ -47,6 +47,7 @@ from cai.errors import InputError
 from cai.records import check_input_file, to_transcript
 
 REQUIRED_TEMPLATES = ("critique", "revision", "compare")
+RECHECK_TEMPLATE = "recheck"  # optional: the re-check judge (`--recheck`), else compare per principle
 SECTIONS = ("critique", "revision", "compare")
 _SECTION = re.compile(r"^(critique|revision|compare)\s*:\s?", re.IGNORECASE | re.MULTILINE)
 
@@ -111,6 +112,15 @@ class Constitution:
             return list(self.principles.values())
         rng = random.Random(f"{seed}:{key}:ensemble")
         return [self.principles[i] for i in rng.sample(self.ids, k)]
+
+    def recheck_variables(self, p: Principle) -> dict:
+        """What recheck.jinja gets besides the pair: every principle's question (the
+        constitution's order), their ids, and the 1-based number of the one asked."""
+        return {
+            "questions": [q.compare for q in self.principles.values()],
+            "ids": self.ids,
+            "number": self.ids.index(p.id) + 1,
+        }
 
     # -- templates -------------------------------------------------------------------
 
@@ -836,12 +846,16 @@ def _compile_all(c: Constitution):
             raise InputError(f"include/import {e}", c.path / "templates" / name) from None
 
 
+def _variables(c: Constitution, p: Principle) -> dict:
+    return dict(principle=p, question=p.compare, **c.recheck_variables(p))
+
+
 def _variants(c: Constitution, name: str, p: Principle):
     for sample in (SAMPLE, SAMPLE_LONG):
-        yield dict(sample, principle=p, question=p.compare)
+        yield dict(sample, **_variables(c, p))
         if name == "compare":  # the chain-of-thought branches, both stages
-            yield dict(sample, principle=p, question=p.compare, cot=True, reasoning="")
-            yield dict(sample, principle=p, question=p.compare, cot=True, reasoning="B refuses to help.")
+            yield dict(sample, **_variables(c, p), cot=True, reasoning="")
+            yield dict(sample, **_variables(c, p), cot=True, reasoning="B refuses to help.")
 
 
 VALIDATE_SECONDS = 10.0  # past this, the sweep over further principles stops (heavy templates)
@@ -859,6 +873,17 @@ def validate(c: Constitution):
         for name in c.templates:
             for variables in _variants(c, name, p):
                 c.render(name, **variables)
+    if c.has_template(RECHECK_TEMPLATE) and len(c.principles) > 1:
+        a, b = (
+            c.render(RECHECK_TEMPLATE, **SAMPLE, **_variables(c, p)) for p in list(c.principles.values())[:2]
+        )
+        if a == b:
+            raise InputError(
+                "renders the same prompt for every principle, so the re-check would ask one question "
+                f"{len(c.principles)} times; name the question asked with {{{{ number }}}} or "
+                "{{ question }} (see docs/constitution.md)",
+                c.path / "templates" / f"{RECHECK_TEMPLATE}.jinja",
+            )
 
 
 def examples(c: Constitution) -> dict[str, list[dict]]:
@@ -866,12 +891,9 @@ def examples(c: Constitution) -> dict[str, list[dict]]:
     p = next(iter(c.principles.values()))
     out = {}
     for name in c.templates:
-        out[name] = c.render(name, principle=p, question=p.compare, **SAMPLE)
+        out[name] = c.render(name, **_variables(c, p), **SAMPLE)
     if "compare" in out:
         out["compare (--cot)"] = c.render(
-            "compare",
-            principle=p,
-            question=p.compare,
-            **dict(SAMPLE, cot=True, reasoning="B refuses to help."),
+            "compare", **_variables(c, p), **dict(SAMPLE, cot=True, reasoning="B refuses to help.")
         )
     return out

@@ -32,6 +32,7 @@ from cai.configs import EvalConfig
 from cai.errors import InputError
 from cai.fmt import pct as _pct
 from cai.fmt import pts as _pts
+from cai.recheck import stats as recheck_stats
 from cai.records import claim_output, file_sha256, read_pairs, response_text, skip_note
 
 Scorer = Callable[[list[dict]], list[tuple[float, float]]]
@@ -747,6 +748,9 @@ def evaluate(
             t = paired_test(correct[a], correct[b], n_boot, seed + 60)
             t.update(a=a, b=b)
             metrics["comparisons"].append(t)
+    rc = recheck_stats(ps.rows)  # the pairs' own re-check (`--recheck`), when they carry one
+    if rc:
+        metrics["recheck"] = rc
     metrics["seconds"] = round(time.time() - t0, 2)
     return annotate(metrics)
 
@@ -768,6 +772,11 @@ def annotate(metrics: dict) -> dict:
     for c in metrics["comparisons"]:
         c["verdict"] = comparison_verdict(
             c["a"], c["b"], c, tuple(n for n in (c["a"], c["b"]) if at_chance(n))
+        )
+    if (metrics.get("recheck") or {}).get("at_chance"):
+        metrics["notes"].append(
+            "The test pairs' re-check judge is at chance (see Re-check below): its per-principle "
+            "improvements, regressions and conflicts are noise."
         )
     return metrics
 

@@ -36,6 +36,9 @@ from pathlib import Path
 from cai.configs import LabelConfig
 from cai.errors import InputError
 from cai.fmt import pct as _pct
+from cai.recheck import regressed
+from cai.recheck import stats as recheck_stats
+from cai.recheck import summary_lines as recheck_lines
 from cai.records import response_text, write_json
 from cai.stats import agrees, rate
 
@@ -168,15 +171,7 @@ def judge_pairs(
         for j, (i, p, order) in enumerate(jobs)
     ]
 
-    raw: list[str | None] = [None] * len(jobs)
-    verdicts: list[str | None] = [None] * len(jobs)
-    if logprobs:
-        p_first = [_p_first(lp) for lp in backend.option_logprobs(prompts, list(OPTIONS))]
-    else:
-        gens = backend.generate(prompts, max_new_tokens=VERDICT_MAX_NEW_TOKENS, temperature=0.0, seed=seed)
-        raw = [g.text for g in gens]
-        verdicts = [parse_verdict(t) for t in raw]
-        p_first = [None if v is None else 1.0 if v == OPTIONS[0] else 0.0 for v in verdicts]
+    p_first, verdicts, raw = _score(backend, prompts, seed)
 
     labels = []
     per_row: list[list[int]] = [[] for _ in rows]
@@ -221,6 +216,107 @@ def judge_pairs(
         labels.append({"p_chosen": round(_mean(orders), 6), "source": "ai", "judge": judge})
     _update(progress, len(rows))
     return labels
+
+
+def _score(backend, prompts: list[list[dict]], seed: int):
+    """P(option A) per prompt (None: unscored), with the verdicts and raw replies of a backend
+    without log-probs (None each otherwise). One backend call for all the prompts."""
+    n = len(prompts)
+    if getattr(backend, "supports_logprobs", False):
+        return (
+            [_p_first(lp) for lp in backend.option_logprobs(prompts, list(OPTIONS))],
+            [None] * n,
+            [None] * n,
+        )
+    gens = backend.generate(prompts, max_new_tokens=VERDICT_MAX_NEW_TOKENS, temperature=0.0, seed=seed)
+    raw = [g.text for g in gens]
+    verdicts = [parse_verdict(t) for t in raw]
+    return [None if v is None else 1.0 if v == OPTIONS[0] else 0.0 for v in verdicts], verdicts, raw
+
+
+# ============================================================================ the re-check
+
+
+def recheck_template(constitution) -> str:
+    """recheck.jinja when the constitution has one (every principle's question first, so a pair's
+    prompts differ only in their last tokens), else compare.jinja, one full prompt per principle."""
+    from cai.constitution import RECHECK_TEMPLATE
+
+    return RECHECK_TEMPLATE if constitution.has_template(RECHECK_TEMPLATE) else "compare"
+
+
+def recheck_params(constitution, margin: float, repair_rounds: int | None = None) -> dict:
+    """meta.params.recheck: how the re-check judged (part of the resume check)."""
+    out = {"principles": "all", "template": f"{recheck_template(constitution)}.jinja", "margin": margin}
+    if repair_rounds is not None:
+        out["repair_rounds"] = repair_rounds
+    return out | {"options": list(OPTIONS)}
+
+
+def recheck_side(row: dict) -> str:
+    """The response `p_final_better` is about in `cai label --recheck`: the revision when the
+    row's trace names its initial response (a `cai generate` row), else `chosen`."""
+    initial = str((row.get("trace") or {}).get("initial", "")).strip()
+    c, r = response_text(row["chosen"]).strip(), response_text(row["rejected"]).strip()
+    return "rejected" if initial and c == initial and r != initial else "chosen"
+
+
+def render_recheck_prompt(constitution, template: str, conversation, first: str, second: str, principle):
+    common = dict(conversation=conversation, response_a=first, response_b=second, options=list(OPTIONS))
+    if template == "compare":
+        return constitution.render(
+            "compare", **common, question=principle.compare, principle=principle, cot=False, reasoning=""
+        )
+    return constitution.render(
+        template,
+        **common,
+        question=principle.compare,
+        principle=principle,
+        **constitution.recheck_variables(principle),
+    )
+
+
+def recheck_pairs(
+    backend, constitution, items: list[tuple], *, seed: int = 0, progress=None
+) -> list[list[dict]]:
+    """Judge each (conversation, final, other) under every principle of the constitution, in both
+    orders, in one backend call. Returns per item, in the constitution's principle order::
+
+        [{"principle": id, "p_final_better": mean of the orders,
+          "orders": [p when final is shown first, p when final is shown second]}, ...]
+
+    (+ ``unparsed`` and ``raw`` on an entry whose generated verdicts named no option; those
+    orders count 0.5). The prompts come from recheck.jinja (see recheck_template): per item the
+    conversation once, per order the two responses, per principle a short suffix, so a backend
+    that reuses shared prefixes (hf's prefix tree, llama.cpp's slots, a server's prefix cache)
+    pays for the pair about once.
+    """
+    if not items:
+        return []
+    template = recheck_template(constitution)
+    principles = list(constitution.principles.values())
+    jobs = [(i, p, order) for i in range(len(items)) for order in (0, 1) for p in principles]
+    prompts = []
+    for i, p, order in jobs:
+        conv, final, other = items[i]
+        a, b = (final, other) if order == 0 else (other, final)
+        prompts.append(render_recheck_prompt(constitution, template, conv, a, b, p))
+    p_first, _, raw = _score(backend, prompts, seed)
+    out: list[dict[str, dict]] = [
+        {p.id: {"principle": p.id, "p_final_better": 0.5, "orders": [0.5, 0.5]} for p in principles}
+        for _ in items
+    ]
+    for j, (i, p, order) in enumerate(jobs):
+        e = out[i][p.id]
+        pf = p_first[j]
+        if pf is None:
+            e["unparsed"] = e.get("unparsed", 0) + 1
+            e.setdefault("raw", [None, None])[order] = raw[j]
+            pf = 0.5
+        e["orders"][order] = round(pf if order == 0 else 1.0 - pf, 6)
+        e["p_final_better"] = round((e["orders"][0] + e["orders"][1]) / 2, 6)
+    _update(progress, len(items))
+    return [list(entries.values()) for entries in out]
 
 
 def flip_label(label: dict) -> dict:
@@ -434,6 +530,7 @@ class LabelSummary:
     stats: dict = field(default_factory=dict)  # summarize() over the output rows of this input
     skipped_lines: list = field(default_factory=list)  # (line, message) for the first skips
     truncated: int = 0  # judge prompts cut to fit the model's input window
+    recheck: dict | None = None  # cai.recheck.stats over the output rows of this input (--recheck)
 
     def line(self) -> str:
         parts = [
@@ -455,6 +552,7 @@ class LabelSummary:
         if self.skipped > 5:
             out.append(f"skipped: ... and {self.skipped - 5} more")
         out += format_summary(self.stats)
+        out += recheck_lines(self.recheck)
         out.append(f"summary: {self.summary_path}")
         return out
 
@@ -539,6 +637,8 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
     }
     if cfg.cot:
         params.update(clamp=[lo, hi], max_new_tokens=cfg.max_new_tokens)
+    if cfg.recheck:  # only when on, so files made before the option existed still resume
+        params["recheck"] = recheck_params(const, cfg.recheck_margin)
     meta = {
         "constitution": {"name": const.name, "sha256": const.sha256},
         "seed": cfg.seed,
@@ -586,6 +686,8 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
                         progress=bar,
                         max_new_tokens=cfg.max_new_tokens,
                     )
+                    if cfg.recheck:
+                        chunk = _rechecked(backend, const, chunk, cfg)
                     writer.write_many(_output_row(r, lab, meta) for r, lab in zip(chunk, labels))
                     s.labelled += len(chunk)
                     s.truncated = warn_truncation(backend, s.truncated)
@@ -597,6 +699,8 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
     ids = {r["id"] for r in rows}
     done = [r for r in read_rows(cfg.out) if str(r.get("id")) in ids] if Path(cfg.out).exists() else []
     s.stats = summarize(done)
+    if cfg.recheck:
+        s.recheck = recheck_stats(done)
     write_json(
         Path(s.summary_path),
         {
@@ -614,6 +718,22 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
                 "seed": cfg.seed,
                 "constitution": {"name": const.name, "sha256": const.sha256},
             },
+            **({"recheck": s.recheck} if cfg.recheck else {}),
         },
     )
     return s
+
+
+def _rechecked(backend, const, chunk: list[dict], cfg: LabelConfig) -> list[dict]:
+    """The chunk's rows with trace.recheck / regressed / recheck_side: each pair under every
+    principle (chosen vs rejected; the revision as `final` in a `cai generate` row)."""
+    sides = [recheck_side(r) for r in chunk]
+    items = [
+        (r["prompt"], response_text(r[side]), response_text(r["rejected" if side == "chosen" else "chosen"]))
+        for r, side in zip(chunk, sides)
+    ]
+    out = []
+    for r, side, res in zip(chunk, sides, recheck_pairs(backend, const, items, seed=cfg.seed)):
+        trace = dict(r.get("trace") or {}, recheck=res, regressed=regressed(res, cfg.recheck_margin))
+        out.append(dict(r, trace=dict(trace, recheck_side=side)))
+    return out

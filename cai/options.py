@@ -188,13 +188,11 @@ def check_config(cfg, rename: dict | None = None) -> None:
             continue
         if isinstance(v, float) and not math.isfinite(v):
             raise InputError(f"{name} must be a finite number, not {v}")
-        lo = f.metadata.get("min")
-        if lo is not None and isinstance(v, (int, float)) and v < lo:
-            raise InputError(f"{name} must be >= {lo}, not {v}")
-        hi = f.metadata.get("max")
-        if hi is not None and isinstance(v, (int, float)) and v > hi:
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(v, (int, float)) and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+            bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"between {lo} and {hi}"
             why = f" ({f.metadata['max_why']})" if f.metadata.get("max_why") else ""
-            raise InputError(f"{name} must be <= {hi}{why}, not {v}")
+            raise InputError(f"{name} must be {bound}{why}, not {v}")
         choices = f.metadata.get("choices")
         if choices and v not in choices:
             raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, not {v!r}")

@@ -19,6 +19,7 @@ from cai.fmt import rate_txt
 from cai.records import write_atomic, write_json, write_text
 
 PLOTS = ("accuracy.png", "reliability.png", "margins.png", "length_bias.png")
+RECHECK_PLOT = "recheck_conflicts.png"  # written when the pairs carry a re-check (--recheck)
 
 
 def public_metrics(metrics: dict) -> dict:
@@ -135,7 +136,121 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.legend(fontsize=8)
     ax.set_title("Length bias: a fair model scores alike on both")
     save(fig, "length_bias.png")
+    if metrics.get("recheck"):
+        written.append(write_recheck_plot(metrics["recheck"], out))
     return written
+
+
+def write_recheck_plot(rc: dict, out: Path, name: str = RECHECK_PLOT) -> str:
+    """The conflict matrix as a heat map: row A (revised for), column B (regressed), colour the
+    share n/m of A's rows in which B regressed, each cell labelled n/m."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = rc["principles"]
+    rows = list(rc["conflicts"]) or ["(no revision)"]
+    cells = [[rc["conflicts"].get(a, {}).get(b, [0, 0]) for b in cols] for a in rows]
+    rate = np.array([[n / m if m else np.nan for n, m in r] for r in cells], float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.4 + 0.42 * len(rows)))
+    im = ax.imshow(rate, cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    small = 7 if len(cols) > 8 else 9
+    for i, r in enumerate(cells):
+        for j, (n, m) in enumerate(r):
+            if m:
+                ax.text(
+                    j,
+                    i,
+                    f"{n}/{m}",
+                    ha="center",
+                    va="center",
+                    fontsize=small,
+                    color="white" if n / m > 0.6 else "black",
+                )
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=small)
+    ax.set_yticks(range(len(rows)), rows, fontsize=small)
+    ax.set_xlabel("principle that regressed (B)")
+    ax.set_ylabel("revised for (A)")
+    title = "Revising for A regressed B: n of m rows"
+    if rc.get("at_chance"):
+        title += "\n(judge at chance: noise)"
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="share of A's rows")
+    fig.tight_layout()
+    write_atomic(out / name, lambda f: fig.savefig(f, dpi=110, format="png"))
+    plt.close(fig)
+    return name
+
+
+def recheck_blocks(rc: dict, plot: str = RECHECK_PLOT) -> list[tuple]:
+    """The re-check section: per principle how often revisions improved and regressed it, and
+    the conflict matrix (as a table and the heat map `plot`)."""
+    from cai.recheck import share_txt
+
+    rr, rep = rc["rows_with_regression"], rc["repairs"]
+    B: list[tuple] = [("h2", "Re-check: what the revisions did to every principle")]
+    if rc.get("warnings"):
+        B.append(("ul", [f"**{w}**" for w in rc["warnings"]]))
+    c = rc["consistency"]
+    B.append(
+        (
+            "p",
+            f"{rc['rows']} pairs judged (final answer against the other response) under each of "
+            f"{len(rc['principles'])} principles, both orders averaged. A principle regressed when "
+            f"P(final better) < 0.5 − {rc['margin']} and improved when it is > 0.5 + {rc['margin']}. "
+            f"Rows with a regression: {rr['k']} of {rr['n']} ({share_txt(rr)}, 95% Wilson interval)."
+            + (
+                f" Repair rounds ran on {rep['rows']} rows; a repair was kept on {rep['kept']}, "
+                f"{rep['fixed']} of them left with no regression."
+                if rep["rows"]
+                else ""
+            )
+            + f" Both orders agreed on the better response in {share_txt(c)} of {c['n']} (pair, "
+            f"principle) judgements (the interval over {c['rows']} pairs): a judge that reads the "
+            "responses does so more often than a coin's 50%"
+            + (", this one not clearly so (at chance)." if rc.get("at_chance") else "."),
+        )
+    )
+    B.append(
+        (
+            "table",
+            ["principle", "pairs", "improved (95% CI)", "regressed (95% CI)", "mean P(final better)"],
+            [
+                [
+                    pid,
+                    str(d["n"]),
+                    share_txt(d["improved"]),
+                    share_txt(d["regressed"]),
+                    f"{d['mean_p_final_better']:.3f}",
+                ]
+                for pid, d in rc["per_principle"].items()
+            ],
+        )
+    )
+    B.append(("h3", "Conflicts: revising for A regressed B"))
+    if rc["conflicts"]:
+        cols = rc["principles"]
+        B.append(
+            (
+                "table",
+                ["revised for (A) ↓, regressed (B) →", *cols],
+                [[a, *(f"{n}/{m}" for n, m in (row[b] for b in cols))] for a, row in rc["conflicts"].items()],
+            )
+        )
+        B.append(
+            (
+                "p",
+                "Each cell: the rows whose final answer came from a revision for A (a critique → "
+                "revision round or a kept repair) in which B regressed, out of all rows revised for A. "
+                "The diagonal is a revision that made its own principle worse.",
+            )
+        )
+        B.append(("img", plot, "conflict matrix heat map"))
+    else:
+        B.append(("p", "No row's final answer came from a recorded revision (no trace.rounds)."))
+    return B
 
 
 # ============================================================================ the blocks
@@ -347,6 +462,8 @@ def build_blocks(metrics: dict) -> list[tuple]:
 
     B += probe_blocks(metrics)
     B += shift_blocks(metrics)
+    if metrics.get("recheck"):
+        B += recheck_blocks(metrics["recheck"])
 
     B.append(("h2", "Method"))
     B.append(
@@ -721,4 +838,5 @@ def write_report(metrics: dict, out) -> dict:
     blocks = build_blocks(metrics)
     write_text(out / "report.md", render_md(blocks))
     write_text(out / "report.html", render_html(blocks, out))
-    return {k: str(out / k) for k in ("metrics.json", "report.md", "report.html", *PLOTS)}
+    plots = (*PLOTS, RECHECK_PLOT) if metrics.get("recheck") else PLOTS
+    return {k: str(out / k) for k in ("metrics.json", "report.md", "report.html", *plots)}

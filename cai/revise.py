@@ -23,6 +23,8 @@ from cai import __version__
 from cai.backends.base import warn_truncation
 from cai.configs import PAIR_MODES, GenerateConfig
 from cai.errors import InputError
+from cai.recheck import regressed, summary_lines
+from cai.recheck import stats as recheck_stats
 
 
 @dataclass
@@ -37,6 +39,7 @@ class GenerateSummary:
     generated_tokens: int = 0
     interrupted: bool = False
     truncated: int = 0  # prompts longer than the backend's input window, cut to their last tokens
+    recheck: dict | None = None  # cai.recheck.stats over the output's rows of these prompts (--recheck)
 
     @property
     def rows_per_s(self) -> float:
@@ -59,6 +62,10 @@ class GenerateSummary:
         if self.interrupted:
             s += " — interrupted; rerun the same command to resume"
         return s
+
+    def lines(self) -> list[str]:
+        """The summary line, then the re-check's per-principle rates and conflicts (--recheck)."""
+        return [self.line(), *summary_lines(self.recheck)]
 
 
 _LABEL_PREFIX = re.compile(
@@ -107,6 +114,15 @@ def _validate(cfg: GenerateConfig, rounds: int):
         raise InputError(f"--pair-mode must be one of {', '.join(PAIR_MODES)}, not {cfg.pair_mode!r}")
     if cfg.pair_mode == "samples" and not cfg.label:
         raise InputError("--pair-mode samples needs the judge to order the pair; drop --no-label")
+    if cfg.recheck and cfg.pair_mode != "revision":
+        raise InputError(
+            "--recheck judges the final revision against the initial response; use it with "
+            "--pair-mode revision (or re-check sampled pairs with `cai label --recheck`)"
+        )
+    if cfg.repair_rounds and not cfg.recheck:
+        raise InputError(
+            f"--repair-rounds {cfg.repair_rounds} repairs what the re-check finds; add --recheck"
+        )
 
 
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
@@ -143,13 +159,6 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
     from cai.models import fingerprint
     from cai.records import check_resume_meta, file_sha256
 
-    check_resume_meta(
-        writer,
-        {"constitution": {"name": const.name, "sha256": const.sha256}, "seed": cfg.seed},
-        keys=("constitution", "seed"),
-    )  # before loading a model
-    backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
-
     params = {
         "rounds": rounds,
         "max_new_tokens": cfg.max_new_tokens,
@@ -161,6 +170,16 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
     }
     if cfg.pair_mode == "samples":
         params["sample_temperature"] = cfg.sample_temperature
+    if cfg.recheck:  # only when on, so files made before the option existed still resume
+        from cai.feedback import recheck_params
+
+        params["recheck"] = recheck_params(const, cfg.recheck_margin, cfg.repair_rounds)
+    check_resume_meta(
+        writer,
+        {"constitution": {"name": const.name, "sha256": const.sha256}, "seed": cfg.seed, "params": params},
+        keys=("constitution", "seed", "params"),
+    )  # before loading a model
+    backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
     meta = {
         "model": backend.model_id,
         "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
@@ -214,6 +233,11 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
                 break
     bar.close()
     summary.seconds = time.perf_counter() - t0
+    if cfg.recheck and Path(cfg.out).exists():  # over every row of these prompts, resumed ones too
+        from cai.records import read_rows
+
+        ids = {p["id"] for p in prompts}
+        summary.recheck = recheck_stats([r for r in read_rows(cfg.out) if str(r.get("id")) in ids])
     return summary
 
 
@@ -224,7 +248,10 @@ class _Engine:
         self.c, self.b, self.cfg, self.rounds, self.no_change = const, backend, cfg, rounds, no_change
         sampling = cfg.pair_mode == "samples"
         self.stages_per_prompt = (
-            (2 if sampling else 1) + 2 * (0 if sampling else rounds) + (1 if cfg.label else 0)
+            (2 if sampling else 1)
+            + 2 * (0 if sampling else rounds)
+            + (1 + 3 * cfg.repair_rounds if cfg.recheck else 0)
+            + (1 if cfg.label else 0)
         )
 
     def _gen(self, convs, stage: int, temperature=None):
@@ -297,15 +324,17 @@ class _Engine:
                     if rev:  # an empty revision keeps the previous response (recorded as such)
                         current[i] = rev
                 active = to_revise
+            if self.cfg.recheck:
+                self._recheck(chunk, convs, initial, current, traces, bar)
             pairs = list(zip(current, initial))  # (final revision, initial response)
 
         labels = self._label(chunk, pairs, bar)
         rows = []
         for p, (x, y), trace, label in zip(chunk, pairs, traces, labels):
-            chosen, rejected = x, y
-            if label.get("swap"):
-                chosen, rejected = y, x
-            label.pop("swap", None)
+            swapped = bool(label.pop("swap", None))
+            chosen, rejected = (y, x) if swapped else (x, y)
+            if "recheck" in trace:  # which response p_final_better is about
+                trace["recheck_side"] = "rejected" if swapped else "chosen"
             rows.append(
                 {
                     "id": p["id"],
@@ -318,6 +347,93 @@ class _Engine:
                 }
             )
         return rows
+
+    def _recheck(self, chunk, convs, initial, current, traces, bar):
+        """Judge (initial, final) under every principle; then up to --repair-rounds rounds of one
+        more critique -> revision for each row's worst regressed principle not yet tried on its
+        current final, each re-checked, keeping the answer with fewer regressions. All rows of
+        the chunk go through each step together (one backend call per step)."""
+        from cai.feedback import recheck_pairs
+
+        margin = self.cfg.recheck_margin
+
+        def check(rows_texts):
+            items = [(convs[i], text, initial[i]) for i, text in rows_texts]
+            results = recheck_pairs(self.b, self.c, items, seed=self.cfg.seed)
+            return [(res, regressed(res, margin)) for res in results]
+
+        n = len(chunk)
+        revised = [i for i in range(n) if current[i].strip() != initial[i].strip()]
+        for i in range(n):  # an unrevised row has nothing to re-check: final and initial are one text
+            traces[i]["recheck"], traces[i]["regressed"] = [], []
+        for i, (res, reg) in zip(revised, check([(i, current[i]) for i in revised])):
+            traces[i]["recheck"], traces[i]["regressed"] = res, reg
+        bar.update(n)
+        tried: dict[int, set] = {i: set() for i in revised}  # principles repaired on the current final
+        for j in range(self.cfg.repair_rounds):
+            target = {}
+            for i in revised:
+                todo = [pid for pid in traces[i]["regressed"] if pid not in tried[i]]
+                if todo:
+                    target[i] = self.c.principles[todo[0]]  # the worst regression not yet tried
+            if not target:
+                bar.update(3 * n * (self.cfg.repair_rounds - j))
+                break
+            idx = list(target)
+            crit = self._gen(
+                [
+                    self.c.render("critique", conversation=convs[i], response=current[i], principle=target[i])
+                    for i in idx
+                ],
+                500 + 2 * j,
+            )
+            bar.update(n)
+            critiques = dict(zip(idx, crit))
+            to_revise = [i for i in idx if not (self.cfg.early_stop and self.no_change.search(critiques[i]))]
+            revs = (
+                self._gen(
+                    [
+                        self.c.render(
+                            "revision",
+                            conversation=convs[i],
+                            response=current[i],
+                            critique=critiques[i],
+                            principle=target[i],
+                        )
+                        for i in to_revise
+                    ],
+                    501 + 2 * j,
+                )
+                if to_revise
+                else []
+            )
+            bar.update(n)
+            revisions = dict(zip(to_revise, revs))
+            # a candidate must be a new answer: not empty, not the current final, not the initial
+            cands = [
+                i
+                for i in to_revise
+                if revisions[i] and revisions[i].strip() not in (current[i].strip(), initial[i].strip())
+            ]
+            checked = dict(zip(cands, check([(i, revisions[i]) for i in cands])))
+            bar.update(n)
+            for i in idx:
+                tried[i].add(target[i].id)
+                entry = {"principle": target[i].id, "critique": critiques[i], "revision": revisions.get(i)}
+                if i in checked:
+                    res, reg = checked[i]
+                    entry.update(recheck=res, regressed=reg, kept=len(reg) < len(traces[i]["regressed"]))
+                else:
+                    entry["kept"] = False
+                traces[i].setdefault("repairs", []).append(entry)
+                if entry["kept"]:
+                    traces[i].setdefault(
+                        "before_repair",
+                        {"recheck": traces[i]["recheck"], "regressed": traces[i]["regressed"]},
+                    )
+                    traces[i]["recheck"], traces[i]["regressed"] = entry["recheck"], entry["regressed"]
+                    current[i] = revisions[i]
+                    tried[i] = set()
 
     def _label(self, chunk, pairs, bar) -> list[dict]:
         """Labels for (x, y) pairs: x is the revision (or sample 1). 'swap' means y is chosen."""

@@ -45,6 +45,7 @@ from cai.models import (
     resolve_reward_base,
 )
 from cai.options import check_config
+from cai.recheck import has_regression
 from cai.records import (
     claim_output,
     file_sha256,
@@ -522,11 +523,23 @@ def _check_out(out: Path, resume: bool) -> dict | None:
 
 
 def read_training_rows(
-    path, limit, labels: str, what: str, skip_bad: bool = False
+    path, limit, labels: str, what: str, skip_bad: bool = False, drop_regressed: bool = False
 ) -> tuple[list[dict], dict]:
     stats: dict = {}
     rows = read_pairs(path, limit=limit, skip_bad=skip_bad, stats=stats, need_label=True)
     good, bad, ties = [], list(stats.get("skipped", [])), 0
+    regressed = None
+    if drop_regressed:
+        checked = sum(1 for r in rows if (r.get("trace") or {}).get("recheck"))
+        if not checked:
+            raise InputError(
+                "--drop-regressed: no row carries a re-check (trace.recheck); make the pairs with "
+                "`cai generate --recheck` or `cai label --recheck`, or drop the option",
+                path,
+            )
+        kept = [r for r in rows if not has_regression(r)]
+        regressed = {"rechecked": checked, "dropped": len(rows) - len(kept)}
+        rows = kept
     for r in rows:
         p = r["label"].get("p_chosen")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
@@ -537,7 +550,13 @@ def read_training_rows(
             continue
         good.append(r)
     if not good:
-        hint = "the rows all had label 0.5" if ties else "every row was malformed"
+        hint = (
+            "every row had a regression and --drop-regressed left it out"
+            if regressed and not rows
+            else "the rows all had label 0.5"
+            if ties
+            else "every row was malformed"
+        )
         raise InputError(
             f"no usable {what} pairs ({hint}); first problem: {bad[0][1] if bad else 'n/a'}", path
         )
@@ -557,6 +576,12 @@ def read_training_rows(
         "label_sources": dict(Counter(str(r["label"].get("source", "unknown")) for r in good)),
         "mean_p_chosen": round(float(np.mean([r["label"]["p_chosen"] for r in good])), 4),
     }
+    if regressed is not None:
+        info["regressed"] = regressed
+        _log(
+            f"{path}: --drop-regressed leaves out {regressed['dropped']} of {regressed['rechecked']} "
+            "re-checked rows (a regression in trace.regressed)"
+        )
     if bad:
         _log(f"{path}: skipped {len(bad)} malformed rows (first: {bad[0][1]})")
     if ties:
@@ -661,7 +686,9 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
     base_path, base_name = resolve_reward_base(cfg.base)
     check_model(base_path, "--base")  # safetensors, whole, with a tokenizer that fits: before loading
     tok = _load_tokenizer(base_path, base_name, cfg.trust_remote_code)
-    rows, train_info = read_training_rows(cfg.pairs, cfg.limit, cfg.labels, "training", cfg.skip_bad)
+    rows, train_info = read_training_rows(
+        cfg.pairs, cfg.limit, cfg.labels, "training", cfg.skip_bad, cfg.drop_regressed
+    )
     eval_rows, eval_info = (None, None)
     if cfg.eval_pairs:
         eval_rows, eval_info = read_training_rows(cfg.eval_pairs, None, "soft", "evaluation", cfg.skip_bad)
@@ -874,6 +901,12 @@ def _model_card(rec: dict) -> str:
     tr = d["train"]
     sources = ", ".join(f"{k}: {v}" for k, v in tr["label_sources"].items())
     data_lines = [f"- train: `{tr['path']}` — {tr['rows']} pairs, sha256 `{tr['sha256']}`"]
+    if tr.get("regressed"):
+        g = tr["regressed"]
+        data_lines.append(
+            f"- `--drop-regressed`: {g['dropped']} of the {g['rechecked']} re-checked pairs left out "
+            "(their final answer regressed on a principle, trace.regressed)"
+        )
     if d.get("eval"):
         data_lines.append(
             f"- eval: `{d['eval']['path']}` — {d['eval']['rows']} pairs, sha256 `{d['eval']['sha256']}`"

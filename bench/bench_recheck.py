@@ -1,0 +1,167 @@
+"""What `--recheck` costs: every principle of the harmless constitution (15), both orders, against
+a one-principle label of the same pairs, measured in one run on one loaded model.
+
+Both sides go through the code `cai label --recheck` runs: `feedback.judge_pairs` (the label,
+one principle drawn per pair, both orders) and `feedback.recheck_pairs` (the re-check: 15
+principles x 2 orders per pair, from recheck.jinja, whose prompts share everything but a few
+tokens per principle). The default hf backend computes shared prefixes once (its prefix tree).
+
+    .venv/bin/python bench/bench_recheck.py                   # 8 HH-RLHF dev pairs, 2 repeats
+    .venv/bin/python bench/bench_recheck.py --pairs 16 --repeats 3 --fallback
+
+Reports wall seconds, CPU seconds of this process and model tokens computed (padding included:
+the work done, independent of machine load) for each side, and their ratios, re-check / label.
+`--fallback` also times the re-check from compare.jinja (one full judge prompt per principle,
+what a constitution without recheck.jinja gets) on the same pairs. Results go to stdout and
+bench/RESULTS-recheck.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
+HARMLESS = ROOT / "constitutions" / "harmless"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+OUT: list[str] = []
+
+
+def say(line: str = ""):
+    print(line, flush=True)
+    OUT.append(line)
+
+
+def measure(backend, fn) -> dict:
+    """Wall s, CPU s of this process (all its threads) and tokens the model computed."""
+    tok0 = backend.stats.get("computed_tokens", 0)
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return {
+        "wall": time.perf_counter() - w0,
+        "cpu": time.process_time() - c0,
+        "tokens": backend.stats.get("computed_tokens", 0) - tok0,
+    }
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=8, help="HH-RLHF dev pairs (the first N)")
+    ap.add_argument("--repeats", type=int, default=2, help="label/re-check alternations")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--fallback", action="store_true", help="also time the re-check from compare.jinja")
+    a = ap.parse_args()
+    if not DATA.exists():
+        sys.exit(f"bench_recheck: shared HH-RLHF data not found at {DATA} (see docs/pairs-contract.md)")
+
+    import torch
+
+    from cai import __version__
+    from cai.backends import load_backend
+    from cai.constitution import load_constitution
+    from cai.feedback import judge_pairs, recheck_pairs
+    from cai.records import read_pairs, response_text
+
+    const = load_constitution(HARMLESS)
+    rows = read_pairs(DATA, limit=a.pairs)
+    items = [(r["prompt"], response_text(r["chosen"]), response_text(r["rejected"])) for r in rows]
+    load0 = os.getloadavg()[0]
+    backend = load_backend("hf", None, batch_size=a.batch_size)
+    say(f"# What `--recheck` costs: {len(const.ids)} principles vs a one-principle label")
+    say()
+    say("command: `" + " ".join([".venv/bin/python bench/bench_recheck.py", *sys.argv[1:]]) + "`")
+    say(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores shared with other work (load average "
+        f"{load0:.1f} at start), torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"cai {__version__}, backend hf ({backend.model_id}), batch size {a.batch_size}"
+    )
+    say(f"date: {time.strftime('%Y-%m-%d %H:%M')}")
+    say()
+    say("```")
+    # the one-time path checks (prefix tree vs plain batches) and caches, outside the timings
+    judge_pairs(backend, const, rows[:2])
+    recheck_pairs(backend, const, items[:1])
+
+    def label():
+        judge_pairs(backend, const, rows, principles=1)
+
+    def recheck():
+        recheck_pairs(backend, const, items)
+
+    runs: dict[str, list[dict]] = {"label": [], "recheck": []}
+    for k in range(a.repeats):  # alternate the order, so a change in machine load hits both sides
+        order = (("label", label), ("recheck", recheck))
+        for name, fn in order if k % 2 == 0 else order[::-1]:
+            runs[name].append(measure(backend, fn))
+
+    def med(name, key):
+        return statistics.median(x[key] for x in runs[name])
+
+    n = len(rows)
+    say(f"{n} HH-RLHF harmless dev pairs, both orders, {a.repeats} runs each (median)")
+    say(f"{'':38s} {'wall s':>8s} {'CPU s':>8s} {'tokens':>8s} {'tokens/pair':>12s}")
+    for name, desc in (
+        ("label", "label, 1 principle (2 prompts/pair)"),
+        ("recheck", f"re-check, {len(const.ids)} principles ({2 * len(const.ids)} prompts/pair)"),
+    ):
+        say(
+            f"{desc:38s} {med(name, 'wall'):8.2f} {med(name, 'cpu'):8.2f} {med(name, 'tokens'):8.0f} "
+            f"{med(name, 'tokens') / n:12.0f}"
+        )
+    r = {k: med("recheck", k) / med("label", k) for k in ("wall", "cpu", "tokens")}
+    say(
+        f"re-check / label: {r['wall']:.2f}x wall, {r['cpu']:.2f}x CPU time, {r['tokens']:.2f}x tokens "
+        "computed (goal <= 1.5x)"
+    )
+    say(
+        f"`cai label --recheck` (label + re-check) / `cai label`: {1 + r['wall']:.2f}x wall, "
+        f"{1 + r['tokens']:.2f}x tokens"
+    )
+    say(
+        f"wall per run: label {[round(x['wall'], 2) for x in runs['label']]}, re-check "
+        f"{[round(x['wall'], 2) for x in runs['recheck']]}"
+    )
+    if a.fallback:
+        with tempfile.TemporaryDirectory() as d:
+            plain = Path(d) / "harmless"
+            shutil.copytree(HARMLESS, plain)
+            (plain / "templates" / "recheck.jinja").unlink()
+            pc = load_constitution(plain)
+            f = measure(backend, lambda: recheck_pairs(backend, pc, items))
+        say(
+            f"{'re-check from compare.jinja (fallback)':38s} {f['wall']:8.2f} {f['cpu']:8.2f} "
+            f"{f['tokens']:8.0f} {f['tokens'] / n:12.0f}"
+        )
+        say(
+            f"fallback / label: {f['wall'] / med('label', 'wall'):.2f}x wall, "
+            f"{f['tokens'] / med('label', 'tokens'):.2f}x tokens (what recheck.jinja saves)"
+        )
+    say(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    say("```")
+    (ROOT / "bench" / "RESULTS-recheck.md").write_text("\n".join(OUT) + "\n")
+
+
+if __name__ == "__main__":
+    main()
