@@ -1,25 +1,24 @@
 """hf (transformers, fp32) against llama.cpp on the same model, prompts and settings, in one run.
 
-    .venv/bin/python bench/bench_engines.py                 # demo generate (31 prompts)
-                                                            # + label 100 HH dev pairs
+    .venv/bin/python bench/bench_engines.py                 # generate 16 shipped prompts
+                                                            # + label 120 HH dev pairs
     .venv/bin/python bench/bench_engines.py --limit 8 --pairs 20    # a quick look
 
 Engines (each run in its own process, so peak RSS is that engine's alone):
 
-* ``hf``          --backend hf: the embedded SmolLM2-135M-Instruct de-quantised to fp32, batch 16
-* ``hf-passive``  the same with OMP_WAIT_POLICY=passive, the OpenMP setting the llamacpp backend
-                  uses (torch's threads then sleep instead of spinning while they wait)
-* ``llamacpp``    --backend llamacpp: the same model's own Q4_1 GGUF, 16 parallel sequences
-* ``llamacpp-1``  --backend llamacpp --batch-size 1: one sequence at a time (what one stream does)
-* ``server``      --backend langchain against llama-cpp-python's server on the same GGUF
-                  (``python -m llama_cpp.server``; it runs one request at a time)
+* ``hf``            --backend hf: the embedded SmolLM2-135M-Instruct de-quantised to fp32, batch 16
+* ``auto``          the default on a CPU: llama.cpp (xllamacpp, in process), 16 slots, the Q4_1
+                    file's Q8_0 copy
+* ``llamacpp-q4_1`` the same engine on the shipped Q4_1 file as it is (what the format costs)
+* ``server``        --backend langchain against `python -m cai.serve` (llama.cpp's C++ server,
+                    16 slots) on the same GGUF, over loopback HTTP
 
-generate: the `make demo` settings (shipped harmless prompts, 1 round, 64 new tokens, seed 0,
-judge on). label: the first 100 pairs of ../shared/data/hh-rlhf-harmless/dev.jsonl.gz, one
+generate: 16 shipped harmless prompts, 1 round (critique + revision), 64 new tokens, seed 0,
+judge on. label: the first 120 pairs of ../shared/data/hh-rlhf-harmless/dev.jsonl.gz, one
 principle, both orders, log-prob judge (skipped cleanly when the data is absent). Reports rows/s,
 pairs/s, generated tokens/s, judge prompt tokens/s, peak RSS, the ratios against hf, and how
-often the engines' judgements agree. Writes bench/RESULTS-engines.md. The machine's load
-average is recorded beside the figures: on a shared CPU they move with it.
+far the engines' labels are apart. Writes bench/RESULTS-engines.md with the CPU it ran on and
+the machine's load average beside each figure.
 """
 
 from __future__ import annotations
@@ -36,19 +35,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from _machine import cpu_line  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 HH_DEV = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
 ENGINES = {  # name -> (backend, backend options)
     "hf": ("hf", {"batch_size": 16, "device": "cpu"}),
-    "hf-passive": ("hf", {"batch_size": 16, "device": "cpu"}),  # run with OMP_WAIT_POLICY=passive
-    "llamacpp": ("llamacpp", {"batch_size": 16}),
-    "llamacpp-1": ("llamacpp", {"batch_size": 1}),
+    "auto": ("auto", {"batch_size": 16}),
+    "llamacpp-q4_1": ("llamacpp", {"batch_size": 16, "weights": "as-is"}),
     "server": ("langchain", {"batch_size": 16}),
 }
 
-DEFAULT_ENGINES = "hf,hf-passive,llamacpp,llamacpp-1,server"
+DEFAULT_ENGINES = "hf,auto,llamacpp-q4_1,server"
 
 
 # -- one measurement, in a child process ------------------------------------------------------
@@ -92,7 +93,7 @@ def child(task: str, engine: str, out: str, limit: int, pairs: int, base_url: st
             rounds=1,
             seed=0,
             max_new_tokens=64,
-            limit=limit,
+            limit=limit or None,
             overwrite=True,
         )
         s = run_generate(cfg, progress=False)
@@ -145,7 +146,7 @@ def scaling(engine: str) -> dict:
     t = time.perf_counter()
     b.option_logprobs(longs, ["A", "B"])
     res["prefill_tokens_per_s"] = (b.stats["prompt_tokens"] - tok0) / (time.perf_counter() - t)
-    if engine == "llamacpp":
+    if engine == "auto":
         from cai.backends.llamacpp import LlamaCppBackend
 
         rows = [
@@ -156,18 +157,13 @@ def scaling(engine: str) -> dict:
             for r in rows[:16]
         ]
         res["decode"] = []
-        for bs in (1, 4, 16, 32):
+        for bs in (1, 4, 16):
             d = LlamaCppBackend(None, batch_size=bs)
             t = time.perf_counter()
             gens = d.generate(convs, max_new_tokens=64)
             secs = time.perf_counter() - t
             res["decode"].append(
-                {
-                    "sequences": bs,
-                    "seconds": secs,
-                    "decode_calls": d.stats["decode_calls"],
-                    "tokens_per_s": sum(g.n_tokens for g in gens) / secs,
-                }
+                {"sequences": bs, "seconds": secs, "tokens_per_s": sum(g.n_tokens for g in gens) / secs}
             )
             d.close()
     return res
@@ -195,9 +191,7 @@ def measure(task, engine, out, a, base_url=None) -> dict:
         args += ["--base-url", base_url]
     load = os.getloadavg()[0]
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)  # each engine with its own default ...
-    if engine == "hf-passive":
-        env["OMP_WAIT_POLICY"] = "passive"  # ... except this one
+    env.pop("OMP_WAIT_POLICY", None)  # each engine with its own default
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{task} with {engine} failed:\n{proc.stderr[-3000:]}")
@@ -219,6 +213,15 @@ def _texts(path) -> dict:
     return {r["id"]: r["trace"]["initial"] for r in map(json.loads, Path(path).read_text().splitlines())}
 
 
+def _spread(a: dict, b: dict) -> str:
+    """Median and 95th percentile of |Δ p_chosen| over the pairs both labelled."""
+    d = sorted(abs(a[i] - b[i]) for i in set(a) & set(b))
+    if not d:
+        return ""
+    q = lambda f: d[min(len(d) - 1, int(f * len(d)))]  # noqa: E731
+    return f"; |Δ p_chosen| median {q(0.5):.3f}, 95th percentile {q(0.95):.3f}"
+
+
 def agreement(a: dict, b: dict) -> tuple[float, float, int]:
     """(share of ids where both pick the same side, mean |p_a - p_b|, n)."""
     ids = sorted(set(a) & set(b))
@@ -228,10 +231,8 @@ def agreement(a: dict, b: dict) -> tuple[float, float, int]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--limit", type=int, default=None, help="generate: only the first N shipped prompts (default all 31)"
-    )
-    ap.add_argument("--pairs", type=int, default=100, help="label: HH dev pairs")
+    ap.add_argument("--limit", type=int, default=16, help="generate: the first N shipped prompts (0: all 31)")
+    ap.add_argument("--pairs", type=int, default=120, help="label: HH dev pairs")
     ap.add_argument("--engines", default=DEFAULT_ENGINES)
     ap.add_argument("--child", choices=("generate", "label", "scaling"))
     ap.add_argument("--engine", choices=tuple(ENGINES))
@@ -252,7 +253,7 @@ def main():
         from llama_server import HAVE_LLAMA_CPP, LlamaServer
 
         if HAVE_LLAMA_CPP:
-            server = LlamaServer(threads=len(os.sched_getaffinity(0)), n_ctx=4096).start()
+            server = LlamaServer(threads=len(os.sched_getaffinity(0)), parallel=16, ctx_per_seq=2048).start()
         else:
             engines.remove("server")
     results: dict[tuple[str, str], dict] = {}
@@ -270,9 +271,9 @@ def main():
                     )
                     results[task, e]["out"] = out
             scale = {}
-            for e in ("hf", "llamacpp"):
+            for e in ("hf", "auto"):
                 if e in engines:
-                    env = dict(os.environ, OMP_WAIT_POLICY="passive") if e == "hf" else dict(os.environ)
+                    env = dict(os.environ)
                     p = subprocess.run(
                         [sys.executable, __file__, "--child", "scaling", "--engine", e],
                         capture_output=True,
@@ -293,9 +294,11 @@ def main():
 def render(results, engines, a, up, scale=None) -> str:
     cores = len(os.sched_getaffinity(0))
     lines = [
-        "# Engines: hf (fp32) vs llama.cpp (Q4_1 GGUF), same model, prompts and settings",
+        "# Engines: hf (fp32) vs llama.cpp, same model, prompts and settings",
         "",
-        f"{cores} CPU cores, shared; load average at the start {' '.join(up)} "
+        cpu_line() + ".",
+        "",
+        f"{cores} CPU cores; load average at the start {' '.join(up)} "
         "(per-run load beside each row). "
         "Each engine runs in its own process; wall time includes loading the model.",
         "",
@@ -304,7 +307,8 @@ def render(results, engines, a, up, scale=None) -> str:
         hf = results["generate", "hf"]
         base = hf["rows"] / hf["seconds"]
         lines += [
-            f"## generate: `make demo` settings ({hf['rows']} prompts, 1 round, 64 new tokens, judge on)",
+            f"## generate: {hf['rows']} shipped prompts, 1 round (critique + revision), 64 new tokens, "
+            "judge on",
             "",
             "| engine | wall s | rows/s | × hf | generated tokens/s | peak RSS MB | load |",
             "|---|---|---|---|---|---|---|",
@@ -355,13 +359,7 @@ def render(results, engines, a, up, scale=None) -> str:
                 ag, dp, n = agreement(lhf, _labels(results["label", e]["out"]))
                 lines.append(
                     f"- label agreement {e} vs hf: same side on **{ag:.1%}** of {n} pairs, "
-                    f"mean |p_chosen difference| {dp:.3f}"
-                    + (
-                        " (the same Q4_1 weight values on both sides, hf expanding them to fp32; llama.cpp "
-                        "also rounds the activations to 8 bits in its dot products)"
-                        if not e.startswith("hf")
-                        else ""
-                    )
+                    f"mean |p_chosen difference| {dp:.3f}" + _spread(lhf, _labels(results["label", e]["out"]))
                 )
         lines.append("")
     if scale:
@@ -373,24 +371,21 @@ def render(results, engines, a, up, scale=None) -> str:
             + " (hf with OMP_WAIT_POLICY=passive).",
             "",
         ]
-        if "llamacpp" in scale and scale["llamacpp"].get("decode"):
+        if "auto" in scale and scale["auto"].get("decode"):
             lines += [
                 "llama.cpp generated tokens/s by sequences decoded together (16 shipped prompts, "
                 "64 new tokens):",
                 "",
-                "| sequences | tokens/s | decode calls | s |",
-                "|---|---|---|---|",
+                "| sequences | tokens/s | s |",
+                "|---|---|---|",
             ]
-            for d in scale["llamacpp"]["decode"]:
-                lines.append(
-                    f"| {d['sequences']} | {d['tokens_per_s']:.1f} | {d['decode_calls']} | "
-                    f"{d['seconds']:.1f} |"
-                )
+            for d in scale["auto"]["decode"]:
+                lines.append(f"| {d['sequences']} | {d['tokens_per_s']:.1f} | {d['seconds']:.1f} |")
             lines.append("")
     lines += [
         "command: `.venv/bin/python bench/bench_engines.py"
-        + (f" --limit {a.limit}" if a.limit else "")
-        + (f" --pairs {a.pairs}" if a.pairs != 100 else "")
+        + (f" --limit {a.limit}" if a.limit != 16 else "")
+        + (f" --pairs {a.pairs}" if a.pairs != 120 else "")
         + (f" --engines {a.engines}" if a.engines != DEFAULT_ENGINES else "")
         + "`",
         "",

@@ -26,9 +26,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from _machine import cpu_line  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
 HARMLESS = ROOT / "constitutions" / "harmless"
 GOAL_GIB = 2.0
+GOALS = {"generate": 0.6}  # demo's generate on the default CPU engine (llama.cpp); the rest GOAL_GIB
 
 
 def cai_bin() -> list[str]:
@@ -144,11 +148,10 @@ def main():
         "# Peak memory (RSS) with the embedded defaults, CPU",
         "",
         f"command: `{' '.join(['.venv/bin/python', 'bench/bench_memory.py', *sys.argv[1:]])}`  ",
-        f"machine: {os.cpu_count()} cores; date {time.strftime('%Y-%m-%d %H:%M')}; peak RSS = ru_maxrss of "
-        "the "
-        "process (os.wait4)",
+        f"{cpu_line()}; date {time.strftime('%Y-%m-%d %H:%M')}; peak RSS = ru_maxrss of the process "
+        "(os.wait4)",
         "",
-        f"| command | peak RSS | goal < {GOAL_GIB:g} GiB | wall s | load avg before |",
+        "| command | peak RSS | goal | wall s | load avg before |",
         "|---|---|---|---|---|",
     ]
     # --only: keep the other commands' rows from the previous results
@@ -166,15 +169,19 @@ def main():
         load = "/".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"== {name} ==", flush=True)
         rss, wall, rc, last = peak_rss(args)
-        ok = "yes" if rc == 0 and rss < GOAL_GIB else f"FAILED (exit {rc})" if rc else "no"
-        if ok != "yes":
+        goal = next((g for k, g in GOALS.items() if k in name), GOAL_GIB)
+        ok = f"< {goal:g} GiB: " + (
+            "yes" if rc == 0 and rss < goal else f"FAILED (exit {rc})" if rc else "no"
+        )
+        if not ok.endswith("yes"):
             over.append(name)
         print(f"  peak RSS {rss:.2f} GiB, {wall:.0f}s, exit {rc}: {last}", flush=True)
         lines.append(f"| {name} | {rss:.2f} GiB | {ok} | {wall:.0f} | {load} |")
     if jobs:
         lines += [
             "",
-            f"Goal (< {GOAL_GIB:g} GiB each, measured in this run): "
+            f"Goals (generate < {GOALS['generate']:g} GiB, the others < {GOAL_GIB:g} GiB, measured in this "
+            "run): "
             + (f"**not met** by {', '.join(over)}." if over else "**met** by every command measured."),
         ]
     lines += [""] + [f"skipped — {s}" for s in skipped]

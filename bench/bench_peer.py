@@ -9,9 +9,14 @@ same max_new_tokens:
         langchain-huggingface, with its stock critique/revision prompts, one chain per prompt,
         invoked one prompt after another. Timed: the chains only (model load excluded).
   cai   the whole `cai generate` process (subprocess: interpreter start, imports, model load,
-        generate, the judge), with the same torch thread count.
+        generate, the judge) with its defaults (on a CPU: llama.cpp on the Q4_1 file's Q8_0
+        copy), and again with --backend hf (the fp32 model, as the peer runs it), with the same
+        thread count.
 
-    # 16 prompts, 64 new tokens (~10-25 min on 2 busy cores)
+The peer runs in its own environment (.venv-peer, made by `make bench`: langchain-huggingface
+pins an older huggingface-hub than the project's transformers accepts), as a child process.
+
+    # 16 prompts, 64 new tokens (~10 min on 2 cores)
     .venv/bin/python bench/bench_peer.py
     .venv/bin/python bench/bench_peer.py --limit 4         # smoke test
 
@@ -34,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 HARMLESS = ROOT / "constitutions" / "harmless"
 PROMPTS = HARMLESS / "prompts.jsonl"
 OUTDIR = ROOT / "bench" / "outputs-peer"
@@ -71,11 +78,13 @@ def run_cai(limit: int, max_new: int, threads: int, out: Path, extra=()) -> dict
         "--limit",
         str(limit),
         "--overwrite",
+        "--threads",
+        str(threads),
         *extra,
     ]
     if not Path(cmd[0]).exists():
         cmd[0:1] = [sys.executable, "-m", "cai"]
-    env = dict(os.environ, CAI_THREADS=str(threads))
+    env = dict(os.environ)
     la = load_avg()
     c0, t0 = children_cpu(), time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -237,88 +246,86 @@ def run_peer(prompts, principles, max_new: int):
     }
 
 
+def peer_child(a) -> None:
+    """In .venv-peer: the chains, then their rows and counts as JSON on stdout."""
+    import torch
+
+    from cai.constitution import load_constitution
+    from cai.records import read_prompts
+
+    torch.set_num_threads(a.threads)
+    const = load_constitution(HARMLESS)
+    prompts = read_prompts(PROMPTS, limit=a.limit)
+    plain = [{"id": p["id"], "text": p["prompt"][0]["content"]} for p in prompts]
+    principles = [const.draw(0, p["id"], 0) for p in prompts]  # what cai generate --seed 0 draws
+    rows, stats = run_peer(plain, principles, a.max_new_tokens)
+    import transformers
+
+    stats["versions"] = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    print(json.dumps({"rows": rows, "stats": stats}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument(
-        "--threads", type=int, default=0, help="torch threads for both sides (0 = cai's own choice)"
-    )
-    ap.add_argument(
-        "--llamacpp",
-        choices=["auto", "yes", "no"],
-        default="auto",
-        help="also run `cai generate --backend llamacpp` (auto: when llama-cpp-python is installed)",
-    )
+    ap.add_argument("--threads", type=int, default=0, help="threads for both sides (0 = every core)")
+    ap.add_argument("--hf", choices=["yes", "no"], default="yes", help="also run `cai generate --backend hf`")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS-peer.md"))
+    ap.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.threads = a.threads or len(os.sched_getaffinity(0))
+    if a.peer_child:
+        peer_child(a)
+        return
 
-    import torch
-    import transformers
+    from _machine import cpu_line
 
-    from cai.backends.hf import pick_threads
     from cai.constitution import load_constitution
     from cai.records import read_prompts
 
-    threads = pick_threads(a.threads or None)
-    torch.set_num_threads(threads)
+    threads = a.threads
     const = load_constitution(HARMLESS)
     prompts = read_prompts(PROMPTS, limit=a.limit)
-    plain = []
     for p in prompts:
         msgs = p["prompt"]
         assert len(msgs) == 1 and msgs[0]["role"] == "user", "the shipped prompts are single user turns"
-        plain.append({"id": p["id"], "text": msgs[0]["content"]})
-    principles = [const.draw(0, p["id"], 0) for p in prompts]  # what cai generate --seed 0 draws for round 1
     OUTDIR.mkdir(parents=True, exist_ok=True)
     n = len(prompts)
+    if not PEER_PYTHON.exists():
+        raise SystemExit(f"{PEER_PYTHON} not found: `make bench` makes the peer's environment")
 
     print(
-        f"== cai generate, whole process ({n} prompts, {a.max_new_tokens} new tokens, {threads} thread(s)) "
-        "==",
-        flush=True,
+        f"== cai generate, whole process ({n} prompts, {a.max_new_tokens} new tokens, {threads} threads) =="
     )
     raw = OUTDIR / "cai-raw.jsonl"
-    from cai.models import cache_dir
-
-    checks = cache_dir() / "checks.json"  # the hf backend's one-time path checks (cai/backends/hf.py)
-    before = checks.read_text() if checks.exists() else ""
     cai = run_cai(n, a.max_new_tokens, threads, raw)
-    warm = bool(before) and (checks.read_text() if checks.exists() else "") == before  # no new verdict
     print(
-        f"  {cai['wall']:.1f}s wall, {cai['cpu']:.1f} CPU-s; load {cai['load']} -> {cai['load_after']}\n  "
-        f"{cai['line']}",
-        flush=True,
+        f"  {cai['wall']:.1f}s wall, {cai['cpu']:.1f} CPU-s; load {cai['load']}\n  {cai['line']}", flush=True
     )
     cai_rows = slim(raw, OUTDIR / "cai.jsonl")
-    import importlib.util
-
-    lcpp = None
-    if a.llamacpp == "yes" or (a.llamacpp == "auto" and importlib.util.find_spec("llama_cpp")):
+    hf = None
+    if a.hf == "yes":
+        print("== cai generate --backend hf (the fp32 model, transformers), whole process ==", flush=True)
+        hf = run_cai(n, a.max_new_tokens, threads, raw, ["--backend", "hf"])
         print(
-            "== cai generate --backend llamacpp (the embedded Q4_1 GGUF as shipped), whole process ==",
-            flush=True,
+            f"  {hf['wall']:.1f}s wall, {hf['cpu']:.1f} CPU-s; load {hf['load']}\n  {hf['line']}", flush=True
         )
-        lcpp = run_cai(n, a.max_new_tokens, threads, raw, ["--backend", "llamacpp"])
-        print(
-            f"  {lcpp['wall']:.1f}s wall, {lcpp['cpu']:.1f} CPU-s; load {lcpp['load']} -> "
-            f"{lcpp['load_after']}\n"
-            f"  {lcpp['line']}",
-            flush=True,
-        )
-        lcpp_rows = slim(raw, OUTDIR / "cai-llamacpp.jsonl")
-        lcpp["same_initial"] = sum(
-            1
-            for x, y in zip(cai_rows, lcpp_rows)
-            if x["trace"]["initial"].strip() == y["trace"]["initial"].strip()
-        )
+        hf_rows = slim(raw, OUTDIR / "cai-hf.jsonl")
 
-    print("== ConstitutionalChain (langchain-classic + langchain-huggingface), chains only ==", flush=True)
-    peer_rows, peer = run_peer(plain, principles, a.max_new_tokens)
-    print(
-        f"  {peer['wall']:.1f}s wall, {peer['cpu']:.1f} CPU-s; load {peer['load']} -> {peer['load_after']}",
-        flush=True,
-    )
+    print("== ConstitutionalChain (langchain-classic + langchain-huggingface, .venv-peer), chains only ==")
+    c0 = children_cpu()
+    proc = subprocess.run(
+        [str(PEER_PYTHON), __file__, "--peer-child", "--limit", str(n), "--max-new-tokens",
+         str(a.max_new_tokens), "--threads", str(threads)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode:
+        raise SystemExit(f"the peer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    peer_rows, peer = got["rows"], got["stats"]
+    del c0
+    print(f"  {peer['wall']:.1f}s wall, {peer['cpu']:.1f} CPU-s; load {peer['load']} -> {peer['load_after']}")
     with open(OUTDIR / "peer.jsonl", "w") as f:
         for r in peer_rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -345,55 +352,44 @@ def main():
     )
     say("")
     say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_peer.py', *sys.argv[1:]])}`  ")
-    say(
-        f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({threads} thread(s) on both sides), "
-        f"transformers {transformers.__version__}; date {time.strftime('%Y-%m-%d %H:%M')}  "
-    )
-    say("model: the embedded SmolLM2-135M-Instruct (fp32), loaded from the local folder on both sides")
+    say(f"{cpu_line()}; {threads} threads on every side; date {time.strftime('%Y-%m-%d %H:%M')}  ")
+    say(f"peer: {peer.get('versions', '')} in .venv-peer, the embedded SmolLM2-135M-Instruct in fp32  ")
     say("")
     say("| side | what is timed | wall s | CPU-s | rows/s | load avg (1/5/15 min) before → after |")
     say("|---|---|---|---|---|---|")
     say(
         f"| ConstitutionalChain | the {n} chain calls only (model load excluded) | {peer['wall']:.1f} | "
-        f"{peer['cpu']:.1f} | "
-        f"{rps_peer:.3f} | {peer['load']} → {peer['load_after']} |"
+        f"{peer['cpu']:.1f} | {rps_peer:.3f} | {peer['load']} → {peer['load_after']} |"
     )
     say(
-        "| `cai generate` | the whole process: start, imports, model load, generate, judge | "
-        f"{cai['wall']:.1f} | "
-        f"{cai['cpu']:.1f} | {rps_cai:.3f} | {cai['load']} → {cai['load_after']} |"
+        "| `cai generate` (default: llama.cpp) | the whole process: start, imports, model load, generate, "
+        f"judge | {cai['wall']:.1f} | {cai['cpu']:.1f} | {rps_cai:.3f} | "
+        f"{cai['load']} → {cai['load_after']} |"
     )
-    if lcpp:
+    if hf:
         say(
-            f"| `cai generate --backend llamacpp` | the whole process (Q4_1 GGUF as shipped, llama.cpp) | "
-            f"{lcpp['wall']:.1f} | {lcpp['cpu']:.1f} | {n / lcpp['wall']:.3f} | {lcpp['load']} → "
-            f"{lcpp['load_after']} |"
+            f"| `cai generate --backend hf` | the whole process (fp32, transformers) | {hf['wall']:.1f} | "
+            f"{hf['cpu']:.1f} | {n / hf['wall']:.3f} | {hf['load']} → {hf['load_after']} |"
         )
     say("")
     say(
         f"**ratio (rows/s, cai / ConstitutionalChain): {ratio:.2f}x wall-clock, {ratio_cpu:.2f}x CPU time** "
         "(same run, back to back)"
         + (
-            f"; with `--backend llamacpp`: {(n / lcpp['wall']) / rps_peer:.2f}x wall-clock, "
-            f"{peer['cpu'] / lcpp['cpu']:.2f}x CPU time (4-bit weights: {lcpp['same_initial']}/{n} initial "
-            "responses "
-            "identical to the fp32 ones; outputs in `cai-llamacpp.jsonl`)"
-            if lcpp
+            f"; `--backend hf`: {(n / hf['wall']) / rps_peer:.2f}x wall-clock, "
+            f"{peer['cpu'] / hf['cpu']:.2f}x CPU time"
+            if hf
             else ""
         )
     )
     say("")
-    say(
-        "What each side pushed through the model (tokens; the peer's generated count is re-tokenised text, "
-        "±1 per call):"
-    )
+    say("What each side pushed through the model (tokens; the peer's generated count is re-tokenised text):")
     say("")
     say("| side | model calls | prompt tokens | generated tokens | revisions |")
     say("|---|---|---|---|---|")
     say(
         f"| ConstitutionalChain | {peer['calls']} (one prompt each) | {peer['prompt_tokens']:,} | "
-        f"{peer['generated']:,} | "
-        f"{revised_peer}/{n} |"
+        f"{peer['generated']:,} | {revised_peer}/{n} |"
     )
     say(
         f"| cai generate | 3 stages x 1 batch + judge | {cai_prompt:,} (+ judge) | "
@@ -403,57 +399,35 @@ def main():
     say("")
     say(
         "What the ratio is made of: (1) **fewer tokens**: the peer's stock few-shot critique/revision "
-        "prompts make it "
-        f"feed {peer['prompt_tokens'] / max(1, cai_prompt):.1f}x the prompt tokens of cai's three stages "
-        f"({peer['prompt_tokens']:,} vs {cai_prompt:,}); (2) **batching**: the peer decodes one sequence "
-        "per forward pass "
-        f"(~{peer['generated']:,} forwards, each streaming all the weights for one token), cai 16 rows per "
-        "forward "
-        "(one forward per step per stage, finished rows leave the batch; at batch 16 a step costs little "
-        "more than "
-        f"at batch 1 because decoding here is bound by reading the weights, see RESULTS-roofline.md); "
-        f"(3) **early stop**: cai skipped {n - revised_cai} of {n} revisions whose critique found nothing "
-        "to fix "
-        f"(the peer's 'no critique needed' check skipped {n - revised_peer}); (4) against cai: its time "
-        "includes "
-        "process start, imports, model load and the judge on every revised pair, which the peer does not "
-        "do; (5) **prefix reuse**: a critique prompt repeats the conversation and the response, whose KV "
-        "cache cai keeps from the stage before, so that part is not computed again; (6) **the decode "
-        "kernel**: cai's decode steps multiply by the weights in the GGUF file's own 4/8-bit blocks "
-        "(cai/backends/rowkernel.py: 96 MB read per step instead of 538 MB of fp32, expanded in registers "
-        "to the same fp32 values), and each decode step runs as one call into it for all layers (norms, "
-        "rotary, the cache write, attention, the MLP: no small torch operations between them), where the "
-        "peer's pipeline streams the fp32 weights through torch, op by op. "
+        f"prompts make it feed {peer['prompt_tokens'] / max(1, cai_prompt):.1f}x the prompt tokens of cai's "
+        f"three stages ({peer['prompt_tokens']:,} vs {cai_prompt:,}); (2) **batching**: the peer decodes one "
+        "sequence per forward pass, each streaming all the fp32 weights for one token; cai's llama.cpp "
+        "engine decodes every prompt of a stage together (16 slots, continuous batching); (3) **the "
+        "weights**: llama.cpp reads the 8-bit copy (145 MB) instead of 538 MB of fp32; (4) **early stop**: "
+        f"cai skipped {n - revised_cai} of {n} revisions whose critique found nothing to fix (the peer's "
+        f"'no critique needed' check skipped {n - revised_peer}); (5) **prefix reuse**: a critique prompt "
+        "repeats the conversation and the response, which the slot that generated it still holds; (6) "
+        "against cai: its time includes process start, imports, model load and the judge on every revised "
+        "pair, which the peer does not do."
+    )
+    say("")
+    say(f"Goal (≥ 20x): **{'met' if ratio >= 20 else 'not met'}** in this run (wall-clock).")
+    say("")
+    say(
+        f"Same work: {same_initial}/{n} initial responses are word for word the peer's (the peer runs the "
+        "fp32 model; cai's default engine its 8-bit copy"
         + (
-            "The hf backend's one-time path checks (its decode loop, KV reuse and the judge's prefix tree, "
-            "each against the plain path) had verdicts remembered in $CAI_CACHE/checks.json from an "
-            "earlier run on this machine; a model's first run on a machine also runs them (~2 CPU-s)."
-            if warm
-            else "The hf backend's one-time path checks ran in this process (~2 CPU-s; later runs of the "
-            "same model and code on this machine take their verdicts from $CAI_CACHE/checks.json)."
+            f"; `--backend hf`: {sum(1 for x, y in zip(hf_rows, peer_rows) if x['trace']['initial'].strip() == y['initial'].strip())}/{n}"  # noqa: E501
+            if hf
+            else ""
         )
-    )
-    say("")
-    need = peer["cpu"] / 8
-    say(
-        f"Goal (≥ 8x): **{'met' if ratio_cpu >= 8 and ratio >= 8 else 'not met'}** in this run. 8x CPU time "
-        f"would need cai at ≤ {need:.1f} CPU-s (it took {cai['cpu']:.1f}); where cai's CPU time goes "
-        "(model load, prefill, decode, the judge) and how close each part is to this machine's limit: "
-        "RESULTS-roofline.md."
-    )
-    say("")
-    say(
-        "Same work: both sides produce the initial response with the model's chat template and greedy "
-        "decoding; "
-        f"{same_initial}/{n} initial responses are identical word for word (outputs in "
-        "`bench/outputs-peer/`: "
-        "`cai.jsonl`, `peer.jsonl`). The critique/revision prompts differ by design: the peer sends "
-        "LangChain's "
-        "stock few-shot prompts (the out-of-the-box experience), cai its constitution's templates."
+        + "). Outputs in `bench/outputs-peer/`. The critique/revision prompts differ by design: the peer "
+        "sends LangChain's stock few-shot prompts (the out-of-the-box experience), cai its constitution's "
+        "templates."
     )
     say("")
     say(f"cai's own summary line: `{cai['line']}`  ")
-    say(f"cai command: `{cai['cmd']}` (with CAI_THREADS={threads})")
+    say(f"cai command: `{cai['cmd']}`")
     text = "\n".join(L) + "\n"
     print("\n" + text)
     Path(a.results).write_text(text)

@@ -55,10 +55,9 @@ def main():
     import torch
 
     import cai.backends as backends
-    from cai.backends.hf import HFBackend
     from cai.revise import GenerateConfig, run_generate
 
-    backend = HFBackend(None, batch_size=16)
+    backend = backends.load_backend("auto", None, batch_size=16)  # the default engine here
     backends.load_backend = lambda *x, **k: backend  # run_generate's own path, one model load for all runs
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
 

@@ -15,7 +15,6 @@ for script in (
     "bench_train.py",
     "bench_train_sweep.py",
     "bench_peer.py",
-    "bench_roofline.py",
     "bench_memory.py",
     "bench_scaling.py",
     "bench_engines.py",

@@ -98,8 +98,7 @@ def _config(cls, kw: dict, rename: dict | None = None, **extra):
 def _model(kw: dict) -> dict:
     """model, backend and backend_options for a stage config, from the shared model options."""
     m = _config(ModelOptions, kw)
-    backend, options = m.resolve()
-    return dict(model=m.model, backend=backend, backend_options=options)
+    return dict(model=m.model, backend=m.backend, backend_options=m.backend_options())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -212,7 +212,12 @@ def _run_compare(cfg: CompareConfig) -> dict:
     out = Path(cfg.out)
     # fail on a bad constitution, judge or base before any work
     constitution = load_constitution(cfg.constitution)
-    if cfg.backend == "hf":
+    from cai.backends import resolve_backend
+
+    judge = resolve_backend(
+        cfg.backend, cfg.model, device=cfg.device, base_url=cfg.backend_options.get("base_url")
+    )
+    if judge == "hf":
         check_model(resolve_model(cfg.model)[0])
     check_model(resolve_reward_base(cfg.train.base)[0], "--base")
     test = load_pairset(cfg.test, cfg.test_limit if cfg.test_limit is not None else cfg.limit, cfg.skip_bad)

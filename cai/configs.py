@@ -57,20 +57,22 @@ class ModelOptions:
         None, "CPU threads (hf, llamacpp). Default: every core this process may use.", min=1
     )
 
-    def resolve(self) -> tuple[str, dict]:
-        """(the backend ``--backend`` stands for here, the options it takes). An option set for
-        another backend is refused with one line (cai.backends.applicable)."""
-        from cai.backends import applicable, resolve_backend
-
-        name = resolve_backend(self.backend, self.model, device=self.device, base_url=self.base_url)
-        options = dict(
+    def backend_options(self) -> dict:
+        """What ``load_backend`` takes besides the model. The stage resolves ``auto`` and refuses
+        an option set for another backend, after validating its inputs (cai.backends.resolved)."""
+        return dict(
             batch_size=self.batch_size,
             device=self.device,
             trust_remote_code=self.trust_remote_code,
             base_url=self.base_url,
             threads=self.threads,
         )
-        return name, applicable(name, options)
+
+    def resolve(self) -> tuple[str, dict]:
+        """(the backend ``--backend`` stands for here, the options it takes)."""
+        from cai.backends import resolved
+
+        return resolved(self.backend, self.model, self.backend_options())
 
 
 # ----------------------------------------------------------------------------- generate

@@ -56,6 +56,8 @@ def _cached_speed(cache: Path, path: str, kind: str, device: str, seq_len: int, 
 def _probe_speed(path: str, kind: str, device: str, seq_len: int, batch: int) -> float:
     """Forward tokens per second of a model on this machine, from a tiny timing probe:
     load it, run a warm-up batch of random tokens, then time one full batch."""
+    if kind == "judge-llamacpp":
+        return _probe_llamacpp(path, seq_len)
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -84,6 +86,21 @@ def _probe_speed(path: str, kind: str, device: str, seq_len: int, batch: int) ->
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
     return batch * seq_len / (time.time() - t0)
+
+
+def _probe_llamacpp(path: str, seq_len: int) -> float:
+    """Prompt tokens per second of the llama.cpp engine: 4 distinct prompts of ~seq_len tokens,
+    next-token log-probs only (what the judge asks of it)."""
+    from cai.backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend(path, batch_size=4)
+    words = " ".join(f"w{i % 97}" for i in range(max(8, seq_len // 2)))
+    prompts = [[{"role": "user", "content": f"{k} {words}"}] for k in range(5)]
+    b.option_logprobs(prompts[:1], ["A", "B"])  # warm-up
+    before = b.stats["computed_tokens"]
+    t0 = time.time()
+    b.option_logprobs(prompts[1:], ["A", "B"])
+    return (b.stats["computed_tokens"] - before) / (time.time() - t0)
 
 
 TRAIN_COST = 3.5  # a training token costs ~3x a forward one (backward ≈ 2 forwards) plus the optimizer
@@ -124,11 +141,21 @@ def estimate(
     }
     s, speed, problems = est["seconds"], est["tokens_per_s"], []
     cache = Path(cfg.out) / "steps" / "speed.json"
-    if cfg.backend == "hf":
+    from cai.backends import resolve_backend
+
+    backend = resolve_backend(
+        cfg.backend, cfg.model, device=cfg.device, base_url=cfg.backend_options.get("base_url")
+    )
+    if backend in ("hf", "llamacpp"):
         try:
-            path = resolve_model(cfg.model)[0]
-            est["params"]["judge"] = _param_count(path)
-            speed["judge"] = _cached_speed(cache, path, "judge", cfg.device, min(judge_len, 1024), 1)
+            if backend == "hf":
+                path, kind = resolve_model(cfg.model)[0], "judge"
+                est["params"]["judge"] = _param_count(path)
+            else:
+                from cai.backends.llamacpp import resolve_gguf
+
+                path, kind = resolve_gguf(cfg.model)[0], "judge-llamacpp"
+            speed["judge"] = _cached_speed(cache, path, kind, cfg.device, min(judge_len, 1024), 1)
             s["label"] = judge_tokens / speed["judge"]
             if cfg.cot:  # decoding ~128 reasoning tokens per order is memory-bound: ~10x a prompt token
                 s["label"] += len(train) * orders * 128 * 10 / speed["judge"]
@@ -151,7 +178,7 @@ def estimate(
         + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in speed.items())
         + f"), times the tokens each step needs (≈ characters / 4; a training token counts {TRAIN_COST}×)"
     )
-    if cfg.backend != "hf":
+    if backend not in ("hf", "llamacpp"):
         how += "; the judge runs on a server, so its time is not estimated (tokens only)"
     if problems:
         how += "; " + "; ".join(problems)

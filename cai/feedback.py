@@ -600,13 +600,13 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     const = load_constitution(cfg.constitution)
     inputs = [cfg.pairs, *(Path(const.path) / f for f in const.files)]
     check_output(summary_path(cfg.out), inputs, option="--out's summary file")
-    if cfg.backend == "auto":  # the engine it stands for here, before anything loads
-        from dataclasses import replace
+    # the engine --backend stands for here (auto) and the options it takes, before anything loads
+    from dataclasses import replace
 
-        from cai.backends import resolved
+    from cai.backends import resolved
 
-        name, options = resolved(cfg.backend, cfg.model, cfg.backend_options)
-        cfg = replace(cfg, backend=name, backend_options=options)
+    name, options = resolved(cfg.backend, cfg.model, cfg.backend_options)
+    cfg = replace(cfg, backend=name, backend_options=options)
     if cfg.backend == "hf":
         from cai.models import check_model, resolve_model
 

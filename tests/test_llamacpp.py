@@ -496,3 +496,25 @@ def test_missing_gguf_is_one_line(tmp_path):
 
     with pytest.raises(InputError, match="GGUF file not found"):
         LlamaCppBackend(str(tmp_path / "nope.gguf"))
+
+
+def test_engines_labels_are_close(engine, hh_dev):
+    """llama.cpp (the Q8_0 copy, 8-bit activations, F16 KV) and hf (fp32) judge the same 40 HH
+    pairs. Measured here (AMD EPYC, AVX2 kernels on the llama.cpp side): |Δ p_chosen| median
+    0.009, 95th percentile 0.034, max 0.047; the same side on 37 of 40 pairs (the others sit
+    within 0.05 of ½). The bounds are about twice that, room for torch's AVX2 vs AVX-512 kernels
+    on the hf side; a real fault (another template, swapped orders, a wrong option token) moves
+    labels by 0.1-0.5."""
+    from cai.backends.hf import HFBackend
+    from cai.constitution import load_constitution
+    from cai.feedback import judge_pairs
+    from cai.records import read_pairs
+
+    rows = read_pairs(hh_dev, limit=41, skip_bad=True)[:40]
+    const = load_constitution(HARMLESS)
+    ref = judge_pairs(HFBackend(None, device="cpu"), const, rows)
+    got = judge_pairs(engine, const, rows)
+    d = sorted(abs(a["p_chosen"] - b["p_chosen"]) for a, b in zip(ref, got))
+    median, p95 = d[len(d) // 2], d[int(0.95 * len(d))]
+    assert median <= 0.02 and p95 <= 0.07, (median, p95, d[-1])
+    assert engine.stats["options_floored"] == 0  # the letters are always in the top 100

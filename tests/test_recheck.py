@@ -280,9 +280,21 @@ def test_a_repair_with_as_many_regressions_is_not_kept(const_dir, scripted, tmp_
     assert r[t["recheck_side"]][0]["content"] == t["rounds"][0]["revision"]  # the rounds' answer stays
 
 
+class ScriptedNothingToFix(Scripted):
+    """Every critique finds nothing to fix, so the loop stops early and no row is revised."""
+
+    def generate(self, conversations, **kw):
+        gens = super().generate(conversations, **kw)
+        return [
+            Generation("No changes needed.", 3) if "CritiqueRequest:" in c[-1]["content"] else g
+            for c, g in zip(conversations, gens)
+        ]
+
+
 def test_unrevised_rows_have_an_empty_recheck(const_dir, scripted, tmp_path):
+    scripted(ScriptedNothingToFix())
     out = tmp_path / "pairs.jsonl"
-    res = _generate(const_dir, _prompts(const_dir, tmp_path, 1, 1), out, "--recheck", "--rounds", "0")
+    res = _generate(const_dir, _prompts(const_dir, tmp_path, 1, 1), out, "--recheck", "--rounds", "1")
     assert res.exit_code == 0, res.output
     for r in _rows(out):
         assert r["label"]["tie"] and r["trace"]["recheck"] == [] and r["trace"]["regressed"] == []

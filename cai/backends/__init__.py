@@ -39,6 +39,9 @@ def gpu_available(device: str | None = "auto") -> bool:
     return bool(torch.cuda.is_available() or (mac and mps is not None and mps.is_available()))
 
 
+_NOTED: set = set()  # models the note below was printed for (once per process)
+
+
 def resolve_backend(name: str, model: str | None, *, device: str | None = "auto", base_url=None) -> str:
     """The backend ``name`` stands for: itself, or for ``auto`` the engine that runs ``model``
     fastest here (one line on stderr when a CPU runs a non-GGUF model through hf)."""
@@ -48,10 +51,13 @@ def resolve_backend(name: str, model: str | None, *, device: str | None = "auto"
         return "langchain"
     if gpu_available(device):
         return "hf"
-    from cai.backends.llamacpp import is_gguf
+    from cai.backends.gguf_weights import is_gguf
 
     if is_gguf(model):
         return "llamacpp"
+    if model in _NOTED:
+        return "hf"
+    _NOTED.add(model)
     print(
         f"cai: note: {model} is not a GGUF file, so it runs on transformers (hf) on this CPU; a GGUF "
         "copy of it (llama.cpp's convert_hf_to_gguf.py) would run several times faster with "
@@ -63,8 +69,6 @@ def resolve_backend(name: str, model: str | None, *, device: str | None = "auto"
 
 def resolved(name: str, model: str | None, options: dict) -> tuple[str, dict]:
     """(backend, options) with ``auto`` resolved and the options it takes (see applicable)."""
-    if name != "auto":
-        return name, dict(options)
     name = resolve_backend(name, model, device=options.get("device"), base_url=options.get("base_url"))
     return name, applicable(name, options)
 
@@ -98,19 +102,21 @@ _UNSET = {
 
 
 def applicable(name: str, options: dict) -> dict:
-    """``options`` for backend ``name``; an option that was set but does not apply is an error
-    (one line), never dropped in silence."""
+    """``options`` for backend ``name``: a shared model option (``--device``, ``--threads``, ...)
+    that was set but does not apply is an error (one line), never dropped in silence; one left
+    unset is not passed. Backend-specific keys (Python callers) go through as they are."""
     from cai.errors import InputError
 
     takes = _TAKES.get(name)
     if takes is None:
         return dict(options)
+    shared = set(_UNSET) | {"batch_size"}
     out = {}
     for k, v in options.items():
-        if k in takes:
-            if not (k in _UNSET and v in _UNSET[k]):
-                out[k] = v
-        elif not (k in _UNSET and v in _UNSET[k]):
+        unset = k in _UNSET and v in _UNSET[k]
+        if k not in shared or (k in takes and not unset):
+            out[k] = v
+        elif not unset and k not in takes:
             flag = "--" + k.replace("_", "-")
             hint = " (llama.cpp runs on the CPU here; use --backend hf for a GPU)" if k == "device" else ""
             raise InputError(f"{flag} does not apply to the {name} backend{hint}")

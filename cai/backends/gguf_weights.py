@@ -1,4 +1,5 @@
-"""The weight format llama.cpp runs fastest on a CPU: a Q8_0 copy of a Q4_1 GGUF file.
+"""GGUF files: which model names are GGUF, and the weight format llama.cpp runs fastest on a CPU
+(a Q8_0 copy of a Q4_1 file).
 
 ggml has no fast matrix-matrix path for Q4_1 (llamafile's tinyBLAS covers F32, F16, BF16, Q8_0,
 Q4_0, Q5_0 and IQ4_NL), so a Q4_1 file's prompts run through the generic dot product, one row
@@ -22,7 +23,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cai.errors import CaiError
+from cai.errors import CaiError, InputError
 
 # Tensor types a copy is made for (measured slower than Q8_0 on a CPU), and the copy's type.
 SLOW_TYPES = ("Q4_1",)
@@ -112,3 +113,56 @@ def _field_value(f):
     if f.types[0] == A:
         return [one(i, f.types[-1]) for i in f.data]
     return one(f.data[0], f.types[0])
+
+
+def resolve_gguf(model: str | None) -> tuple[str, str]:
+    """(GGUF path to load, what to record). None/'default' is the embedded default's own GGUF."""
+    from cai.models import DEFAULT_MODEL, default_gguf
+
+    if not model or model in ("default", DEFAULT_MODEL):
+        return str(default_gguf()), DEFAULT_MODEL
+    p = Path(model).expanduser()
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise InputError(
+                f"the llamacpp backend needs one .gguf file; this folder has {len(ggufs)} — "
+                "pass the file itself to --model",
+                p,
+            )
+        p = ggufs[0]
+    if not p.is_file():
+        raise InputError(
+            "GGUF file not found; pass a .gguf file to --model (the llamacpp backend reads GGUF "
+            "only; use --backend hf for Hugging Face folders and ids)",
+            p,
+        )
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InputError(
+                "not a GGUF file; the llamacpp backend reads GGUF only "
+                "(use --backend hf for safetensors folders)",
+                p,
+            )
+    return str(p), str(p)
+
+
+def is_gguf(model: str | None) -> bool:
+    """Whether ``model`` names a GGUF model (the embedded default, a .gguf file, or a folder
+    holding exactly one), without loading anything."""
+    from cai.models import DEFAULT_MODEL
+
+    if not model or model in ("default", DEFAULT_MODEL):
+        return True
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return len(list(p.glob("*.gguf"))) == 1 and not any(p.glob("*.safetensors"))
+    return p.suffix.lower() == ".gguf" or (p.is_file() and _magic(p) == b"GGUF")
+
+
+def _magic(p: Path) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""

@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cai.backends.base import Generation
+from cai.backends.gguf_weights import is_gguf, resolve_gguf  # noqa: F401 (re-exported)
 from cai.errors import CaiError, InputError
 
 _CONTINUE_TAG = "CAI_CONTINUE_FINAL_MESSAGE"
@@ -66,59 +67,6 @@ def import_xllamacpp():
             "the llamacpp backend needs xllamacpp (a prebuilt llama.cpp wheel): pip install xllamacpp"
         ) from None
     return xllamacpp
-
-
-def resolve_gguf(model: str | None) -> tuple[str, str]:
-    """(GGUF path to load, what to record). None/'default' is the embedded default's own GGUF."""
-    from cai.models import DEFAULT_MODEL, default_gguf
-
-    if not model or model in ("default", DEFAULT_MODEL):
-        return str(default_gguf()), DEFAULT_MODEL
-    p = Path(model).expanduser()
-    if p.is_dir():
-        ggufs = sorted(p.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise InputError(
-                f"the llamacpp backend needs one .gguf file; this folder has {len(ggufs)} — "
-                "pass the file itself to --model",
-                p,
-            )
-        p = ggufs[0]
-    if not p.is_file():
-        raise InputError(
-            "GGUF file not found; pass a .gguf file to --model (the llamacpp backend reads GGUF "
-            "only; use --backend hf for Hugging Face folders and ids)",
-            p,
-        )
-    with open(p, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise InputError(
-                "not a GGUF file; the llamacpp backend reads GGUF only "
-                "(use --backend hf for safetensors folders)",
-                p,
-            )
-    return str(p), str(p)
-
-
-def is_gguf(model: str | None) -> bool:
-    """Whether ``model`` names a GGUF model (the embedded default, a .gguf file, or a folder
-    holding exactly one), without loading anything."""
-    from cai.models import DEFAULT_MODEL
-
-    if not model or model in ("default", DEFAULT_MODEL):
-        return True
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return len(list(p.glob("*.gguf"))) == 1 and not any(p.glob("*.safetensors"))
-    return p.suffix.lower() == ".gguf" or (p.is_file() and _magic(p) == b"GGUF")
-
-
-def _magic(p: Path) -> bytes:
-    try:
-        with open(p, "rb") as f:
-            return f.read(4)
-    except OSError:
-        return b""
 
 
 class LlamaCppBackend:
