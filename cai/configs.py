@@ -140,6 +140,12 @@ class LabelConfig:
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
     )
     overwrite: bool = opt(False, "Start the output file afresh instead of resuming.")
+    calibration: str | None = opt(
+        None,
+        "calibration.json from `cai calibrate` (fitted for this judge and constitution): write the "
+        "calibrated probability as label.p_chosen, the judge's own as label.judge.p_chosen.",
+        path=True,
+    )
 
 
 # ----------------------------------------------------------------------------- train / score
@@ -405,3 +411,30 @@ class AgreementConfig:
     )
     bins: int = opt(3, "Judge-confidence bins (equal numbers of pairs each).", min=1)
     command: str = ""  # recorded in the report
+
+
+@dataclass
+class CalibrateConfig:
+    ai: str = opt(help="AI-labelled pairs (`cai label` or `cai generate` output).", path=True)
+    out: str = opt(
+        help="Folder: calibration.json (the map, for `cai label --calibration`), calibration.md/.html, "
+        "reliability.png.",
+        path=True,
+    )
+    human: list[str] = opt(
+        help="Human labels of some of the same pairs (`cai review` output); repeat for several files.",
+        factory=list,
+        path=True,
+    )
+    method: str = opt(
+        "auto",
+        "isotonic regression, platt scaling (one parameter), or auto: isotonic from 100 shared pairs, "
+        "Platt below.",
+        choices=("auto", "isotonic", "platt"),
+    )
+    folds: int = opt(5, "Cross-validation folds for the held-out reliability figures.", min=2)
+    seed: int = opt(0, "Seeds the split into folds.")
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
+    command: str = ""  # recorded in calibration.json
