@@ -209,15 +209,11 @@ def score(**kw):
       cai score --rm outputs/rm-human --pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz \\
           --out outputs/dev-scores.jsonl
     """
-    from cai.reward import run_score
+    from cai.reward import run_score, score_summary
 
     cfg = _config(ScoreConfig, kw)
-    s = run_score(cfg)
-    acc = f", accuracy vs labels {s['accuracy']:.3f} on {s['labelled']}" if s["labelled"] else ""
-    skipped = f"; {s['skip_note']}" if s.get("skip_note") else ""
-    click.echo(
-        f"cai: scored {s['pairs']} pairs -> {cfg.out} ({s['truncated']} truncated{acc}){skipped}", err=True
-    )
+    for line in score_summary(run_score(cfg), cfg.out):
+        click.echo(line, err=True)
 
 
 # -- eval / compare --------------------------------------------------------------------------------

@@ -232,6 +232,14 @@ class TrainConfig:
     length_weight: float = opt(
         1.0, "odin: weight of the length-correlation and orthogonality terms (ODIN's lambda).", min=0.0
     )
+    length_correction: bool = opt(
+        True,
+        "After training, score the training pairs once more and fit reward against response length "
+        "(a smoothing spline on log characters, rewards centred per pair; after Huang et al. 2024); "
+        "stored in the artifact, so `cai score` and `cai eval` also report rewards with it "
+        "subtracted. --no-length-correction skips the extra pass.",
+        negatable=True,
+    )
     seed: int = opt(0, "Seed for the head's initialisation, shuffling and dropout.")
     precision: str = opt(
         "auto",

@@ -279,6 +279,9 @@ def test_three_formats_feed_training_and_artifact_is_recorded(trained_rm):
     assert train["sha256"] in card and "eval_accuracy" in card and "limitations" in card.lower()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == []  # finished runs keep no checkpoints
     assert not (out / "training_args.bin").exists()
+    # three distinct response lengths: too few to fit reward against length, and said so
+    assert rec["length_correction"] == {"skipped": "too few distinct lengths or constant rewards"}
+    assert "No length correction" in card
 
 
 def test_artifact_loads_in_plain_transformers_and_matches_score_pairs(trained_rm, tmp_path):
@@ -522,12 +525,33 @@ def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
     ids = [r["id"] for r in read_pairs(hh_train, limit=10)]
     assert [x["id"] for x in lines] == ids
     assert all(x["margin"] == pytest.approx(x["r_chosen"] - x["r_rejected"]) for x in lines)
-    assert "accuracy vs labels" in res.stderr
+    assert "accuracy vs labels" in res.stderr and "length-corrected" in res.stderr
+    lc = rec["length_correction"]
+    assert lc["pairs"] == 24 and len(lc["x"]) == len(lc["y"]) == 64 and "within-pair" in lc["method"]
+    assert set(lc["train"]) == {"raw", "corrected"} and "length_gap" in lc["train"]["raw"]
+    from cai import lengthfit
+
+    rows = read_pairs(hh_train, limit=10)
+    for x, r in zip(lines, rows):
+        lens = [len(r["chosen"][-1]["content"]), len(r["rejected"][-1]["content"])]
+        want = lengthfit.correct(lc, [x["r_chosen"], x["r_rejected"]], lens)
+        assert [x["r_chosen_corrected"], x["r_rejected_corrected"]] == pytest.approx(list(want), abs=1e-9)
+        assert x["margin_corrected"] == pytest.approx(want[0] - want[1], abs=1e-9)
+    assert "Length correction" in (out / "README.md").read_text()
 
     res = runner.invoke(
         cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", "-", "--limit", "3"]
     )
     assert res.exit_code == 0 and [json.loads(x)["id"] for x in res.stdout.splitlines()] == ids[:3]
+
+    # a damaged length fit in the artifact is one line, and nothing is written
+    rec["length_correction"]["x"] = list(reversed(lc["x"]))
+    (out / CONFIG_NAME).write_text(json.dumps(rec))
+    res = runner.invoke(
+        cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", str(tmp_path / "s2")]
+    )
+    assert res.exit_code == 2 and "length_correction is not a table" in res.output
+    assert not (tmp_path / "s2").exists()
 
 
 def test_cli_score_rejects_a_folder_that_is_not_a_model(tmp_path):
@@ -760,3 +784,28 @@ def test_odin_quality_reward_drops_length_but_keeps_quality():
         torch_pearson(odin["reward"], odin["quality"]).item()
         > torch_pearson(plain["reward"], plain["quality"]).item()
     )
+
+
+def test_length_fit_removes_a_known_length_effect_and_keeps_the_rest():
+    """Rewards = a prompt's own level (longer answers for some prompts) + quality − 0.8·log length:
+    the within-pair fit finds the length part, not the prompts' levels, and leaves quality."""
+    import numpy as np
+
+    from cai import lengthfit
+
+    rng = np.random.default_rng(0)
+    lengths = rng.lognormal(5, 1, (1300, 2)).round()
+    quality = rng.normal(size=(1300, 2))
+    level = rng.normal(0, 3, (1300, 1)) + 2.0 * np.log1p(lengths.mean(1, keepdims=True))
+    rewards = level + quality - 0.8 * np.log1p(lengths)
+    rec = lengthfit.fit(rewards, lengths)
+    assert rec["pairs"] == 1300 and rec["characters"][0] >= 1 and np.all(np.diff(rec["x"]) > 0)
+    b = lengthfit.bias(rec, [50, 1200])
+    assert b[1] - b[0] == pytest.approx(-0.8 * (np.log1p(1200) - np.log1p(50)), rel=0.15)
+    fixed = lengthfit.correct(rec, rewards, lengths)
+    d_len = np.log1p(lengths[:, 0]) - np.log1p(lengths[:, 1])
+    assert abs(np.corrcoef(fixed[:, 0] - fixed[:, 1], d_len)[0, 1]) < 0.05
+    assert np.corrcoef(fixed[:, 0] - fixed[:, 1], quality[:, 0] - quality[:, 1])[0, 1] > 0.95
+    # held flat beyond the training lengths: no extrapolation
+    assert lengthfit.bias(rec, [10**7])[0] == pytest.approx(rec["y"][-1])
+    assert lengthfit.fit(rewards[:, :1].repeat(2, 1), lengths) is None  # no reward differences
