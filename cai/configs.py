@@ -325,6 +325,13 @@ class EvalConfig:
     skip_bad: bool = opt(
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
     )
+    length_correct: bool = opt(
+        True,
+        "A second column for each reward model trained with a length fit (`cai train`'s "
+        "--length-correction): accuracy, length-balanced accuracy and the length gap with the fit "
+        "subtracted from every reward.",
+        negatable=True,
+    )
 
 
 # TrainConfig options that `compare` sets itself (paths, data, seed, device) or that only make
@@ -346,7 +353,7 @@ TRAIN_SET_BY_STUDY = (
 )
 TRAIN_RENAMED = {"batch_size": "train_batch_size"}  # `--batch-size` is the judge's in compare
 # EvalConfig options that `compare` passes through to its evaluation step.
-EVAL_IN_STUDY = ("shift_pairs", "bootstrap", "probes", "probe_limit", "rm_batch_size")
+EVAL_IN_STUDY = ("shift_pairs", "bootstrap", "probes", "probe_limit", "rm_batch_size", "length_correct")
 
 
 def _train_template() -> TrainConfig:

@@ -108,3 +108,19 @@ def correct(record: dict, rewards, lengths) -> np.ndarray:
     """Rewards with the length fit subtracted (same shape as ``rewards``)."""
     r = np.asarray(rewards, dtype=np.float64)
     return r - bias(record, np.asarray(lengths, dtype=np.float64)).reshape(r.shape)
+
+
+def from_artifact(rm_dir, config_name: str = "cai_train_config.json") -> dict | None:
+    """A reward-model folder's fitted correction, checked; None when it has none (trained with
+    --no-length-correction or by an older cai, too few lengths to fit, or not a cai model)."""
+    import json
+    from pathlib import Path
+
+    path = Path(rm_dir) / config_name
+    try:
+        rec = json.loads(path.read_text()).get("length_correction")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(rec, dict) or "x" not in rec:
+        return None
+    return check(rec, f"{path}: length_correction")

@@ -1187,14 +1187,10 @@ def score_sequences(model, pad_id: int, seqs: list[list[int]], device, batch_siz
 
 
 def length_correction(rm_dir) -> dict | None:
-    """The artifact's fitted length correction (cai/lengthfit.py), or None when it has none
-    (trained with --no-length-correction, by an older cai, or not by cai at all)."""
+    """The artifact's fitted length correction (cai/lengthfit.py), or None when it has none."""
     from cai import lengthfit
 
-    rec = (_read_marker(Path(rm_dir)) or {}).get("length_correction")
-    if not isinstance(rec, dict) or "x" not in rec:
-        return None
-    return lengthfit.check(rec, f"{Path(rm_dir) / CONFIG_NAME}: length_correction")
+    return lengthfit.from_artifact(rm_dir, CONFIG_NAME)
 
 
 def run_score(cfg: ScoreConfig) -> dict:

@@ -544,6 +544,38 @@ def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
     )
     assert res.exit_code == 0 and [json.loads(x)["id"] for x in res.stdout.splitlines()] == ids[:3]
 
+    # cai eval on RewardBench-style rows: the length-corrected column and the per-subset table
+    from test_evaluate import rewardbench_file
+
+    rb = rewardbench_file(tmp_path)
+    res = runner.invoke(
+        cli,
+        ["eval", "--rm", str(out), "--pairs", str(rb), "--out", str(tmp_path / "rep"), "--bootstrap", "100"],
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    col = m["models"]["rm-human"]["length_corrected"]
+    assert col["accuracy"]["n"] == 24 and "gap" in col["probes"]["length"] and m["config"]["length_correct"]
+    assert set(m["subsets"]) == {"chat-easy", "refusals"} and "length-corrected" in res.output
+    res = runner.invoke(
+        cli,
+        [
+            "eval",
+            "--rm",
+            str(out),
+            "--pairs",
+            str(rb),
+            "--out",
+            str(tmp_path / "rep2"),
+            "--no-length-correct",
+        ],
+    )
+    assert (
+        res.exit_code == 0
+        and "length_corrected"
+        not in json.loads((tmp_path / "rep2" / "metrics.json").read_text())["models"]["rm-human"]
+    )
+
     # a damaged length fit in the artifact is one line, and nothing is written
     rec["length_correction"]["x"] = list(reversed(lc["x"]))
     (out / CONFIG_NAME).write_text(json.dumps(rec))
