@@ -64,7 +64,7 @@ def _texts(row) -> tuple[str, str]:
     return response_text(row["chosen"]).strip(), response_text(row["rejected"]).strip()
 
 
-def load_ai(path, skip_bad: bool = True) -> tuple[dict[str, dict], dict]:
+def load_ai(path, skip_bad: bool = False) -> tuple[dict[str, dict], dict]:
     stats: dict = {}
     rows = read_pairs(path, skip_bad=skip_bad, stats=stats)
     ai = {r["id"]: r for r in rows if (r.get("label") or {}).get("source") == "ai"}
@@ -82,7 +82,7 @@ def load_ai(path, skip_bad: bool = True) -> tuple[dict[str, dict], dict]:
     }
 
 
-def load_human(paths, skip_bad: bool = True) -> tuple[list[dict], dict]:
+def load_human(paths, skip_bad: bool = False) -> tuple[list[dict], dict]:
     """One judgment per (pair, annotator): {pair_id, annotator, p, row}."""
     out, counts = [], {"files": [], "not_human": 0, "unlabelled": 0}
     for path in paths:
@@ -617,8 +617,8 @@ def run_agreement(cfg: AgreementConfig) -> dict:
     if not cfg.human:
         raise InputError("pass at least one --human file (`cai review` output)")
     with claim_output(cfg.out, inputs=[cfg.ai, *cfg.human], kind="folder"):
-        ai, ai_counts = load_ai(cfg.ai)
-        human, h_counts = load_human(cfg.human)
+        ai, ai_counts = load_ai(cfg.ai, cfg.skip_bad)
+        human, h_counts = load_human(cfg.human, cfg.skip_bad)
         kept, join = align(human, ai)
         if not kept:
             raise InputError(

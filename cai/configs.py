@@ -425,6 +425,9 @@ class AgreementConfig:
         help="Human labels (`cai review` output); repeat for several files.", factory=list, path=True
     )
     bins: int = opt(3, "Judge-confidence bins (equal numbers of pairs each).", min=1)
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
     command: str = ""  # recorded in the report
 
 

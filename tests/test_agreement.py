@@ -220,3 +220,21 @@ def test_report_has_the_preference_rate_three_ways(tmp_path, files):
     assert any("only 8 human labels, too few to say anything" in w for w in m["warnings"])
     md = (tmp_path / "rep" / "agreement.md").read_text()
     assert "Preference rate" in md and "prediction-powered" in md and "effective human labels" in md
+
+
+def test_a_label_outside_0_1_is_one_line_and_writes_nothing(tmp_path, files):
+    ai, a, b, c = files
+    lines = a.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["label"]["p_chosen"] = -0.2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]]) + "\n")
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(cli, ["agreement", "--ai", str(ai), "--human", str(bad), "--out", str(out)])
+    assert r.exit_code == 2 and f"{bad}:3:" in r.output and "must be in [0, 1], not -0.2" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+    r = CliRunner().invoke(
+        cli, ["agreement", "--ai", str(ai), "--human", str(bad), "--out", str(out), "--skip-bad"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "agreement.json").read_text())["provenance"]["human"]["files"][0]["skipped"] == 1
