@@ -293,6 +293,11 @@ def rate_warnings(e: dict, what: str) -> list[str]:
         return [
             f"{what}: only {n} human labels, too few to say anything: the intervals are not to be trusted."
         ]
+    if not e["human"]["se"]:  # every label the same: a normal interval has no width
+        return [
+            f"{what}: all {n} human labels say the same ({pct(e['human']['estimate'])}), so the intervals "
+            "have no width and mean nothing: the rate is only known to be near that; label more pairs."
+        ]
     out = []
     if n < FEW:
         out.append(f"{what}: {n} human labels; the intervals are rough (normal approximation): label {FEW}+.")
@@ -354,7 +359,8 @@ def preference_rates(ai: dict[str, dict], human: list[dict], p_of=None) -> dict:
         )
     for k, v in per.items():
         if k not in thin:
-            warn += [w for w in rate_warnings(v, f"principle {k}") if "biased" in w or "add nothing" in w]
+            keep = ("biased", "add nothing", "no width")
+            warn += [w for w in rate_warnings(v, f"principle {k}") if any(x in w for x in keep)]
     return {"target": target, "overall": overall, "per_principle": per, "warnings": warn}
 
 

@@ -145,9 +145,9 @@ def build_blocks(m: dict) -> list[tuple]:
         B.append(
             (
                 "p",
-                "Isotonic steps (judge p → P(a person prefers chosen)), every "
-                + (f"{step}th " if step > 1 else "")
-                + "point: "
+                "Isotonic steps (judge p → P(a person prefers chosen))"
+                + (f", one point in {step}" if step > 1 else "")
+                + ": "
                 + ", ".join(f"{x:.3f} → {y:.3f}" for x, y in pts[::step]),
             )
         )
