@@ -235,9 +235,10 @@ class TrainConfig:
     length_correction: bool = opt(
         True,
         "After training, score the training pairs once more and fit reward against response length "
-        "(a smoothing spline on log characters, rewards centred per pair; after Huang et al. 2024); "
-        "stored in the artifact, so `cai score` and `cai eval` also report rewards with it "
-        "subtracted. --no-length-correction skips the extra pass.",
+        "(a spline on log characters fitted to within-pair reward differences; after Huang et al. "
+        "2024), at the strength that leaves the training pairs length-balanced; stored in the "
+        "artifact, so `cai score` and `cai eval` also report rewards with it subtracted. "
+        "--no-length-correction skips the extra pass.",
         negatable=True,
     )
     seed: int = opt(0, "Seed for the head's initialisation, shuffling and dropout.")

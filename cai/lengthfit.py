@@ -21,10 +21,16 @@ The fit (:func:`fit`):
 - stored as a table of f on 64 points spanning the training lengths, centred on the training
   responses, applied by linear interpolation and held flat beyond them (:func:`bias`), so
   applying it needs numpy only and an unusually long test response is not extrapolated into
-  nonsense.
+  nonsense;
+- applied at a **strength** s in [0, 1] (:func:`choose_strength`): f is all of the reward's
+  dependence on length, including the part the preferences themselves carry (in HH-RLHF
+  harmless the shorter answer is the preferred one more often, so a fair reward leans short
+  too), and subtracting all of it overshoots: on the default model's own training pairs the gap
+  between "preferred is longer" and "preferred is shorter" accuracy went from -22 to +11 points.
+  s is the share of f that leaves the model length-balanced on its training pairs (the smallest
+  |gap| on a grid of 0.05), chosen from the training pairs alone.
 
-The corrected reward is ``r - f(log(1 + characters))``; pair margins change by
-``f(len_rejected) - f(len_chosen)``.
+The corrected reward is ``r - s * f(log(1 + characters))``.
 """
 
 from __future__ import annotations
@@ -90,18 +96,39 @@ def check(record, where="the reward model's length_correction") -> dict:
         x, y = np.asarray(record["x"], np.float64), np.asarray(record["y"], np.float64)
         ok = x.ndim == 1 and x.shape == y.shape and len(x) >= 2 and np.isfinite(x).all()
         ok = ok and np.isfinite(y).all() and bool(np.all(np.diff(x) > 0))
+        s = record.get("strength", 1.0)
+        ok = ok and isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
         raise InputError(
-            f"{where} is not a table of increasing x with as many finite y; retrain the model (cai train)"
+            f"{where} is not a table of increasing x with as many finite y and a strength in [0, 1]; "
+            "retrain the model (cai train)"
         )
     return record
 
 
 def bias(record: dict, lengths) -> np.ndarray:
-    """f(log(1 + characters)) for each length: the part of the reward the fit puts on length."""
-    return np.interp(_x(lengths), np.asarray(record["x"]), np.asarray(record["y"]))
+    """s * f(log(1 + characters)) for each length: the part of the reward put down to length."""
+    f = np.interp(_x(lengths), np.asarray(record["x"]), np.asarray(record["y"]))
+    return float(record.get("strength", 1.0)) * f
+
+
+def choose_strength(record: dict, rewards, lengths, gap, step: float = 0.05) -> dict:
+    """The record with ``strength``: the share of the fit whose subtraction makes ``gap`` (a
+    function of corrected (n, 2) rewards: accuracy when the preferred response is the longer minus
+    when it is the shorter, None when undefined) smallest in size; ties go to the weaker
+    correction. ``strength_search`` keeps every [strength, gap] tried. Without a gap to measure
+    (no pair on one side) the whole fit is used."""
+    grid = np.round(np.arange(0.0, 1.0 + step / 2, step), 4)
+    tried = []
+    for s in grid:
+        g = gap(correct({**record, "strength": float(s)}, rewards, lengths))
+        if g is None:
+            return {**record, "strength": 1.0, "strength_search": []}
+        tried.append([float(s), round(float(g), 4)])
+    best = min(tried, key=lambda t: (abs(t[1]), t[0]))
+    return {**record, "strength": best[0], "strength_search": tried}
 
 
 def correct(record: dict, rewards, lengths) -> np.ndarray:

@@ -419,6 +419,9 @@ def _fit_length_correction(trainer, model, tok, train_ds, last_eval, metrics: di
     if rec is None:
         _log("length correction skipped: fewer than 5 distinct response lengths, or constant rewards")
         return {"skipped": "too few distinct lengths or constant rewards"}
+    rec = lengthfit.choose_strength(
+        rec, rewards, lengths, lambda r: length_metrics(r, p, lengths).get("length_gap")
+    )
     corrected = lengthfit.correct(rec, rewards, lengths)
     rec["train"] = {
         "raw": pair_metrics(rewards, p) | length_metrics(rewards, p, lengths),
@@ -431,7 +434,7 @@ def _fit_length_correction(trainer, model, tok, train_ds, last_eval, metrics: di
         metrics.update({f"eval_corrected_{k}": v for k, v in m.items() if k != "pairs"})
     rec["seconds"] = round(time.time() - t0, 1)
     _log(
-        "length correction fitted: training pairs' length gap "
+        f"length correction fitted (strength {rec['strength']:.2f}): training pairs' length gap "
         f"{rec['train']['raw'].get('length_gap', float('nan')):+.3f} -> "
         f"{rec['train']['corrected'].get('length_gap', float('nan')):+.3f}"
     )
@@ -1026,7 +1029,9 @@ def _model_card(rec: dict) -> str:
         raw, fixed = lc["train"]["raw"], lc["train"]["corrected"]
         length_section += (
             "\n\nLength correction (`length_correction` in cai_train_config.json): a "
-            f"{lc['method']}, fitted on the {lc['pairs']} training pairs scored by this model; "
+            f"{lc['method']}, fitted on the {lc['pairs']} training pairs scored by this model and "
+            f"applied at strength {lc.get('strength', 1.0):.2f} (the share of it that leaves the model "
+            "length-balanced on those pairs); "
             "`cai score` and `cai eval` also report rewards with it subtracted. On the training "
             f"pairs it moves the length gap from {raw.get('length_gap', float('nan')):+.3f} to "
             f"{fixed.get('length_gap', float('nan')):+.3f} and accuracy from {raw['accuracy']:.3f} to "

@@ -841,3 +841,41 @@ def test_length_fit_removes_a_known_length_effect_and_keeps_the_rest():
     # held flat beyond the training lengths: no extrapolation
     assert lengthfit.bias(rec, [10**7])[0] == pytest.approx(rec["y"][-1])
     assert lengthfit.fit(rewards[:, :1].repeat(2, 1), lengths) is None  # no reward differences
+
+
+def test_length_fit_strength_is_the_share_that_balances_the_training_pairs():
+    """Where people themselves prefer shorter answers, a fair reward leans short too: subtracting
+    all of the reward's length dependence overshoots, and the strength keeps the share that leaves
+    the training pairs length-balanced (the smallest |gap|, ties to the weaker correction)."""
+    import numpy as np
+
+    from cai import lengthfit
+    from cai.reward import length_metrics
+
+    rng = np.random.default_rng(1)
+    lengths = rng.lognormal(5, 1, (2000, 2)).round()
+    quality = rng.normal(size=(2000, 2)) - 0.5 * np.log1p(lengths)  # shorter is genuinely better
+    p = (quality[:, 0] > quality[:, 1]).astype(float)
+    rewards = quality - 0.7 * np.log1p(lengths)  # and the model leans further still
+
+    def gap(r):
+        return length_metrics(r, p, lengths).get("length_gap")
+
+    rec = lengthfit.choose_strength(lengthfit.fit(rewards, lengths), rewards, lengths, gap)
+    tried = dict(map(tuple, rec["strength_search"]))
+    assert len(tried) == 21 and tried[0.0] < -0.3 and tried[1.0] > 0.1  # raw leans short; full overshoots
+    # the spurious share of the slope is 0.7 / (0.5 + 0.7) = 0.58
+    assert 0.5 <= rec["strength"] <= 0.7 and abs(tried[rec["strength"]]) == min(
+        abs(g) for g in tried.values()
+    )
+    fixed = lengthfit.correct(rec, rewards, lengths)
+    assert abs(gap(fixed)) < 0.05
+    assert (
+        length_metrics(fixed, p, lengths)["balanced_accuracy"]
+        > 0.95
+        > length_metrics(rewards, p, lengths)["balanced_accuracy"]
+    )
+    no_gap = lengthfit.choose_strength(rec, rewards, lengths, lambda r: None)  # nothing to balance
+    assert no_gap["strength"] == 1.0 and no_gap["strength_search"] == []
+    with pytest.raises(InputError, match="strength in"):
+        lengthfit.check({**rec, "strength": 1.5})
