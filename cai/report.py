@@ -376,7 +376,16 @@ def build_blocks(metrics: dict) -> list[tuple]:
                 "discordant pairs, continuity-corrected χ² above) and a paired bootstrap interval of the "
                 "accuracy difference.",
                 "Probes reuse the test pairs: each number comes with its n and a 95% interval.",
-            ],
+            ]
+            + (
+                [
+                    "Length-corrected: each reward minus s·f(log(1 + characters)), f fitted by `cai train` "
+                    "to the within-pair reward differences of its own training pairs, s the share of it that "
+                    "leaves those pairs length-balanced (`length_correction` in cai_train_config.json)."
+                ]
+                if any("length_corrected" in m for m in metrics["models"].values())
+                else []
+            ),
         )
     )
     return B
