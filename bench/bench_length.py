@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 GOAL_GAP = 0.15
+MARK = "<!-- READING"
 
 
 def cpu_model() -> str:
@@ -176,7 +177,9 @@ def main():
     ]
     text = "\n".join(lines)
     print(text)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    kept = out.read_text().split(MARK, 1) if out.exists() else []
+    out.write_text(text + (MARK + kept[1] if len(kept) == 2 else ""))  # hand-written notes survive a rerun
 
 
 if __name__ == "__main__":
