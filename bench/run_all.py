@@ -14,6 +14,7 @@ for script in (
     "bench_label.py",
     "bench_train.py",
     "bench_train_sweep.py",
+    "bench_length.py",
     "bench_peer.py",
     "bench_memory.py",
     "bench_scaling.py",

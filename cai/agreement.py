@@ -18,7 +18,12 @@ Cohen's kappa on the hard sides), the same measure `cai label`'s summary and `ca
 - **per principle**: the judge's per-principle probability (``judge.by_principle``) against
   the consensus;
 - **by judge confidence**: pairs split into bins of equal size by max(p, 1 − p) of the AI label;
-- baselines on the same pairs: "pick the shorter answer" and each answer order of the judge alone.
+- baselines on the same pairs: "pick the shorter answer" and each answer order of the judge alone;
+- **preference rate** (:func:`preference_rates`): how often people prefer the revision (or the
+  file's ``chosen`` where a row has no critique/revision trace), overall and per principle, three
+  ways: the human labels alone, the AI labels alone (every pair; biased by the judge's errors,
+  shown for contrast) and prediction-powered (every AI label, corrected by the human slice;
+  ``cai/ppi.py``), with the number of human labels the AI labels were worth.
 
 Writes ``agreement.json``, ``agreement.md``, a self-contained ``agreement.html`` (the same
 renderer as `cai eval`'s report) and ``agreement_by_confidence.png``.
@@ -36,6 +41,7 @@ from cai.errors import InputError
 from cai.fmt import pct, rate_txt
 from cai.options import check_config
 from cai.recheck import stats as recheck_stats
+from cai.ppi import estimates
 from cai.records import (
     claim_output,
     file_sha256,
@@ -48,6 +54,7 @@ from cai.records import (
 from cai.stats import agreement
 
 FEW = 30  # below this many pairs the interval is too wide to tell a judge from chance
+TOO_FEW = 10  # below this many human labels a rate's interval says nothing
 PLOT = "agreement_by_confidence.png"
 
 
@@ -58,9 +65,9 @@ def _texts(row) -> tuple[str, str]:
     return response_text(row["chosen"]).strip(), response_text(row["rejected"]).strip()
 
 
-def load_ai(path) -> tuple[dict[str, dict], dict]:
+def load_ai(path, skip_bad: bool = False) -> tuple[dict[str, dict], dict]:
     stats: dict = {}
-    rows = read_pairs(path, skip_bad=True, stats=stats)
+    rows = read_pairs(path, skip_bad=skip_bad, stats=stats)
     ai = {r["id"]: r for r in rows if (r.get("label") or {}).get("source") == "ai"}
     if not ai:
         raise InputError(
@@ -76,13 +83,13 @@ def load_ai(path) -> tuple[dict[str, dict], dict]:
     }
 
 
-def load_human(paths) -> tuple[list[dict], dict]:
+def load_human(paths, skip_bad: bool = False) -> tuple[list[dict], dict]:
     """One judgment per (pair, annotator): {pair_id, annotator, p, row}."""
     out, counts = [], {"files": [], "not_human": 0, "unlabelled": 0}
     for path in paths:
         stats: dict = {}
         try:
-            rows = read_pairs(path, skip_bad=True, stats=stats)
+            rows = read_pairs(path, skip_bad=skip_bad, stats=stats)
         except InputError:
             if stats.get("unlabelled"):  # every answer in the file is a skip or an undo
                 rows = []
@@ -248,6 +255,178 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
     }
 
 
+# ============================================================================ the preference rate
+
+
+def _toward_revision(row) -> tuple[bool, str]:
+    """(turn round?, what the rate is about): a row with a critique/revision trace is taken as
+    (revision, initial); any other keeps the file's own ``chosen``."""
+    c, r = _texts(row)
+    initial = str((row.get("trace") or {}).get("initial", "")).strip()
+    if initial and initial in (c, r):
+        return c == initial, "revision"
+    return False, "chosen"
+
+
+def _row_principles(row) -> list[str]:
+    """The principles behind a pair: those of the trace's rounds that revised the answer, else the
+    principles the judge used."""
+    rounds = (row.get("trace") or {}).get("rounds") or []
+    found = [
+        str(x["principle"])
+        for x in rounds
+        if isinstance(x, dict) and x.get("principle") and x.get("revision")
+    ]
+    if not found:
+        found = [str(x) for x in ((row.get("label") or {}).get("judge") or {}).get("principles") or []]
+    return list(dict.fromkeys(found))
+
+
+def rate_warnings(e: dict, what: str) -> list[str]:
+    """Plain words for one preference-rate estimate (``what`` names the group)."""
+    n, ppi, ai = e["human_labelled"], e["ppi"], e["ai"]
+    if n == 0:
+        return [
+            f"{what}: no human labels among these pairs; only the AI-only rate, "
+            "which carries the judge's bias."
+        ]
+    if n < TOO_FEW:
+        return [
+            f"{what}: only {n} human labels, too few to say anything: the intervals are not to be trusted."
+        ]
+    if not e["human"]["se"]:  # every label the same: a normal interval has no width
+        return [
+            f"{what}: all {n} human labels say the same ({pct(e['human']['estimate'])}), so the intervals "
+            "have no width and mean nothing: the rate is only known to be near that; label more pairs."
+        ]
+    out = []
+    if n < FEW:
+        out.append(f"{what}: {n} human labels; the intervals are rough (normal approximation): label {FEW}+.")
+    if ppi["lambda"] == 0 and ppi["N"] > 1:
+        out.append(
+            f"{what}: the judge's labels do not co-vary with people's on this slice, so the "
+            "prediction-powered estimate is the human-only one: the AI labels add nothing."
+        )
+    if ppi["ci"] and ai["estimate"] is not None and not ppi["ci"][0] <= ai["estimate"] <= ppi["ci"][1]:
+        out.append(
+            f"{what}: the AI labels alone say {pct(ai['estimate'])}, people (prediction-powered) "
+            f"{pct(ppi['estimate'])} ({pct(ppi['ci'][0])} – {pct(ppi['ci'][1])}): the judge is biased here."
+        )
+    return out
+
+
+def preference_rates(ai: dict[str, dict], human: list[dict], p_of=None) -> dict:
+    """How often people prefer the revision, overall and per principle: human-only, AI-only and
+    prediction-powered (cai/ppi.py). ``human`` are `align`ed judgments (p in the AI row's
+    orientation; a pair's annotators are averaged); ``p_of(row)`` is the AI probability used
+    (default: ``label.p_chosen``). Every AI pair counts; the human slice corrects them."""
+    p_of = p_of or _ai_p
+    by_pair: dict[str, list[float]] = {}
+    for h in human:
+        by_pair.setdefault(h["pair_id"], []).append(h["p"])
+    f, y, groups, targets = {}, {}, {}, set()
+    for pid, row in ai.items():
+        flip, target = _toward_revision(row)
+        targets.add(target)
+        p = p_of(row)
+        f[pid] = 1.0 - p if flip else p
+        if pid in by_pair:
+            c = sum(by_pair[pid]) / len(by_pair[pid])
+            y[pid] = 1.0 - c if flip else c
+        for prin in _row_principles(row):
+            groups.setdefault(prin, []).append(pid)
+
+    def block(pids: list[str]) -> dict:
+        lab = [pid for pid in pids if pid in y]
+        unl = [pid for pid in pids if pid not in y]
+        e = estimates([y[p] for p in lab], [f[p] for p in lab], [f[p] for p in unl])
+        return {"pairs": len(pids), "human_labelled": len(lab), **e}
+
+    target = (
+        "the revision"
+        if targets == {"revision"}
+        else "`chosen`"
+        if targets == {"chosen"}
+        else ("the revision (`chosen` where a row has no trace)")
+    )
+    overall = block(list(ai))
+    per = {k: block(v) for k, v in sorted(groups.items())}
+    warn = rate_warnings(overall, "overall")
+    thin = [k for k, v in per.items() if v["human_labelled"] < TOO_FEW]
+    if thin:
+        warn.append(
+            f"{len(thin)} of {len(per)} principles have fewer than {TOO_FEW} human labels each "
+            f"({', '.join(thin[:5])}{', …' if len(thin) > 5 else ''}): their rates say little."
+        )
+    for k, v in per.items():
+        if k not in thin:
+            keep = ("biased", "add nothing", "no width")
+            warn += [w for w in rate_warnings(v, f"principle {k}") if any(x in w for x in keep)]
+    return {"target": target, "overall": overall, "per_principle": per, "warnings": warn}
+
+
+def rate_blocks(r: dict, title: str = "Preference rate") -> list[tuple]:
+    """Report blocks for :func:`preference_rates` (shared by `cai agreement` and `cai calibrate`)."""
+
+    def ci(e: dict) -> str:
+        if e["estimate"] is None:
+            return "n/a"
+        return pct(e["estimate"]) + (f" ({pct(e['ci'][0])} – {pct(e['ci'][1])})" if e["ci"] else "")
+
+    def row(name: str, b: dict) -> list[str]:
+        ppi = b["ppi"]
+        worth = (
+            f"{ppi['n_effective']:.0f} (the AI labels worth "
+            f"{max(0.0, ppi['n_effective'] - ppi['n']):.0f} more)"
+            if ppi["n_effective"] is not None
+            else "n/a"
+        )
+        lam = f"{ppi['lambda']:.2f}" if ppi["estimate"] is not None else "n/a"
+        return [
+            name,
+            str(b["pairs"]),
+            str(b["human_labelled"]),
+            ci(b["human"]),
+            ci(b["ai"]),
+            ci(ppi),
+            lam,
+            worth,
+        ]
+
+    rows = [row("**overall**", r["overall"])] + [row(k, b) for k, b in r["per_principle"].items()]
+    head = [
+        "",
+        "pairs",
+        "human labels",
+        "human labels alone",
+        "AI labels alone (biased)",
+        "prediction-powered",
+        "λ",
+        "effective human labels",
+    ]
+    B: list[tuple] = [("h2", title)]
+    B.append(("p", f"How often people prefer {r['target']}, with 95% intervals."))
+    if r["warnings"]:
+        B.append(("ul", [f"**{w}**" for w in r["warnings"]]))
+    B.append(("table", head, rows))
+    B.append(
+        (
+            "p",
+            "Human labels alone: the mean of the people's labels on the pairs they answered (a tie, or a "
+            "split between annotators, counts as its share). AI labels alone: the mean of the judge's "
+            "probability over every pair: tight, but it carries the judge's bias, and is shown only for "
+            "contrast. Prediction-powered (Angelopoulos et al., Science 2023; PPI++ power tuning): every AI"
+            " label, corrected by how far the judge was from people on the human slice; valid whatever the "
+            "judge's bias when the slice is a random sample of the pairs (`cai review` orders them at "
+            "random). λ weighs the AI labels (0: not used). Effective human labels: how many human labels "
+            "alone would give an interval as narrow. All three intervals are normal approximations. Per "
+            "principle: the pairs whose revision came from that principle (or that the judge judged under "
+            "it, for pairs without a trace).",
+        )
+    )
+    return B
+
+
 def _answers(hs: list[dict]) -> dict:
     """How one person answered: counts of first/second/tie, and the share picking the left response."""
     counts = {"first": 0, "second": 0, "tie": 0}
@@ -374,6 +553,9 @@ def build_blocks(m: dict) -> list[tuple]:
                 "against the consensus.",
             ),
         ]
+    if m.get("preference_rate"):
+        r = dict(m["preference_rate"], warnings=[])  # its warnings are at the top already
+        B += rate_blocks(r, "Preference rate: human, AI and prediction-powered")
     B.append(("h2", "Agreement by judge confidence"))
     B.append(
         (
@@ -457,8 +639,8 @@ def run_agreement(cfg: AgreementConfig) -> dict:
         marker=("agreement.json", "agreement report"),
         discard_on_error=True,
     ):
-        ai, ai_counts = load_ai(cfg.ai)
-        human, h_counts = load_human(cfg.human)
+        ai, ai_counts = load_ai(cfg.ai, cfg.skip_bad)
+        human, h_counts = load_human(cfg.human, cfg.skip_bad)
         kept, join = align(human, ai)
         if not kept:
             raise InputError(
@@ -471,6 +653,7 @@ def run_agreement(cfg: AgreementConfig) -> dict:
         rc = recheck_stats(list(ai.values()))  # over every AI row, answered by people or not
         if rc:
             m["recheck"] = rc
+        m["preference_rate"] = preference_rates(ai, kept)
         m["join"] = join
         m["provenance"] = {
             "ai": {"path": str(cfg.ai), "sha256": file_sha256(cfg.ai), **ai_counts},
@@ -478,7 +661,7 @@ def run_agreement(cfg: AgreementConfig) -> dict:
         }
         m["version"] = __version__
         m["command"] = cfg.command
-        m["warnings"] = warnings(m)
+        m["warnings"] = warnings(m) + m["preference_rate"]["warnings"]
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "agreement.json", m)

@@ -20,6 +20,7 @@ from cai.configs import (
     TRAIN_RENAMED,
     TRAIN_SET_BY_STUDY,
     AgreementConfig,
+    CalibrateConfig,
     CompareConfig,
     EvalConfig,
     GenerateConfig,
@@ -241,15 +242,11 @@ def score(**kw):
       cai score --rm outputs/rm-human --pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz \\
           --out outputs/dev-scores.jsonl
     """
-    from cai.reward import run_score
+    from cai.reward import run_score, score_summary
 
     cfg = _config(ScoreConfig, kw)
-    s = run_score(cfg)
-    acc = f", accuracy vs labels {s['accuracy']:.3f} on {s['labelled']}" if s["labelled"] else ""
-    skipped = f"; {s['skip_note']}" if s.get("skip_note") else ""
-    click.echo(
-        f"cai: scored {s['pairs']} pairs -> {cfg.out} ({s['truncated']} truncated{acc}){skipped}", err=True
-    )
+    for line in score_summary(run_score(cfg), cfg.out):
+        click.echo(line, err=True)
 
 
 # -- eval / compare --------------------------------------------------------------------------------
@@ -348,6 +345,29 @@ def agreement_cmd(**kw):
 
     cfg = _config(AgreementConfig, kw, command="cai " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     click.echo(summary_line(run_agreement(cfg), cfg.out), err=True)
+
+
+@cli.command()
+@click_options(CalibrateConfig, required=("human",))
+@handle_errors
+def calibrate(**kw):
+    """Calibrate the judge on the pairs people labelled; report preference rates with PPI intervals.
+
+    Fits a monotone map from the judge's p_chosen to P(a person prefers chosen) (isotonic
+    regression; Platt scaling below 100 shared pairs), reports its held-out log loss, Brier score
+    and ECE, and how often people prefer the revisions: human labels alone, AI labels alone and
+    prediction-powered. Label with the map: cai label --calibration OUT/calibration.json.
+
+    \b
+    Example:
+      cai calibrate --ai outputs/pairs.jsonl --human outputs/human.jsonl --out outputs/calib
+    """
+    import shlex
+
+    from cai.calibrate import run_calibrate, summary_line
+
+    cfg = _config(CalibrateConfig, kw, command="cai " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    click.echo(summary_line(run_calibrate(cfg), cfg.out), err=True)
 
 
 def main():

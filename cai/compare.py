@@ -310,7 +310,11 @@ def _run_compare(cfg: CompareConfig) -> dict:
     def do_eval(d: Path) -> dict:
         models = {
             n: rm_scorer(
-                p, batch_size=cfg.eval.rm_batch_size, max_length=cfg.train.max_length, device=cfg.device
+                p,
+                batch_size=cfg.eval.rm_batch_size,
+                max_length=cfg.train.max_length,
+                device=cfg.device,
+                length_correct=cfg.eval.length_correct,
             )
             for n, p in rm_dirs.items()
         }
@@ -336,6 +340,7 @@ def _run_compare(cfg: CompareConfig) -> dict:
         "probes": cfg.eval.probes,
         "probe_limit": cfg.eval.probe_limit,
         "max_length": cfg.train.max_length,
+        "length_correct": cfg.eval.length_correct,
     }
     eval_dir, _ = steps.run("eval", eval_inputs, do_eval)
     metrics = annotate(json.loads((eval_dir / "metrics.full.json").read_text()))

@@ -190,6 +190,12 @@ class LabelConfig:
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
     )
     overwrite: bool = opt(False, "Start the output file afresh instead of resuming.")
+    calibration: str | None = opt(
+        None,
+        "calibration.json from `cai calibrate` (fitted for this judge and constitution): write the "
+        "calibrated probability as label.p_chosen, the judge's own as label.judge.p_chosen.",
+        path=True,
+    )
 
 
 # ----------------------------------------------------------------------------- train / score
@@ -281,6 +287,15 @@ class TrainConfig:
     length_weight: float = opt(
         1.0, "odin: weight of the length-correlation and orthogonality terms (ODIN's lambda).", min=0.0
     )
+    length_correction: bool = opt(
+        True,
+        "After training, score the training pairs once more and fit reward against response length "
+        "(a spline on log characters fitted to within-pair reward differences; after Huang et al. "
+        "2024), at the strength that leaves the training pairs length-balanced; stored in the "
+        "artifact, so `cai score` and `cai eval` also report rewards with it subtracted. "
+        "--no-length-correction skips the extra pass.",
+        negatable=True,
+    )
     seed: int = opt(0, "Seed for the head's initialisation, shuffling and dropout.", **SEED)
     precision: str = opt(
         "auto",
@@ -367,6 +382,13 @@ class EvalConfig:
     skip_bad: bool = opt(
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
     )
+    length_correct: bool = opt(
+        True,
+        "A second column for each reward model trained with a length fit (`cai train`'s "
+        "--length-correction): accuracy, length-balanced accuracy and the length gap with the fit "
+        "subtracted from every reward.",
+        negatable=True,
+    )
 
 
 # TrainConfig options that `compare` sets itself (paths, data, seed, device) or that only make
@@ -389,7 +411,7 @@ TRAIN_SET_BY_STUDY = (
 )
 TRAIN_RENAMED = {"batch_size": "train_batch_size"}  # `--batch-size` is the judge's in compare
 # EvalConfig options that `compare` passes through to its evaluation step.
-EVAL_IN_STUDY = ("shift_pairs", "bootstrap", "probes", "probe_limit", "rm_batch_size")
+EVAL_IN_STUDY = ("shift_pairs", "bootstrap", "probes", "probe_limit", "rm_batch_size", "length_correct")
 
 
 def _train_template() -> TrainConfig:
@@ -463,4 +485,34 @@ class AgreementConfig:
         help="Human labels (`cai review` output); repeat for several files.", factory=list, path=True
     )
     bins: int = opt(3, "Judge-confidence bins (equal numbers of pairs each).", min=1)
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
     command: str = ""  # recorded in the report
+
+
+@dataclass
+class CalibrateConfig:
+    ai: str = opt(help="AI-labelled pairs (`cai label` or `cai generate` output).", path=True)
+    out: str = opt(
+        help="Folder: calibration.json (the map, for `cai label --calibration`), calibration.md/.html, "
+        "reliability.png.",
+        path=True,
+    )
+    human: list[str] = opt(
+        help="Human labels of some of the same pairs (`cai review` output); repeat for several files.",
+        factory=list,
+        path=True,
+    )
+    method: str = opt(
+        "auto",
+        "isotonic regression, platt scaling (one parameter), or auto: isotonic from 100 shared pairs, "
+        "Platt below.",
+        choices=("auto", "isotonic", "platt"),
+    )
+    folds: int = opt(5, "Cross-validation folds for the held-out reliability figures.", min=2)
+    seed: int = opt(0, "Seeds the split into folds.")
+    skip_bad: bool = opt(
+        False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
+    )
+    command: str = ""  # recorded in calibration.json

@@ -12,6 +12,12 @@ Conventions (all stated again in the report):
   ``rejected`` when it is < 0.5; rows labelled exactly 0.5 have no preferred side and are left
   out (and counted).
 - Intervals are percentile bootstrap 95% intervals over pairs, seeded, so reruns reproduce.
+- A reward model whose artifact carries a length fit (`cai train --length-correction`,
+  cai/lengthfit.py) also gets a *length-corrected* column: the same figures with the fit
+  subtracted from every reward (``--no-length-correct`` leaves it out).
+- Rows with a ``subset`` (RewardBench's layout) get accuracy per subset next to the "longer
+  answer" and "shorter answer" baselines on that subset; a subset where either shortcut scores
+  ``SHORTCUT`` or more is flagged.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ Scorer = Callable[[list[dict]], list[tuple[float, float]]]
 
 TIE_TOL = 1e-6  # batched scoring of identical text can differ in the last float bits
 ALPHA = 0.05
+SHORTCUT = 0.75  # a subset where "longer/shorter answer" scores this much is flagged
+NO_SUBSET = "(no subset)"
 # Bare refusals for the refusal-bias probe; one is picked per row by a hash of its id.
 REFUSALS = (
     "I can't help with that.",
@@ -317,15 +325,24 @@ def load_pairset(path, limit: int | None = None, skip_bad: bool = False) -> Pair
 
 
 def rm_scorer(
-    rm_dir, *, batch_size: int = 32, max_length: int | None = None, device: str | None = None
+    rm_dir,
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    device: str | None = None,
+    length_correct: bool = True,
 ) -> Scorer:
-    """A trained reward-model folder as a scorer (cai.reward does the batching)."""
+    """A trained reward-model folder as a scorer (cai.reward does the batching). With
+    ``length_correct`` its ``length_correction`` attribute is the artifact's length fit (None
+    when it has none): `evaluate` then adds the length-corrected figures."""
+    from cai import lengthfit
 
     def score(rows):
         from cai.reward import score_pairs
 
         return score_pairs(rm_dir, rows, batch_size=batch_size, max_length=max_length, device=device)
 
+    score.length_correction = lengthfit.from_artifact(rm_dir) if length_correct else None
     return score
 
 
@@ -513,6 +530,63 @@ def model_metrics(
     return m
 
 
+def corrected_metrics(
+    scores: dict, ps: PairSet, fit: dict, correct_raw, n_boot: int, seed: int, probes: bool
+):
+    """The length-corrected column: accuracy (and with ``probes`` the length probe) with the
+    artifact's length fit subtracted from every reward, and the paired change from the raw."""
+    from cai import lengthfit
+
+    r_pref = scores["r_pref"] - lengthfit.bias(fit, ps.len_pref)
+    r_other = scores["r_other"] - lengthfit.bias(fit, ps.len_other)
+    correct = accuracy_vector(r_pref - r_other)
+    m = {
+        "accuracy": mean_ci(correct, n_boot, seed),
+        "ties": int((np.abs(r_pref - r_other) <= TIE_TOL).sum()),
+        "vs_raw": paired_test(correct, correct_raw, n_boot, seed + 70),
+        "fit": {k: fit.get(k) for k in ("method", "pairs", "characters")},
+    }
+    if probes:
+        m["probes"] = {"length": length_probe(correct, r_pref, r_other, ps, n_boot, seed + 10)}
+    m["_correct"] = correct
+    return m
+
+
+def subset_metrics(ps: PairSet, correct: dict, corrected: dict, n_boot: int, seed: int) -> dict | None:
+    """Accuracy per ``subset`` for every model (and its length-corrected column) and the two length
+    baselines; None when no row names a subset."""
+    names = [r.get("subset") for r in ps.rows]
+    if all(x is None for x in names):
+        return None
+    names = [NO_SUBSET if x is None else str(x) for x in names]
+    out = {}
+    for sub in sorted(set(names)):
+        mask = np.array([x == sub for x in names])
+        entry = {
+            "n": int(mask.sum()),
+            "models": {n: mean_ci(c[mask], n_boot, seed) for n, c in correct.items() if n not in BASELINES},
+            "corrected": {n: mean_ci(c[mask], n_boot, seed) for n, c in corrected.items()},
+            "baselines": {
+                b: mean_ci(correct[b][mask], n_boot, seed) for b in ("longer answer", "shorter answer")
+            },
+        }
+        entry["shortcut"] = [b for b, r in entry["baselines"].items() if r["value"] >= SHORTCUT]
+        out[sub] = entry
+    return out
+
+
+def subset_notes(subsets: dict | None) -> list[str]:
+    notes = []
+    for sub, e in (subsets or {}).items():
+        for b in e["shortcut"]:
+            notes.append(
+                f"Subset '{sub}': the '{b}' baseline scores {_pct(e['baselines'][b]['value'])} "
+                f"(n={e['n']}): on it a reward model can look good by length alone, so its accuracy "
+                "there says little."
+            )
+    return notes
+
+
 # ============================================================================ verdicts (plain language)
 
 
@@ -609,11 +683,21 @@ def model_headline(name: str, m: dict, baselines: dict, vs_baselines: dict) -> s
         f"{_pct(lb['shorter'])} when it is the shorter)"
     )
     if lb["ci"][0] > 0.5:
-        return line + ": it learned more than length."
-    return line + (
-        ": at chance once length is balanced, so what it learned is mostly length"
-        + (" — do not read its accuracy as a success." if acc > 0.5 else ".")
-    )
+        line += ": it learned more than length."
+    else:
+        line += ": at chance once length is balanced, so what it learned is mostly length" + (
+            " — do not read its accuracy as a success." if acc > 0.5 else "."
+        )
+    lc = m.get("length_corrected")
+    if lc:
+        lb2, gap = length_balanced(lc), lc.get("probes", {}).get("length", {}).get("gap", {})
+        line += f" With its length fit subtracted: accuracy {_pct(lc['accuracy']['value'])}"
+        if lb2:
+            line += f", length-balanced {_pct(lb2['value'])}, gap {_pts(gap.get('value'))} points"
+            raw_gap = m["probes"]["length"]["gap"]["value"]
+            line += f" (raw {_pts(raw_gap)})"
+        line += "."
+    return line
 
 
 def model_notes(name: str, m: dict, baselines: dict, vs_baselines: dict) -> list[str]:
@@ -712,6 +796,7 @@ def evaluate(
         "notes": [],
     }
     correct: dict[str, np.ndarray] = {}
+    corrected: dict[str, np.ndarray] = {}
     for name, (fn, desc) in BASELINES.items():
         s = score_pairset(fn, ps)
         bm = model_metrics(s, ps, n_boot, seed, baseline=True)
@@ -737,6 +822,10 @@ def evaluate(
             drop = bootstrap_mean(sc, n_boot, seed + 40) - bootstrap_mean(correct[name], n_boot, seed)
             sh["change"] = {"value": float(sc.mean() - correct[name].mean()), "ci": _ci(drop)}
             m["shift"] = sh
+        fit = getattr(scorer, "length_correction", None)
+        if fit:
+            m["length_corrected"] = corrected_metrics(s, ps, fit, correct[name], n_boot, seed, probes)
+            corrected[name] = m["length_corrected"].pop("_correct")
         vs = {b: paired_test(correct[name], correct[b], n_boot, seed + 50) for b in BASELINES}
         m["vs_baselines"] = vs
         m["seconds"] = round(time.time() - t1, 2)
@@ -751,6 +840,9 @@ def evaluate(
     rc = recheck_stats(ps.rows)  # the pairs' own re-check (`--recheck`), when they carry one
     if rc:
         metrics["recheck"] = rc
+    subsets = subset_metrics(ps, correct, corrected, n_boot, seed + 80)
+    if subsets:
+        metrics["subsets"] = subsets
     metrics["seconds"] = round(time.time() - t0, 2)
     return annotate(metrics)
 
@@ -769,6 +861,7 @@ def annotate(metrics: dict) -> dict:
         h = model_headline(name, m, metrics["baselines"], m.get("vs_baselines", {}))
         metrics["headlines"] += [h] if h else []
         metrics["notes"] += model_notes(name, m, metrics["baselines"], m.get("vs_baselines", {}))
+    metrics["notes"] += subset_notes(metrics.get("subsets"))
     for c in metrics["comparisons"]:
         c["verdict"] = comparison_verdict(
             c["a"], c["b"], c, tuple(n for n in (c["a"], c["b"]) if at_chance(n))
@@ -849,7 +942,13 @@ def run_eval(cfg: EvalConfig, provenance: dict | None = None, progress: bool = T
         shift = load_pairset(cfg.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.shift_pairs else None
         prov = {n: {**rm_provenance(r), **((provenance or {}).get(n, {}))} for n, r in zip(names, cfg.rms)}
         models = {
-            n: rm_scorer(r, batch_size=cfg.rm_batch_size, max_length=cfg.max_length, device=cfg.device)
+            n: rm_scorer(
+                r,
+                batch_size=cfg.rm_batch_size,
+                max_length=cfg.max_length,
+                device=cfg.device,
+                length_correct=cfg.length_correct,
+            )
             for n, r in zip(names, cfg.rms)
         }
         metrics = evaluate(
@@ -872,6 +971,12 @@ def summary_line(metrics: dict, out) -> str:
     parts = [
         f"{n} {_pct(m['accuracy']['value'])}"
         + (f" (length-balanced {_pct(lb['value'])})" if (lb := length_balanced(m)) else "")
+        + (
+            f", length-corrected {_pct(lc['accuracy']['value'])}"
+            + (f" (length-balanced {_pct(lb2['value'])})" if (lb2 := length_balanced(lc)) else "")
+            if (lc := m.get("length_corrected"))
+            else ""
+        )
         for n, m in metrics["models"].items()
     ]
     best = max(

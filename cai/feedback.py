@@ -336,6 +336,8 @@ def flip_label(label: dict) -> dict:
     j = dict(out.get("judge") or {})
     if j:
         j["orders"] = orders(j.get("orders"))
+        if isinstance(j.get("p_chosen"), (int, float)):  # the judge's own, on calibrated labels
+            j["p_chosen"] = 1.0 - j["p_chosen"]
         if isinstance(j.get("by_principle"), dict):
             j["by_principle"] = {k: orders(v) for k, v in j["by_principle"].items()}
         for k in ("verdicts", "raw", "reasoning"):
@@ -598,7 +600,12 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
     if not (0.0 <= lo <= 0.5 <= hi <= 1.0):
         raise InputError(f"--clamp {lo} {hi}: need 0 <= low <= 0.5 <= high <= 1, e.g. --clamp 0.4 0.6")
     const = load_constitution(cfg.constitution)
-    inputs = [cfg.pairs, *(Path(const.path) / f for f in const.files)]
+    calib = None
+    if cfg.calibration:
+        from cai.calibration import load
+
+        calib = load(cfg.calibration)
+    inputs = [cfg.pairs, *(Path(const.path) / f for f in const.files), cfg.calibration]
     check_output(summary_path(cfg.out), inputs, option="--out's summary file")
     # the engine --backend stands for here (auto) and the options it takes, before anything loads
     from dataclasses import replace
@@ -612,10 +619,26 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
 
         check_model(resolve_model(cfg.model)[0])  # weights whole, tokenizer fits: before any work
     with claim_output(cfg.out, inputs):
-        return _label(cfg, const, principles, lo, hi)
+        return _label(cfg, const, principles, lo, hi, calib)
 
 
-def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSummary:
+def calibrated(label: dict, calib: dict) -> dict:
+    """The judge's label with the calibration map applied: ``p_chosen`` calibrated, the judge's
+    own probability kept as ``judge.p_chosen`` (with the map's method and file hash)."""
+    from cai.calibration import apply
+
+    raw = label["p_chosen"]
+    judge = dict(
+        label["judge"],
+        p_chosen=raw,
+        calibration={"method": calib["map"]["method"], "sha256": calib["sha256"]},
+    )
+    return dict(label, p_chosen=round(float(apply(calib["map"], raw)), 6), judge=judge)
+
+
+def _label(
+    cfg: LabelConfig, const, principles, lo: float, hi: float, calib: dict | None = None
+) -> LabelSummary:
     from tqdm.auto import tqdm
 
     from cai import __version__
@@ -639,6 +662,16 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
         params.update(clamp=[lo, hi], max_new_tokens=cfg.max_new_tokens)
     if cfg.recheck:  # only when on, so files made before the option existed still resume
         params["recheck"] = recheck_params(const, cfg.recheck_margin)
+    if calib is not None:
+        from cai.calibration import check_judge, judge_signature
+
+        calib["sha256"] = file_sha256(calib["_path"])
+        where = calib["_path"]
+        constitution = {"name": const.name, "sha256": const.sha256}
+        # the model is checked once it is loaded (below), before any row is written
+        unloaded = judge_signature({"model": "(not loaded)", "params": params})
+        check_judge(calib, where, constitution=constitution, signature=unloaded, model=False)
+        params["calibration"] = calib["sha256"]
     meta = {
         "constitution": {"name": const.name, "sha256": const.sha256},
         "seed": cfg.seed,
@@ -667,6 +700,8 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
             "runtime": backend.describe(),
         }
         check_resume_meta(writer, meta)
+        if calib is not None:
+            check_judge(calib, where, constitution=constitution, signature=judge_signature(meta))
         bar = tqdm(
             total=len(rows), initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True
         )
@@ -688,6 +723,8 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
                     )
                     if cfg.recheck:
                         chunk = _rechecked(backend, const, chunk, cfg)
+                    if calib is not None:
+                        labels = [calibrated(lab, calib) for lab in labels]
                     writer.write_many(_output_row(r, lab, meta) for r, lab in zip(chunk, labels))
                     s.labelled += len(chunk)
                     s.truncated = warn_truncation(backend, s.truncated)
@@ -717,6 +754,13 @@ def _label(cfg: LabelConfig, const, principles, lo: float, hi: float) -> LabelSu
                 "params": params,
                 "seed": cfg.seed,
                 "constitution": {"name": const.name, "sha256": const.sha256},
+                "calibration": {
+                    "path": calib["_path"],
+                    "sha256": calib["sha256"],
+                    "method": calib["map"]["method"],
+                }
+                if calib
+                else None,
             },
             **({"recheck": s.recheck} if cfg.recheck else {}),
         },

@@ -310,6 +310,14 @@ def normalise_pair(row: dict, path=None, line: int | None = None) -> dict:
         if not response_text(msgs).strip():
             raise InputError(f"'{field}' response is empty; a response needs some text", path, line)
     _check_text_size([prompt, ch, rj], "the row", path, line)
+    sub = row.get("subset")
+    if sub is not None and not (isinstance(sub, str) and sub.strip()):
+        raise InputError(
+            f"'subset' must be a non-empty string naming the row's group (as in RewardBench), "
+            f"not {json.dumps(sub)[:40]}",
+            path,
+            line,
+        )
     out = dict(row)
     out["prompt"], out["chosen"], out["rejected"] = prompt, ch, rj
     out["label"] = label

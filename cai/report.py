@@ -320,14 +320,25 @@ def build_blocks(metrics: dict) -> list[tuple]:
 
     # the main table: models and the trivial baselines together
     B.append(("h2", "Accuracy"))
-    head = ["model", "accuracy", "95% CI", "n", "ties", "ECE", "mean margin", "what produced it"]
+    fixed = any("length_corrected" in m for m in metrics["models"].values())
+    head = ["model", "accuracy", "95% CI"]
+    head += ["length-corrected (95% CI)"] if fixed else []
+    head += ["n", "ties", "ECE", "mean margin", "what produced it"]
     rows = []
     for n, m in metrics["models"].items():
+        lc = m.get("length_corrected")
         rows.append(
-            [
-                f"**{n}**",
-                _pct(m["accuracy"]["value"]),
-                _ci_txt(m["accuracy"]),
+            [f"**{n}**", _pct(m["accuracy"]["value"]), _ci_txt(m["accuracy"])]
+            + (
+                [
+                    f"{_pct(lc['accuracy']['value'])} ({_ci_txt(lc['accuracy'])})"
+                    if lc
+                    else "n/a (no length fit)"
+                ]
+                if fixed
+                else []
+            )
+            + [
                 str(m["accuracy"]["n"]),
                 str(m["ties"]),
                 _f(m.get("calibration", {}).get("ece")),
@@ -337,18 +348,20 @@ def build_blocks(metrics: dict) -> list[tuple]:
         )
     for n, b in metrics["baselines"].items():
         rows.append(
-            [
-                f"baseline: {n}",
-                _pct(b["accuracy"]["value"]),
-                _ci_txt(b["accuracy"]),
-                str(b["accuracy"]["n"]),
-                str(b["ties"]),
-                "–",
-                "–",
-                b["description"],
-            ]
+            [f"baseline: {n}", _pct(b["accuracy"]["value"]), _ci_txt(b["accuracy"])]
+            + (["–"] if fixed else [])
+            + [str(b["accuracy"]["n"]), str(b["ties"]), "–", "–", b["description"]]
         )
     B.append(("table", head, rows))
+    if fixed:
+        B.append(
+            (
+                "p",
+                "Length-corrected: the same reward model with its length fit subtracted from every reward "
+                "(`cai train` fits reward against response length on its own training pairs; "
+                "`--no-length-correct` leaves this column out).",
+            )
+        )
     B.append(("img", "accuracy.png", "Accuracy with 95% intervals"))
 
     if metrics["models"]:
@@ -464,6 +477,7 @@ def build_blocks(metrics: dict) -> list[tuple]:
     B += shift_blocks(metrics)
     if metrics.get("recheck"):
         B += recheck_blocks(metrics["recheck"])
+    B += subset_blocks(metrics)
 
     B.append(("h2", "Method"))
     B.append(
@@ -479,7 +493,16 @@ def build_blocks(metrics: dict) -> list[tuple]:
                 "discordant pairs, continuity-corrected χ² above) and a paired bootstrap interval of the "
                 "accuracy difference.",
                 "Probes reuse the test pairs: each number comes with its n and a 95% interval.",
-            ],
+            ]
+            + (
+                [
+                    "Length-corrected: each reward minus s·f(log(1 + characters)), f fitted by `cai train` "
+                    "to the within-pair reward differences of its own training pairs, s the share of it that "
+                    "leaves those pairs length-balanced (`length_correction` in cai_train_config.json)."
+                ]
+                if any("length_corrected" in m for m in metrics["models"].values())
+                else []
+            ),
         )
     )
     return B
@@ -503,7 +526,12 @@ def probe_blocks(metrics: dict) -> list[tuple]:
         )
     )
     rows = []
+    entries = []
     for n, m in models.items():
+        entries.append((n, m))
+        if "probes" in (m.get("length_corrected") or {}):
+            entries.append((f"{n} (length-corrected)", m["length_corrected"]))
+    for n, m in entries:
         L = m["probes"]["length"]
         rows.append(
             [
@@ -678,6 +706,40 @@ def shift_blocks(metrics: dict) -> list[tuple]:
             )
         )
     return B
+
+
+def subset_blocks(metrics: dict) -> list[tuple]:
+    """Accuracy per subset (RewardBench's layout) next to the two length shortcuts on that subset."""
+    subsets = metrics.get("subsets")
+    if not subsets:
+        return []
+    names = list(metrics["models"])
+    fixed = [n for n in names if "length_corrected" in metrics["models"][n]]
+    head = ["subset", "pairs"] + names + [f"{n} (length-corrected)" for n in fixed]
+    head += ["longer answer", "shorter answer", "shortcut ≥ 75%?"]
+
+    def cell(r: dict) -> str:
+        return f"{_pct(r['value'])} ({_ci_txt(r)})" if r.get("value") is not None else "n/a"
+
+    rows = []
+    for sub, e in subsets.items():
+        rows.append(
+            [sub, str(e["n"])]
+            + [cell(e["models"][n]) for n in names]
+            + [cell(e["corrected"][n]) for n in fixed]
+            + [cell(e["baselines"]["longer answer"]), cell(e["baselines"]["shorter answer"])]
+            + ["**yes: " + ", ".join(e["shortcut"]) + "**" if e["shortcut"] else "no"]
+        )
+    return [
+        ("h2", "Per subset"),
+        (
+            "p",
+            "Accuracy (95% bootstrap CI) on the rows of each `subset`, next to what always picking the "
+            "longer or the shorter answer scores on the same rows. Where a shortcut scores 75% or more, the "
+            "subset rewards length, and a model's accuracy there is no evidence it learned the preference.",
+        ),
+        ("table", head, rows),
+    ]
 
 
 def _corr_txt(c: dict) -> str:

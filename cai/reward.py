@@ -396,6 +396,54 @@ def length_metrics(rewards, p, lengths) -> dict:
     return out
 
 
+def _fit_length_correction(trainer, model, tok, train_ds, last_eval, metrics: dict) -> dict:
+    """Score the training pairs with the final model and fit reward against response length
+    (cai/lengthfit.py); add the corrected eval figures to ``metrics``. Returns the artifact's
+    ``length_correction`` record (None with a reason when it cannot be fitted)."""
+    from cai import lengthfit
+
+    if trainer.args.world_size > 1 or getattr(trainer, "is_fsdp_enabled", False):
+        _log("length correction skipped: it is fitted in single-process training only")
+        return {"skipped": "multi-process training"}
+    t0 = time.time()
+    _log(f"length correction: scoring the {len(train_ds)} training pairs with the final model")
+    device = next(model.parameters()).device
+    seqs = [s for it in train_ds.items for s in (it["chosen_ids"], it["rejected_ids"])]
+    was_training = model.training
+    model.eval()
+    try:
+        scores = score_sequences(model, tok.pad_token_id, seqs, device, batch_size=32, progress=False)
+    finally:
+        model.train(was_training)
+    rewards = np.array(scores).reshape(-1, 2)
+    lengths = np.array([[it["len_chosen"], it["len_rejected"]] for it in train_ds.items], float)
+    p = np.array([it["p_chosen"] for it in train_ds.items])
+    rec = lengthfit.fit(rewards, lengths)
+    if rec is None:
+        _log("length correction skipped: fewer than 5 distinct response lengths, or constant rewards")
+        return {"skipped": "too few distinct lengths or constant rewards"}
+    rec = lengthfit.choose_strength(
+        rec, rewards, lengths, lambda r: length_metrics(r, p, lengths).get("length_gap")
+    )
+    corrected = lengthfit.correct(rec, rewards, lengths)
+    rec["train"] = {
+        "raw": pair_metrics(rewards, p) | length_metrics(rewards, p, lengths),
+        "corrected": pair_metrics(corrected, p) | length_metrics(corrected, p, lengths),
+    }
+    if last_eval is not None:
+        er, ep, el = last_eval
+        ec = lengthfit.correct(rec, er, el)
+        m = pair_metrics(ec, ep) | length_metrics(ec, ep, el)
+        metrics.update({f"eval_corrected_{k}": v for k, v in m.items() if k != "pairs"})
+    rec["seconds"] = round(time.time() - t0, 1)
+    _log(
+        f"length correction fitted (strength {rec['strength']:.2f}): training pairs' length gap "
+        f"{rec['train']['raw'].get('length_gap', float('nan')):+.3f} -> "
+        f"{rec['train']['corrected'].get('length_gap', float('nan')):+.3f}"
+    )
+    return rec
+
+
 def reward_metrics(pred) -> dict:
     """Trainer's compute_metrics: predictions are the (n, 2) rewards, label_ids (p_chosen, lengths)."""
     labels = pred.label_ids
@@ -404,6 +452,20 @@ def reward_metrics(pred) -> dict:
     if lengths is not None:
         m.update(length_metrics(pred.predictions, p, lengths))
     return m
+
+
+class _KeepLastEval:
+    """``reward_metrics`` that also keeps the last evaluation's rewards, labels and lengths, so
+    the length-corrected eval figures need no second pass over the eval pairs."""
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, pred) -> dict:
+        labels = pred.label_ids
+        if isinstance(labels, (tuple, list)) and len(labels) == 2:
+            self.last = (np.asarray(pred.predictions), np.asarray(labels[0]), np.asarray(labels[1]))
+        return reward_metrics(pred)
 
 
 def _reward_head(model) -> torch.nn.Linear:
@@ -774,6 +836,7 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         checkpointing = not _on_gpu(cfg) and getattr(model, "supports_gradient_checkpointing", False)
 
     has_eval = eval_ds is not None
+    keep_eval = _KeepLastEval()
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=cfg.batch_size,
@@ -811,7 +874,7 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         eval_dataset=eval_ds,
         processing_class=tok,
         data_collator=PairCollator(tok.pad_token_id, 8 if precision != "fp32" else None),
-        compute_metrics=reward_metrics if has_eval else None,
+        compute_metrics=keep_eval if has_eval else None,
         labels=cfg.labels,
         margin=cfg.margin,
         center_rewards=cfg.center_rewards,
@@ -869,6 +932,10 @@ def _train_reward_model(cfg: TrainConfig, progress: bool, *, callbacks: list | N
         if odin:  # ship the quality output alone: a plain 1-output reward model
             record["length_head"] = _drop_length_head(model) | {"sign": trainer.length_sign}
         trainer.save_model(str(out))  # safetensors + tokenizer + config (num_labels=1, pad id)
+        if main and cfg.length_correction:
+            record["length_correction"] = _fit_length_correction(
+                trainer, model, tok, train_ds, keep_eval.last, metrics
+            )
     # a pickle, redundant with cai_train_config.json; model hubs flag pickles, so leave none behind
     (out / "training_args.bin").unlink(missing_ok=True)
 
@@ -921,6 +988,9 @@ def _model_card(rec: dict) -> str:
         "eval_acc_pref_shorter",
         "eval_balanced_accuracy",
         "eval_spearman_reward_length",
+        "eval_corrected_accuracy",
+        "eval_corrected_balanced_accuracy",
+        "eval_corrected_length_gap",
         "train_last_pass_balanced_accuracy",
         "train_last_pass_spearman_reward_length",
         "train_samples_per_second",
@@ -991,6 +1061,27 @@ def _model_card(rec: dict) -> str:
         if steps
         else "No length-robust training (`--length-robust none`): the reward is free to learn length.\n\n"
     ) + measured
+    lc = rec.get("length_correction") or {}
+    if "x" in lc:
+        raw, fixed = lc["train"]["raw"], lc["train"]["corrected"]
+        length_section += (
+            "\n\nLength correction (`length_correction` in cai_train_config.json): a "
+            f"{lc['method']}, fitted on the {lc['pairs']} training pairs scored by this model and "
+            f"applied at strength {lc.get('strength', 1.0):.2f} (the share of it that leaves the model "
+            "length-balanced on those pairs); "
+            "`cai score` and `cai eval` also report rewards with it subtracted. On the training "
+            f"pairs it moves the length gap from {raw.get('length_gap', float('nan')):+.3f} to "
+            f"{fixed.get('length_gap', float('nan')):+.3f} and accuracy from {raw['accuracy']:.3f} to "
+            f"{fixed['accuracy']:.3f}"
+            + (
+                f"; on the eval pairs accuracy {m['eval_corrected_accuracy']:.3f}, length gap "
+                f"{m.get('eval_corrected_length_gap', float('nan')):+.3f}."
+                if "eval_corrected_accuracy" in m
+                else "."
+            )
+        )
+    elif lc.get("skipped"):
+        length_section += f"\n\nNo length correction ({lc['skipped']})."
     training = (
         f"{c['epochs']} epoch(s), lr {c['lr']}, batch {c['batch_size']}×{c['grad_accum']}, "
         f"max length {c['max_length']},"
@@ -1096,8 +1187,6 @@ def score_pairs(
     Sequences are scored in length-sorted batches (little padding). `max_length` defaults to the
     length the model was trained at. `stats`, when given, receives {"truncated": n}.
     """
-    from tqdm.auto import tqdm
-
     tok, model, device = _load_reward_model(rm_dir, device)
     if max_length is None:
         rec = _read_marker(Path(rm_dir)) or {}
@@ -1108,13 +1197,27 @@ def score_pairs(
     seqs = [s for r in rows for s in enc(r)]  # chosen_0, rejected_0, chosen_1, …
     if stats is not None:
         stats["truncated"] = enc.truncated
+    scores = score_sequences(model, tok.pad_token_id, seqs, device, batch_size)
+    return [(scores[2 * k], scores[2 * k + 1]) for k in range(len(rows))]
+
+
+def score_sequences(model, pad_id: int, seqs: list[list[int]], device, batch_size: int = 32, progress=None):
+    """The reward (output 0) of each token-id sequence, in input order; length-sorted batches."""
+    from tqdm.auto import tqdm
+
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     scores = [0.0] * len(seqs)
-    bar = tqdm(total=len(rows), desc="scoring", unit="pair", disable=None, file=sys.stderr)
+    bar = tqdm(
+        total=len(seqs) // 2,
+        desc="scoring",
+        unit="pair",
+        disable=True if progress is False else None,
+        file=sys.stderr,
+    )
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask = pad_batch([seqs[i] for i in idx], tok.pad_token_id)
+            ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
             logits = (
                 model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
             )
@@ -1122,34 +1225,56 @@ def score_pairs(
                 scores[i] = v
             bar.update(len(idx) / 2)
     bar.close()
-    return [(scores[2 * k], scores[2 * k + 1]) for k in range(len(rows))]
+    return scores
+
+
+def length_correction(rm_dir) -> dict | None:
+    """The artifact's fitted length correction (cai/lengthfit.py), or None when it has none."""
+    from cai import lengthfit
+
+    return lengthfit.from_artifact(rm_dir, CONFIG_NAME)
 
 
 def run_score(cfg: ScoreConfig) -> dict:
-    """`cai score`: per-row rewards as JSONL (id, r_chosen, r_rejected, margin); `out` may be '-'.
+    """`cai score`: per-row rewards as JSONL (id, r_chosen, r_rejected, margin; and, when the
+    artifact carries a length fit, the same three with ``_corrected``); `out` may be '-'.
 
-    Returns a summary: pairs scored, rows skipped, rows truncated, and accuracy / mean margin
-    against the rows' labels (rows labelled 0.5 left out).
+    Returns a summary: pairs scored, rows skipped, rows truncated, and against the rows' labels
+    (rows labelled 0.5 left out) accuracy, mean margin, length-balanced accuracy and the length
+    gap, raw and (with a length fit) corrected.
     """
+    from cai import lengthfit
+
     check_config(cfg)
     check_reward_model(cfg.rm, "--rm")
+    fit = length_correction(cfg.rm)  # a broken record is an error before any scoring
     with claim_output(cfg.out, inputs=[cfg.pairs]):
         stats: dict = {}
         rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=stats)
         sc: dict = {}
         scores = score_pairs(cfg.rm, rows, batch_size=cfg.rm_batch_size, device=cfg.device, stats=sc)
-        text = "".join(
-            json.dumps({"id": r["id"], "r_chosen": c, "r_rejected": j, "margin": c - j}, ensure_ascii=False)
-            + "\n"
-            for r, (c, j) in zip(rows, scores)
+        lengths = np.array(
+            [[len(response_text(r["chosen"])), len(response_text(r["rejected"]))] for r in rows]
         )
+        fixed = lengthfit.correct(fit, scores, lengths) if fit else None
+
+        def line(k: int, r: dict) -> str:
+            c, j = scores[k]
+            out = {"id": r["id"], "r_chosen": c, "r_rejected": j, "margin": c - j}
+            if fixed is not None:
+                fc, fj = (float(v) for v in fixed[k])
+                out |= {"r_chosen_corrected": fc, "r_rejected_corrected": fj, "margin_corrected": fc - fj}
+            return json.dumps(out, ensure_ascii=False) + "\n"
+
+        text = "".join(line(k, r) for k, r in enumerate(rows))
         if str(cfg.out) == "-":
             sys.stdout.write(text)
             sys.stdout.flush()
         else:
             write_text(cfg.out, text)  # all or nothing: a killed run never leaves half a file
-    m = pair_metrics(scores, [r["label"]["p_chosen"] for r in rows])
-    return {
+    p = [r["label"]["p_chosen"] for r in rows]
+    m = pair_metrics(scores, p)
+    summary = {
         "pairs": len(rows),
         "skipped": len(stats.get("skipped", [])),
         "skip_note": skip_note(stats),
@@ -1157,5 +1282,32 @@ def run_score(cfg: ScoreConfig) -> dict:
         "accuracy": m["accuracy"],
         "margin": m["margin"],
         "labelled": m["pairs"],
+        "length": length_metrics(scores, p, lengths) if m["pairs"] else {},
+        "corrected": None,
         "out": str(cfg.out),
     }
+    if fixed is not None and m["pairs"]:
+        summary["corrected"] = pair_metrics(fixed, p) | length_metrics(fixed, p, lengths)
+    return summary
+
+
+def score_summary(s: dict, out) -> list[str]:
+    """The lines `cai score` prints: counts, then accuracy, length-balanced accuracy and the length
+    gap against the rows' labels, raw and (with the artifact's length fit) corrected."""
+
+    def figures(m: dict) -> str:
+        txt = f"{m['accuracy']:.3f}"
+        if "balanced_accuracy" in m:
+            txt += f" (length-balanced {m['balanced_accuracy']:.3f}, gap {100 * m['length_gap']:+.1f} points)"
+        return txt
+
+    skipped = f"; {s['skip_note']}" if s.get("skip_note") else ""
+    lines = [f"cai: scored {s['pairs']} pairs -> {out} ({s['truncated']} truncated){skipped}"]
+    if s["labelled"]:
+        line = f"cai: accuracy vs labels on {s['labelled']} pairs: raw {figures(s | s['length'])}"
+        if s.get("corrected"):
+            line += f"; length-corrected {figures(s['corrected'])}"
+        else:
+            line += "; no length fit in this reward model (cai train --length-correction makes one)"
+        lines.append(line)
+    return lines

@@ -204,3 +204,37 @@ def test_kappa_does_not_depend_on_which_response_a_file_calls_chosen(tmp_path):
     assert {k: m["overall"][k] for k in expected} == expected
     assert m["overall"]["kappa"] not in (None, 0.0)
     assert m["overall"]["agreement"] == agreement([(0.6, h["label"]["p_chosen"]) for h in human])["agreement"]
+
+
+def test_report_has_the_preference_rate_three_ways(tmp_path, files):
+    """Human-only, AI-only and prediction-powered rates, overall and per principle (cai/ppi.py)."""
+    from cai import ppi
+
+    ai, a, b, c = files
+    m = run_agreement(AgreementConfig(ai=str(ai), human=[str(a), str(b)], out=str(tmp_path / "rep")))
+    r = m["preference_rate"]
+    assert r["target"] == "`chosen`"  # no critique/revision trace: the file's own chosen
+    consensus = [(A_P[i] + B_P[i]) / 2 if i in B_P else A_P[i] for i in range(len(AI_P))]
+    assert r["overall"] == {"pairs": 8, "human_labelled": 8, **ppi.estimates(consensus, AI_P, [])}
+    assert set(r["per_principle"]) == {"harm", "help"}
+    assert any("only 8 human labels, too few to say anything" in w for w in m["warnings"])
+    md = (tmp_path / "rep" / "agreement.md").read_text()
+    assert "Preference rate" in md and "prediction-powered" in md and "effective human labels" in md
+
+
+def test_a_label_outside_0_1_is_one_line_and_writes_nothing(tmp_path, files):
+    ai, a, b, c = files
+    lines = a.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["label"]["p_chosen"] = -0.2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]]) + "\n")
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(cli, ["agreement", "--ai", str(ai), "--human", str(bad), "--out", str(out)])
+    assert r.exit_code == 2 and f"{bad}:3:" in r.output and "must be in [0, 1], not -0.2" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+    r = CliRunner().invoke(
+        cli, ["agreement", "--ai", str(ai), "--human", str(bad), "--out", str(out), "--skip-bad"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "agreement.json").read_text())["provenance"]["human"]["files"][0]["skipped"] == 1

@@ -316,3 +316,106 @@ def test_headline_says_whether_a_model_beats_the_best_baseline_and_learned_more_
         if b[0] == "ul"
     ]
     assert md_blocks and md_blocks[0][1][:2] == m["headlines"]
+
+
+# ---------------------------------------------------------------- length-corrected column, subsets
+
+
+def _quality_plus_length(rows):
+    """A reward that knows which answer is better (+1) but is swamped by length (0.05 per character)."""
+    good = {ev.response_text(r["chosen"]) for r in rows if r["label"]["p_chosen"] > 0.5}
+    return [
+        tuple(
+            float(ev.response_text(r[k]) in good) + 0.05 * len(ev.response_text(r[k]))
+            for k in ("chosen", "rejected")
+        )
+        for r in rows
+    ]
+
+
+def test_length_corrected_column_removes_a_length_lean(mixed_rows):
+    from cai import lengthfit
+
+    train = [
+        pair(100 + i, r["rejected"][0]["content"] + " x" * (i % 7), r["chosen"][0]["content"])
+        for i, r in enumerate(mixed_rows)
+    ] + [
+        pair(200 + i, r["chosen"][0]["content"], r["rejected"][0]["content"] + " y")
+        for i, r in enumerate(mixed_rows)
+    ]
+    lengths = [[len(ev.response_text(r["chosen"])), len(ev.response_text(r["rejected"]))] for r in train]
+    scorer = lambda rows: _quality_plus_length(rows)  # noqa: E731  (a function object takes an attribute)
+    scorer.length_correction = lengthfit.fit(_quality_plus_length(train), lengths)
+    ps = ev.make_pairset(mixed_rows, {"file": "test.jsonl", "sha256": "ab" * 32, "n": 60})
+    m = ev.evaluate({"lean": scorer}, ps, n_boot=200, progress=False)
+    raw, fixed = m["models"]["lean"], m["models"]["lean"]["length_corrected"]
+    assert raw["probes"]["length"]["gap"]["value"] == 1.0  # raw: length decides every pair
+    assert fixed["accuracy"]["value"] > 0.9 and abs(fixed["probes"]["length"]["gap"]["value"]) < 0.15
+    assert ev.length_balanced(fixed)["value"] > 0.9 and ev.length_balanced(raw)["value"] == 0.5
+    assert fixed["vs_raw"]["significant"] and fixed["accuracy"]["value"] >= raw["accuracy"]["value"]
+    assert "With its length fit subtracted: accuracy" in m["headlines"][0]
+    assert "length-corrected" in ev.summary_line(m, "out")
+    md = ev_report_md(m)
+    assert "length-corrected (95% CI)" in md and "lean (length-corrected)" in md
+    # without the attribute (a model with no fit, or --no-length-correct) there is no column
+    m2 = ev.evaluate({"lean": _quality_plus_length}, ps, n_boot=100, progress=False)
+    assert "length_corrected" not in m2["models"]["lean"] and "length-corrected" not in ev_report_md(m2)
+
+
+def ev_report_md(m):
+    from cai.report import build_blocks, render_md
+
+    return render_md(build_blocks(m))
+
+
+def rewardbench_file(tmp_path, bad_subset=None):
+    """RewardBench's layout: prompt/chosen/rejected strings and a subset. In 'chat-easy' the chosen
+    answer is always the longer; in 'refusals' the lengths are mixed."""
+    rows = []
+    for i in range(24):
+        sub = "chat-easy" if i < 12 else "refusals"
+        long_, short = f"A full answer number {i}, " + "with detail " * (1 + i % 4), f"No {i}."
+        ch, rj = (long_, short) if sub == "chat-easy" or i % 2 else (short, long_)
+        rows.append({"prompt": f"Question {i}?", "chosen": ch, "rejected": rj, "subset": sub, "id": i})
+    if bad_subset is not None:
+        rows[3]["subset"] = bad_subset
+    path = tmp_path / "rb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rewardbench_rows_get_accuracy_per_subset_and_shortcut_flags(tmp_path):
+    ps = ev.load_pairset(rewardbench_file(tmp_path))
+    assert ps.n == 24 and {r["subset"] for r in ps.rows} == {"chat-easy", "refusals"}
+    m = ev.evaluate({"len": length_scorer}, ps, n_boot=200, progress=False)
+    easy, ref = m["subsets"]["chat-easy"], m["subsets"]["refusals"]
+    assert easy["n"] == 12 and easy["baselines"]["longer answer"]["value"] == 1.0
+    assert easy["shortcut"] == ["longer answer"] and ref["shortcut"] == []
+    assert ref["baselines"]["longer answer"]["value"] == 0.5 and ref["models"]["len"]["value"] == 0.5
+    assert easy["models"]["len"]["ci"][0] <= easy["models"]["len"]["value"] <= easy["models"]["len"]["ci"][1]
+    assert any("Subset 'chat-easy': the 'longer answer' baseline scores 100.0%" in n for n in m["notes"])
+    md = ev_report_md(m)
+    assert "Per subset" in md and "**yes: longer answer**" in md
+
+
+@pytest.mark.parametrize("bad", [3, ["a"], ""])
+def test_a_subset_that_is_not_a_string_is_one_line_and_writes_nothing(tmp_path, bad):
+    from click.testing import CliRunner
+
+    from cai.cli import cli
+
+    path = rewardbench_file(tmp_path, bad_subset=bad)
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text(json.dumps({"num_labels": 1}))
+    (rm / "model.safetensors").write_bytes(b"")
+    res = CliRunner().invoke(
+        cli, ["eval", "--rm", str(rm), "--pairs", str(path), "--out", str(tmp_path / "rep")]
+    )
+    assert (
+        res.exit_code == 2
+        and f"{path}:4:" in res.output
+        and "'subset' must be a non-empty string" in res.output
+    )
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "rep").exists()

@@ -279,6 +279,9 @@ def test_three_formats_feed_training_and_artifact_is_recorded(trained_rm):
     assert train["sha256"] in card and "eval_accuracy" in card and "limitations" in card.lower()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == []  # finished runs keep no checkpoints
     assert not (out / "training_args.bin").exists()
+    # three distinct response lengths: too few to fit reward against length, and said so
+    assert rec["length_correction"] == {"skipped": "too few distinct lengths or constant rewards"}
+    assert "No length correction" in card
 
 
 def test_artifact_loads_in_plain_transformers_and_matches_score_pairs(trained_rm, tmp_path):
@@ -522,12 +525,65 @@ def test_cli_train_then_score(tiny_reward_base, hh_train, tmp_path):
     ids = [r["id"] for r in read_pairs(hh_train, limit=10)]
     assert [x["id"] for x in lines] == ids
     assert all(x["margin"] == pytest.approx(x["r_chosen"] - x["r_rejected"]) for x in lines)
-    assert "accuracy vs labels" in res.stderr
+    assert "accuracy vs labels" in res.stderr and "length-corrected" in res.stderr
+    lc = rec["length_correction"]
+    assert lc["pairs"] == 24 and len(lc["x"]) == len(lc["y"]) == 64 and "within-pair" in lc["method"]
+    assert set(lc["train"]) == {"raw", "corrected"} and "length_gap" in lc["train"]["raw"]
+    from cai import lengthfit
+
+    rows = read_pairs(hh_train, limit=10)
+    for x, r in zip(lines, rows):
+        lens = [len(r["chosen"][-1]["content"]), len(r["rejected"][-1]["content"])]
+        want = lengthfit.correct(lc, [x["r_chosen"], x["r_rejected"]], lens)
+        assert [x["r_chosen_corrected"], x["r_rejected_corrected"]] == pytest.approx(list(want), abs=1e-9)
+        assert x["margin_corrected"] == pytest.approx(want[0] - want[1], abs=1e-9)
+    assert "Length correction" in (out / "README.md").read_text()
 
     res = runner.invoke(
         cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", "-", "--limit", "3"]
     )
     assert res.exit_code == 0 and [json.loads(x)["id"] for x in res.stdout.splitlines()] == ids[:3]
+
+    # cai eval on RewardBench-style rows: the length-corrected column and the per-subset table
+    from test_evaluate import rewardbench_file
+
+    rb = rewardbench_file(tmp_path)
+    res = runner.invoke(
+        cli,
+        ["eval", "--rm", str(out), "--pairs", str(rb), "--out", str(tmp_path / "rep"), "--bootstrap", "100"],
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    col = m["models"]["rm-human"]["length_corrected"]
+    assert col["accuracy"]["n"] == 24 and "gap" in col["probes"]["length"] and m["config"]["length_correct"]
+    assert set(m["subsets"]) == {"chat-easy", "refusals"} and "length-corrected" in res.output
+    res = runner.invoke(
+        cli,
+        [
+            "eval",
+            "--rm",
+            str(out),
+            "--pairs",
+            str(rb),
+            "--out",
+            str(tmp_path / "rep2"),
+            "--no-length-correct",
+        ],
+    )
+    assert (
+        res.exit_code == 0
+        and "length_corrected"
+        not in json.loads((tmp_path / "rep2" / "metrics.json").read_text())["models"]["rm-human"]
+    )
+
+    # a damaged length fit in the artifact is one line, and nothing is written
+    rec["length_correction"]["x"] = list(reversed(lc["x"]))
+    (out / CONFIG_NAME).write_text(json.dumps(rec))
+    res = runner.invoke(
+        cli, ["score", "--rm", str(out), "--pairs", str(hh_train), "--out", str(tmp_path / "s2")]
+    )
+    assert res.exit_code == 2 and "length_correction is not a table" in res.output
+    assert not (tmp_path / "s2").exists()
 
 
 def test_cli_score_rejects_a_folder_that_is_not_a_model(tmp_path):
@@ -760,3 +816,66 @@ def test_odin_quality_reward_drops_length_but_keeps_quality():
         torch_pearson(odin["reward"], odin["quality"]).item()
         > torch_pearson(plain["reward"], plain["quality"]).item()
     )
+
+
+def test_length_fit_removes_a_known_length_effect_and_keeps_the_rest():
+    """Rewards = a prompt's own level (longer answers for some prompts) + quality − 0.8·log length:
+    the within-pair fit finds the length part, not the prompts' levels, and leaves quality."""
+    import numpy as np
+
+    from cai import lengthfit
+
+    rng = np.random.default_rng(0)
+    lengths = rng.lognormal(5, 1, (1300, 2)).round()
+    quality = rng.normal(size=(1300, 2))
+    level = rng.normal(0, 3, (1300, 1)) + 2.0 * np.log1p(lengths.mean(1, keepdims=True))
+    rewards = level + quality - 0.8 * np.log1p(lengths)
+    rec = lengthfit.fit(rewards, lengths)
+    assert rec["pairs"] == 1300 and rec["characters"][0] >= 1 and np.all(np.diff(rec["x"]) > 0)
+    b = lengthfit.bias(rec, [50, 1200])
+    assert b[1] - b[0] == pytest.approx(-0.8 * (np.log1p(1200) - np.log1p(50)), rel=0.15)
+    fixed = lengthfit.correct(rec, rewards, lengths)
+    d_len = np.log1p(lengths[:, 0]) - np.log1p(lengths[:, 1])
+    assert abs(np.corrcoef(fixed[:, 0] - fixed[:, 1], d_len)[0, 1]) < 0.05
+    assert np.corrcoef(fixed[:, 0] - fixed[:, 1], quality[:, 0] - quality[:, 1])[0, 1] > 0.95
+    # held flat beyond the training lengths: no extrapolation
+    assert lengthfit.bias(rec, [10**7])[0] == pytest.approx(rec["y"][-1])
+    assert lengthfit.fit(rewards[:, :1].repeat(2, 1), lengths) is None  # no reward differences
+
+
+def test_length_fit_strength_is_the_share_that_balances_the_training_pairs():
+    """Where people themselves prefer shorter answers, a fair reward leans short too: subtracting
+    all of the reward's length dependence overshoots, and the strength keeps the share that leaves
+    the training pairs length-balanced (the smallest |gap|, ties to the weaker correction)."""
+    import numpy as np
+
+    from cai import lengthfit
+    from cai.reward import length_metrics
+
+    rng = np.random.default_rng(1)
+    lengths = rng.lognormal(5, 1, (2000, 2)).round()
+    quality = rng.normal(size=(2000, 2)) - 0.5 * np.log1p(lengths)  # shorter is genuinely better
+    p = (quality[:, 0] > quality[:, 1]).astype(float)
+    rewards = quality - 0.7 * np.log1p(lengths)  # and the model leans further still
+
+    def gap(r):
+        return length_metrics(r, p, lengths).get("length_gap")
+
+    rec = lengthfit.choose_strength(lengthfit.fit(rewards, lengths), rewards, lengths, gap)
+    tried = dict(map(tuple, rec["strength_search"]))
+    assert len(tried) == 21 and tried[0.0] < -0.3 and tried[1.0] > 0.1  # raw leans short; full overshoots
+    # the spurious share of the slope is 0.7 / (0.5 + 0.7) = 0.58
+    assert 0.5 <= rec["strength"] <= 0.7 and abs(tried[rec["strength"]]) == min(
+        abs(g) for g in tried.values()
+    )
+    fixed = lengthfit.correct(rec, rewards, lengths)
+    assert abs(gap(fixed)) < 0.05
+    assert (
+        length_metrics(fixed, p, lengths)["balanced_accuracy"]
+        > 0.95
+        > length_metrics(rewards, p, lengths)["balanced_accuracy"]
+    )
+    no_gap = lengthfit.choose_strength(rec, rewards, lengths, lambda r: None)  # nothing to balance
+    assert no_gap["strength"] == 1.0 and no_gap["strength_search"] == []
+    with pytest.raises(InputError, match="strength in"):
+        lengthfit.check({**rec, "strength": 1.5})
