@@ -40,8 +40,8 @@ from cai.configs import AgreementConfig
 from cai.errors import InputError
 from cai.fmt import pct, rate_txt
 from cai.options import check_config
-from cai.recheck import stats as recheck_stats
 from cai.ppi import estimates
+from cai.recheck import stats as recheck_stats
 from cai.records import (
     claim_output,
     file_sha256,
