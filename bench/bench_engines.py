@@ -7,6 +7,7 @@
 Engines (each run in its own process, so peak RSS is that engine's alone):
 
 * ``hf``            --backend hf: the embedded SmolLM2-135M-Instruct de-quantised to fp32, batch 16
+* ``hf-avx2``       the same with torch, oneDNN and MKL limited to AVX2 (an AVX2-only CPU's hf)
 * ``auto``          the default on a CPU: llama.cpp (xllamacpp, in process), 16 slots, the Q4_1
                     file's Q8_0 copy
 * ``llamacpp-q4_1`` the same engine on the shipped Q4_1 file as it is (what the format costs)
@@ -44,12 +45,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 HH_DEV = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
 ENGINES = {  # name -> (backend, backend options)
     "hf": ("hf", {"batch_size": 16, "device": "cpu"}),
+    "hf-avx2": ("hf", {"batch_size": 16, "device": "cpu"}),  # run with torch limited to AVX2 (AVX2_ENV)
     "auto": ("auto", {"batch_size": 16}),
     "llamacpp-q4_1": ("llamacpp", {"batch_size": 16, "weights": "as-is"}),
     "server": ("langchain", {"batch_size": 16}),
 }
 
-DEFAULT_ENGINES = "hf,auto,llamacpp-q4_1,server"
+DEFAULT_ENGINES = "hf,hf-avx2,auto,llamacpp-q4_1,server"
+# On an AVX-512 machine: torch's own kernels, oneDNN's and MKL's limited to AVX2, as on an AVX2-only
+# CPU (llama.cpp's prebuilt wheel runs its AVX2 kernels everywhere already).
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 # -- one measurement, in a child process ------------------------------------------------------
@@ -192,6 +197,8 @@ def measure(task, engine, out, a, base_url=None) -> dict:
     load = os.getloadavg()[0]
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)  # each engine with its own default
+    if engine == "hf-avx2":
+        env.update(AVX2_ENV)
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{task} with {engine} failed:\n{proc.stderr[-3000:]}")

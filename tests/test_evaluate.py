@@ -399,16 +399,19 @@ def test_rewardbench_rows_get_accuracy_per_subset_and_shortcut_flags(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [3, ["a"], ""])
-def test_a_subset_that_is_not_a_string_is_one_line_and_writes_nothing(tmp_path, bad):
+def test_a_subset_that_is_not_a_string_is_one_line_and_writes_nothing(tmp_path, bad, tiny_reward_base):
     from click.testing import CliRunner
 
     from cai.cli import cli
 
     path = rewardbench_file(tmp_path, bad_subset=bad)
-    rm = tmp_path / "rm"
-    rm.mkdir()
-    (rm / "config.json").write_text(json.dumps({"num_labels": 1}))
-    (rm / "model.safetensors").write_bytes(b"")
+    import shutil
+
+    rm = tmp_path / "rm"  # a whole one-output model folder: the pairs file is what is wrong
+    shutil.copytree(tiny_reward_base, rm)
+    cfg = json.loads((rm / "config.json").read_text())
+    cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    (rm / "config.json").write_text(json.dumps(cfg))
     res = CliRunner().invoke(
         cli, ["eval", "--rm", str(rm), "--pairs", str(path), "--out", str(tmp_path / "rep")]
     )
