@@ -418,7 +418,7 @@ def test_score_makes_no_accuracy_of_rows_without_a_label(ws):
         [_pair(0, label=prior), *[json.loads(x) for x in path.read_text().splitlines()]],
     )
     res = CliRunner().invoke(cli, ws["args"]("score", inp=mixed, out=ws["dir"] / "s2.jsonl"))
-    assert res.exit_code == 0 and "on 1)" in res.output, res.output  # the one labelled row only
+    assert res.exit_code == 0 and "on 1 pairs" in res.output, res.output  # the one labelled row only
 
 
 def test_nested_human_prior_must_be_a_probability(ws):

@@ -481,6 +481,9 @@ def test_auto_picks_llamacpp_on_a_cpu_for_gguf_and_hf_for_folders(tiny_model, tm
     assert resolve_backend("auto", None, device="cpu") == "llamacpp"
     assert resolve_backend("auto", str(default_gguf()), device="cpu") == "llamacpp"
     assert capsys.readouterr().err == ""
+    import cai.backends
+
+    cai.backends._NOTED.discard(str(tiny_model))  # the note is printed once per process
     assert resolve_backend("auto", str(tiny_model), device="cpu") == "hf"
     assert "is not a GGUF file" in capsys.readouterr().err  # one line says what would be faster
     assert resolve_backend("auto", "x", base_url="http://127.0.0.1:1/v1") == "langchain"
