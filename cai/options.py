@@ -198,8 +198,8 @@ def check_config(cfg, rename: dict | None = None) -> None:
             raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, not {v!r}")
 
 
-def count_or_all(value):
-    """'all' -> None, 'K' -> K >= 1 (principles per judged pair)."""
+def _count_or_all(value, what: str):
+    """'all' -> None, 'K' -> K >= 1, else ValueError naming ``what``."""
     if value is None or str(value).lower() == "all":
         return None
     try:
@@ -207,18 +207,15 @@ def count_or_all(value):
     except ValueError:
         k = 0
     if k < 1:
-        raise ValueError(f"{value!r}: pass a number of principles (1, 2, ...) or 'all'")
+        raise ValueError(f"{value!r}: pass a number of {what} (1, 2, ...) or 'all'")
     return k
+
+
+def count_or_all(value):
+    """'all' -> None, 'K' -> K >= 1 (principles per judged pair)."""
+    return _count_or_all(value, "principles")
 
 
 def pairs_or_all(value):
     """'all' -> None, 'N' -> N >= 1 (pairs a step runs on): a count, never 0 for "all"."""
-    if value is None or str(value).lower() == "all":
-        return None
-    try:
-        k = int(value)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise ValueError(f"{value!r}: pass a number of pairs (1, 2, ...) or 'all'")
-    return k
+    return _count_or_all(value, "pairs")
