@@ -375,7 +375,7 @@ def render(results, engines, a, up, scale=None) -> str:
             "",
             "Prompt tokens/s (prefill; 8 distinct ~450-token prompts, next-token log-probs only): "
             + ", ".join(f"{e} **{v['prefill_tokens_per_s']:.0f}**" for e, v in scale.items())
-            + " (hf with OMP_WAIT_POLICY=passive).",
+            + ".",
             "",
         ]
         if "auto" in scale and scale["auto"].get("decode"):
