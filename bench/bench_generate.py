@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_line  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,6 +58,8 @@ def main():
     lines = [
         f"# generate throughput ({a.limit} shipped prompts, {a.rounds} round(s), "
         f"{a.max_new_tokens} new tokens, greedy, CPU)",
+        "",
+        cpu_line(),
         "",
     ]
     with tempfile.TemporaryDirectory() as d:

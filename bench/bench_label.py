@@ -43,6 +43,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_line  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
 HARMLESS = ROOT / "constitutions" / "harmless"
@@ -245,7 +248,8 @@ def main():
     cmd = " ".join([".venv/bin/python", "bench/bench_label.py", *sys.argv[1:]])
     say("# Judge benchmark: SmolLM2-135M-Instruct on HH-RLHF harmless dev pairs")
     say()
-    say(f"command: `{cmd}`")
+    say(f"command: `{cmd}`  ")
+    say(cpu_line())
     say(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"load average {load:.1f} at start, "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_line  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,16 +34,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 GOAL_GAP = 0.15
 MARK = "<!-- READING"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def figures(m: dict) -> dict:
@@ -133,7 +125,7 @@ def main():
         "",
         f"command: `.venv/bin/python bench/bench_length.py{' --rm ' + str(args.rm) if args.rm else ''}`"
         + (f" (the model: `{train_cmd}`)" if args.rm else ""),
-        f"machine: {cpu_model()}, {os.cpu_count()} CPUs shared with other jobs; load average {load0:.1f} "
+        f"{cpu_line()}, shared with other jobs; load average {load0:.1f} "
         f"at start, {os.getloadavg()[0]:.1f} at end; torch {torch.__version__}, transformers "
         f"{transformers.__version__}",
         f"model: {rec['config']['base']} ({rec['config']['max_length']} tokens, --length-robust "

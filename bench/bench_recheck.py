@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_line  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
 HARMLESS = ROOT / "constitutions" / "harmless"
@@ -56,14 +57,6 @@ def measure(backend, fn) -> dict:
         "cpu": time.process_time() - c0,
         "tokens": backend.stats.get("computed_tokens", 0) - tok0,
     }
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main():
@@ -93,7 +86,7 @@ def main():
     say()
     say("command: `" + " ".join([".venv/bin/python bench/bench_recheck.py", *sys.argv[1:]]) + "`")
     say(
-        f"machine: {cpu_name()}, {os.cpu_count()} cores shared with other work (load average "
+        f"{cpu_line()}, shared with other work (load average "
         f"{load0:.1f} at start), torch {torch.__version__} ({torch.get_num_threads()} threads); "
         f"cai {__version__}, backend hf ({backend.model_id}), batch size {a.batch_size}"
     )

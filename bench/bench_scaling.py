@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_line  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 HARMLESS = ROOT / "constitutions" / "harmless"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,6 +123,7 @@ def main():
     )
     say("")
     say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_scaling.py', *sys.argv[1:]])}`  ")
+    say(cpu_line() + "  ")
     say(
         f"date {time.strftime('%Y-%m-%d %H:%M')}; model loaded once; prompts = the 31 shipped ones cycled "
         "with fresh ids; "

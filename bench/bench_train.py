@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_line  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -119,7 +121,7 @@ def main():
     say()
     say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_train.py', *sys.argv[1:]])}`")
     say(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{cpu_line()}; "
         f"torch threads {torch.get_num_threads()}, "
         f"load average at start {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}"

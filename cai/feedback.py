@@ -607,13 +607,9 @@ def run_label(cfg: LabelConfig) -> LabelSummary:
         calib = load(cfg.calibration)
     inputs = [cfg.pairs, *(Path(const.path) / f for f in const.files), cfg.calibration]
     check_output(summary_path(cfg.out), inputs, option="--out's summary file")
-    # the engine --backend stands for here (auto) and the options it takes, before anything loads
-    from dataclasses import replace
+    from cai.backends import resolve_config
 
-    from cai.backends import resolved
-
-    name, options = resolved(cfg.backend, cfg.model, cfg.backend_options)
-    cfg = replace(cfg, backend=name, backend_options=options)
+    cfg = resolve_config(cfg)  # the engine --backend stands for here, before anything loads
     if cfg.backend == "hf":
         from cai.models import check_model, resolve_model
 

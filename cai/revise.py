@@ -135,13 +135,9 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     const = load_constitution(cfg.constitution)
     rounds = cfg.rounds if cfg.rounds is not None else int(const.defaults.get("rounds", 2))
     _validate(cfg, rounds)
-    # the engine --backend stands for here (auto) and the options it takes, before anything loads
-    from dataclasses import replace
+    from cai.backends import resolve_config
 
-    from cai.backends import resolved
-
-    name, options = resolved(cfg.backend, cfg.model, cfg.backend_options)
-    cfg = replace(cfg, backend=name, backend_options=options)
+    cfg = resolve_config(cfg)  # the engine --backend stands for here, before anything loads
     if cfg.backend == "hf":
         from cai.models import check_model, resolve_model
 

@@ -73,6 +73,15 @@ def resolved(name: str, model: str | None, options: dict) -> tuple[str, dict]:
     return name, applicable(name, options)
 
 
+def resolve_config(cfg):
+    """A stage config with ``backend`` resolved (``auto``) and ``backend_options`` cut to what that
+    backend takes; the stages call it after validating their inputs, before anything loads."""
+    from dataclasses import replace
+
+    name, options = resolved(cfg.backend, cfg.model, cfg.backend_options)
+    return replace(cfg, backend=name, backend_options=options)
+
+
 def load_backend(name: str, model: str | None, **options) -> Backend:
     """Instantiate backend ``name`` (or ``auto``, see resolve_backend) for ``model``."""
     import importlib

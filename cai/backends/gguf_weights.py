@@ -47,9 +47,33 @@ def slow_tensors(path) -> int:
     return sum(1 for t in gguf.GGUFReader(path).tensors if t.tensor_type in slow)
 
 
+def _sha_known(path, cache: Path) -> str:
+    """The file's sha256, hashed once per (path, size, mtime) and remembered in ``cache`` (a 4 GB
+    GGUF takes ~10 s to hash, which every start would pay otherwise)."""
+    import json
+
+    st = os.stat(path)
+    key = f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index = Path(cache) / "sha256.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), str):
+        known = known if isinstance(known, dict) else {}
+        known[key] = file_sha256(path)
+        try:
+            from cai.records import write_json
+
+            write_json(index, known)
+        except OSError:
+            pass  # a read-only cache only costs the hash again next time
+    return known[key]
+
+
 def fast_copy(path, cache: Path) -> tuple[Path, str]:
     """(the Q8_0 copy of ``path``, the source's sha256), made once and kept under ``cache``."""
-    sha = file_sha256(path)
+    sha = _sha_known(path, cache)
     out = Path(cache) / f"{sha[:24]}-{TARGET.lower()}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
