@@ -267,7 +267,9 @@ def _run_compare(cfg: CompareConfig) -> dict:
         "judge_input_sha256": file_sha256(data_dir / "judge-input.jsonl"),
         "constitution_sha256": constitution.sha256,
         "judge": judge_desc,
-        "backend_options": {k: v for k, v in cfg.backend_options.items() if k not in ("batch_size",)},
+        "backend_options": {
+            k: v for k, v in cfg.backend_options.items() if k not in ("batch_size", "concurrency")
+        },
         "seed": cfg.seed,
     }
     label_dir, lab = steps.run("label", label_inputs, lambda d: _judge(cfg, data_dir, d))

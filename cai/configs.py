@@ -45,7 +45,8 @@ class ModelOptions:
     )
     batch_size: int = opt(
         16,
-        "Prompts per forward pass (hf), requests in flight (langchain) or parallel sequences (llamacpp).",
+        "Prompts per forward pass (hf), parallel sequences (llamacpp), or requests in flight "
+        "(langchain, when --concurrency is unset and the server reports no slots).",
         min=1,
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
@@ -55,6 +56,13 @@ class ModelOptions:
     )
     threads: int | None = opt(
         None, "CPU threads (hf, llamacpp). Default: every core this process may use.", min=1
+    )
+    concurrency: int | None = opt(
+        None,
+        "langchain: requests in flight, over every replica behind --base-url. Default: the "
+        "server's slots when it reports them (llama.cpp's /props; x replicas behind `cai serve`), "
+        "else --batch-size. vLLM: about 256 per GPU replica (docs/recipes/vllm.md).",
+        min=1,
     )
 
     def backend_options(self) -> dict:
@@ -66,6 +74,7 @@ class ModelOptions:
             trust_remote_code=self.trust_remote_code,
             base_url=self.base_url,
             threads=self.threads,
+            concurrency=self.concurrency,
         )
 
     def resolve(self) -> tuple[str, dict]:
@@ -94,7 +103,10 @@ class GenerateConfig:
     temperature: float = opt(0.0, "0 = greedy.", min=0.0)
     limit: int | None = opt(None, "Only the first N prompts.", min=1)
     chunk_size: int | None = opt(
-        None, "Prompts per checkpoint (default 4x batch size); a kill loses at most one chunk.", min=1
+        None,
+        "Prompts per checkpoint (default 4 x --batch-size; on the server path --concurrency, two "
+        "chunks side by side); a kill loses at most the chunks in flight.",
+        min=1,
     )
     early_stop: bool = opt(
         True, "Stop a prompt's loop when the critique finds nothing to fix.", negatable=True
@@ -185,7 +197,12 @@ class LabelConfig:
     )
     seed: int = opt(0, "Seeds the per-pair principle draw.", **SEED)
     limit: int | None = opt(None, "Only the first N pairs.", min=1)
-    chunk_size: int = opt(16, "Pairs per checkpoint; a kill loses at most one chunk.", min=1)
+    chunk_size: int | None = opt(
+        None,
+        "Pairs per checkpoint (default 16; on the server path enough for --concurrency requests, two "
+        "chunks side by side); a kill loses at most the chunks in flight.",
+        min=1,
+    )
     skip_bad: bool = opt(
         False, "Skip malformed rows (counted, the first named) instead of stopping at the first."
     )
@@ -458,6 +475,36 @@ class CompareConfig:
     @property
     def device(self) -> str:
         return self.train.device
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@dataclass
+class ServeConfig:
+    """`cai serve`: a local fleet of llama.cpp servers behind nginx (cai/fleet.py)."""
+
+    model: str | None = opt(
+        None,
+        "A .gguf file (or a folder holding one). Default: the embedded SmolLM2-135M-Instruct.",
+        cli=("--model", "-m"),
+        path=True,
+    )
+    replicas: int = opt(2, "llama.cpp server processes, each with its own slots and threads.", min=1)
+    port: int = opt(8080, "nginx's port: the fleet's --base-url.", min=1, max=65535)
+    host: str = opt("127.0.0.1", "nginx's address (the replicas always listen on 127.0.0.1).")
+    parallel: int = opt(4, "Slots per replica (sequences it decodes together).", min=1)
+    threads: int | None = opt(
+        None, "CPU threads per replica. Default: this process's cores / --replicas.", min=1
+    )
+    ctx_per_seq: int = opt(2048, "Tokens per slot (prompt + generation).", min=64)
+    alias: str | None = opt(None, "The served model name (--model for cai). Default: the file's stem.")
+    read_timeout: float = opt(
+        600.0, "Seconds nginx waits for a replica's answer before sending the request to the next.", min=1.0
+    )
+    dir: str | None = opt(
+        None, "Folder for nginx.conf and the logs (default: a temp folder, removed on stop).", path=True
+    )
 
 
 # ----------------------------------------------------------------------------- review / agreement

@@ -288,7 +288,7 @@ def test_5xx_bounded_retries_with_backoff_then_a_clear_error(server):
             b.generate(CONVERSATIONS[:1], max_new_tokens=2)
         assert len(px.chat_attempts()) == 3
     msg = str(e.value)
-    assert msg.startswith(f"{px.url} failed") and "rerun the same command to resume" in msg
+    assert msg.startswith(f"{px.url} answered 503 to 3 tries") and "rerun the same command to resume" in msg
 
 
 def test_slow_answers_time_out_after_bounded_retries(server):
@@ -298,7 +298,7 @@ def test_slow_answers_time_out_after_bounded_retries(server):
         b = LangChainBackend(ALIAS, base_url=px.url, timeout=0.5, max_retries=1, prefix="fold")
         px.delay = 3.0
         t0 = time.monotonic()
-        with pytest.raises(CaiError, match=f"{px.url} timed out: lower --batch-size"):
+        with pytest.raises(CaiError, match=f"{px.url} timed out \\(2 tries\\): lower --concurrency"):
             b.generate(CONVERSATIONS[:1], max_new_tokens=2)
         assert len(px.chat_attempts()) == 2 and time.monotonic() - t0 < 10
 
@@ -349,7 +349,7 @@ def test_server_killed_mid_run_then_rerun_completes(tmp_path):
         srv.kill()
         err = proc.communicate(timeout=120)[1]
         assert proc.returncode == 2, err
-        assert f"Error: cannot reach {srv.url}: start the server or fix --base-url" in err
+        assert f"Error: cannot reach {srv.url} (5 tries): start the server or fix --base-url" in err
         kept = _rows(out)
         assert 1 <= len(kept) < 5, "the run finished before the kill; the test needs a slower run"
 

@@ -99,7 +99,7 @@ def load_backend(name: str, model: str | None, **options) -> Backend:
 _TAKES = {
     "hf": ("batch_size", "device", "trust_remote_code", "threads"),
     "llamacpp": ("batch_size", "threads"),
-    "langchain": ("batch_size", "base_url"),
+    "langchain": ("batch_size", "base_url", "concurrency"),
 }
 # Values that mean "not set": an option left at one of them is not asked of a backend.
 _UNSET = {
@@ -107,6 +107,7 @@ _UNSET = {
     "trust_remote_code": (False, None),
     "threads": (None,),
     "base_url": (None,),
+    "concurrency": (None,),
 }
 
 

@@ -1,5 +1,17 @@
 """LangChain backend: any LangChain chat model, or any OpenAI-compatible server (vLLM, TGI,
-SGLang, llama.cpp) via ``base_url``, with ``batch_size`` requests in flight.
+SGLang, llama.cpp, a fleet of them behind a load balancer) via ``base_url``, with
+``concurrency`` requests in flight.
+
+**A good client of a fleet.** At most ``concurrency`` requests are open at once, whatever
+calls overlap (one semaphore for the backend). Left unset it is the server's slot count when
+the server says how many it has (llama.cpp's ``GET /props`` ``total_slots``, times the
+``X-Cai-Replicas`` header `cai serve`'s nginx adds), else ``batch_size``. Each request is
+retried on connection errors, timeouts, 408/409/429 and 5xx (``max_retries`` times, backoff
+0.5 s doubling up to 8 s, each wait shortened by up to a quarter at random so that requests a
+dead replica dropped together do not come back together; a ``Retry-After`` is honoured).
+Retrying is safe: a request is a pure function of its body, and rows are written by the stage
+once per id. When the retries are spent the error names the URL (a 502/503/504 from a
+proxy: no replica behind it answered) and the stage stops with the rows written so far kept.
 
 Three things differ from the local ``hf`` backend, and each is a choice documented here:
 
@@ -21,8 +33,10 @@ Three things differ from the local ``hf`` backend, and each is a choice document
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import random
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +46,9 @@ from cai.errors import CaiError, InputError
 
 PREFIX_MODES = ("auto", "continue", "fold")
 _CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
+MAX_RETRIES = 4  # 0.5 + 1 + 2 + 4 s of waiting (less the jitter) before a request is given up
+BACKOFF, BACKOFF_MAX = 0.5, 8.0  # the first wait, and the cap of the doubling
+REPLICAS_HEADER = "X-Cai-Replicas"  # set by `cai serve`'s nginx: replicas behind the URL
 
 
 class LangChainBackend:
@@ -43,6 +60,8 @@ class LangChainBackend:
         *,
         batch_size: int = 16,
         base_url: str | None = None,
+        concurrency: int | None = None,
+        max_retries: int | None = None,
         api_key: str | None = None,
         logprobs: bool | None = None,
         top_logprobs: int = 20,
@@ -52,8 +71,12 @@ class LangChainBackend:
         """
         model: ``provider:model`` for ``init_chat_model`` (e.g. ``openai:gpt-4o-mini``), or with
             ``base_url`` the name the server serves (None: the server's only model).
-        batch_size: requests in flight at once.
+        batch_size: requests in flight when ``concurrency`` is unset and the server does not say
+            how many slots it has (providers, vLLM, TGI).
         base_url: an OpenAI-compatible server, e.g. ``http://localhost:8000/v1``.
+        concurrency: requests in flight at once (None: see the module docstring).
+        max_retries: retries per request on connection errors, timeouts, 408/409/429 and 5xx
+            (None: MAX_RETRIES; without ``base_url`` the provider's own client retries instead).
         api_key: for ``base_url``; default ``$OPENAI_API_KEY``, else ``"EMPTY"`` (what vLLM expects
             when started without ``--api-key``).
         logprobs: None = find out with one probe request when first needed; True = require them;
@@ -61,12 +84,14 @@ class LangChainBackend:
         top_logprobs: alternatives the server lists per token (OpenAI and vLLM's default cap: 20).
         prefix: how a trailing assistant message is sent: ``continue`` (vLLM's
             continue_final_message), ``fold`` (into the last user message) or ``auto``.
-        kw: passed to the chat model (``timeout``, ``max_retries``, provider options).
+        kw: passed to the chat model (``timeout`` in seconds, provider options).
         """
         if prefix not in PREFIX_MODES:
             raise InputError(f"prefix mode {prefix!r} is not one of {', '.join(PREFIX_MODES)}")
         self.batch_size = max(1, int(batch_size))
         self.base_url = base_url.rstrip("/") if base_url else None
+        self.max_retries = max(0, int(MAX_RETRIES if max_retries is None else max_retries))
+        self.timeout = kw.get("timeout")
         self.top_logprobs = int(top_logprobs)
         self._logprobs = logprobs
         self.stats = {
@@ -75,12 +100,24 @@ class LangChainBackend:
             "generated_tokens": 0,
             "options_scored": 0,
             "options_floored": 0,
+            "retries": 0,
         }
-        self._lock = threading.Lock()  # stats are updated from batch_size threads
+        self._lock = threading.Lock()  # stats are updated from every request's thread
         if self.base_url:
-            self._init_server(model, api_key, kw)
+            self._init_server(model, api_key, dict(kw, max_retries=0))  # retries are ours (_invoke)
         else:
-            self._init_provider(model, api_key, kw)
+            # a provider's own client retries (and knows its rate limits); ours would multiply them
+            self._init_provider(
+                model, api_key, kw if max_retries is None else dict(kw, max_retries=max_retries)
+            )
+            self.max_retries = 0
+        self.slots = self._server_slots() if self.base_url and concurrency is None else None
+        # as many requests as slots: every slot busy and none queued at the server, where a request
+        # would lose llama.cpp's choice of the idle slot holding its prefix (its previous stage)
+        self.concurrency = max(1, int(concurrency or self.slots or batch_size))
+        self._in_flight = threading.BoundedSemaphore(self.concurrency)
+        self._cancelled = threading.Event()  # cancel(): requests not yet sent fail at once
+        self._settle = threading.Lock()  # one prefix probe and one log-prob probe, whoever asks first
         # Without base_url, only OpenAI's own API could honour vLLM's continue flags; fold elsewhere.
         if prefix == "auto" and not self._openai_compatible:
             prefix = "fold"
@@ -125,7 +162,7 @@ class LangChainBackend:
         client = openai.OpenAI(
             base_url=self.base_url,
             api_key=api_key,
-            max_retries=kw.get("max_retries", 2),
+            max_retries=min(self.max_retries, 2),
             timeout=kw.get("timeout") or 30,
         )
         try:
@@ -141,6 +178,28 @@ class LangChainBackend:
             return []  # no /models route (some proxies); the first request will tell
         finally:
             client.close()
+
+    def _server_slots(self) -> int | None:
+        """The slots the server decodes at once, when it says: llama.cpp's ``GET /props``
+        (``total_slots``, of one replica), times the replicas named by ``X-Cai-Replicas`` (the
+        header `cai serve`'s nginx adds). None for servers without it (vLLM, TGI)."""
+        import urllib.error
+        import urllib.request
+
+        root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        try:
+            with urllib.request.urlopen(root + "/props", timeout=5) as r:
+                props = json.loads(r.read())
+                replicas = r.headers.get(REPLICAS_HEADER)
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+        slots = props.get("total_slots") if isinstance(props, dict) else None
+        if not isinstance(slots, int) or slots < 1:
+            return None
+        try:
+            return slots * max(1, int(replicas or 1))
+        except ValueError:
+            return slots
 
     def _init_provider(self, model, api_key, kw):
         if not model:
@@ -177,6 +236,10 @@ class LangChainBackend:
             "provider": self.provider,
             "base_url": self.base_url,
             "batch_size": self.batch_size,
+            "concurrency": self.concurrency,  # requests in flight
+            "server_slots": self.slots,  # what the server reported (None: not asked or not said)
+            "max_retries": self.max_retries,
+            "timeout": self.timeout,
             "prefix": self.prefix,
             "logprobs": self._logprobs,  # None: not yet probed
             "top_logprobs": self.top_logprobs,
@@ -185,10 +248,10 @@ class LangChainBackend:
     # -- requests ------------------------------------------------------------------------------
 
     def _call(self, messages: list[dict], **params):
-        """One chat request; provider errors become CaiError with the fix."""
+        """One chat request (retried, see _invoke); provider errors become CaiError with the fix."""
         params = self._params(params)
         try:
-            msg = self.chat.invoke(messages, **params)
+            msg = self._invoke(messages, params)
         except Exception as e:
             if not _from_provider(e):
                 raise  # a bug, not the server: keep the traceback
@@ -196,6 +259,33 @@ class LangChainBackend:
         usage = getattr(msg, "usage_metadata", None) or {}
         self._count(requests=1, prompt_tokens=usage.get("input_tokens", 0))
         return msg
+
+    def _invoke(self, messages: list[dict], params: dict):
+        """``chat.invoke`` with at most ``concurrency`` requests open, retried with backoff and
+        jitter on what a retry can fix (a dead or busy replica, a timeout); the last error is
+        raised as it came."""
+        for attempt in range(self.max_retries + 1):
+            with self._in_flight:
+                if self._cancelled.is_set():
+                    raise CaiError(f"requests to {self.base_url or self.provider} were cancelled")
+                try:
+                    return self.chat.invoke(messages, **params)
+                except Exception as e:
+                    if attempt == self.max_retries or not _retryable(e):
+                        e.cai_attempts = attempt + 1
+                        raise
+                    wait = _retry_after(e)
+            if wait is None:
+                wait = min(BACKOFF_MAX, BACKOFF * 2**attempt) * (1 - 0.25 * random.random())
+            self._count(retries=1)
+            self._cancelled.wait(wait)  # outside the semaphore: a waiting retry leaves its place to others
+        raise AssertionError("unreachable")
+
+    def cancel(self):
+        """Stop sending: the stage failed or was interrupted, so what is still queued or waiting
+        for a retry fails at once instead of keeping the process alive (requests already sent
+        finish on their own)."""
+        self._cancelled.set()
 
     def _params(self, params: dict) -> dict:
         if not self._openai_compatible:
@@ -217,11 +307,12 @@ class LangChainBackend:
                 self.stats[k] += v
 
     def _map(self, fn, items: list):
-        """fn over items with batch_size in flight, results in input order. Threads, not asyncio:
-        safe to call from notebooks (already inside an event loop) and from any thread."""
-        if len(items) <= 1 or self.batch_size == 1:
+        """fn over items with ``concurrency`` in flight, results in input order. Threads, not
+        asyncio: safe to call from notebooks (already inside an event loop) and from any thread,
+        and from several threads at once (the semaphore in _invoke bounds them together)."""
+        if len(items) <= 1 or self.concurrency == 1:
             return [fn(x) for x in items]
-        pool = ThreadPoolExecutor(max_workers=min(self.batch_size, len(items)), thread_name_prefix="cai-lc")
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)), thread_name_prefix="cai-lc")
         try:
             out = list(pool.map(fn, items))
         except BaseException:
@@ -231,8 +322,12 @@ class LangChainBackend:
         pool.shutdown()
         return out
 
-    def _unreachable(self) -> str:
-        return f"cannot reach {self.base_url}: start the server or fix --base-url"
+    def _unreachable(self, tries: int = 1) -> str:
+        after = f" ({tries} tries)" if tries > 1 else ""
+        return (
+            f"cannot reach {self.base_url}{after}: start the server or fix --base-url; "
+            "rows written so far are kept, rerun the same command to resume"
+        )
 
     def _explain(self, e: Exception) -> str:
         """A message that says what went wrong and what to do."""
@@ -240,12 +335,23 @@ class LangChainBackend:
 
         where = self.base_url or self.provider
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        tries = getattr(e, "cai_attempts", 1)
+        status = getattr(e, "status_code", None)
+        if isinstance(e, lc.ModelTimeoutError) or "Timeout" in type(e).__name__:
+            return (
+                f"{where} timed out ({tries} tries): lower --concurrency, or give the server more "
+                "capacity; rerun the same command to resume"
+            )
         if isinstance(e, lc.ModelConnectionError | ConnectionError) or "ConnectionError" in type(e).__name__:
             if self.base_url:
-                return self._unreachable()
+                return self._unreachable(tries)
             return f"cannot reach {where}: check the network and the provider's status"
-        if isinstance(e, lc.ModelTimeoutError):
-            return f"{where} timed out: lower --batch-size, or give the server more capacity"
+        if self.base_url and status in (502, 503, 504):
+            return (
+                f"{where} answered {status} to {tries} tries ({first}): the server, or every replica "
+                "behind it, is down or overloaded; restart them (rows written so far are kept) and rerun "
+                "the same command to resume"
+            )
         if isinstance(e, lc.ModelAuthenticationError | lc.ModelPermissionDeniedError):
             return (
                 f"{where} rejected the API key: set the provider's key "
@@ -259,7 +365,7 @@ class LangChainBackend:
                 "lower --max-new-tokens or shorten the prompts"
             )
         if isinstance(e, lc.ModelRateLimitError):
-            return f"{where} is rate-limiting ({first}): lower --batch-size"
+            return f"{where} is rate-limiting ({first}): lower --concurrency"
         if isinstance(e, lc.ModelAPIError):
             return f"{where} failed ({first}): check the server's log; rerun the same command to resume"
         if _is_rejection(e):
@@ -279,12 +385,17 @@ class LangChainBackend:
         conversation = next((c for c in conversations if c and c[-1]["role"] == "assistant"), None)
         if conversation is None:
             return
+        with self._settle:  # several chunks may ask at once; the first settles it for all
+            if self.prefix == "auto":
+                self._settle_with(conversation)
+
+    def _settle_with(self, conversation: list[dict]):
         probe = {"max_tokens": 1, "temperature": 0}
         try:
-            cont = self.chat.invoke(conversation, **self._params(dict(probe, extra_body=_CONTINUE)))
+            cont = self._invoke(conversation, self._params(dict(probe, extra_body=_CONTINUE)))
             # Continuing drops the end of the assistant turn and the next generation prompt, so an
             # honoured request has fewer prompt tokens than the same request without the fields.
-            plain = self.chat.invoke(conversation, **self._params(dict(probe)))
+            plain = self._invoke(conversation, self._params(dict(probe)))
         except Exception as e:
             if not _from_provider(e):
                 raise
@@ -351,7 +462,9 @@ class LangChainBackend:
     @property
     def supports_logprobs(self) -> bool:
         if self._logprobs is None:
-            self._logprobs = self._probe_logprobs()
+            with self._settle:
+                if self._logprobs is None:
+                    self._logprobs = self._probe_logprobs()
         return self._logprobs
 
     @supports_logprobs.setter
@@ -362,9 +475,9 @@ class LangChainBackend:
         if not self._openai_compatible:
             return False
         try:
-            msg = self.chat.invoke(
+            msg = self._invoke(
                 [{"role": "user", "content": "Say OK."}],
-                **self._params(
+                self._params(
                     dict(max_tokens=1, temperature=0, logprobs=True, top_logprobs=self.top_logprobs)
                 ),
             )
@@ -481,6 +594,27 @@ def _from_provider(e: Exception) -> bool:
         return True
     sdk = type(e).__module__.split(".")[0]
     return sdk in ("openai", "httpx", "httpx2", "httpcore", "anthropic", "google")
+
+
+def _retryable(e: Exception) -> bool:
+    """What a retry can fix: no connection, a timeout, a busy or failing server (408, 409, 429,
+    5xx). A 4xx for the request itself (400, 401, 404, 422) fails the same way every time."""
+    status = getattr(e, "status_code", None)
+    if isinstance(status, int):
+        return status in (408, 409, 429) or status >= 500
+    if getattr(e, "is_retryable", False) or isinstance(e, ConnectionError | TimeoutError):
+        return True
+    return any(k in type(e).__name__ for k in ("Connection", "Timeout"))
+
+
+def _retry_after(e: Exception) -> float | None:
+    """The server's Retry-After in seconds (at most 60), when it sent one."""
+    response = getattr(e, "response", None)
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return min(60.0, max(0.0, float(value))) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _is_rejection(e: Exception) -> bool:
