@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai.chunks import chunks_in_flight, run_chunks
 from cai.configs import LabelConfig
 from cai.errors import InputError
 from cai.fmt import pct as _pct
@@ -702,28 +703,38 @@ def _label(
             total=len(rows), initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True
         )
         t0 = time.perf_counter()
+        workers = chunks_in_flight(backend)
+        # on a server, a chunk's judge requests (2 orders x K principles per pair) fill --concurrency
+        per_pair = 2 * (principles or len(const.principles))
+        size = cfg.chunk_size or (max(16, -(-backend.concurrency // per_pair)) if workers > 1 else 16)
+
+        def work(chunk):
+            labels = judge_pairs(
+                backend,
+                const,
+                chunk,
+                principles=principles,
+                cot=cfg.cot,
+                clamp=(lo, hi),
+                seed=cfg.seed,
+                progress=bar,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            if cfg.recheck:
+                chunk = _rechecked(backend, const, chunk, cfg)
+            if calib is not None:
+                labels = [calibrated(lab, calib) for lab in labels]
+            return [_output_row(r, lab, meta) for r, lab in zip(chunk, labels)]
+
+        def done(chunk, out_rows):
+            writer.write_many(out_rows)
+            s.labelled += len(out_rows)
+            s.truncated = warn_truncation(backend, s.truncated)
+
         try:
             with writer:
-                for k in range(0, len(todo), cfg.chunk_size):
-                    chunk = todo[k : k + cfg.chunk_size]
-                    labels = judge_pairs(
-                        backend,
-                        const,
-                        chunk,
-                        principles=principles,
-                        cot=cfg.cot,
-                        clamp=(lo, hi),
-                        seed=cfg.seed,
-                        progress=bar,
-                        max_new_tokens=cfg.max_new_tokens,
-                    )
-                    if cfg.recheck:
-                        chunk = _rechecked(backend, const, chunk, cfg)
-                    if calib is not None:
-                        labels = [calibrated(lab, calib) for lab in labels]
-                    writer.write_many(_output_row(r, lab, meta) for r, lab in zip(chunk, labels))
-                    s.labelled += len(chunk)
-                    s.truncated = warn_truncation(backend, s.truncated)
+                chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
+                run_chunks(chunks, work, done, workers=workers, cancel=getattr(backend, "cancel", None))
         finally:
             bar.close()
             s.seconds = time.perf_counter() - t0

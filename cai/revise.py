@@ -3,8 +3,9 @@
 For each prompt: an initial response, then N rounds of (critique under a principle, revision).
 Prompts advance *stage by stage in batches* — all initial responses of a chunk in one batched
 call, then all critiques, then all revisions — because batching is where the speed is. Chunks
-are checkpoints: each finished chunk is appended to the output before the next starts, so a kill
-loses at most the chunk in flight and a rerun resumes by id.
+are checkpoints: each finished chunk is appended to the output as it completes, so a kill loses
+at most the chunks in flight (one; two side by side on a server, see cai/chunks.py) and a rerun
+resumes by id.
 
 The principle for (prompt, round) is drawn by an RNG keyed on (seed, prompt id, round), so the
 same arguments reproduce the same rows whatever the chunking or resume history.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from cai import __version__
 from cai.backends.base import warn_truncation
+from cai.chunks import chunks_in_flight, run_chunks
 from cai.configs import PAIR_MODES, GenerateConfig
 from cai.errors import InputError
 from cai.recheck import regressed, summary_lines
@@ -191,8 +193,11 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
 
     todo = [p for p in prompts if p["id"] not in writer.done]
     summary = GenerateSummary(out=str(cfg.out), skipped_existing=len(prompts) - len(todo))
-    batch = int(cfg.backend_options.get("batch_size", 16))
-    chunk_size = cfg.chunk_size or max(batch * 4, 8)
+    # requests a stage keeps busy: the server path's in-flight count, else the engine's batch
+    width = getattr(backend, "concurrency", None) or int(cfg.backend_options.get("batch_size", 16))
+    workers = chunks_in_flight(backend)
+    # one chunk at a time: 4 waves per stage; two side by side (a server), each one wave
+    chunk_size = cfg.chunk_size or (max(width, 8) if workers > 1 else max(width * 4, 8))
     no_change = re.compile(const.defaults.get("no_change_pattern", r"^\W*no changes? needed"), re.IGNORECASE)
 
     engine = _Engine(const, backend, cfg, rounds, no_change)
@@ -207,26 +212,33 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+    def done(chunk, rows):
+        writer.write_many(rows)  # one whole line per row, fsynced: the checkpoint
+        summary.written += len(rows)
+        summary.early_stopped += sum(
+            1 for r in rows if any(x.get("early_stop") for x in r["trace"]["rounds"])
+        )
+        summary.identical += sum(1 for r in rows if r["label"].get("tie"))
+        summary.judge_preferred_original += sum(
+            1 for r in rows if r["label"].get("revision_side") == "rejected"
+        )
+        summary.seconds = time.perf_counter() - t0
+        summary.generated_tokens = getattr(backend, "stats", {}).get("generated_tokens", 0) - tokens0
+        bar.set_postfix_str(f"{summary.rows_per_s:.2f} rows/s, {summary.tokens_per_s:.0f} tok/s")
+        summary.truncated = warn_truncation(backend, summary.truncated)
+
+    chunks = [todo[s : s + chunk_size] for s in range(0, len(todo), chunk_size)]
     with bar, _Interrupt() as stop, writer:  # the bar closes (ends its line) on an error too
-        for s in range(0, len(todo), chunk_size):
-            chunk = todo[s : s + chunk_size]
-            rows = engine.run_chunk(chunk, meta, bar)
-            writer.write_many(rows)  # one whole line per row, fsynced: the checkpoint
-            summary.written += len(rows)
-            summary.early_stopped += sum(
-                1 for r in rows if any(x.get("early_stop") for x in r["trace"]["rounds"])
-            )
-            summary.identical += sum(1 for r in rows if r["label"].get("tie"))
-            summary.judge_preferred_original += sum(
-                1 for r in rows if r["label"].get("revision_side") == "rejected"
-            )
-            summary.seconds = time.perf_counter() - t0
-            summary.generated_tokens = getattr(backend, "stats", {}).get("generated_tokens", 0) - tokens0
-            bar.set_postfix_str(f"{summary.rows_per_s:.2f} rows/s, {summary.tokens_per_s:.0f} tok/s")
-            summary.truncated = warn_truncation(backend, summary.truncated)
-            if stop.requested:
-                summary.interrupted = len(todo) > s + len(chunk)
-                break
+        n = run_chunks(
+            chunks,
+            lambda chunk: engine.run_chunk(chunk, meta, bar),
+            done,
+            workers=workers,
+            stop=lambda: stop.requested,
+            cancel=getattr(backend, "cancel", None),
+        )
+        summary.interrupted = n < len(chunks)
     bar.close()
     summary.seconds = time.perf_counter() - t0
     if cfg.recheck and Path(cfg.out).exists():  # over every row of these prompts, resumed ones too
