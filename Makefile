@@ -12,7 +12,7 @@ STAMP    := $(VENV)/.cai-installed
 # bench_peer.py's LangChain baseline, in an environment of its own (see pyproject's `peer` extra)
 PEER     := .venv-peer
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser nginx demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +35,23 @@ browser:
 	    echo "note: could not install chromium/chromium-driver; the browser test will skip"; \
 	else echo "note: chromium/chromium-driver missing (install them as root); the browser test will skip"; fi
 
-install: $(STAMP) browser
+# The fleet tests (tests/test_fleet.py) put Debian's nginx in front of llama.cpp servers, and
+# `cai serve` does the same. Best effort like the browser: as root with apt-get, never
+# interactive, never fails the build; the package's own service (port 80) is stopped and disabled
+# again, as the tests and `cai serve` run their own nginx in the foreground on loopback. Without
+# it those tests skip and say why.
+nginx:
+	-@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx (apt-get) for the fleet tests and cai serve"; \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null 2>&1; }; } || \
+	    echo "note: could not install nginx; the fleet tests will skip"; \
+	    { systemctl disable --now nginx || service nginx stop; } >/dev/null 2>&1 || :; \
+	else echo "note: nginx missing (install it as root); the fleet tests will skip"; fi
+
+install: $(STAMP) browser nginx
 
 # The main job on the embedded default model: critique -> revision -> AI label on the shipped prompts.
 demo: $(STAMP)
@@ -45,7 +61,7 @@ demo: $(STAMP)
 	    --out outputs/demo-pairs.jsonl --rounds 1 --seed 0 --max-new-tokens 64
 	@echo "pairs written to outputs/demo-pairs.jsonl"
 
-test: $(STAMP) browser
+test: $(STAMP) browser nginx
 	$(BIN)/ruff check cai tests bench
 	$(BIN)/ruff format --check cai tests bench
 	$(BIN)/python -m pytest -q

@@ -28,6 +28,7 @@ from cai.configs import (
     ModelOptions,
     ReviewConfig,
     ScoreConfig,
+    ServeConfig,
     TrainConfig,
 )
 from cai.errors import CaiError
@@ -196,6 +197,27 @@ def label(**kw):
     summary = run_label(_config(LabelConfig, kw, **_model(kw)))
     for line in summary.lines():
         click.echo(line, err=True)
+
+
+@cli.command()
+@click_options(ServeConfig)
+@handle_errors
+def serve(**kw):
+    """Start a local fleet: N llama.cpp servers for a GGUF file behind nginx (least_conn).
+
+    Prints the options that point `cai generate` / `cai label` at it (stdout), restarts a
+    replica that exits, and stops nginx and every replica on Ctrl-C. Needs nginx on PATH.
+
+    \b
+    Example:
+      cai serve --model model.gguf --replicas 2 --port 8080
+      # then, in another shell, with the options it printed:
+      cai generate --backend langchain --base-url http://127.0.0.1:8080/v1 --model model \\
+          --constitution constitutions/harmless --prompts prompts.jsonl --out pairs.jsonl
+    """
+    from cai.fleet import serve_fleet
+
+    serve_fleet(_config(ServeConfig, kw), out=click.echo)
 
 
 # -- train / score ---------------------------------------------------------------------------------

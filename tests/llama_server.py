@@ -7,38 +7,32 @@ fault-injecting HTTP proxy to put in front of it.
         srv.url                        # "http://127.0.0.1:PORT/v1"; srv.kill(), srv.start()
 
 ``FaultProxy(upstream)`` forwards to a server and, on request, answers chat completions with
-HTTP errors, delays them, or refuses log-prob requests: what a busy, failing or limited server
-does, which a healthy real server cannot be asked to do on cue.
+HTTP errors, delays them (a stall, released when the proxy closes), or refuses log-prob
+requests: what a busy, failing or limited server does, which a healthy real server cannot be
+asked to do on cue.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from cai.fleet import Replica, free_port  # noqa: F401 (free_port: re-exported for the tests)
+
 HAVE_LLAMA_CPP = importlib.util.find_spec("xllamacpp") is not None
 SKIP_REASON = "xllamacpp is not installed (pip install xllamacpp; `make test` installs it)"
 ALIAS = "smollm2"  # the name the server serves the model under
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
-    """One llama.cpp server process. ``start()`` can be called again after ``kill()`` and
-    reuses the port, so a client's --base-url stays valid across a restart."""
+class LlamaServer(Replica):
+    """One llama.cpp server process (cai.fleet.Replica) serving the embedded GGUF as ALIAS.
+    ``start()`` can be called again after ``kill()`` and reuses the port, so a client's
+    --base-url stays valid across a restart."""
 
     def __init__(
         self,
@@ -49,76 +43,15 @@ class LlamaServer:
         ctx_per_seq: int = 1024,
         log_dir: Path | None = None,
     ):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.args = [
-            "--alias",
-            ALIAS,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--parallel",
-            str(parallel),
-            "--ctx-per-seq",
-            str(ctx_per_seq),
-            "--threads",
-            str(threads),
-        ]
-        self.log = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120.0) -> LlamaServer:
-        with open(self.log, "ab") as log:
-            # passive OpenMP waits: see cai/backends/llamacpp.py (spinning threads starve on a shared CPU)
-            env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"))
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cai.serve", *self.args],
-                stdout=log,
-                env=env,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/models", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(
-            f"llama.cpp server did not answer /v1/models in {timeout:.0f} s: {self.log_tail()}"
+        super().__init__(
+            None,
+            port=port,
+            threads=threads,
+            parallel=parallel,
+            ctx_per_seq=ctx_per_seq,
+            alias=ALIAS,
+            log_dir=log_dir,
         )
-
-    def kill(self):
-        """SIGKILL, as a crashed or OOM-killed server goes."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, n: int = 1500) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class FaultProxy:
@@ -129,6 +62,7 @@ class FaultProxy:
     def __init__(self, upstream: str):
         self.upstream = upstream.rstrip("/")
         self.fail, self.status, self.delay = 0, 503, 0.0
+        self.released = threading.Event()  # set on exit: a delayed request stops waiting
         self.no_logprobs = False  # answer 500 to requests for log-probs, as servers without them do
         self.attempts: list[tuple[float, str, int]] = []
         self._lock = threading.Lock()
@@ -148,6 +82,7 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc):
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=5)
@@ -186,8 +121,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             msg = {"error": {"message": f"injected {status}", "type": "server_error", "code": status}}
             self._reply(status, json.dumps(msg).encode())
             return
-        if chat and proxy.delay:
-            time.sleep(proxy.delay)
+        if chat and proxy.delay and proxy.released.wait(proxy.delay):
+            return  # the proxy is closing: drop the connection, as a stalled server that dies does
         ctype = self.headers.get("Content-Type", "application/json")
         req = urllib.request.Request(
             proxy.upstream + path, data=body, method=method, headers={"Content-Type": ctype}
