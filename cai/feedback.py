@@ -640,7 +640,7 @@ def _label(
 
     from cai import __version__
     from cai.backends import load_backend
-    from cai.backends.base import warn_truncation
+    from cai.backends.base import note_retries, warn_truncation
     from cai.models import fingerprint
     from cai.records import RowWriter, check_resume_meta, file_sha256, read_pairs, read_rows
 
@@ -726,7 +726,7 @@ def _label(
                 labels = [calibrated(lab, calib) for lab in labels]
             return [_output_row(r, lab, meta) for r, lab in zip(chunk, labels)]
 
-        def done(chunk, out_rows):
+        def write_chunk(chunk, out_rows):
             writer.write_many(out_rows)
             s.labelled += len(out_rows)
             s.truncated = warn_truncation(backend, s.truncated)
@@ -734,11 +734,14 @@ def _label(
         try:
             with writer:
                 chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
-                run_chunks(chunks, work, done, workers=workers, cancel=getattr(backend, "cancel", None))
+                run_chunks(
+                    chunks, work, write_chunk, workers=workers, cancel=getattr(backend, "cancel", None)
+                )
         finally:
             bar.close()
             s.seconds = time.perf_counter() - t0
             s.pairs_per_s = s.labelled / s.seconds if s.seconds > 0 else 0.0
+        note_retries(backend)
 
     ids = {r["id"] for r in rows}
     done = [r for r in read_rows(cfg.out) if str(r.get("id")) in ids] if Path(cfg.out).exists() else []

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai import __version__
-from cai.backends.base import warn_truncation
+from cai.backends.base import note_retries, warn_truncation
 from cai.chunks import chunks_in_flight, run_chunks
 from cai.configs import PAIR_MODES, GenerateConfig
 from cai.errors import InputError
@@ -239,6 +239,7 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
             cancel=getattr(backend, "cancel", None),
         )
         summary.interrupted = n < len(chunks)
+    note_retries(backend)
     bar.close()
     summary.seconds = time.perf_counter() - t0
     if cfg.recheck and Path(cfg.out).exists():  # over every row of these prompts, resumed ones too

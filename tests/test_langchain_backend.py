@@ -155,3 +155,35 @@ def test_import_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_concurrency_bounds_requests_in_flight_across_overlapping_calls(server):
+    """Two chunks side by side (two threads calling generate at once) still keep at most
+    --concurrency requests open: one semaphore for the backend."""
+    import threading
+
+    b = LangChainBackend("test-model", base_url=server, concurrency=2)
+    assert b.describe()["concurrency"] == 2 and b.slots is None  # this server reports no slots
+    server.server.max_in_flight = 0
+    out = {}
+
+    def run(k):
+        out[k] = b.generate(CONVERSATIONS[:4], max_new_tokens=4)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert server.server.max_in_flight == 2, server.server.max_in_flight
+    assert [g.text for g in out[0]] == [g.text for g in out[1]]
+    # unset, a server without /props falls back to --batch-size
+    assert LangChainBackend("test-model", base_url=server, batch_size=3).concurrency == 3
+
+
+def test_concurrency_is_refused_for_engines_in_this_process():
+    from cai.configs import ModelOptions
+    from cai.errors import InputError
+
+    with pytest.raises(InputError, match="--concurrency does not apply to the llamacpp backend"):
+        ModelOptions(concurrency=8).resolve()

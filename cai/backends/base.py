@@ -58,3 +58,16 @@ def warn_truncation(backend, before: int) -> int:
             flush=True,
         )
     return n
+
+
+def note_retries(backend) -> None:
+    """One line (stderr) when requests had to be retried: a replica died, stalled or answered 5xx
+    (the rows are still written once per id; the count says how rough the run was)."""
+    n = getattr(backend, "stats", {}).get("retries", 0)
+    if n:
+        where = getattr(backend, "base_url", None) or getattr(backend, "provider", "the server")
+        print(
+            f"cai: {n} request(s) to {where} were retried after a connection error, timeout or 5xx",
+            file=sys.stderr,
+            flush=True,
+        )
