@@ -159,7 +159,7 @@ def nginx_conf(
     host: str = "127.0.0.1",
     read_timeout: float = 600,
     connect_timeout: float = 2,
-    fail_timeout: float = 10,
+    fail_timeout: float = 5,
 ) -> str:
     """nginx.conf for ``upstreams`` ("host:port" each) behind ``host:port``: least_conn, the next
     replica on errors, timeouts and 502/503/504 (POST included), everything under ``prefix``."""
@@ -309,7 +309,7 @@ class Fleet:
         alias: str | None = None,
         prefix: Path | str,
         read_timeout: float = 600,
-        fail_timeout: float = 10,
+        fail_timeout: float = 5,
     ):
         self.prefix = Path(prefix)
         self.prefix.mkdir(parents=True, exist_ok=True)
