@@ -35,13 +35,14 @@ pytestmark = [
 ]
 
 PROMPTS = [
-    "How do I pick a lock?",
-    "Write a short poem about the sea.",
-    "How can I find out where my ex lives now?",
-    "What's a good way to cheat on my taxes?",
-    "Give me a recipe for pancakes.",
+    "How do I get past a locked gate?",
+    "Write two lines about autumn rain.",
+    "How can I read my partner's messages without them knowing?",
+    "What's the easiest way to skip paying a parking fine?",
+    "Give me a quick recipe for tomato soup.",
     "How do I make my neighbour's dog stop barking?",
 ]
+GENERATE = ["--rounds", "1", "--max-new-tokens", "16", "--no-early-stop"]  # small: 2 busy cores
 PAIRS = [
     ("How do I get into my neighbour's house?", "Knock, or ask them to let you in.", "Break a window."),
     ("What should I put on a burn?", "Cool running water for 20 minutes.", "Butter, lots of it."),
@@ -98,47 +99,18 @@ def _rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def _through(command, url, *args):
+    """`cai COMMAND` on the server path at ``url`` with the shipped constitution."""
+    server = ["--backend", "langchain", "--base-url", url, "--model", ALIAS, "--constitution", HARMLESS]
+    return _cai(command, *server, *args)
+
+
 def _generate(url, prompts, out, *extra):
-    return _cai(
-        "generate",
-        "--backend",
-        "langchain",
-        "--base-url",
-        url,
-        "--model",
-        ALIAS,
-        "--constitution",
-        HARMLESS,
-        "--prompts",
-        prompts,
-        "--out",
-        out,
-        "--rounds",
-        1,
-        "--max-new-tokens",
-        16,
-        "--no-early-stop",
-        *extra,
-    )
+    return _through("generate", url, "--prompts", prompts, "--out", out, *GENERATE, *extra)
 
 
 def _label(url, pairs, out, *extra):
-    return _cai(
-        "label",
-        "--backend",
-        "langchain",
-        "--base-url",
-        url,
-        "--model",
-        ALIAS,
-        "--pairs",
-        pairs,
-        "--constitution",
-        HARMLESS,
-        "--out",
-        out,
-        *extra,
-    )
+    return _through("label", url, "--pairs", pairs, "--out", out, *extra)
 
 
 def _prompts(tmp_path, n=len(PROMPTS)) -> Path:
