@@ -193,16 +193,17 @@ def _lines(path) -> int:
 def test_fleet_gives_the_one_server_ids_and_labels(fleet, reference, tmp_path):
     """Generate + label through nginx over three replicas, against the same runs on one server.
 
-    Measured here: `cai label` gave bit-identical labels in 12 of 12 runs (a judge request is a
-    prefill, and llama.cpp prefills a prompt alike in any slot, beside any other prompt, after
-    any cached prefix). `cai generate`'s initial responses were identical in every run; a
-    critique or revision continues from the response it is about, whose keys and values are in
-    the slot that generated it (computed token by token) or are prefilled afresh on another slot
-    or replica, whichever is free, and the two differ by rounding: in about a third of the runs
-    one or two of the six rows took another greedy token at a near-tie (with ``cache_prompt``
-    off every run was identical, docs/recipes/llamacpp.md). Labels of the rows whose texts
-    matched were identical too; LABEL_TOL (0.02) is the one-row-kernel gap llama.cpp's docs
-    note for a prompt found whole in a slot's cache."""
+    Measured while writing this test (11 runs, six prompts, 16 tokens): `cai label` gave
+    bit-identical labels every time (a judge request is a prefill, and llama.cpp prefills a
+    prompt alike in any slot, beside any other prompt, after any cached prefix). `cai generate`'s
+    initial responses were identical every time; a critique or revision continues from the
+    response it is about, whose keys and values are in the slot that generated it (computed
+    token by token) or are prefilled afresh on another slot or replica, whichever is free, and
+    the two differ by rounding: in about a third of the runs one or two of the six rows took
+    another greedy token at a near-tie (with ``cache_prompt`` off, fleet and one-server rows were
+    identical in every run: docs/architecture.md, "A fleet"). Labels of the rows whose texts
+    matched were identical too; LABEL_TOL (0.02) is the gap docs/architecture.md notes for a
+    prompt found whole in a slot's cache (its last token from a one-row kernel)."""
     with _nginx(tmp_path / "nginx", [r.url for r in fleet]) as ngx:
         gen, lab = tmp_path / "gen.jsonl", tmp_path / "lab.jsonl"
         res = _generate(ngx.url, _prompts(tmp_path), gen)
