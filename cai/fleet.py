@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -224,7 +225,17 @@ class Nginx:
         self.conf = nginx_conf(upstreams, port=self.port, prefix=self.prefix, **conf)
         self.proc: subprocess.Popen | None = None
 
+    def check_port(self):
+        """A port another process holds is refused up front (it would answer our readiness check)."""
+        with socket.socket() as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError:
+                raise InputError(f"port {self.port} on {self.host} is in use: pick another --port") from None
+
     def start(self, timeout: float = 20.0) -> Nginx:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        self.check_port()
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.prefix / "tmp" / kind).mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(self.conf)
@@ -248,15 +259,21 @@ class Nginx:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace").strip() or self.error_log()
                 raise CaiError(f"nginx ({self.conf_path}) exited: {err[-800:]}")
-            try:
-                with socket.create_connection(
-                    ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host, self.port), 1
-                ):
-                    return self
-            except OSError:
-                time.sleep(0.1)
+            if self._ours(host):
+                return self
+            time.sleep(0.1)
         self.stop()
         raise CaiError(f"nginx ({self.conf_path}) did not listen on port {self.port} in {timeout:.0f} s")
+
+    def _ours(self, host: str) -> bool:
+        """Whether this nginx answers on the port: every answer of its config names the replicas."""
+        try:
+            with urllib.request.urlopen(f"http://{host}:{self.port}/health", timeout=2) as r:
+                return r.headers.get("X-Cai-Replicas") is not None
+        except urllib.error.HTTPError as e:  # a replica's 404/503 through nginx is still nginx
+            return e.headers.get("X-Cai-Replicas") is not None
+        except OSError:
+            return False
 
     def error_log(self) -> str:
         try:
@@ -335,6 +352,7 @@ class Fleet:
         self.url = self.nginx.url
 
     def start(self, timeout: float = 180.0) -> Fleet:
+        self.nginx.check_port()  # before minutes of model loading
         try:
             for r in self.replicas:
                 r.launch()

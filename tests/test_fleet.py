@@ -361,3 +361,19 @@ def test_cai_serve_starts_a_fleet_prints_its_url_and_stops_on_ctrl_c(tmp_path):
         host, p = addr.split(":")
         with socket.socket() as s:
             assert s.connect_ex((host, int(p))) != 0, addr
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
+    import socket
+
+    from cai.errors import InputError
+    from cai.fleet import Fleet
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        fleet = Fleet(None, replicas=2, port=port, prefix=tmp_path / "fleet")
+        with pytest.raises(InputError, match=f"port {port} on 127.0.0.1 is in use: pick another --port"):
+            fleet.start()
+        assert all(r.proc is None for r in fleet.replicas)  # no replica was started for nothing
