@@ -39,18 +39,11 @@ from cai import __version__
 from cai.configs import AgreementConfig
 from cai.errors import InputError
 from cai.fmt import pct, rate_txt
+from cai.guard import claim_output
 from cai.options import check_config
 from cai.ppi import estimates
 from cai.recheck import stats as recheck_stats
-from cai.records import (
-    claim_output,
-    file_sha256,
-    read_pairs,
-    response_text,
-    write_atomic,
-    write_json,
-    write_text,
-)
+from cai.records import file_sha256, read_pairs, response_text, write_atomic, write_json, write_text
 from cai.stats import agreement
 
 FEW = 30  # below this many pairs the interval is too wide to tell a judge from chance

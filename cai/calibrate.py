@@ -30,8 +30,9 @@ from cai.calibration import ISOTONIC_MIN, KIND, cross_validate, fit, judge_signa
 from cai.configs import CalibrateConfig
 from cai.errors import InputError
 from cai.fmt import num, pct
+from cai.guard import claim_output
 from cai.options import check_config
-from cai.records import claim_output, file_sha256, write_atomic, write_json, write_text
+from cai.records import file_sha256, write_atomic, write_json, write_text
 
 PLOT = "reliability.png"
 FEW = 30

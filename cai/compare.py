@@ -194,8 +194,8 @@ def _train_key(cfg: CompareConfig, pairs, limit) -> dict:
 
 
 def run_compare(cfg: CompareConfig) -> dict:
+    from cai.guard import claim_output
     from cai.options import check_config
-    from cai.records import claim_output
 
     for c in (cfg, cfg.train, cfg.eval):
         check_config(c)

@@ -38,8 +38,9 @@ from cai.configs import EvalConfig
 from cai.errors import InputError
 from cai.fmt import pct as _pct
 from cai.fmt import pts as _pts
+from cai.guard import claim_output
 from cai.recheck import stats as recheck_stats
-from cai.records import claim_output, file_sha256, read_pairs, response_text, skip_note
+from cai.records import file_sha256, read_pairs, response_text, skip_note
 
 Scorer = Callable[[list[dict]], list[tuple[float, float]]]
 

@@ -589,8 +589,8 @@ def _output_row(row: dict, label: dict, meta: dict) -> dict:
 def run_label(cfg: LabelConfig) -> LabelSummary:
     """Label a pairs file with the judge; resumable by id. Returns the run's summary."""
     from cai.constitution import load_constitution
+    from cai.guard import check_output, claim_output
     from cai.options import check_config
-    from cai.records import check_output, claim_output
 
     check_config(cfg)
     principles = cfg.principles or None
@@ -641,7 +641,8 @@ def _label(
     from cai.backends import load_backend
     from cai.backends.base import warn_truncation
     from cai.models import fingerprint
-    from cai.records import RowWriter, check_resume_meta, file_sha256, read_pairs, read_rows
+    from cai.records import file_sha256, read_pairs, read_rows
+    from cai.rowwriter import RowWriter, check_resume_meta
 
     read_stats: dict = {}
     rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=read_stats)

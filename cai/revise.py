@@ -127,8 +127,10 @@ def _validate(cfg: GenerateConfig, rounds: int):
 
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     from cai.constitution import load_constitution
+    from cai.guard import claim_output
     from cai.options import check_config
-    from cai.records import RowWriter, claim_output, read_prompts
+    from cai.records import read_prompts
+    from cai.rowwriter import RowWriter
 
     # Validate everything before touching the model or the output file.
     check_config(cfg)
@@ -153,7 +155,8 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
 
     from cai.backends import load_backend
     from cai.models import fingerprint
-    from cai.records import check_resume_meta, file_sha256
+    from cai.records import file_sha256
+    from cai.rowwriter import check_resume_meta
 
     params = {
         "rounds": rounds,

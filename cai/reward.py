@@ -35,6 +35,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from cai import __version__
 from cai.configs import LENGTH_ROBUST, ScoreConfig, TrainConfig
 from cai.errors import InputError
+from cai.guard import claim_output
 from cai.models import (
     DEFAULT_REWARD_BASE,
     check_model,
@@ -47,7 +48,6 @@ from cai.models import (
 from cai.options import check_config
 from cai.recheck import has_regression
 from cai.records import (
-    claim_output,
     file_sha256,
     read_pairs,
     response_text,
@@ -727,7 +727,7 @@ def train_reward_model(cfg: TrainConfig, progress: bool = True, *, callbacks: li
     """Train a reward model and write a Hugging Face folder to `cfg.out`; returns the final metrics.
 
     `callbacks`: extra transformers TrainerCallbacks (timing, early stopping, …). The options
-    are checked and the output folder claimed (cai.records.claim_output) before any model loads.
+    are checked and the output folder claimed (cai.guard.claim_output) before any model loads.
     """
     check_config(cfg)
     with claim_output(
