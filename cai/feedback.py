@@ -242,7 +242,7 @@ def recheck_template(constitution) -> str:
     prompts differ only in their last tokens), else compare.jinja, one full prompt per principle."""
     from cai.constitution import RECHECK_TEMPLATE
 
-    return RECHECK_TEMPLATE if constitution.has_template(RECHECK_TEMPLATE) else "compare"
+    return RECHECK_TEMPLATE if RECHECK_TEMPLATE in constitution.templates else "compare"
 
 
 def recheck_params(constitution, margin: float, repair_rounds: int | None = None) -> dict:

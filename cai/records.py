@@ -34,7 +34,7 @@ ROLES = ("system", "user", "assistant")
 
 # Sizes checked where an input is read, so an oversized row is named (file:line) before any
 # model loads instead of failing a render or a forward pass later. A row's text (prompt and
-# responses together) stays far below what one template render may hold (constitution.py's
+# responses together) stays far below what one template render may hold (sandbox.py's
 # MAX_RENDER_CHARS, 1,000,000), leaving room for the principle, few-shot examples and template.
 MAX_TEXT_CHARS = 100_000
 MAX_LINE_BYTES = 16 << 20  # one line of a JSONL/text input (JSON escapes included)
