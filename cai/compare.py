@@ -80,7 +80,8 @@ def _prepare(cfg: CompareConfig, d: Path) -> dict:
 
 def _judge(cfg: CompareConfig, data_dir: Path, d: Path) -> dict:
     """AI-label the label-free pairs (resumable: cai.feedback's run_label picks up by id)."""
-    from cai.feedback import LabelConfig, run_label
+    from cai.configs import LabelConfig
+    from cai.feedback import run_label
 
     lc = LabelConfig(
         pairs=str(data_dir / "judge-input.jsonl"),
@@ -110,7 +111,7 @@ def _free_accelerator():
 def _align(data_dir: Path, d: Path, summary) -> dict:
     """Undo the swaps and write the two training files with the same ids in the same order:
     train-human.jsonl (human labels) and train-ai.jsonl (judge labels, human label as prior)."""
-    from cai.feedback import flip_label
+    from cai.judge import flip_label
 
     human = read_rows(data_dir / "human.jsonl")
     swaps = json.loads((data_dir / "swaps.json").read_text())

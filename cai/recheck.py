@@ -1,7 +1,7 @@
 """The re-check's numbers: regressions, per-principle improvement rates and the conflict matrix.
 
 `cai generate --recheck` and `cai label --recheck` judge a pair's final answer against the
-other response under every principle of the constitution (`feedback.recheck_pairs`) and write
+other response under every principle of the constitution (`judge.recheck_pairs`) and write
 ``trace.recheck`` (one ``{"principle", "p_final_better", "orders"}`` per principle). This module
 turns those entries into what a user acts on, with no model and no files:
 

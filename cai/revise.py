@@ -170,7 +170,7 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
     if cfg.pair_mode == "samples":
         params["sample_temperature"] = cfg.sample_temperature
     if cfg.recheck:  # only when on, so files made before the option existed still resume
-        from cai.feedback import recheck_params
+        from cai.judge import recheck_params
 
         params["recheck"] = recheck_params(const, cfg.recheck_margin, cfg.repair_rounds)
     check_resume_meta(
@@ -352,7 +352,7 @@ class _Engine:
         more critique -> revision for each row's worst regressed principle not yet tried on its
         current final, each re-checked, keeping the answer with fewer regressions. All rows of
         the chunk go through each step together (one backend call per step)."""
-        from cai.feedback import recheck_pairs
+        from cai.judge import recheck_pairs
 
         margin = self.cfg.recheck_margin
 
@@ -448,7 +448,7 @@ class _Engine:
             else:
                 judge_idx.append(i)
         if judge_idx:
-            from cai.feedback import flip_label, judge_pairs
+            from cai.judge import flip_label, judge_pairs
 
             rows = [
                 {
