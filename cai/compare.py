@@ -163,7 +163,8 @@ def _align(data_dir: Path, d: Path, summary) -> dict:
 
 
 def _train(cfg: CompareConfig, pairs: Path | str, limit, d: Path) -> dict:
-    from cai.reward import checkpoints, train_reward_model
+    from cai.artifact import checkpoints
+    from cai.train import train_reward_model
 
     out = d / "model"
     resume = out.exists() and bool(checkpoints(out))

@@ -1,7 +1,7 @@
 """Reward-model evaluation: accuracy, calibration, margins, paired tests and robustness probes.
 
 A *scorer* is anything that maps pairs-contract rows to ``(r_chosen, r_rejected)`` per row — a
-trained reward model folder (via ``cai.reward.score_pairs``), or a plain function in tests and
+trained reward model folder (via ``cai.score.score_pairs``), or a plain function in tests and
 for the trivial baselines. Everything here is numpy; the numbers are computed once into a
 ``metrics`` dict, which ``cai.report`` turns into metrics.json, report.md/.html and PNG plots.
 
@@ -333,13 +333,13 @@ def rm_scorer(
     device: str | None = None,
     length_correct: bool = True,
 ) -> Scorer:
-    """A trained reward-model folder as a scorer (cai.reward does the batching). With
+    """A trained reward-model folder as a scorer (cai.score does the batching). With
     ``length_correct`` its ``length_correction`` attribute is the artifact's length fit (None
     when it has none): `evaluate` then adds the length-corrected figures."""
     from cai import lengthfit
 
     def score(rows):
-        from cai.reward import score_pairs
+        from cai.score import score_pairs
 
         return score_pairs(rm_dir, rows, batch_size=batch_size, max_length=max_length, device=device)
 
