@@ -25,11 +25,13 @@ from pathlib import Path
 from cai.configs import CompareConfig
 from cai.errors import InputError
 from cai.estimate import estimate, estimate_lines
-from cai.evaluate import annotate, evaluate, load_pairset, rm_provenance, rm_scorer
+from cai.evaluate import evaluate, rm_provenance, rm_scorer
 from cai.fmt import duration
 from cai.fmt import pct as _pct
+from cai.pairset import load_pairset
 from cai.records import file_sha256, read_pairs, read_rows, write_json, write_jsonl
 from cai.steps import Steps
+from cai.verdicts import annotate
 
 WITHHELD = {
     "p_chosen": 0.5,
