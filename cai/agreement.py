@@ -42,6 +42,7 @@ from cai.fmt import pct, rate_txt
 from cai.guard import claim_output
 from cai.options import check_config
 from cai.ppi import estimates
+from cai.recheck import recheck_blocks
 from cai.recheck import stats as recheck_stats
 from cai.records import file_sha256, read_pairs, response_text, write_atomic, write_json, write_text
 from cai.stats import agreement
@@ -569,8 +570,6 @@ def build_blocks(m: dict) -> list[tuple]:
     )
     B.append(("img", PLOT, "agreement by judge confidence"))
     if m.get("recheck"):
-        from cai.report import recheck_blocks
-
         B += recheck_blocks(m["recheck"])
     j = m["join"]
     B.append(("h2", "Provenance"))
@@ -659,7 +658,8 @@ def run_agreement(cfg: AgreementConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "agreement.json", m)
         write_plot(m, out)
-        from cai.report import render_html, render_md, write_recheck_plot
+        from cai.plots import write_recheck_plot
+        from cai.render import render_html, render_md
 
         if rc:
             write_recheck_plot(rc, out)

@@ -258,7 +258,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if cv:
             write_plot(m, out)
-        from cai.report import render_html, render_md
+        from cai.render import render_html, render_md
 
         blocks = build_blocks(m)
         write_text(out / "calibration.md", render_md(blocks))

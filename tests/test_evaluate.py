@@ -376,7 +376,8 @@ def test_length_corrected_column_removes_a_length_lean(mixed_rows):
 
 
 def ev_report_md(m):
-    from cai.report import build_blocks, render_md
+    from cai.render import render_md
+    from cai.report import build_blocks
 
     return render_md(build_blocks(m))
 
