@@ -478,6 +478,19 @@ HEAD = ["", "pairs", "agreement (95% CI)", "Cohen's κ", "AI ties (½)", "human 
 
 
 def build_blocks(m: dict) -> list[tuple]:
+    """The agreement report, section by section."""
+    B = _agreement_blocks(m) + _annotator_blocks(m) + _principle_blocks(m)
+    if m.get("preference_rate"):
+        r = dict(m["preference_rate"], warnings=[])  # its warnings are at the top already
+        B += rate_blocks(r, "Preference rate: human, AI and prediction-powered")
+    B += _confidence_blocks(m)
+    if m.get("recheck"):
+        B += recheck_blocks(m["recheck"])
+    return B + _provenance_blocks(m)
+
+
+def _agreement_blocks(m: dict) -> list[tuple]:
+    """The files, the warnings, and the judge's agreement with people (overall, per person, the baselines)."""
     B: list[tuple] = [("h1", "AI–human agreement")]
     prov = m["provenance"]
     B.append(
@@ -507,6 +520,12 @@ def build_blocks(m: dict) -> list[tuple]:
             "calls `chosen`.",
         )
     )
+    return B
+
+
+def _annotator_blocks(m: dict) -> list[tuple]:
+    """How much people agree with each other, and how each one answered."""
+    B: list[tuple] = []
     B.append(("h2", "Between annotators"))
     if m["between_annotators"]:
         B.append(("table", HEAD, [_row(" vs ".join(b["annotators"]), b) for b in m["between_annotators"]]))
@@ -537,19 +556,27 @@ def build_blocks(m: dict) -> list[tuple]:
             ans,
         )
     )
-    if m["per_principle"]:
-        B += [
-            ("h2", "Per principle"),
-            ("table", ["principle"] + HEAD[1:], [_row(k, r) for k, r in m["per_principle"].items()]),
-            (
-                "p",
-                "The judge's probability under each principle alone (both orders averaged) "
-                "against the consensus.",
-            ),
-        ]
-    if m.get("preference_rate"):
-        r = dict(m["preference_rate"], warnings=[])  # its warnings are at the top already
-        B += rate_blocks(r, "Preference rate: human, AI and prediction-powered")
+    return B
+
+
+def _principle_blocks(m: dict) -> list[tuple]:
+    """The judge under each principle alone against the consensus."""
+    if not m["per_principle"]:
+        return []
+    return [
+        ("h2", "Per principle"),
+        ("table", ["principle"] + HEAD[1:], [_row(k, r) for k, r in m["per_principle"].items()]),
+        (
+            "p",
+            "The judge's probability under each principle alone (both orders averaged) "
+            "against the consensus.",
+        ),
+    ]
+
+
+def _confidence_blocks(m: dict) -> list[tuple]:
+    """Agreement in bins of the judge's confidence (and the plot)."""
+    B: list[tuple] = []
     B.append(("h2", "Agreement by judge confidence"))
     B.append(
         (
@@ -569,9 +596,13 @@ def build_blocks(m: dict) -> list[tuple]:
         )
     )
     B.append(("img", PLOT, "agreement by judge confidence"))
-    if m.get("recheck"):
-        B += recheck_blocks(m["recheck"])
-    j = m["join"]
+    return B
+
+
+def _provenance_blocks(m: dict) -> list[tuple]:
+    """The files' hashes, how the human answers joined the AI rows, the version and command."""
+    prov, j = m["provenance"], m["join"]
+    B: list[tuple] = []
     B.append(("h2", "Provenance"))
     B.append(
         (
