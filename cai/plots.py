@@ -13,22 +13,27 @@ PLOTS = ("accuracy.png", "reliability.png", "margins.png", "length_bias.png")
 
 
 def write_plots(metrics: dict, out: Path) -> list[str]:
+    """The four PNGs of PLOTS (and the re-check's heat map when the pairs carry one) into ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    models = metrics["models"]
     written = []
-
-    def save(fig, name: str):
+    for name, draw in zip(PLOTS, (_accuracy_plot, _reliability_plot, _margins_plot, _length_bias_plot)):
+        fig = draw(plt, metrics)
         fig.tight_layout()
         write_atomic(out / name, lambda f: fig.savefig(f, dpi=110, format="png"))
         plt.close(fig)
         written.append(name)
+    if metrics.get("recheck"):
+        written.append(write_recheck_plot(metrics["recheck"], out))
+    return written
 
-    # accuracy with intervals, models and baselines on one axis
+
+def _accuracy_plot(plt, metrics: dict):
+    """Accuracy with intervals, models and baselines on one axis."""
+    models = metrics["models"]
     rows = [(n, m["accuracy"]) for n, m in models.items()] + [
         (f"[baseline] {n}", b["accuracy"]) for n, b in metrics["baselines"].items()
     ]
@@ -49,9 +54,12 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_yticks(range(len(rows)), [n for n, _ in reversed(rows)])
     ax.set_xlabel("accuracy on test pairs (ties ½), 95% bootstrap CI")
     ax.set_xlim(0, 1)
-    save(fig, "accuracy.png")
+    return fig
 
-    # reliability of σ(Δ)
+
+def _reliability_plot(plt, metrics: dict):
+    """Reliability of σ(Δ): confidence against the share of right picks, per model."""
+    models = metrics["models"]
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.plot([0.5, 1], [0.5, 1], "k:", lw=0.8, label="perfect calibration")
     for i, (n, m) in enumerate(models.items()):
@@ -70,9 +78,14 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title("Reliability")
-    save(fig, "reliability.png")
+    return fig
 
-    # margin distribution
+
+def _margins_plot(plt, metrics: dict):
+    """The margin distribution of every model."""
+    import numpy as np
+
+    models = metrics["models"]
     fig, ax = plt.subplots(figsize=(6, 4))
     deltas = [np.asarray(m["_delta"]) for m in models.values() if m.get("_delta")]
     if deltas:
@@ -88,9 +101,14 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_ylabel("pairs")
     ax.legend(fontsize=8)
     ax.set_title("Margin distribution")
-    save(fig, "margins.png")
+    return fig
 
-    # length bias: accuracy when the preferred answer is longer vs shorter
+
+def _length_bias_plot(plt, metrics: dict):
+    """Length bias: accuracy when the preferred answer is longer vs shorter."""
+    import numpy as np
+
+    models = metrics["models"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     entries = [(n, m["probes"]["length"]) for n, m in models.items() if "probes" in m]
     x = np.arange(len(entries))
@@ -109,10 +127,7 @@ def write_plots(metrics: dict, out: Path) -> list[str]:
     ax.set_ylabel("accuracy (95% CI)")
     ax.legend(fontsize=8)
     ax.set_title("Length bias: a fair model scores alike on both")
-    save(fig, "length_bias.png")
-    if metrics.get("recheck"):
-        written.append(write_recheck_plot(metrics["recheck"], out))
-    return written
+    return fig
 
 
 def write_recheck_plot(rc: dict, out: Path, name: str = RECHECK_PLOT) -> str:
