@@ -3,7 +3,7 @@
 `pair_metrics`: accuracy (a reward tie counts half) and the mean margin toward the preferred
 side; `length_metrics`: how much of the reward is length (accuracy when the preferred response
 is the longer / the shorter, their mean and gap, Spearman(reward, length)). `cai eval`'s
-bootstrap intervals and probes are in cai/evalstats.py and cai/evaluate.py.
+bootstrap intervals are in cai/evalstats.py, its probes in cai/probes.py.
 """
 
 from __future__ import annotations
