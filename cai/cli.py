@@ -370,6 +370,15 @@ def calibrate(**kw):
     click.echo(summary_line(run_calibrate(cfg), cfg.out), err=True)
 
 
+@cli.command()
+@handle_errors
+def backends():
+    """List the model backends installed (cai's and other packages') and their -o options."""
+    from cai.backends import listing
+
+    click.echo("\n".join(listing()))
+
+
 def main():
     cli(prog_name="cai")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cai.backends import CHOICES
+from cai.errors import InputError
 from cai.options import count_or_all, opt, pairs_or_all
 from cai.recheck import DEFAULT_MARGIN as RECHECK_MARGIN  # P(final better) < 0.4: a regression
 
@@ -56,17 +57,35 @@ class ModelOptions:
     threads: int | None = opt(
         None, "CPU threads (hf, llamacpp). Default: every core this process may use.", min=1
     )
+    option: list[str] = opt(
+        factory=list,
+        help="A backend's own option as key=value, repeatable (e.g. -o n_batch=1024 for llamacpp, "
+        "-o prefix=fold for langchain); `cai backends` lists each backend's.",
+        cli=("--option", "-o"),
+        metavar="KEY=VALUE",
+    )
 
     def backend_options(self) -> dict:
         """What ``load_backend`` takes besides the model. The stage resolves ``auto`` and refuses
-        an option set for another backend, after validating its inputs (cai.backends.resolved)."""
-        return dict(
+        an option set for another backend, after validating its inputs (cai.backends.resolved);
+        ``-o`` values stay text here and are converted by the backend's own option list."""
+        out = dict(
             batch_size=self.batch_size,
             device=self.device,
             trust_remote_code=self.trust_remote_code,
             base_url=self.base_url,
             threads=self.threads,
         )
+        for item in self.option:
+            key, eq, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or not key:
+                raise InputError(f"-o {item}: pass a backend option as key=value (`cai backends` lists them)")
+            if key in out:
+                flag = "--" + key.replace("_", "-")
+                raise InputError(f"-o {item}: {key} is a shared option; pass it as {flag}")
+            out[key] = value
+        return out
 
     def resolve(self) -> tuple[str, dict]:
         """(the backend ``--backend`` stands for here, the options it takes)."""

@@ -331,7 +331,7 @@ def _label(
     from tqdm.auto import tqdm
 
     from cai import __version__
-    from cai.backends import load_backend
+    from cai.backends import load_backend, runtime
     from cai.backends.base import warn_truncation
     from cai.models import fingerprint
     from cai.records import file_sha256, read_pairs, read_rows
@@ -387,7 +387,7 @@ def _label(
             "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
             "backend": backend.name,
             **meta,
-            "runtime": backend.describe(),
+            "runtime": runtime(backend),
         }
         check_resume_meta(writer, meta)
         if calib is not None:

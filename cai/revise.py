@@ -153,7 +153,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
 def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writer, progress: bool):
     from tqdm.auto import tqdm
 
-    from cai.backends import load_backend
+    from cai.backends import load_backend, runtime
     from cai.models import fingerprint
     from cai.records import file_sha256
     from cai.rowwriter import check_resume_meta
@@ -188,7 +188,7 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
         "params": params,
         "version": __version__,
         "prompts": {"path": str(cfg.prompts), "sha256": file_sha256(cfg.prompts)},
-        "runtime": backend.describe(),
+        "runtime": runtime(backend),
     }
     check_resume_meta(writer, meta)
 

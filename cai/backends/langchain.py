@@ -27,7 +27,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from cai.backends.base import Generation
+from cai.backends.base import Generation, Option
 from cai.errors import CaiError, InputError
 
 PREFIX_MODES = ("auto", "continue", "fold")
@@ -36,6 +36,22 @@ _CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
 
 class LangChainBackend:
     name = "langchain"
+    shared = ("batch_size", "base_url")
+    options = (
+        Option("api_key", str, "For --base-url; default $OPENAI_API_KEY (prefer it: -o is visible to ps)."),
+        Option(
+            "logprobs", bool, "Require option log-probs (true) or never ask (false); default: probe once."
+        ),
+        Option(
+            "top_logprobs",
+            int,
+            "Alternatives the server lists per token (OpenAI's and vLLM's cap: 20).",
+            min=1,
+        ),
+        Option("prefix", str, "How a trailing assistant message is sent.", PREFIX_MODES),
+        Option("timeout", float, "Seconds before a request is given up (and retried).", min=0),
+        Option("max_retries", int, "Retries of a failed request.", min=0),
+    )
 
     def __init__(
         self,
