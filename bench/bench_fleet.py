@@ -81,7 +81,7 @@ def stage_tokens(rows: list[dict]) -> dict:
     from transformers import AutoTokenizer
 
     from cai.constitution import load_constitution
-    from cai.feedback import render_judge_prompt
+    from cai.judge import render_judge_prompt
     from cai.models import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())

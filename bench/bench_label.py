@@ -86,7 +86,7 @@ def _question_last(src: Path, dst: Path):
 
 def _few_shot(src: Path, dst: Path, const, examples: list[dict]):
     """A copy of the constitution whose compare prompt first shows worked examples as chat turns."""
-    from cai.feedback import render_judge_prompt
+    from cai.judge import render_judge_prompt
 
     shutil.copytree(src, dst)
     p = const.principles[GENERAL]
@@ -169,7 +169,7 @@ def _naive(backend, const, rows, seed, k):
     Returns per pair the p_chosen of each (principle, order) and the mean tokens per pair."""
     import torch
 
-    from cai.feedback import render_judge_prompt
+    from cai.judge import render_judge_prompt
 
     tok, model = backend.tok, backend.model
     ab = backend.option_token_ids(["A", "B"])
@@ -238,8 +238,10 @@ def main():
     import transformers
 
     from cai.backends.hf import HFBackend
+    from cai.configs import LabelConfig
     from cai.constitution import load_constitution
-    from cai.feedback import LabelConfig, format_summary, judge_pairs, render_judge_prompt, run_label
+    from cai.feedback import format_summary, run_label
+    from cai.judge import judge_pairs, render_judge_prompt
     from cai.records import read_pairs, read_rows
 
     load = os.getloadavg()[0]

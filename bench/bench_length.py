@@ -37,7 +37,7 @@ MARK = "<!-- READING"
 
 
 def figures(m: dict) -> dict:
-    from cai.evaluate import length_balanced
+    from cai.verdicts import length_balanced
 
     L = m["probes"]["length"]
     lb = length_balanced(m)
@@ -93,7 +93,8 @@ def main():
             f"{rm} has no length fit ({lc.get('skipped', 'trained without it')}); train with the defaults"
         )
 
-    from cai.evaluate import evaluate, load_pairset, rm_scorer
+    from cai.evaluate import evaluate, rm_scorer
+    from cai.pairset import load_pairset
 
     ps = load_pairset(dev, skip_bad=True)
     t1 = time.time()

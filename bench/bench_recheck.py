@@ -1,8 +1,8 @@
 """What `--recheck` costs: every principle of the harmless constitution (15), both orders, against
 a one-principle label of the same pairs, measured in one run on one loaded model.
 
-Both sides go through the code `cai label --recheck` runs: `feedback.judge_pairs` (the label,
-one principle drawn per pair, both orders) and `feedback.recheck_pairs` (the re-check: 15
+Both sides go through the code `cai label --recheck` runs: `judge.judge_pairs` (the label,
+one principle drawn per pair, both orders) and `judge.recheck_pairs` (the re-check: 15
 principles x 2 orders per pair, from recheck.jinja, whose prompts share everything but a few
 tokens per principle). The default hf backend computes shared prefixes once (its prefix tree).
 
@@ -74,7 +74,7 @@ def main():
     from cai import __version__
     from cai.backends import load_backend
     from cai.constitution import load_constitution
-    from cai.feedback import judge_pairs, recheck_pairs
+    from cai.judge import judge_pairs, recheck_pairs
     from cai.records import read_pairs, response_text
 
     const = load_constitution(HARMLESS)

@@ -45,9 +45,9 @@ def padded_tokens(train_file, limit, max_length, batch_size) -> dict:
     from transformers import AutoTokenizer
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
+    from cai.encode import PairEncoder
     from cai.models import default_reward_base
     from cai.records import read_pairs
-    from cai.reward import PairEncoder
 
     enc = PairEncoder(AutoTokenizer.from_pretrained(default_reward_base()), max_length)
     pairs = [enc(r) for r in read_pairs(train_file, limit=limit, skip_bad=True)]
@@ -95,9 +95,12 @@ def main():
     import transformers
     from transformers import TrainerCallback
 
+    from cai.configs import TrainConfig
     from cai.models import default_reward_base
+    from cai.pairmetrics import pair_metrics
     from cai.records import read_pairs
-    from cai.reward import TrainConfig, pair_metrics, score_pairs, train_reward_model
+    from cai.score import score_pairs
+    from cai.train import train_reward_model
 
     class CpuClock(TrainerCallback):
         """CPU seconds of the training loop only (not loading, tokenising or saving)."""
@@ -184,7 +187,7 @@ def main():
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from trl import RewardConfig, RewardTrainer
 
-        from cai.reward import PairEncoder
+        from cai.encode import PairEncoder
 
         base = str(default_reward_base())
         tok = AutoTokenizer.from_pretrained(base)

@@ -60,7 +60,8 @@ REDUCED = (
 
 def run_full(name: str, overrides: dict, seed: int = 0) -> dict:
     """One full fine-tune in this process (called in a child): dev metrics, wall, peak RSS."""
-    from cai.reward import TrainConfig, train_reward_model
+    from cai.configs import TrainConfig
+    from cai.train import train_reward_model
 
     work = Path(tempfile.mkdtemp(prefix="cai-sweep-"))
     kw = dict(
@@ -133,8 +134,9 @@ def encode_split(path, max_length: int, threads: int = 1):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from cai.encode import PairEncoder, pad_batch, tokenize_pairs
     from cai.models import default_reward_base
-    from cai.reward import PairEncoder, pad_batch, read_training_rows, tokenize_pairs
+    from cai.train import read_training_rows
 
     torch.set_num_threads(threads)
     base = str(default_reward_base())
@@ -204,7 +206,9 @@ def train_head(
     import numpy as np
     import torch
 
-    from cai.reward import RewardModelTrainer, balance_weights, length_metrics, pair_metrics
+    from cai.pairmetrics import length_metrics, pair_metrics
+    from cai.reward import RewardModelTrainer
+    from cai.train import balance_weights
 
     torch.manual_seed(seed)
     odin = "odin" in length_robust

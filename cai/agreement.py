@@ -3,9 +3,9 @@
 Inputs: the AI-labelled pairs (`cai generate` / `cai label` output) and one or more files of
 human labels (`cai review` output, or any pairs file whose labels have ``source: "human"``).
 Human rows are matched to AI rows by ``pair_id`` (review rows) or ``id``, and turned into the AI
-row's orientation by comparing the response texts, so a human file may hold a pair either way
-round. Each annotator's last answer per pair counts (``records.read_pairs`` resolves
-``label.revision``); skips and undone answers count for nothing.
+row's orientation by comparing the response texts (``cai/labeljoin.py``), so a human file may hold
+a pair either way round. Each annotator's last answer per pair counts (``records.read_pairs``
+resolves ``label.revision``); skips and undone answers count for nothing.
 
 Every agreement figure and interval comes from ``cai.stats.agreement`` (share of pairs where
 both pick the same side, an AI tie counting ½, reference ties left out; 95% Wilson interval;
@@ -19,11 +19,9 @@ Cohen's kappa on the hard sides), the same measure `cai label`'s summary and `ca
   the consensus;
 - **by judge confidence**: pairs split into bins of equal size by max(p, 1 − p) of the AI label;
 - baselines on the same pairs: "pick the shorter answer" and each answer order of the judge alone;
-- **preference rate** (:func:`preference_rates`): how often people prefer the revision (or the
-  file's ``chosen`` where a row has no critique/revision trace), overall and per principle, three
-  ways: the human labels alone, the AI labels alone (every pair; biased by the judge's errors,
-  shown for contrast) and prediction-powered (every AI label, corrected by the human slice;
-  ``cai/ppi.py``), with the number of human labels the AI labels were worth.
+- **preference rate** (``cai/prefrate.py``): how often people prefer the revision (or the
+  file's ``chosen`` where a row has no critique/revision trace), overall and per principle,
+  human-only, AI-only and prediction-powered.
 
 Writes ``agreement.json``, ``agreement.md``, a self-contained ``agreement.html`` (the same
 renderer as `cai eval`'s report) and ``agreement_by_confidence.png``.
@@ -39,120 +37,19 @@ from cai import __version__
 from cai.configs import AgreementConfig
 from cai.errors import InputError
 from cai.fmt import pct, rate_txt
+from cai.guard import claim_output
+from cai.labeljoin import FEW, ai_p, align, load_ai, load_human, texts
 from cai.options import check_config
-from cai.ppi import estimates
+from cai.prefrate import preference_rates, rate_blocks
+from cai.recheck import recheck_blocks
 from cai.recheck import stats as recheck_stats
-from cai.records import (
-    claim_output,
-    file_sha256,
-    read_pairs,
-    response_text,
-    write_atomic,
-    write_json,
-    write_text,
-)
+from cai.records import file_sha256, write_atomic, write_json, write_text
 from cai.stats import agreement
 
-FEW = 30  # below this many pairs the interval is too wide to tell a judge from chance
-TOO_FEW = 10  # below this many human labels a rate's interval says nothing
 PLOT = "agreement_by_confidence.png"
 
 
-# ============================================================================ loading
-
-
-def _texts(row) -> tuple[str, str]:
-    return response_text(row["chosen"]).strip(), response_text(row["rejected"]).strip()
-
-
-def load_ai(path, skip_bad: bool = False) -> tuple[dict[str, dict], dict]:
-    stats: dict = {}
-    rows = read_pairs(path, skip_bad=skip_bad, stats=stats)
-    ai = {r["id"]: r for r in rows if (r.get("label") or {}).get("source") == "ai"}
-    if not ai:
-        raise InputError(
-            "has no AI labels (rows with label.source 'ai'); "
-            "pass the output of `cai generate` or `cai label`",
-            path,
-        )
-    return ai, {
-        "rows": len(rows),
-        "ai_labelled": len(ai),
-        "skipped": len(stats["skipped"]),
-        "ties": stats.get("ties", 0),
-    }
-
-
-def load_human(paths, skip_bad: bool = False) -> tuple[list[dict], dict]:
-    """One judgment per (pair, annotator): {pair_id, annotator, p, row}."""
-    out, counts = [], {"files": [], "not_human": 0, "unlabelled": 0}
-    for path in paths:
-        stats: dict = {}
-        try:
-            rows = read_pairs(path, skip_bad=skip_bad, stats=stats)
-        except InputError:
-            if stats.get("unlabelled"):  # every answer in the file is a skip or an undo
-                rows = []
-            else:
-                raise
-        kept = 0
-        for r in rows:
-            lab = r.get("label") or {}
-            if lab.get("source") != "human":
-                counts["not_human"] += 1
-                continue
-            who = str(lab.get("annotator") or Path(path).name.split(".")[0])
-            out.append(
-                {
-                    "pair_id": str(r.get("pair_id") or r["id"]),
-                    "annotator": who,
-                    "p": float(lab["p_chosen"]),
-                    "answer": lab.get("answer"),
-                    "shown": lab.get("shown"),
-                    "row": r,
-                }
-            )
-            kept += 1
-        counts["unlabelled"] += stats.get("unlabelled", 0)
-        counts["files"].append(
-            {
-                "path": str(path),
-                "sha256": file_sha256(path),
-                "judgments": kept,
-                "skipped": len(stats["skipped"]),
-            }
-        )
-    if not out:
-        raise InputError("no human answers found (label.source 'human' with p_chosen set)", paths[0])
-    return out, counts
-
-
-def align(human: list[dict], ai: dict[str, dict]) -> tuple[list[dict], dict]:
-    """Put each human p in the AI row's orientation; drop judgments with no AI row or other texts."""
-    kept, missing, mismatched, flipped = [], 0, 0, 0
-    for h in human:
-        a = ai.get(h["pair_id"])
-        if a is None:
-            missing += 1
-            continue
-        hc, hr = _texts(h["row"])
-        ac, ar = _texts(a)
-        if (hc, hr) == (ac, ar):
-            p = h["p"]
-        elif (hc, hr) == (ar, ac):
-            p, flipped = 1.0 - h["p"], flipped + 1
-        else:
-            mismatched += 1
-            continue
-        kept.append({**h, "p": p})
-    return kept, {"no_ai_row": missing, "different_texts": mismatched, "flipped": flipped}
-
-
 # ============================================================================ the numbers
-
-
-def _ai_p(row) -> float:
-    return float(row["label"]["p_chosen"])
 
 
 def _by_principle(row) -> dict[str, float]:
@@ -160,7 +57,7 @@ def _by_principle(row) -> dict[str, float]:
     by = judge.get("by_principle")
     if isinstance(by, dict) and by:
         return {k: sum(map(float, v)) / len(v) for k, v in by.items() if v}
-    return {p: _ai_p(row) for p in judge.get("principles") or []}
+    return {p: ai_p(row) for p in judge.get("principles") or []}
 
 
 def _bins(pairs: list[tuple[float, float, float]], k: int) -> list[dict]:
@@ -186,7 +83,7 @@ def _flip(row) -> bool:
     construction. So every pair is turned to (revision, initial) when its trace names the
     initial answer, else to the two response texts in sorted order: a choice neither label made.
     """
-    c, r = _texts(row)
+    c, r = texts(row)
     initial = str((row.get("trace") or {}).get("initial", "")).strip()
     if initial and initial in (c, r):
         return c == initial
@@ -204,7 +101,7 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
     for h in human:
         by_pair.setdefault(h["pair_id"], {})[h["annotator"]] = o(h["pair_id"], h["p"])
     consensus = {pid: sum(v.values()) / len(v) for pid, v in by_pair.items()}
-    p_ai = {pid: o(pid, _ai_p(ai[pid])) for pid in consensus}
+    p_ai = {pid: o(pid, ai_p(ai[pid])) for pid in consensus}
 
     overall = agreement([(p_ai[pid], c) for pid, c in consensus.items()])
     per_annotator = {
@@ -220,7 +117,7 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
         between.append({"annotators": [a, b], **agreement([(by_pair[p][a], by_pair[p][b]) for p in both])})
 
     def shorter(pid):
-        c, r = _texts(ai[pid])
+        c, r = texts(ai[pid])
         return o(pid, 0.5 if len(c) == len(r) else float(len(c) < len(r)))
 
     baselines = {"shorter answer": agreement([(shorter(pid), c) for pid, c in consensus.items()])}
@@ -253,178 +150,6 @@ def compute(ai: dict[str, dict], human: list[dict], bins: int = 3) -> dict:
         "per_principle": {k: agreement(v) for k, v in sorted(per_principle.items())},
         "by_confidence": _bins(conf, bins),
     }
-
-
-# ============================================================================ the preference rate
-
-
-def _toward_revision(row) -> tuple[bool, str]:
-    """(turn round?, what the rate is about): a row with a critique/revision trace is taken as
-    (revision, initial); any other keeps the file's own ``chosen``."""
-    c, r = _texts(row)
-    initial = str((row.get("trace") or {}).get("initial", "")).strip()
-    if initial and initial in (c, r):
-        return c == initial, "revision"
-    return False, "chosen"
-
-
-def _row_principles(row) -> list[str]:
-    """The principles behind a pair: those of the trace's rounds that revised the answer, else the
-    principles the judge used."""
-    rounds = (row.get("trace") or {}).get("rounds") or []
-    found = [
-        str(x["principle"])
-        for x in rounds
-        if isinstance(x, dict) and x.get("principle") and x.get("revision")
-    ]
-    if not found:
-        found = [str(x) for x in ((row.get("label") or {}).get("judge") or {}).get("principles") or []]
-    return list(dict.fromkeys(found))
-
-
-def rate_warnings(e: dict, what: str) -> list[str]:
-    """Plain words for one preference-rate estimate (``what`` names the group)."""
-    n, ppi, ai = e["human_labelled"], e["ppi"], e["ai"]
-    if n == 0:
-        return [
-            f"{what}: no human labels among these pairs; only the AI-only rate, "
-            "which carries the judge's bias."
-        ]
-    if n < TOO_FEW:
-        return [
-            f"{what}: only {n} human labels, too few to say anything: the intervals are not to be trusted."
-        ]
-    if not e["human"]["se"]:  # every label the same: a normal interval has no width
-        return [
-            f"{what}: all {n} human labels say the same ({pct(e['human']['estimate'])}), so the intervals "
-            "have no width and mean nothing: the rate is only known to be near that; label more pairs."
-        ]
-    out = []
-    if n < FEW:
-        out.append(f"{what}: {n} human labels; the intervals are rough (normal approximation): label {FEW}+.")
-    if ppi["lambda"] == 0 and ppi["N"] > 1:
-        out.append(
-            f"{what}: the judge's labels do not co-vary with people's on this slice, so the "
-            "prediction-powered estimate is the human-only one: the AI labels add nothing."
-        )
-    if ppi["ci"] and ai["estimate"] is not None and not ppi["ci"][0] <= ai["estimate"] <= ppi["ci"][1]:
-        out.append(
-            f"{what}: the AI labels alone say {pct(ai['estimate'])}, people (prediction-powered) "
-            f"{pct(ppi['estimate'])} ({pct(ppi['ci'][0])} – {pct(ppi['ci'][1])}): the judge is biased here."
-        )
-    return out
-
-
-def preference_rates(ai: dict[str, dict], human: list[dict], p_of=None) -> dict:
-    """How often people prefer the revision, overall and per principle: human-only, AI-only and
-    prediction-powered (cai/ppi.py). ``human`` are `align`ed judgments (p in the AI row's
-    orientation; a pair's annotators are averaged); ``p_of(row)`` is the AI probability used
-    (default: ``label.p_chosen``). Every AI pair counts; the human slice corrects them."""
-    p_of = p_of or _ai_p
-    by_pair: dict[str, list[float]] = {}
-    for h in human:
-        by_pair.setdefault(h["pair_id"], []).append(h["p"])
-    f, y, groups, targets = {}, {}, {}, set()
-    for pid, row in ai.items():
-        flip, target = _toward_revision(row)
-        targets.add(target)
-        p = p_of(row)
-        f[pid] = 1.0 - p if flip else p
-        if pid in by_pair:
-            c = sum(by_pair[pid]) / len(by_pair[pid])
-            y[pid] = 1.0 - c if flip else c
-        for prin in _row_principles(row):
-            groups.setdefault(prin, []).append(pid)
-
-    def block(pids: list[str]) -> dict:
-        lab = [pid for pid in pids if pid in y]
-        unl = [pid for pid in pids if pid not in y]
-        e = estimates([y[p] for p in lab], [f[p] for p in lab], [f[p] for p in unl])
-        return {"pairs": len(pids), "human_labelled": len(lab), **e}
-
-    target = (
-        "the revision"
-        if targets == {"revision"}
-        else "`chosen`"
-        if targets == {"chosen"}
-        else ("the revision (`chosen` where a row has no trace)")
-    )
-    overall = block(list(ai))
-    per = {k: block(v) for k, v in sorted(groups.items())}
-    warn = rate_warnings(overall, "overall")
-    thin = [k for k, v in per.items() if v["human_labelled"] < TOO_FEW]
-    if thin:
-        warn.append(
-            f"{len(thin)} of {len(per)} principles have fewer than {TOO_FEW} human labels each "
-            f"({', '.join(thin[:5])}{', …' if len(thin) > 5 else ''}): their rates say little."
-        )
-    for k, v in per.items():
-        if k not in thin:
-            keep = ("biased", "add nothing", "no width")
-            warn += [w for w in rate_warnings(v, f"principle {k}") if any(x in w for x in keep)]
-    return {"target": target, "overall": overall, "per_principle": per, "warnings": warn}
-
-
-def rate_blocks(r: dict, title: str = "Preference rate") -> list[tuple]:
-    """Report blocks for :func:`preference_rates` (shared by `cai agreement` and `cai calibrate`)."""
-
-    def ci(e: dict) -> str:
-        if e["estimate"] is None:
-            return "n/a"
-        return pct(e["estimate"]) + (f" ({pct(e['ci'][0])} – {pct(e['ci'][1])})" if e["ci"] else "")
-
-    def row(name: str, b: dict) -> list[str]:
-        ppi = b["ppi"]
-        worth = (
-            f"{ppi['n_effective']:.0f} (the AI labels worth "
-            f"{max(0.0, ppi['n_effective'] - ppi['n']):.0f} more)"
-            if ppi["n_effective"] is not None
-            else "n/a"
-        )
-        lam = f"{ppi['lambda']:.2f}" if ppi["estimate"] is not None else "n/a"
-        return [
-            name,
-            str(b["pairs"]),
-            str(b["human_labelled"]),
-            ci(b["human"]),
-            ci(b["ai"]),
-            ci(ppi),
-            lam,
-            worth,
-        ]
-
-    rows = [row("**overall**", r["overall"])] + [row(k, b) for k, b in r["per_principle"].items()]
-    head = [
-        "",
-        "pairs",
-        "human labels",
-        "human labels alone",
-        "AI labels alone (biased)",
-        "prediction-powered",
-        "λ",
-        "effective human labels",
-    ]
-    B: list[tuple] = [("h2", title)]
-    B.append(("p", f"How often people prefer {r['target']}, with 95% intervals."))
-    if r["warnings"]:
-        B.append(("ul", [f"**{w}**" for w in r["warnings"]]))
-    B.append(("table", head, rows))
-    B.append(
-        (
-            "p",
-            "Human labels alone: the mean of the people's labels on the pairs they answered (a tie, or a "
-            "split between annotators, counts as its share). AI labels alone: the mean of the judge's "
-            "probability over every pair: tight, but it carries the judge's bias, and is shown only for "
-            "contrast. Prediction-powered (Angelopoulos et al., Science 2023; PPI++ power tuning): every AI"
-            " label, corrected by how far the judge was from people on the human slice; valid whatever the "
-            "judge's bias when the slice is a random sample of the pairs (`cai review` orders them at "
-            "random). λ weighs the AI labels (0: not used). Effective human labels: how many human labels "
-            "alone would give an interval as narrow. All three intervals are normal approximations. Per "
-            "principle: the pairs whose revision came from that principle (or that the judge judged under "
-            "it, for pairs without a trace).",
-        )
-    )
-    return B
 
 
 def _answers(hs: list[dict]) -> dict:
@@ -484,6 +209,19 @@ HEAD = ["", "pairs", "agreement (95% CI)", "Cohen's κ", "AI ties (½)", "human 
 
 
 def build_blocks(m: dict) -> list[tuple]:
+    """The agreement report, section by section."""
+    B = _agreement_blocks(m) + _annotator_blocks(m) + _principle_blocks(m)
+    if m.get("preference_rate"):
+        r = dict(m["preference_rate"], warnings=[])  # its warnings are at the top already
+        B += rate_blocks(r, "Preference rate: human, AI and prediction-powered")
+    B += _confidence_blocks(m)
+    if m.get("recheck"):
+        B += recheck_blocks(m["recheck"])
+    return B + _provenance_blocks(m)
+
+
+def _agreement_blocks(m: dict) -> list[tuple]:
+    """The files, the warnings, and the judge's agreement with people (overall, per person, the baselines)."""
     B: list[tuple] = [("h1", "AI–human agreement")]
     prov = m["provenance"]
     B.append(
@@ -513,6 +251,12 @@ def build_blocks(m: dict) -> list[tuple]:
             "calls `chosen`.",
         )
     )
+    return B
+
+
+def _annotator_blocks(m: dict) -> list[tuple]:
+    """How much people agree with each other, and how each one answered."""
+    B: list[tuple] = []
     B.append(("h2", "Between annotators"))
     if m["between_annotators"]:
         B.append(("table", HEAD, [_row(" vs ".join(b["annotators"]), b) for b in m["between_annotators"]]))
@@ -543,19 +287,27 @@ def build_blocks(m: dict) -> list[tuple]:
             ans,
         )
     )
-    if m["per_principle"]:
-        B += [
-            ("h2", "Per principle"),
-            ("table", ["principle"] + HEAD[1:], [_row(k, r) for k, r in m["per_principle"].items()]),
-            (
-                "p",
-                "The judge's probability under each principle alone (both orders averaged) "
-                "against the consensus.",
-            ),
-        ]
-    if m.get("preference_rate"):
-        r = dict(m["preference_rate"], warnings=[])  # its warnings are at the top already
-        B += rate_blocks(r, "Preference rate: human, AI and prediction-powered")
+    return B
+
+
+def _principle_blocks(m: dict) -> list[tuple]:
+    """The judge under each principle alone against the consensus."""
+    if not m["per_principle"]:
+        return []
+    return [
+        ("h2", "Per principle"),
+        ("table", ["principle"] + HEAD[1:], [_row(k, r) for k, r in m["per_principle"].items()]),
+        (
+            "p",
+            "The judge's probability under each principle alone (both orders averaged) "
+            "against the consensus.",
+        ),
+    ]
+
+
+def _confidence_blocks(m: dict) -> list[tuple]:
+    """Agreement in bins of the judge's confidence (and the plot)."""
+    B: list[tuple] = []
     B.append(("h2", "Agreement by judge confidence"))
     B.append(
         (
@@ -575,11 +327,13 @@ def build_blocks(m: dict) -> list[tuple]:
         )
     )
     B.append(("img", PLOT, "agreement by judge confidence"))
-    if m.get("recheck"):
-        from cai.report import recheck_blocks
+    return B
 
-        B += recheck_blocks(m["recheck"])
-    j = m["join"]
+
+def _provenance_blocks(m: dict) -> list[tuple]:
+    """The files' hashes, how the human answers joined the AI rows, the version and command."""
+    prov, j = m["provenance"], m["join"]
+    B: list[tuple] = []
     B.append(("h2", "Provenance"))
     B.append(
         (
@@ -666,7 +420,8 @@ def run_agreement(cfg: AgreementConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "agreement.json", m)
         write_plot(m, out)
-        from cai.report import render_html, render_md, write_recheck_plot
+        from cai.plots import write_recheck_plot
+        from cai.render import render_html, render_md
 
         if rc:
             write_recheck_plot(rc, out)

@@ -1,7 +1,7 @@
 """`cai calibrate`: fit the judge's probabilities to people's on the pairs both labelled.
 
 Inputs are those of `cai agreement`: the AI-labelled pairs and the human labels of some of them
-(matched by ``pair_id``/``id`` and turned into the AI row's orientation by `agreement.align`; a
+(matched by ``pair_id``/``id`` and turned into the AI row's orientation by `labeljoin.align`; a
 pair's annotators are averaged, a tie counts ½). On the shared pairs it
 
 - fits a monotone map from the judge's ``p_chosen`` (the judge's own, ``label.judge.p_chosen``,
@@ -11,7 +11,7 @@ pair's annotators are averaged, a tie counts ½). On the shared pairs it
 - measures, on held-out folds, log loss, Brier score and ECE of the raw and the calibrated
   probabilities, and draws their reliability curves;
 - reports the preference rate for the revisions overall and per principle, human-only, AI-only
-  and prediction-powered (`agreement.preference_rates` on the judge's own probabilities, which
+  and prediction-powered (`prefrate.preference_rates` on the judge's own probabilities, which
   no fitted map has seen: the prediction-powered estimate stays valid).
 
 Writes ``calibration.json`` (for `cai label --calibration`), ``calibration.md``, a
@@ -25,16 +25,17 @@ import sys
 from pathlib import Path
 
 from cai import __version__
-from cai.agreement import align, load_ai, load_human, preference_rates, rate_blocks
 from cai.calibration import ISOTONIC_MIN, KIND, cross_validate, fit, judge_signature, resolve_method
 from cai.configs import CalibrateConfig
 from cai.errors import InputError
 from cai.fmt import num, pct
+from cai.guard import claim_output
+from cai.labeljoin import FEW, align, load_ai, load_human
 from cai.options import check_config
-from cai.records import claim_output, file_sha256, write_atomic, write_json, write_text
+from cai.prefrate import preference_rates, rate_blocks
+from cai.records import file_sha256, write_atomic, write_json, write_text
 
 PLOT = "reliability.png"
-FEW = 30
 
 
 def raw_p(row) -> float:
@@ -257,7 +258,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if cv:
             write_plot(m, out)
-        from cai.report import render_html, render_md
+        from cai.render import render_html, render_md
 
         blocks = build_blocks(m)
         write_text(out / "calibration.md", render_md(blocks))

@@ -239,7 +239,7 @@ def train(**kw):
           --eval-pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz
       accelerate launch --multi_gpu -m cai train --pairs labelled.jsonl --base Qwen/Qwen2.5-1.5B --out outputs/rm
     """  # noqa: E501 -- help text shown verbatim (\b block): one example command per line
-    from cai.reward import train_reward_model
+    from cai.train import train_reward_model
 
     cfg = _config(TrainConfig, kw)
     m = train_reward_model(cfg)
@@ -264,7 +264,7 @@ def score(**kw):
       cai score --rm outputs/rm-human --pairs ../shared/data/hh-rlhf-harmless/dev.jsonl.gz \\
           --out outputs/dev-scores.jsonl
     """
-    from cai.reward import run_score, score_summary
+    from cai.score import run_score, score_summary
 
     cfg = _config(ScoreConfig, kw)
     for line in score_summary(run_score(cfg), cfg.out):
@@ -390,6 +390,15 @@ def calibrate(**kw):
 
     cfg = _config(CalibrateConfig, kw, command="cai " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     click.echo(summary_line(run_calibrate(cfg), cfg.out), err=True)
+
+
+@cli.command()
+@handle_errors
+def backends():
+    """List the model backends installed (cai's and other packages') and their -o options."""
+    from cai.backends import listing
+
+    click.echo("\n".join(listing()))
 
 
 def main():

@@ -25,11 +25,13 @@ from pathlib import Path
 from cai.configs import CompareConfig
 from cai.errors import InputError
 from cai.estimate import estimate, estimate_lines
-from cai.evaluate import annotate, evaluate, load_pairset, rm_provenance, rm_scorer
+from cai.evaluate import evaluate, rm_provenance, rm_scorer
 from cai.fmt import duration
 from cai.fmt import pct as _pct
+from cai.pairset import load_pairset
 from cai.records import file_sha256, read_pairs, read_rows, write_json, write_jsonl
 from cai.steps import Steps
+from cai.verdicts import annotate
 
 WITHHELD = {
     "p_chosen": 0.5,
@@ -80,7 +82,8 @@ def _prepare(cfg: CompareConfig, d: Path) -> dict:
 
 def _judge(cfg: CompareConfig, data_dir: Path, d: Path) -> dict:
     """AI-label the label-free pairs (resumable: cai.feedback's run_label picks up by id)."""
-    from cai.feedback import LabelConfig, run_label
+    from cai.configs import LabelConfig
+    from cai.feedback import run_label
 
     lc = LabelConfig(
         pairs=str(data_dir / "judge-input.jsonl"),
@@ -110,7 +113,7 @@ def _free_accelerator():
 def _align(data_dir: Path, d: Path, summary) -> dict:
     """Undo the swaps and write the two training files with the same ids in the same order:
     train-human.jsonl (human labels) and train-ai.jsonl (judge labels, human label as prior)."""
-    from cai.feedback import flip_label
+    from cai.judge import flip_label
 
     human = read_rows(data_dir / "human.jsonl")
     swaps = json.loads((data_dir / "swaps.json").read_text())
@@ -162,7 +165,8 @@ def _align(data_dir: Path, d: Path, summary) -> dict:
 
 
 def _train(cfg: CompareConfig, pairs: Path | str, limit, d: Path) -> dict:
-    from cai.reward import checkpoints, train_reward_model
+    from cai.artifact import checkpoints
+    from cai.train import train_reward_model
 
     out = d / "model"
     resume = out.exists() and bool(checkpoints(out))
@@ -194,8 +198,8 @@ def _train_key(cfg: CompareConfig, pairs, limit) -> dict:
 
 
 def run_compare(cfg: CompareConfig) -> dict:
+    from cai.guard import claim_output
     from cai.options import check_config
-    from cai.records import claim_output
 
     for c in (cfg, cfg.train, cfg.eval):
         check_config(c)
@@ -205,39 +209,14 @@ def run_compare(cfg: CompareConfig) -> dict:
 
 
 def _run_compare(cfg: CompareConfig) -> dict:
-    from cai.constitution import load_constitution
-    from cai.models import check_model, resolve_model, resolve_reward_base
+    """The study's steps, each cached by content (cai.steps): data, label, train ×2–3, eval;
+    then the report."""
     from cai.report import write_report
 
     out = Path(cfg.out)
-    # fail on a bad constitution, judge or base before any work
-    constitution = load_constitution(cfg.constitution)
-    from cai.backends import resolve_backend
-
-    judge = resolve_backend(
-        cfg.backend, cfg.model, device=cfg.device, base_url=cfg.backend_options.get("base_url")
-    )
-    if judge == "hf":
-        check_model(resolve_model(cfg.model)[0])
-    check_model(resolve_reward_base(cfg.train.base)[0], "--base")
-    test = load_pairset(cfg.test, cfg.test_limit if cfg.test_limit is not None else cfg.limit, cfg.skip_bad)
-    shift = load_pairset(cfg.eval.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.eval.shift_pairs else None
-    train_preview = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad, need_label=True)
-    gen_n = (
-        len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, need_label=True))
-        if cfg.generated_pairs
-        else 0
-    )
-    test_chars = sum(
-        len(json.dumps(r["prompt"])) + (len(test.pref_text(i)) + len(test.other_text(i))) / 2
-        for i, r in enumerate(test.rows)
-    ) / max(1, test.n)
-
+    constitution, test, shift, train_preview, gen_n = _load_inputs(cfg)
     n_principles = min(cfg.principles or len(constitution.principles), len(constitution.principles))
-    est = estimate(cfg, train_preview, test.n, test_chars, gen_n, n_principles)
-    _log(f"{len(train_preview)} training pairs, {test.n} test pairs; up-front estimate:")
-    for line in estimate_lines(est):
-        _log("  " + line)
+    est = _estimate(cfg, train_preview, test, gen_n, n_principles)
     if cfg.dry_run:
         return {"estimate": est, "dry_run": True}
 
@@ -247,15 +226,7 @@ def _run_compare(cfg: CompareConfig) -> dict:
         + ["eval"]
     )
     steps = Steps(out, plan, est["seconds"])
-    judge_desc = {
-        "model": cfg.model or "smollm2-135m-instruct (embedded default)",
-        "backend": cfg.backend,
-        "principles": cfg.principles,
-        "cot": cfg.cot,
-    }
-    if cfg.model and Path(cfg.model).expanduser().exists():
-        judge_desc["config_sha256"] = file_sha256(Path(cfg.model).expanduser() / "config.json")
-
+    judge_desc = _judge_desc(cfg)
     data_dir, data = steps.run(
         "data",
         {"human_train_sha256": file_sha256(cfg.human_train), "limit": cfg.limit, "seed": cfg.seed},
@@ -274,7 +245,80 @@ def _run_compare(cfg: CompareConfig) -> dict:
     }
     label_dir, lab = steps.run("label", label_inputs, lambda d: _judge(cfg, data_dir, d))
     ai_rows = read_rows(label_dir / "train-ai.jsonl")
+    rm_dirs, train_keys = _train_models(cfg, steps, label_dir)
+    eval_dir = _eval_models(cfg, steps, rm_dirs, train_keys, test, shift)
 
+    metrics = annotate(json.loads((eval_dir / "metrics.full.json").read_text()))
+    c_desc = f"{constitution.name} (sha256 {constitution.sha256[:12]})"
+    prov = _provenance(cfg, lab, judge_desc, c_desc, n_principles, gen_n)
+    for n, p in rm_dirs.items():  # provenance is words about paths: added here, outside the cached step
+        metrics["models"][n]["source"] = {**rm_provenance(p), **prov[n]}
+
+    from cai.feedback import summarize
+
+    ag = summarize(ai_rows)  # `cai label`'s own summary: one measure of judge-human agreement
+    metrics["study"] = _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps)
+    metrics["config"] = {k: v for k, v in asdict(cfg).items() if k != "backend_options"}
+    metrics["rm_dirs"] = {n: str(p) for n, p in rm_dirs.items()}
+    write_report(metrics, out)
+    return metrics
+
+
+def _load_inputs(cfg: CompareConfig):
+    """Fail on a bad constitution, judge or base before any work; then the test (and shift)
+    pairs, the training pairs and the number of generated pairs, as the estimate needs them."""
+    from cai.constitution import load_constitution
+    from cai.models import check_model, resolve_model, resolve_reward_base
+
+    constitution = load_constitution(cfg.constitution)
+    from cai.backends import resolve_backend
+
+    judge = resolve_backend(
+        cfg.backend, cfg.model, device=cfg.device, base_url=cfg.backend_options.get("base_url")
+    )
+    if judge == "hf":
+        check_model(resolve_model(cfg.model)[0])
+    check_model(resolve_reward_base(cfg.train.base)[0], "--base")
+    test = load_pairset(cfg.test, cfg.test_limit if cfg.test_limit is not None else cfg.limit, cfg.skip_bad)
+    shift = load_pairset(cfg.eval.shift_pairs, cfg.limit, cfg.skip_bad) if cfg.eval.shift_pairs else None
+    train_preview = read_pairs(cfg.human_train, limit=cfg.limit, skip_bad=cfg.skip_bad, need_label=True)
+    gen_n = (
+        len(read_pairs(cfg.generated_pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, need_label=True))
+        if cfg.generated_pairs
+        else 0
+    )
+    return constitution, test, shift, train_preview, gen_n
+
+
+def _estimate(cfg: CompareConfig, train_preview: list[dict], test, gen_n: int, n_principles: int) -> dict:
+    """The up-front cost estimate (cai.estimate), logged before any step runs."""
+    test_chars = sum(
+        len(json.dumps(r["prompt"])) + (len(test.pref_text(i)) + len(test.other_text(i))) / 2
+        for i, r in enumerate(test.rows)
+    ) / max(1, test.n)
+    est = estimate(cfg, train_preview, test.n, test_chars, gen_n, n_principles)
+    _log(f"{len(train_preview)} training pairs, {test.n} test pairs; up-front estimate:")
+    for line in estimate_lines(est):
+        _log("  " + line)
+    return est
+
+
+def _judge_desc(cfg: CompareConfig) -> dict:
+    """The judge as the label step's cache key and the report name it."""
+    judge_desc = {
+        "model": cfg.model or "smollm2-135m-instruct (embedded default)",
+        "backend": cfg.backend,
+        "principles": cfg.principles,
+        "cot": cfg.cot,
+    }
+    if cfg.model and Path(cfg.model).expanduser().exists():
+        judge_desc["config_sha256"] = file_sha256(Path(cfg.model).expanduser() / "config.json")
+    return judge_desc
+
+
+def _train_models(cfg: CompareConfig, steps: Steps, label_dir: Path) -> tuple[dict, dict]:
+    """One training step per reward model (human labels, AI labels, and the generated pairs
+    when given); their folders and their steps' cache keys, by model name."""
     trains = {"human": (label_dir / "train-human.jsonl", None), "ai": (label_dir / "train-ai.jsonl", None)}
     if cfg.generated_pairs:
         trains["revision"] = (Path(cfg.generated_pairs), cfg.limit)
@@ -284,30 +328,11 @@ def _run_compare(cfg: CompareConfig) -> dict:
         d, _ = steps.run(f"train-{kind}", inputs, lambda d, p=pairs, lim=limit: _train(cfg, p, lim, d))
         rm_dirs[NAMES[kind]] = d / "model"
         train_keys[NAMES[kind]] = steps.records[-1]["key"]
+    return rm_dirs, train_keys
 
-    # who produced each model's training labels, in words, for the report
-    c_desc = f"{constitution.name} (sha256 {constitution.sha256[:12]})"
-    judge_txt = (
-        f"AI judge {judge_desc['model']} ({cfg.backend}), constitution {c_desc}, "
-        "both answer orders averaged, "
-        f"{n_principles} principle(s) per pair" + (", chain of thought" if cfg.cot else "")
-    )
-    prov = {
-        NAMES["human"]: {
-            "labels_from": f"human annotators (the labels in {cfg.human_train})",
-            "trained_on": f"{lab['n']} pairs of {cfg.human_train}",
-        },
-        NAMES["ai"]: {
-            "labels_from": judge_txt,
-            "trained_on": f"the same {lab['n']} pairs, human labels withheld from the judge",
-        },
-    }
-    if cfg.generated_pairs:
-        prov[NAMES["revision"]] = {
-            "labels_from": f"`cai generate` pairs in {cfg.generated_pairs} "
-            "(their own labels: revision over initial, or the judge's)",
-            "trained_on": f"{gen_n} pairs of {cfg.generated_pairs}",
-        }
+
+def _eval_models(cfg: CompareConfig, steps: Steps, rm_dirs: dict, train_keys: dict, test, shift) -> Path:
+    """The eval step: every reward model on the test pairs (metrics.full.json in its folder)."""
 
     def do_eval(d: Path) -> dict:
         models = {
@@ -345,18 +370,33 @@ def _run_compare(cfg: CompareConfig) -> dict:
         "length_correct": cfg.eval.length_correct,
     }
     eval_dir, _ = steps.run("eval", eval_inputs, do_eval)
-    metrics = annotate(json.loads((eval_dir / "metrics.full.json").read_text()))
-    for n, p in rm_dirs.items():  # provenance is words about paths: added here, outside the cached step
-        metrics["models"][n]["source"] = {**rm_provenance(p), **prov[n]}
+    return eval_dir
 
-    from cai.feedback import summarize
 
-    ag = summarize(ai_rows)  # `cai label`'s own summary: one measure of judge-human agreement
-    metrics["study"] = _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps)
-    metrics["config"] = {k: v for k, v in asdict(cfg).items() if k != "backend_options"}
-    metrics["rm_dirs"] = {n: str(p) for n, p in rm_dirs.items()}
-    write_report(metrics, out)
-    return metrics
+def _provenance(cfg: CompareConfig, lab: dict, judge_desc: dict, c_desc: str, n_principles: int, gen_n: int):
+    """Who produced each model's training labels, in words, for the report."""
+    judge_txt = (
+        f"AI judge {judge_desc['model']} ({cfg.backend}), constitution {c_desc}, "
+        "both answer orders averaged, "
+        f"{n_principles} principle(s) per pair" + (", chain of thought" if cfg.cot else "")
+    )
+    prov = {
+        NAMES["human"]: {
+            "labels_from": f"human annotators (the labels in {cfg.human_train})",
+            "trained_on": f"{lab['n']} pairs of {cfg.human_train}",
+        },
+        NAMES["ai"]: {
+            "labels_from": judge_txt,
+            "trained_on": f"the same {lab['n']} pairs, human labels withheld from the judge",
+        },
+    }
+    if cfg.generated_pairs:
+        prov[NAMES["revision"]] = {
+            "labels_from": f"`cai generate` pairs in {cfg.generated_pairs} "
+            "(their own labels: revision over initial, or the judge's)",
+            "trained_on": f"{gen_n} pairs of {cfg.generated_pairs}",
+        }
+    return prov
 
 
 def _study_section(cfg, metrics, ag, lab, judge_desc, c_desc, est, steps) -> dict:

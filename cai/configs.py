@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cai.backends import CHOICES
+from cai.errors import InputError
 from cai.options import count_or_all, opt, pairs_or_all
 from cai.recheck import DEFAULT_MARGIN as RECHECK_MARGIN  # P(final better) < 0.4: a regression
 
@@ -61,14 +62,22 @@ class ModelOptions:
         None,
         "langchain: requests in flight, over every replica behind --base-url. Default: the "
         "server's slots when it reports them (llama.cpp's /props; x replicas behind `cai serve`), "
-        "else --batch-size. vLLM: about 256 per GPU replica (docs/recipes/vllm.md).",
+        "else --batch-size. vLLM: replicas x --max-num-seqs (docs/recipes/vllm.md).",
         min=1,
+    )
+    option: list[str] = opt(
+        factory=list,
+        help="A backend's own option as key=value, repeatable (e.g. -o n_batch=1024 for llamacpp, "
+        "-o prefix=fold for langchain); `cai backends` lists each backend's.",
+        cli=("--option", "-o"),
+        metavar="KEY=VALUE",
     )
 
     def backend_options(self) -> dict:
         """What ``load_backend`` takes besides the model. The stage resolves ``auto`` and refuses
-        an option set for another backend, after validating its inputs (cai.backends.resolved)."""
-        return dict(
+        an option set for another backend, after validating its inputs (cai.backends.resolved);
+        ``-o`` values stay text here and are converted by the backend's own option list."""
+        out = dict(
             batch_size=self.batch_size,
             device=self.device,
             trust_remote_code=self.trust_remote_code,
@@ -76,6 +85,16 @@ class ModelOptions:
             threads=self.threads,
             concurrency=self.concurrency,
         )
+        for item in self.option:
+            key, eq, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or not key:
+                raise InputError(f"-o {item}: pass a backend option as key=value (`cai backends` lists them)")
+            if key in out:
+                flag = "--" + key.replace("_", "-")
+                raise InputError(f"-o {item}: {key} is a shared option; pass it as {flag}")
+            out[key] = value
+        return out
 
     def resolve(self) -> tuple[str, dict]:
         """(the backend ``--backend`` stands for here, the options it takes)."""

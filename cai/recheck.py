@@ -1,7 +1,7 @@
 """The re-check's numbers: regressions, per-principle improvement rates and the conflict matrix.
 
 `cai generate --recheck` and `cai label --recheck` judge a pair's final answer against the
-other response under every principle of the constitution (`feedback.recheck_pairs`) and write
+other response under every principle of the constitution (`judge.recheck_pairs`) and write
 ``trace.recheck`` (one ``{"principle", "p_final_better", "orders"}`` per principle). This module
 turns those entries into what a user acts on, with no model and no files:
 
@@ -13,10 +13,12 @@ turns those entries into what a user acts on, with no model and no files:
   both presentation orders agree on the better response. A judge that reads the responses
   agrees with itself across orders more often than a coin (50%); a position-biased one far less.
   Below that, every improvement and regression it reports is noise, and the report says so;
-- ``summary_lines``: the lines `generate` and `label` print.
+- ``summary_lines``: the lines `generate` and `label` print; ``recheck_blocks``: the re-check
+  section of the eval and agreement reports (per-principle table, conflict matrix; the heat map
+  it shows is drawn by plots.py).
 
-Used by revise (generate), feedback (label), reward (`train --drop-regressed`), evaluate and
-agreement (their reports; report.py renders the table and the heat map).
+Used by revise (generate), feedback (label), train (`--drop-regressed`), evaluate and
+agreement.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from cai.fmt import pct
 from cai.stats import wilson_interval
 
 DEFAULT_MARGIN = 0.1  # --recheck-margin's default (configs), and for rows that do not record theirs
+RECHECK_PLOT = "recheck_conflicts.png"  # written when the pairs carry a re-check (--recheck)
 FEW = 30  # fewer re-checked rows than this: the intervals are wide
 
 
@@ -232,3 +235,70 @@ def summary_lines(s: dict | None) -> list[str]:
         )
     lines += [f"warning: {x}" for x in s["warnings"]]
     return lines
+
+
+def recheck_blocks(rc: dict, plot: str = RECHECK_PLOT) -> list[tuple]:
+    """The re-check section: per principle how often revisions improved and regressed it, and
+    the conflict matrix (as a table and the heat map `plot`)."""
+    rr, rep = rc["rows_with_regression"], rc["repairs"]
+    B: list[tuple] = [("h2", "Re-check: what the revisions did to every principle")]
+    if rc.get("warnings"):
+        B.append(("ul", [f"**{w}**" for w in rc["warnings"]]))
+    c = rc["consistency"]
+    B.append(
+        (
+            "p",
+            f"{rc['rows']} pairs judged (final answer against the other response) under each of "
+            f"{len(rc['principles'])} principles, both orders averaged. A principle regressed when "
+            f"P(final better) < 0.5 − {rc['margin']} and improved when it is > 0.5 + {rc['margin']}. "
+            f"Rows with a regression: {rr['k']} of {rr['n']} ({share_txt(rr)}, 95% Wilson interval)."
+            + (
+                f" Repair rounds ran on {rep['rows']} rows; a repair was kept on {rep['kept']}, "
+                f"{rep['fixed']} of them left with no regression."
+                if rep["rows"]
+                else ""
+            )
+            + f" Both orders agreed on the better response in {share_txt(c)} of {c['n']} (pair, "
+            f"principle) judgements (the interval over {c['rows']} pairs): a judge that reads the "
+            "responses does so more often than a coin's 50%"
+            + (", this one not clearly so (at chance)." if rc.get("at_chance") else "."),
+        )
+    )
+    B.append(
+        (
+            "table",
+            ["principle", "pairs", "improved (95% CI)", "regressed (95% CI)", "mean P(final better)"],
+            [
+                [
+                    pid,
+                    str(d["n"]),
+                    share_txt(d["improved"]),
+                    share_txt(d["regressed"]),
+                    f"{d['mean_p_final_better']:.3f}",
+                ]
+                for pid, d in rc["per_principle"].items()
+            ],
+        )
+    )
+    B.append(("h3", "Conflicts: revising for A regressed B"))
+    if rc["conflicts"]:
+        cols = rc["principles"]
+        B.append(
+            (
+                "table",
+                ["revised for (A) ↓, regressed (B) →", *cols],
+                [[a, *(f"{n}/{m}" for n, m in (row[b] for b in cols))] for a, row in rc["conflicts"].items()],
+            )
+        )
+        B.append(
+            (
+                "p",
+                "Each cell: the rows whose final answer came from a revision for A (a critique → "
+                "revision round or a kept repair) in which B regressed, out of all rows revised for A. "
+                "The diagonal is a revision that made its own principle worse.",
+            )
+        )
+        B.append(("img", plot, "conflict matrix heat map"))
+    else:
+        B.append(("p", "No row's final answer came from a recorded revision (no trace.rounds)."))
+    return B

@@ -1,4 +1,4 @@
-"""Data contracts: readers for prompt and pair files, and the crash-safe JSONL writer.
+"""Data contracts: readers for prompt and pair files, the label validator, and whole-file writes.
 
 Every reader returns plain dicts in one normalised shape so the stages never care which
 format a file came in:
@@ -7,6 +7,9 @@ format a file came in:
     pair rows    {"id", "prompt", "chosen", "rejected", "label", ...}   (the pairs contract)
 
 Messages are ``{"role": "user"|"assistant"|"system", "content": str}``.
+
+Whole-file outputs (JSON, JSONL, Markdown, HTML, PNG) go through ``write_atomic``; run outputs
+are appended by ``cai.rowwriter.RowWriter``; both are claimed first through ``cai.guard``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import math
 import os
 import re
 import stat
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ ROLES = ("system", "user", "assistant")
 
 # Sizes checked where an input is read, so an oversized row is named (file:line) before any
 # model loads instead of failing a render or a forward pass later. A row's text (prompt and
-# responses together) stays far below what one template render may hold (constitution.py's
+# responses together) stays far below what one template render may hold (sandbox.py's
 # MAX_RENDER_CHARS, 1,000,000), leaving room for the principle, few-shot examples and template.
 MAX_TEXT_CHARS = 100_000
 MAX_LINE_BYTES = 16 << 20  # one line of a JSONL/text input (JSON escapes included)
@@ -111,7 +113,7 @@ def _check_messages(value, path, line, field) -> list[dict]:
 # ----------------------------------------------------------------------------- raw file reading
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     for test, name in (
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISSOCK, "a socket"),
@@ -136,7 +138,9 @@ def check_input_file(path) -> Path:
     if stat.S_ISDIR(st.st_mode):
         raise InputError("is a folder, expected a file", path)
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"must be a regular file, not {_kind(st.st_mode)}; pass a file saved on disk", path)
+        raise InputError(
+            f"must be a regular file, not {file_kind(st.st_mode)}; pass a file saved on disk", path
+        )
     return path
 
 
@@ -200,6 +204,11 @@ def _parse_line(path, n: int, text: str) -> dict:
 def iter_json_rows(path) -> Iterator[tuple[int, dict]]:
     for n, text in _iter_lines(path):
         yield n, _parse_line(path, n, text)
+
+
+def read_rows(path) -> list[dict]:
+    """Rows of one of our own output files (no normalisation)."""
+    return [row for _, row in iter_json_rows(path)]
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -443,7 +452,16 @@ def read_pairs(
     return rows
 
 
-# ----------------------------------------------------------------------------- the writer
+def skip_note(stats: dict, path=None) -> str | None:
+    """'N bad rows skipped (first: file:line: why)' for --skip-bad summaries; None when none."""
+    skipped = stats.get("skipped") or []
+    if not skipped:
+        return None
+    line, msg = skipped[0]
+    return f"{len(skipped)} bad row{'s' * (len(skipped) != 1)} skipped (first: {msg})"
+
+
+# ----------------------------------------------------------------------------- whole-file writes
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device",
@@ -463,236 +481,6 @@ def write_error(e: OSError, path, kept: str = "") -> OutputError:
         else "choose another --out and rerun"
     )
     return OutputError(f"cannot write: {reason}; {todo}{kept}", path)
-
-
-def _dumps(row: dict) -> bytes:
-    # the bytes jsonlines' compact writer makes: no spaces, UTF-8 text as is
-    return (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def _is_row(data: bytes) -> bool:
-    try:
-        return isinstance(json.loads(data), dict)
-    except ValueError:
-        return False
-
-
-class RowWriter:
-    """Append-only, resumable JSONL writer keyed by ``id``.
-
-    - A last line without its newline is a row if it parses (the newline is added before the
-      next row); one that does not parse is torn (a kill mid-write): its bytes are moved to
-      ``<name>.torn`` beside the file, never dropped, and the file is cut back to the last
-      whole row before appending.
-    - ``done`` holds the ids already in the file, so a rerun skips them.
-    - Rows go straight to the file descriptor (no buffer holds them), one batch per ``write``
-      call, fsynced by ``sync``/``write_many``. A write or an fsync that fails (a full disk) or
-      is interrupted is rolled back: the file is cut back to what was there before, so a row is
-      either on disk and acknowledged or not written at all (never half a line, never later).
-    - Nothing is created until the first row is written (bad input leaves no file behind), and a
-      file this writer created is removed again when its first rows could not be written.
-    - ``overwrite``: the old file stays until the first rows are on disk in its replacement.
-    """
-
-    def __init__(self, path, overwrite: bool = False):
-        self.path = Path(path)
-        self.done: set[str] = set()
-        self.first_meta: dict | None = None
-        self.repaired_bytes = 0  # bytes of a torn last line moved aside
-        self.torn_path: Path | None = None
-        self._fd: int | None = None
-        self._created = False
-        self._pending = b""  # the newline owed to a last row written without one
-        self._synced = 0  # file size at the last fsync
-        self._unsynced: list[str] = []  # ids written since then
-        # --overwrite empties the file at the first write, not now: a run that fails before
-        # producing a row (bad model, bad option) leaves the old output as it was.
-        self._truncate = overwrite and self.path.exists()
-        if self.path.exists() and not overwrite:
-            self._scan_existing()
-
-    def _scan_existing(self):
-        check_input_file(self.path)
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            if _is_row(data[cut:]):
-                self._pending = b"\n"  # a whole row missing only its newline: a row
-            else:
-                self._set_aside(data[cut:], cut)
-                data = data[:cut]
-        for n, line in enumerate(data.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict):
-                raise InputError(
-                    "existing output has a corrupt line; move the file aside or pass --overwrite",
-                    self.path,
-                    n,
-                )
-            self.done.add(str(row.get("id")))
-            if self.first_meta is None:
-                self.first_meta = row.get("meta")
-
-    def _set_aside(self, tail: bytes, cut: int):
-        aside = self.path.with_name(self.path.name + ".torn")
-        try:
-            with open(aside, "ab") as f:  # kept, never dropped: several repairs append
-                f.write(tail + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise write_error(e, aside) from None
-        self.repaired_bytes, self.torn_path = len(tail), aside
-        print(
-            f"cai: {self.path}: its last line was cut off mid-row (a kill mid-write?); its "
-            f"{len(tail)} bytes were moved to {aside}, and the run goes on after the last whole row",
-            file=sys.stderr,
-        )
-
-    def _open(self):
-        existed = self.path.exists()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, flags, 0o666)
-        except OSError as e:
-            raise write_error(e, self.path) from None
-        self._created = not existed
-        if self._created:
-            self._pending = b""
-        self._synced = os.fstat(self._fd).st_size
-        try:
-            _hold(self.path)  # the output's lock holds this file too (another name for it is refused)
-        except BaseException:
-            self._rollback(self._synced)
-            raise
-
-    def _rollback(self, size: int):
-        """Cut the file back to ``size`` bytes; a file this writer made and left empty goes."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, size)
-            os.fsync(self._fd)
-        if self._created and size == 0:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            os.close(self._fd)
-            self._fd, self._created = None, False
-
-    def _append(self, rows: list[dict]):
-        data = b"".join(_dumps(r) for r in rows)  # every row serialised before a byte is written
-        if not data:
-            return
-        if self._truncate:
-            return self._replace(data, rows)
-        if self._fd is None:
-            self._open()
-        start = os.fstat(self._fd).st_size
-        try:
-            view = memoryview(self._pending + data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except BaseException as e:
-            self._rollback(start)
-            if isinstance(e, OSError):
-                raise write_error(e, self.path, KEPT) from None
-            raise
-        self._pending = b""
-        for r in rows:
-            rid = str(r["id"])
-            if rid not in self.done:
-                self.done.add(rid)
-                self._unsynced.append(rid)
-
-    def _replace(self, data: bytes, rows: list[dict]):
-        """--overwrite: the first rows go into a new file beside the old one, which replaces it
-        once they are on disk; a failure leaves the old file as it was."""
-        real, tmp = _real(self.path), None
-        try:
-            real.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
-            try:
-                with contextlib.suppress(OSError):
-                    os.chmod(tmp, stat.S_IMODE(os.stat(real).st_mode))
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, real)
-        except BaseException as e:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise write_error(e, self.path, "; the old file is unchanged") from None
-            raise
-        self._truncate, self._created, self._pending = False, False, b""
-        self._fd = os.open(real, os.O_WRONLY | os.O_APPEND)
-        self._synced = os.fstat(self._fd).st_size
-        self.done.update(str(r["id"]) for r in rows)
-        _hold(self.path)  # the lock takes the new file
-
-    def write(self, row: dict):
-        """Append one row (on disk at the next ``sync``)."""
-        self._append([row])
-
-    def write_many(self, rows: Iterable[dict]):
-        """Append rows and fsync them: all of them are on disk when this returns, or none is."""
-        self._append(list(rows))
-        self.sync()
-
-    def sync(self):
-        if self._fd is None:
-            return
-        try:
-            os.fsync(self._fd)
-        except BaseException as e:
-            self._rollback(self._synced)
-            self.done.difference_update(self._unsynced)
-            self._unsynced = []
-            if isinstance(e, OSError):
-                raise write_error(e, self.path, KEPT) from None
-            raise
-        if self._fd is not None:
-            self._synced = os.fstat(self._fd).st_size
-        self._unsynced = []
-
-    def close(self):
-        if self._fd is not None:
-            try:
-                self.sync()
-            finally:
-                if self._fd is not None:
-                    os.close(self._fd)
-                self._fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:  # the error on its way out is the one to report
-            with contextlib.suppress(Exception):
-                self.close()
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-
-KEPT = "; the rows written before are kept, and the rerun resumes after them"
 
 
 def write_atomic(path, write) -> Path:
@@ -736,320 +524,3 @@ def write_jsonl(path, rows: Iterable[dict]) -> Path:
     return write_atomic(
         path, lambda f: f.writelines((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in rows)
     )
-
-
-# ----------------------------------------------------------------------------- the output guard
-
-
-def file_identity(path) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file a path names, symlinks followed; None when nothing is there.
-    Two names (a symlink, a hard link, another spelling of the path) of one file share it."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _real(path: Path) -> Path:
-    """The path with its symlinks resolved (for a path that does not exist yet: its folder's)."""
-    try:
-        return Path(path).expanduser().resolve()
-    except (OSError, RuntimeError):
-        return Path(path).expanduser().absolute()
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    ia, ib = file_identity(a), file_identity(b)
-    if ia is not None and ib is not None:
-        return ia == ib
-    return _real(a) == _real(b)
-
-
-def check_output(
-    out,
-    inputs: Iterable = (),
-    kind: str = "file",
-    exists_ok: bool = True,
-    option: str = "--out",
-    marker: tuple[str, str] | None = None,
-) -> Path:
-    """Refuse an output path that would damage an input or fail late; call before any model loads.
-
-    - every input that exists is a regular file or a folder (a FIFO or a device would block);
-    - not the same file as any input (by identity: symlinks and hard links included), and for a
-      folder output no input inside it;
-    - a file where a folder is expected (or the reverse) is named; a file output is a regular
-      file (never a device or a pipe);
-    - ``marker=(name, what)``, for whole-folder outputs: an existing, non-empty folder must hold
-      ``name`` (the file this command writes into every folder it makes), so cai never writes
-      into a folder it did not make;
-    - the nearest existing parent must be a writable folder;
-    - ``exists_ok=False``: an existing output is refused (reports that would be overwritten).
-    """
-    if str(out) == "-":
-        return Path("-")
-    out = Path(out).expanduser()
-    for src in inputs:
-        if src is None or str(src) == "-":
-            continue
-        src = Path(src).expanduser()
-        if src.exists() and not src.is_dir():
-            check_input_file(src)
-        if _same_file(out, src):
-            raise InputError(f"{option} is the input file {src}; write to a new path", out)
-        if kind == "folder" and src.exists() and out.exists() and out.is_dir():
-            with contextlib.suppress(ValueError):
-                src.resolve().relative_to(out.resolve())
-                raise InputError(f"the input {src} is inside the output folder; choose another {option}", out)
-    if out.exists():
-        if kind == "file" and out.is_dir():
-            raise InputError(f"is a folder; {option} needs a file path here", out)
-        if kind == "folder" and not out.is_dir():
-            raise InputError(f"is a file; {option} needs a folder here", out)
-        if kind == "file" and not out.is_file():
-            raise InputError(
-                f"must be a regular file, not {_kind(os.stat(out).st_mode)}; choose another {option}", out
-            )
-        if not exists_ok:
-            raise InputError(f"already exists; pass a new {option} (or remove it)", out)
-        if kind == "folder" and marker and not (out / marker[0]).exists() and any(out.iterdir()):
-            raise InputError(
-                f"exists and is not a cai {marker[1]} (no {marker[0]}); "
-                f"pass a new {option} or empty the folder",
-                out,
-            )
-        if not os.access(out, os.W_OK):
-            raise InputError("cannot be written (permission denied); choose another " + option, out)
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{parent} is a file, so {out} cannot be created; choose another {option}", out)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot create it: {parent} is not writable; choose another {option}", out)
-    return out
-
-
-_HELD: dict[Path, OutputLock] = {}  # resolved output path -> the lock this process holds on it
-
-
-def _hold(path) -> None:
-    """A file just created under a held output lock: the lock takes the file itself too."""
-    lock = _HELD.get(_real(Path(path)))
-    if lock is not None:
-        lock.hold_file()
-
-
-def _flock_holder(ident: tuple[int, int]) -> str | None:
-    """The pid holding a flock on the file (dev, ino), from Linux's /proc/locks."""
-    dev, ino = ident
-    want = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if "FLOCK" in fields and want in fields:
-                    return fields[fields.index(want) - 1]
-    except OSError:
-        pass
-    return None
-
-
-class OutputLock:
-    """Two runs never write one output. The lock follows the file, not the name:
-
-    - an advisory lock (``fcntl.flock``) on a sidecar ``.<name>.lock`` beside the output's real
-      path (symlinks resolved, so a symlink to the output finds the same sidecar), held for the
-      run's lifetime; the sidecar holds the owner's pid (for the refusal message) and is removed
-      on release;
-    - a flock on the output file itself while it exists (taken at acquire, or when the run
-      creates it): a hard link is another name for the same inode, so a run writing through it
-      is refused as well (the holder's pid read from /proc/locks).
-    """
-
-    def __init__(self, out):
-        out = Path(out).expanduser()
-        self.out = out
-        self.real = _real(out)
-        self.path = self.real.parent / f".{self.real.name}.lock"
-        self._fd: int | None = None
-        self._file_fd: int | None = None
-        self._file_id: tuple[int, int] | None = None
-        self._created: list[Path] = []
-
-    def acquire(self) -> OutputLock:
-        import fcntl
-
-        missing = []  # folders this lock creates, removed again on release when still empty
-        d = self.path.parent
-        while not d.exists():
-            missing.append(d)
-            d = d.parent
-        self._created = missing
-        for _ in range(20):
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                self.release()
-                raise InputError(
-                    f"cannot be created here ({e.strerror}); choose another --out", self.out
-                ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                self.release()
-                raise InputError(
-                    f"is in use by another cai run (pid {holder}); "
-                    "wait for it to finish or choose another --out",
-                    self.out,
-                ) from None
-            # the holder may have released and removed the sidecar between our open and flock
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            self._fd = fd
-            try:
-                os.ftruncate(fd, 0)
-                pid = str(os.getpid()).encode()
-                if os.write(fd, pid) != len(pid):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                self.hold_file()
-            except OSError as e:
-                self.release()
-                raise write_error(e, self.out) from None
-            except BaseException:
-                self.release()
-                raise
-            _HELD[self.real] = self
-            return self
-        self.release()
-        raise InputError("could not take the output lock; retry", self.out)
-
-    def hold_file(self) -> None:
-        """flock the output file itself (a regular file that exists), so that a run writing
-        through another name for it (a hard link) is refused."""
-        import fcntl
-
-        try:
-            st = os.stat(self.real)
-        except OSError:
-            return
-        ident = (st.st_dev, st.st_ino)
-        if not stat.S_ISREG(st.st_mode) or ident == self._file_id:
-            return
-        try:
-            fd = os.open(self.real, os.O_RDONLY)
-        except OSError:
-            return  # unreadable: the sidecar alone guards it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            holder = _flock_holder(ident) or "another process"
-            raise InputError(
-                f"is in use by another cai run (pid {holder}) under another name for the same file "
-                "(a hard link); wait for it to finish or choose another --out",
-                self.out,
-            ) from None
-        if self._file_fd is not None:
-            os.close(self._file_fd)
-        self._file_fd, self._file_id = fd, ident
-
-    def release(self):
-        if _HELD.get(self.real) is self:
-            del _HELD[self.real]
-        if self._file_fd is not None:
-            os.close(self._file_fd)
-            self._file_fd = self._file_id = None
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            os.close(self._fd)
-            self._fd = None
-        for d in self._created:  # innermost first; stops at the first non-empty one
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        self._created = []
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-@contextlib.contextmanager
-def claim_output(
-    out,
-    inputs: Iterable = (),
-    kind: str = "file",
-    exists_ok: bool = True,
-    option: str = "--out",
-    marker: tuple[str, str] | None = None,
-    discard_on_error: bool = False,
-):
-    """``check_output`` then hold ``OutputLock`` for the block: every command's one output guard.
-
-    Use it around the whole run, before any model loads::
-
-        with claim_output(cfg.out, inputs=[cfg.pairs]):
-            ...
-
-    ``discard_on_error`` (report folders): a folder that did not exist before the claim is removed
-    again when the block fails or is interrupted, so nothing half-made is left behind.
-    """
-    path = check_output(out, inputs, kind=kind, exists_ok=exists_ok, option=option, marker=marker)
-    if str(path) == "-":
-        yield path
-        return
-    fresh = not path.exists() and not path.is_symlink()
-    with OutputLock(path):
-        try:
-            yield path
-        except BaseException:
-            if discard_on_error and fresh and path.is_dir() and not path.is_symlink():
-                import shutil
-
-                shutil.rmtree(path, ignore_errors=True)
-            raise
-
-
-def skip_note(stats: dict, path=None) -> str | None:
-    """'N bad rows skipped (first: file:line: why)' for --skip-bad summaries; None when none."""
-    skipped = stats.get("skipped") or []
-    if not skipped:
-        return None
-    line, msg = skipped[0]
-    return f"{len(skipped)} bad row{'s' * (len(skipped) != 1)} skipped (first: {msg})"
-
-
-def read_rows(path) -> list[dict]:
-    """Rows of one of our own output files (no normalisation)."""
-    return [row for _, row in iter_json_rows(path)]
-
-
-def check_resume_meta(writer: RowWriter, meta: dict, keys=("model", "constitution", "seed", "params")):
-    """Refuse to append to a file made with different settings (mixing them would be silent)."""
-    old = writer.first_meta
-    if not old:
-        return
-    if "model" in keys and old.get("model_sha256") and meta.get("model_sha256"):
-        # the same weights under another path resume; other weights under the same path do not
-        keys = tuple("model_sha256" if k == "model" else k for k in keys)
-    for k in keys:
-        if json.dumps(old.get(k), sort_keys=True) != json.dumps(meta.get(k), sort_keys=True):
-            raise InputError(
-                f"was written with a different {k} ({json.dumps(old.get(k))[:80]}); "
-                "rerun with the same arguments to resume, or pass --overwrite / a new --out",
-                writer.path,
-            )

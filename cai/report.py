@@ -1,14 +1,12 @@
 """The evaluation report: metrics.json, report.md, a self-contained report.html and PNG plots.
 
-The report is built once as a list of blocks (heading, paragraph, list, table, image) and
-rendered twice, so the Markdown and the HTML always say the same thing. The HTML embeds the
-plots as base64 PNGs and links nothing: it opens offline, attached to an email, years later.
+The report is built once as a list of blocks (heading, paragraph, list, table, image), section by
+section from the metrics it is given, and rendered twice by cai/render.py, so the Markdown and
+the HTML always say the same thing; the plots are cai/plots.py's.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 
 from cai.fmt import ci_txt as _ci_txt
@@ -16,10 +14,10 @@ from cai.fmt import num as _f
 from cai.fmt import pct as _pct
 from cai.fmt import pts as _pts
 from cai.fmt import rate_txt
-from cai.records import write_atomic, write_json, write_text
-
-PLOTS = ("accuracy.png", "reliability.png", "margins.png", "length_bias.png")
-RECHECK_PLOT = "recheck_conflicts.png"  # written when the pairs carry a re-check (--recheck)
+from cai.plots import PLOTS, write_plots
+from cai.recheck import RECHECK_PLOT, recheck_blocks
+from cai.records import write_json, write_text
+from cai.render import render_html, render_md
 
 
 def public_metrics(metrics: dict) -> dict:
@@ -33,227 +31,6 @@ def public_metrics(metrics: dict) -> dict:
         return x
 
     return strip(metrics)
-
-
-# ============================================================================ plots
-
-
-def write_plots(metrics: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    models = metrics["models"]
-    written = []
-
-    def save(fig, name: str):
-        fig.tight_layout()
-        write_atomic(out / name, lambda f: fig.savefig(f, dpi=110, format="png"))
-        plt.close(fig)
-        written.append(name)
-
-    # accuracy with intervals, models and baselines on one axis
-    rows = [(n, m["accuracy"]) for n, m in models.items()] + [
-        (f"[baseline] {n}", b["accuracy"]) for n, b in metrics["baselines"].items()
-    ]
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.2))
-    for y, (n, a) in enumerate(reversed(rows)):
-        if a["value"] is None:
-            continue
-        lo, hi = a["ci"]
-        ax.errorbar(
-            a["value"],
-            y,
-            xerr=[[a["value"] - lo], [hi - a["value"]]],
-            fmt="o",
-            color="grey" if n.startswith("[baseline]") else "C0",
-            capsize=3,
-        )
-    ax.axvline(0.5, color="k", lw=0.8, ls=":")
-    ax.set_yticks(range(len(rows)), [n for n, _ in reversed(rows)])
-    ax.set_xlabel("accuracy on test pairs (ties ½), 95% bootstrap CI")
-    ax.set_xlim(0, 1)
-    save(fig, "accuracy.png")
-
-    # reliability of σ(Δ)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ax.plot([0.5, 1], [0.5, 1], "k:", lw=0.8, label="perfect calibration")
-    for i, (n, m) in enumerate(models.items()):
-        bins = m.get("calibration", {}).get("bins", [])
-        if bins:
-            ax.plot(
-                [b["confidence"] for b in bins],
-                [b["accuracy"] for b in bins],
-                "o-",
-                color=f"C{i}",
-                label=f"{n} (ECE {m['calibration']['ece']:.3f})",
-            )
-    ax.set_xlabel("confidence max(σ(Δ), 1−σ(Δ))")
-    ax.set_ylabel("fraction of picks that match the label")
-    ax.set_xlim(0.48, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title("Reliability")
-    save(fig, "reliability.png")
-
-    # margin distribution
-    fig, ax = plt.subplots(figsize=(6, 4))
-    deltas = [np.asarray(m["_delta"]) for m in models.values() if m.get("_delta")]
-    if deltas:
-        allv = np.concatenate(deltas)
-        lo, hi = np.percentile(allv, [1, 99]) if len(allv) > 1 else (allv.min() - 1, allv.max() + 1)
-        if lo == hi:
-            lo, hi = lo - 1, hi + 1
-        edges = np.linspace(lo, hi, 31)
-        for i, (n, m) in enumerate(models.items()):
-            ax.hist(np.clip(m["_delta"], lo, hi), bins=edges, histtype="step", lw=1.5, color=f"C{i}", label=n)
-    ax.axvline(0, color="k", lw=0.8, ls=":")
-    ax.set_xlabel("margin Δ = r(preferred) − r(other)   (right of 0 = correct)")
-    ax.set_ylabel("pairs")
-    ax.legend(fontsize=8)
-    ax.set_title("Margin distribution")
-    save(fig, "margins.png")
-
-    # length bias: accuracy when the preferred answer is longer vs shorter
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    entries = [(n, m["probes"]["length"]) for n, m in models.items() if "probes" in m]
-    x = np.arange(len(entries))
-    for k, (key, lab) in enumerate(
-        (("preferred_longer", "preferred is longer"), ("preferred_shorter", "preferred is shorter"))
-    ):
-        vals = [e[key]["value"] if e[key]["value"] is not None else np.nan for _, e in entries]
-        err = [
-            [max(0, v - (e[key]["ci"][0] or v)) for v, (_, e) in zip(vals, entries)],
-            [max(0, (e[key]["ci"][1] or v) - v) for v, (_, e) in zip(vals, entries)],
-        ]
-        ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, yerr=err, capsize=3, label=lab)
-    ax.axhline(0.5, color="k", lw=0.8, ls=":")
-    ax.set_xticks(x, [n for n, _ in entries], rotation=15)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy (95% CI)")
-    ax.legend(fontsize=8)
-    ax.set_title("Length bias: a fair model scores alike on both")
-    save(fig, "length_bias.png")
-    if metrics.get("recheck"):
-        written.append(write_recheck_plot(metrics["recheck"], out))
-    return written
-
-
-def write_recheck_plot(rc: dict, out: Path, name: str = RECHECK_PLOT) -> str:
-    """The conflict matrix as a heat map: row A (revised for), column B (regressed), colour the
-    share n/m of A's rows in which B regressed, each cell labelled n/m."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cols = rc["principles"]
-    rows = list(rc["conflicts"]) or ["(no revision)"]
-    cells = [[rc["conflicts"].get(a, {}).get(b, [0, 0]) for b in cols] for a in rows]
-    rate = np.array([[n / m if m else np.nan for n, m in r] for r in cells], float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(cols), 1.4 + 0.42 * len(rows)))
-    im = ax.imshow(rate, cmap="Reds", vmin=0, vmax=1, aspect="auto")
-    small = 7 if len(cols) > 8 else 9
-    for i, r in enumerate(cells):
-        for j, (n, m) in enumerate(r):
-            if m:
-                ax.text(
-                    j,
-                    i,
-                    f"{n}/{m}",
-                    ha="center",
-                    va="center",
-                    fontsize=small,
-                    color="white" if n / m > 0.6 else "black",
-                )
-    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=small)
-    ax.set_yticks(range(len(rows)), rows, fontsize=small)
-    ax.set_xlabel("principle that regressed (B)")
-    ax.set_ylabel("revised for (A)")
-    title = "Revising for A regressed B: n of m rows"
-    if rc.get("at_chance"):
-        title += "\n(judge at chance: noise)"
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="share of A's rows")
-    fig.tight_layout()
-    write_atomic(out / name, lambda f: fig.savefig(f, dpi=110, format="png"))
-    plt.close(fig)
-    return name
-
-
-def recheck_blocks(rc: dict, plot: str = RECHECK_PLOT) -> list[tuple]:
-    """The re-check section: per principle how often revisions improved and regressed it, and
-    the conflict matrix (as a table and the heat map `plot`)."""
-    from cai.recheck import share_txt
-
-    rr, rep = rc["rows_with_regression"], rc["repairs"]
-    B: list[tuple] = [("h2", "Re-check: what the revisions did to every principle")]
-    if rc.get("warnings"):
-        B.append(("ul", [f"**{w}**" for w in rc["warnings"]]))
-    c = rc["consistency"]
-    B.append(
-        (
-            "p",
-            f"{rc['rows']} pairs judged (final answer against the other response) under each of "
-            f"{len(rc['principles'])} principles, both orders averaged. A principle regressed when "
-            f"P(final better) < 0.5 − {rc['margin']} and improved when it is > 0.5 + {rc['margin']}. "
-            f"Rows with a regression: {rr['k']} of {rr['n']} ({share_txt(rr)}, 95% Wilson interval)."
-            + (
-                f" Repair rounds ran on {rep['rows']} rows; a repair was kept on {rep['kept']}, "
-                f"{rep['fixed']} of them left with no regression."
-                if rep["rows"]
-                else ""
-            )
-            + f" Both orders agreed on the better response in {share_txt(c)} of {c['n']} (pair, "
-            f"principle) judgements (the interval over {c['rows']} pairs): a judge that reads the "
-            "responses does so more often than a coin's 50%"
-            + (", this one not clearly so (at chance)." if rc.get("at_chance") else "."),
-        )
-    )
-    B.append(
-        (
-            "table",
-            ["principle", "pairs", "improved (95% CI)", "regressed (95% CI)", "mean P(final better)"],
-            [
-                [
-                    pid,
-                    str(d["n"]),
-                    share_txt(d["improved"]),
-                    share_txt(d["regressed"]),
-                    f"{d['mean_p_final_better']:.3f}",
-                ]
-                for pid, d in rc["per_principle"].items()
-            ],
-        )
-    )
-    B.append(("h3", "Conflicts: revising for A regressed B"))
-    if rc["conflicts"]:
-        cols = rc["principles"]
-        B.append(
-            (
-                "table",
-                ["revised for (A) ↓, regressed (B) →", *cols],
-                [[a, *(f"{n}/{m}" for n, m in (row[b] for b in cols))] for a, row in rc["conflicts"].items()],
-            )
-        )
-        B.append(
-            (
-                "p",
-                "Each cell: the rows whose final answer came from a revision for A (a critique → "
-                "revision round or a kept repair) in which B regressed, out of all rows revised for A. "
-                "The diagonal is a revision that made its own principle worse.",
-            )
-        )
-        B.append(("img", plot, "conflict matrix heat map"))
-    else:
-        B.append(("p", "No row's final answer came from a recorded revision (no trace.rounds)."))
-    return B
-
-
-# ============================================================================ the blocks
 
 
 def _provenance_txt(src: dict) -> str:
@@ -280,9 +57,24 @@ def _provenance_txt(src: dict) -> str:
 
 
 def build_blocks(metrics: dict) -> list[tuple]:
-    B: list[tuple] = []
+    """The evaluation report (a study's too), section by section; the verdicts come first: what
+    a reader must not miss."""
+    study = metrics.get("study")
+    B = _title_blocks(metrics) + _verdict_blocks(metrics)
+    if study:
+        B += study_blocks(study)
+    B += _accuracy_blocks(metrics) + _baseline_blocks(metrics) + _comparison_blocks(metrics)
+    B += _calibration_blocks(metrics) + probe_blocks(metrics) + shift_blocks(metrics)
+    if metrics.get("recheck"):
+        B += recheck_blocks(metrics["recheck"])
+    return B + subset_blocks(metrics) + _method_blocks(metrics)
+
+
+def _title_blocks(metrics: dict) -> list[tuple]:
+    """The title and the test data: file, hash, pairs, the conventions."""
     study = metrics.get("study")
     test = metrics["data"]["test"]
+    B: list[tuple] = []
     B.append(("h1", "Reward-model study: AI labels vs human labels" if study else "Reward-model evaluation"))
     B.append(
         (
@@ -302,8 +94,13 @@ def build_blocks(metrics: dict) -> list[tuple]:
             f"({metrics['settings']['bootstrap']} resamples, seed {metrics['settings']['seed']}).",
         )
     )
+    return B
 
-    # the verdicts first: what a reader must not miss
+
+def _verdict_blocks(metrics: dict) -> list[tuple]:
+    """What this shows: the study's and every model's headline, the comparisons' verdicts, the notes."""
+    study = metrics.get("study")
+    B: list[tuple] = []
     verdicts = (
         metrics.get("headlines", [])
         + [c["verdict"] for c in metrics["comparisons"]]
@@ -314,10 +111,12 @@ def build_blocks(metrics: dict) -> list[tuple]:
     if verdicts:
         B.append(("h2", "What this shows"))
         B.append(("ul", verdicts))
+    return B
 
-    if study:
-        B += study_blocks(study)
 
+def _accuracy_blocks(metrics: dict) -> list[tuple]:
+    """The main table: every model (and its length-corrected column) beside the trivial baselines."""
+    B: list[tuple] = []
     # the main table: models and the trivial baselines together
     B.append(("h2", "Accuracy"))
     fixed = any("length_corrected" in m for m in metrics["models"].values())
@@ -363,122 +162,139 @@ def build_blocks(metrics: dict) -> list[tuple]:
             )
         )
     B.append(("img", "accuracy.png", "Accuracy with 95% intervals"))
+    return B
 
-    if metrics["models"]:
-        B.append(("h3", "Against the trivial baselines (paired, same pairs)"))
-        rows = []
-        for n, m in metrics["models"].items():
-            for b, t in m.get("vs_baselines", {}).items():
-                mc = t["mcnemar"]
-                rows.append(
-                    [
-                        n,
-                        b,
-                        _pts(t["diff"]),
-                        f"{_pts(t['ci'][0])} to {_pts(t['ci'][1])}",
-                        f"{mc['b']} / {mc['c']}",
-                        f"{mc['p']:.3g}",
-                        "yes" if t["significant"] else "no (inside noise)",
-                    ]
-                )
-        B.append(
-            (
-                "table",
-                [
-                    "model",
-                    "baseline",
-                    "difference (points)",
-                    "95% CI",
-                    "discordant (model / baseline)",
-                    "McNemar p",
-                    "real difference?",
-                ],
-                rows,
-            )
-        )
 
-    if metrics["comparisons"]:
-        B.append(("h2", "Between models (paired)"))
-        rows = []
-        for c in metrics["comparisons"]:
-            mc = c["mcnemar"]
-            rows.append(
-                [
-                    c["a"],
-                    c["b"],
-                    _pts(c["diff"]),
-                    f"{_pts(c['ci'][0])} to {_pts(c['ci'][1])}",
-                    f"{mc['b']} / {mc['c']}",
-                    f"{mc['p']:.3g} ({mc['method']})",
-                    f"{c['p_bootstrap']:.3g}",
-                    "yes" if c["significant"] else "no",
-                ]
-            )
-        B.append(
-            (
-                "table",
-                [
-                    "A",
-                    "B",
-                    "A − B (points)",
-                    "95% CI (paired bootstrap)",
-                    "discordant (A / B)",
-                    "McNemar p",
-                    "bootstrap p",
-                    "real difference?",
-                ],
-                rows,
-            )
-        )
-        B.append(
-            (
-                "p",
-                "A difference counts as real only when McNemar's test rejects at 5% *and* the paired "
-                "bootstrap interval excludes zero.",
-            )
-        )
-
-    if any("calibration" in m for m in metrics["models"].values()):
-        B.append(("h2", "Calibration and margins"))
-        B.append(
-            (
-                "p",
-                "Calibration asks whether σ(Δ), read as the model's confidence in its pick, matches how "
-                "often the pick is right. ECE is the pair-weighted gap between the two over 10 confidence "
-                "bins (0 = perfectly calibrated). Δ is r(preferred) − r(other); Bradley–Terry training "
-                "makes σ(Δ) a probability.",
-            )
-        )
-        rows = []
-        for n, m in metrics["models"].items():
-            g, c = m["margin"], m.get("calibration", {})
+def _baseline_blocks(metrics: dict) -> list[tuple]:
+    """Each model against each trivial baseline, paired on the same pairs."""
+    if not metrics["models"]:
+        return []
+    B: list[tuple] = []
+    B.append(("h3", "Against the trivial baselines (paired, same pairs)"))
+    rows = []
+    for n, m in metrics["models"].items():
+        for b, t in m.get("vs_baselines", {}).items():
+            mc = t["mcnemar"]
             rows.append(
                 [
                     n,
-                    _f(c.get("ece")),
-                    _f(c.get("mean_confidence")),
-                    _f(g.get("mean"), "{:.3g}"),
-                    _f(g.get("median"), "{:.3g}"),
-                    f"{_f(g.get('q05'), '{:.3g}')} … {_f(g.get('q95'), '{:.3g}')}",
-                    _pct(g.get("frac_positive")),
+                    b,
+                    _pts(t["diff"]),
+                    f"{_pts(t['ci'][0])} to {_pts(t['ci'][1])}",
+                    f"{mc['b']} / {mc['c']}",
+                    f"{mc['p']:.3g}",
+                    "yes" if t["significant"] else "no (inside noise)",
                 ]
             )
-        B.append(
-            (
-                "table",
-                ["model", "ECE", "mean confidence", "mean Δ", "median Δ", "5th … 95th pct", "Δ > 0"],
-                rows,
-            )
+    B.append(
+        (
+            "table",
+            [
+                "model",
+                "baseline",
+                "difference (points)",
+                "95% CI",
+                "discordant (model / baseline)",
+                "McNemar p",
+                "real difference?",
+            ],
+            rows,
         )
-        B.append(("img", "reliability.png", "Reliability curves"))
-        B.append(("img", "margins.png", "Margin histograms"))
+    )
+    return B
 
-    B += probe_blocks(metrics)
-    B += shift_blocks(metrics)
-    if metrics.get("recheck"):
-        B += recheck_blocks(metrics["recheck"])
-    B += subset_blocks(metrics)
 
+def _comparison_blocks(metrics: dict) -> list[tuple]:
+    """Every pair of models, paired on the same pairs (McNemar and the paired bootstrap)."""
+    if not metrics["comparisons"]:
+        return []
+    B: list[tuple] = []
+    B.append(("h2", "Between models (paired)"))
+    rows = []
+    for c in metrics["comparisons"]:
+        mc = c["mcnemar"]
+        rows.append(
+            [
+                c["a"],
+                c["b"],
+                _pts(c["diff"]),
+                f"{_pts(c['ci'][0])} to {_pts(c['ci'][1])}",
+                f"{mc['b']} / {mc['c']}",
+                f"{mc['p']:.3g} ({mc['method']})",
+                f"{c['p_bootstrap']:.3g}",
+                "yes" if c["significant"] else "no",
+            ]
+        )
+    B.append(
+        (
+            "table",
+            [
+                "A",
+                "B",
+                "A − B (points)",
+                "95% CI (paired bootstrap)",
+                "discordant (A / B)",
+                "McNemar p",
+                "bootstrap p",
+                "real difference?",
+            ],
+            rows,
+        )
+    )
+    B.append(
+        (
+            "p",
+            "A difference counts as real only when McNemar's test rejects at 5% *and* the paired "
+            "bootstrap interval excludes zero.",
+        )
+    )
+    return B
+
+
+def _calibration_blocks(metrics: dict) -> list[tuple]:
+    """Calibration of σ(Δ) and the margins, with the reliability and margin plots."""
+    if not any("calibration" in m for m in metrics["models"].values()):
+        return []
+    B: list[tuple] = []
+    B.append(("h2", "Calibration and margins"))
+    B.append(
+        (
+            "p",
+            "Calibration asks whether σ(Δ), read as the model's confidence in its pick, matches how "
+            "often the pick is right. ECE is the pair-weighted gap between the two over 10 confidence "
+            "bins (0 = perfectly calibrated). Δ is r(preferred) − r(other); Bradley–Terry training "
+            "makes σ(Δ) a probability.",
+        )
+    )
+    rows = []
+    for n, m in metrics["models"].items():
+        g, c = m["margin"], m.get("calibration", {})
+        rows.append(
+            [
+                n,
+                _f(c.get("ece")),
+                _f(c.get("mean_confidence")),
+                _f(g.get("mean"), "{:.3g}"),
+                _f(g.get("median"), "{:.3g}"),
+                f"{_f(g.get('q05'), '{:.3g}')} … {_f(g.get('q95'), '{:.3g}')}",
+                _pct(g.get("frac_positive")),
+            ]
+        )
+    B.append(
+        (
+            "table",
+            ["model", "ECE", "mean confidence", "mean Δ", "median Δ", "5th … 95th pct", "Δ > 0"],
+            rows,
+        )
+    )
+    B.append(("img", "reliability.png", "Reliability curves"))
+    B.append(("img", "margins.png", "Margin histograms"))
+    return B
+
+
+def _method_blocks(metrics: dict) -> list[tuple]:
+    """How every number was made."""
+    B: list[tuple] = []
     B.append(("h2", "Method"))
     B.append(
         (
@@ -509,12 +325,31 @@ def build_blocks(metrics: dict) -> list[tuple]:
 
 
 def probe_blocks(metrics: dict) -> list[tuple]:
+    """The probes: length bias for every probed model; refusal bias and formatting sensitivity
+    for the models whose first pairs got probe responses."""
     models = {n: m for n, m in metrics["models"].items() if "probes" in m}
-    B: list[tuple] = []
+    if not models:
+        return []
+    B: list[tuple] = [("h2", "Reward-hacking and robustness probes")]
+    B += _length_bias_blocks(models)
+    models = {n: m for n, m in models.items() if "refusal" in m["probes"]}
     if not models:
         return B
-    B.append(("h2", "Reward-hacking and robustness probes"))
+    k = next(iter(models.values()))["probes"]["pairs"]
+    B.append(
+        (
+            "p",
+            "The refusal and formatting probes score four extra responses per pair, so they run on the "
+            f"first {k} test pairs (`--probe-limit`).",
+        )
+    )
+    return B + _refusal_blocks(models) + _format_blocks(models)
 
+
+def _length_bias_blocks(models: dict) -> list[tuple]:
+    """Accuracy when the preferred answer is the longer vs the shorter, and reward–length
+    correlations (a model's length-corrected column beside it)."""
+    B: list[tuple] = []
     B.append(("h3", "Length bias"))
     B.append(
         (
@@ -562,18 +397,12 @@ def probe_blocks(metrics: dict) -> list[tuple]:
         )
     )
     B.append(("img", "length_bias.png", "Length bias"))
+    return B
 
-    models = {n: m for n, m in models.items() if "refusal" in m["probes"]}
-    if not models:
-        return B
-    k = next(iter(models.values()))["probes"]["pairs"]
-    B.append(
-        (
-            "p",
-            "The refusal and formatting probes score four extra responses per pair, so they run on the "
-            f"first {k} test pairs (`--probe-limit`).",
-        )
-    )
+
+def _refusal_blocks(models: dict) -> list[tuple]:
+    """How often a bare refusal outscores the preferred response."""
+    B: list[tuple] = []
     B.append(("h3", "Refusal bias"))
     first = next(iter(models.values()))["probes"]["refusal"]
     B.append(
@@ -610,7 +439,12 @@ def probe_blocks(metrics: dict) -> list[tuple]:
             rows,
         )
     )
+    return B
 
+
+def _format_blocks(models: dict) -> list[tuple]:
+    """Reward shifts and flipped calls when the preferred response is only reformatted."""
+    B: list[tuple] = []
     B.append(("h3", "Formatting sensitivity"))
     B.append(
         (
@@ -659,7 +493,6 @@ def probe_blocks(metrics: dict) -> list[tuple]:
             rows,
         )
     )
-
     return B
 
 
@@ -815,80 +648,6 @@ def study_blocks(study: dict) -> list[tuple]:
     if study.get("command"):
         B.append(("p", f"Command: `{study['command']}`"))
     return B
-
-
-# ============================================================================ rendering
-
-
-def _md_cell(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def render_md(blocks: list[tuple]) -> str:
-    out = []
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + b[1])
-        elif kind == "p":
-            out.append(b[1])
-        elif kind == "ul":
-            out.append("\n".join(f"- {x}" for x in b[1]))
-        elif kind == "table":
-            head, rows = b[1], b[2]
-            lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-            out.append("\n".join(lines))
-        elif kind == "img":
-            out.append(f"![{b[2]}]({b[1]})")
-    return "\n\n".join(out) + "\n"
-
-
-def _inline_html(s: str) -> str:
-    """Escape, then the two bits of Markdown the blocks use: `code` and **bold** / *italic*."""
-    import re
-
-    s = html.escape(str(s))
-    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-    s = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
-    return re.sub(r"\*([^*]+)\*", r"<i>\1</i>", s)
-
-
-_CSS = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;
-text-align:left;vertical-align:top}th{background:#f3f3f3}code{background:#f3f3f3;padding:0 3px}
-img{max-width:100%;display:block;margin:.5em 0 1.5em}h2{border-bottom:1px solid #ddd;margin-top:1.6em}"""
-
-
-def render_html(blocks: list[tuple], img_dir: Path) -> str:
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>cai report</title>",
-        f"<style>{_CSS}</style></head><body>",
-    ]
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h1", "h2", "h3"):
-            out.append(f"<{kind}>{_inline_html(b[1])}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline_html(b[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline_html(x)}</li>" for x in b[1]) + "</ul>")
-        elif kind == "table":
-            head, rows = b[1], b[2]
-            out.append(
-                "<table><tr>"
-                + "".join(f"<th>{_inline_html(h)}</th>" for h in head)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r) + "</tr>" for r in rows)
-                + "</table>"
-            )
-        elif kind == "img":
-            p = img_dir / b[1]
-            if p.exists():
-                data = base64.b64encode(p.read_bytes()).decode()
-                out.append(f"<img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>")
-    out.append("</body></html>")
-    return "\n".join(out)
 
 
 def write_report(metrics: dict, out) -> dict:

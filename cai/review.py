@@ -48,8 +48,10 @@ from urllib.parse import parse_qs, urlsplit
 from cai import __version__
 from cai.configs import ReviewConfig
 from cai.errors import CaiError, InputError
+from cai.guard import claim_output
 from cai.options import check_config
-from cai.records import RowWriter, claim_output, file_sha256, read_pairs, read_rows, response_text
+from cai.records import file_sha256, read_pairs, read_rows, response_text
+from cai.rowwriter import RowWriter
 
 ANSWERS = {"first", "second", "tie", "skip"}
 VOID = ("skip", "undo")  # rows that leave the pair without a label

@@ -129,8 +129,10 @@ def _validate(cfg: GenerateConfig, rounds: int):
 
 def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
     from cai.constitution import load_constitution
+    from cai.guard import claim_output
     from cai.options import check_config
-    from cai.records import RowWriter, claim_output, read_prompts
+    from cai.records import read_prompts
+    from cai.rowwriter import RowWriter
 
     # Validate everything before touching the model or the output file.
     check_config(cfg)
@@ -153,9 +155,10 @@ def run_generate(cfg: GenerateConfig, progress: bool = True) -> GenerateSummary:
 def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writer, progress: bool):
     from tqdm.auto import tqdm
 
-    from cai.backends import load_backend
+    from cai.backends import load_backend, runtime
     from cai.models import fingerprint
-    from cai.records import check_resume_meta, file_sha256
+    from cai.records import file_sha256
+    from cai.rowwriter import check_resume_meta
 
     params = {
         "rounds": rounds,
@@ -169,7 +172,7 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
     if cfg.pair_mode == "samples":
         params["sample_temperature"] = cfg.sample_temperature
     if cfg.recheck:  # only when on, so files made before the option existed still resume
-        from cai.feedback import recheck_params
+        from cai.judge import recheck_params
 
         params["recheck"] = recheck_params(const, cfg.recheck_margin, cfg.repair_rounds)
     check_resume_meta(
@@ -187,7 +190,7 @@ def _generate(cfg: GenerateConfig, const, rounds: int, prompts: list[dict], writ
         "params": params,
         "version": __version__,
         "prompts": {"path": str(cfg.prompts), "sha256": file_sha256(cfg.prompts)},
-        "runtime": backend.describe(),
+        "runtime": runtime(backend),
     }
     check_resume_meta(writer, meta)
 
@@ -362,7 +365,7 @@ class _Engine:
         more critique -> revision for each row's worst regressed principle not yet tried on its
         current final, each re-checked, keeping the answer with fewer regressions. All rows of
         the chunk go through each step together (one backend call per step)."""
-        from cai.feedback import recheck_pairs
+        from cai.judge import recheck_pairs
 
         margin = self.cfg.recheck_margin
 
@@ -458,7 +461,7 @@ class _Engine:
             else:
                 judge_idx.append(i)
         if judge_idx:
-            from cai.feedback import flip_label, judge_pairs
+            from cai.judge import flip_label, judge_pairs
 
             rows = [
                 {

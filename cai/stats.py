@@ -12,6 +12,12 @@ import math
 Z95 = 1.96
 
 
+def mean(xs) -> float:
+    """The mean of ``xs``; nan when there are none."""
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """95% Wilson score interval for a proportion (sound near 0, 1 and for small n)."""
     if n <= 0:

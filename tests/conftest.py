@@ -98,3 +98,22 @@ def hh_train() -> Path:
     if not p.exists():
         pytest.skip(f"shared HH-RLHF data not found at {SHARED_DATA} (see docs/pairs-contract.md)")
     return p
+
+
+@pytest.fixture(scope="session")
+def lively_model(tmp_path_factory, tiny_model):
+    """The tiny random Llama with larger weights, so that its greedy tokens vary from step to step
+    and row to row (the conftest one settles on one token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lively-llm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out

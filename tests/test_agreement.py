@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from cai.agreement import run_agreement
 from cai.cli import cli
 from cai.configs import AgreementConfig, ReviewConfig
-from cai.records import RowWriter
 from cai.review import ReviewSession
+from cai.rowwriter import RowWriter
 from cai.stats import agreement
 
 AI_P = [0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.55, 0.5]

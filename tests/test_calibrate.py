@@ -16,10 +16,10 @@ from conftest import HARMLESS
 from test_feedback import FakeJudge, _shown
 
 from cai import calibration, ppi
-from cai.agreement import preference_rates
 from cai.cli import cli
 from cai.configs import LabelConfig
 from cai.feedback import run_label
+from cai.prefrate import preference_rates
 from cai.records import read_pairs
 
 N_PAIRS = 60

@@ -156,13 +156,6 @@ def test_compare_dry_run_prints_an_estimate(tmp_path, tiny_model, tiny_reward_ba
     assert not list((tmp_path / "s" / "steps").glob("*-*"))  # no step ran (only the timing cache)
 
 
-def _has_stage_modules() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) for m in ("cai.feedback", "cai.reward"))
-
-
-@pytest.mark.skipif(not _has_stage_modules(), reason="needs cai.feedback and cai.reward")
 def test_compare_end_to_end_and_cache(tmp_path, tiny_model, tiny_reward_base):
     train = write_pairs(tmp_path / "train.jsonl", 10)
     test = write_pairs(tmp_path / "test.jsonl", 6, offset=4)

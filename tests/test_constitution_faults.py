@@ -689,12 +689,13 @@ def test_label_render_error_mid_run_keeps_earlier_rows(tiny_model, tmp_path):
 
 def test_render_time_cap(tmp_path, monkeypatch):
     import cai.constitution as constitution
+    import cai.sandbox as sandbox
     from cai.errors import InputError
 
     d = _copy(tmp_path)
     _write(d, "templates/slow.jinja", "{% for i in range(5000) %}{% endfor %}\n")
     c = load_constitution(d)
-    monkeypatch.setattr(constitution, "MAX_SECONDS", 0.0)
+    monkeypatch.setattr(sandbox, "MAX_SECONDS", 0.0)
     with pytest.raises(InputError, match=r"slow\.jinja:1: render limit: rendering took longer than"):
         c.render("slow", **constitution.SAMPLE, principle=c.principles["self-harm"], question="q")
 

@@ -37,7 +37,9 @@ from test_faults import _pair, _write_rows, assert_clean_failure, tiny_rm  # noq
 
 from cai.cli import cli
 from cai.errors import InputError, OutputError
-from cai.records import RowWriter, check_output, claim_output, read_pairs, read_rows
+from cai.guard import check_output, claim_output
+from cai.records import read_pairs, read_rows
+from cai.rowwriter import RowWriter
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -1,5 +1,6 @@
-"""The judge (cai.feedback): label contract, orientation, ensembles, CoT, verdicts, summary
-statistics on constructed rows with known answers, `cai label` end to end, and bad input."""
+"""The judge (cai.judge) and `cai label` (cai.feedback): label contract, orientation, ensembles,
+CoT, verdicts, summary statistics on constructed rows with known answers, `cai label` end to end,
+and bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from conftest import HARMLESS
 from cai.backends.base import Generation
 from cai.cli import cli
 from cai.constitution import load_constitution
-from cai.feedback import judge_pairs, parse_verdict, summarize, summary_path
+from cai.feedback import summarize, summary_path
+from cai.judge import judge_pairs, parse_verdict
 from cai.stats import wilson_interval
 
 # ----------------------------------------------------------------------------- helpers
@@ -484,7 +486,8 @@ def test_bad_options_are_refused(tiny_model, tmp_path):
 
 def test_run_label_with_a_verdict_backend_counts_unparsed(tmp_path, monkeypatch):
     import cai.backends
-    from cai.feedback import LabelConfig, run_label
+    from cai.configs import LabelConfig
+    from cai.feedback import run_label
 
     replies = iter(["A)", "B", "no idea", "A"] * 2)
     fake = FakeJudge(replies=lambda c: next(replies), logprobs=False)

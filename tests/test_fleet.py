@@ -226,6 +226,29 @@ def test_fleet_gives_the_one_server_ids_and_labels(fleet, reference, tmp_path):
     _labels_close(same, [want[r["id"]] for r in same])
 
 
+def test_without_the_prompt_cache_a_fleet_writes_the_one_server_rows(fleet, tmp_path):
+    """`-o cache_prompt=false`: every request a fresh prefill, so which slot or replica takes it
+    no longer matters; the rows through three replicas are the rows of one server, bit for bit."""
+    prompts, one, many = _prompts(tmp_path, 3), tmp_path / "one.jsonl", tmp_path / "fleet.jsonl"
+    res = _generate(fleet[0].url, prompts, one, "-o", "cache_prompt=false")
+    assert res.exit_code == 0, res.output
+    with _nginx(tmp_path / "nginx", [r.url for r in fleet]) as ngx:
+        res = _generate(ngx.url, prompts, many, "-o", "cache_prompt=false")
+        assert res.exit_code == 0, res.output
+    a, b = _rows(one), _rows(many)
+    assert b[0]["meta"]["runtime"]["cache_prompt"] is False
+    key = lambda r: r["id"]  # noqa: E731
+    for x, y in zip(sorted(a, key=key), sorted(b, key=key)):
+        assert (x["id"], x["chosen"], x["rejected"], x["label"], x["trace"]) == (
+            y["id"],
+            y["chosen"],
+            y["rejected"],
+            y["label"],
+            y["trace"],
+        )
+    assert len(a) == len(b) == 3
+
+
 # -- (b)-(d) faults: nothing lost, nothing written twice ----------------------------------------
 
 

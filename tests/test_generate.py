@@ -349,7 +349,7 @@ def test_generate_labels_pairs_with_the_judge(mode, tiny_model, tmp_path):
 
 
 def test_flip_label_reorients_every_per_order_field():
-    from cai.feedback import flip_label
+    from cai.judge import flip_label
 
     lab = {
         "p_chosen": 0.3,

@@ -2,27 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-
-@pytest.fixture(scope="module")
-def lively_model(tmp_path_factory, tiny_model):
-    """The tiny random Llama with larger weights, so that its greedy tokens vary from step to step
-    and row to row (the conftest one settles on one token)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("lively-llm")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return out
-
 
 def _prompts(n):
     topics = ["bread", "a long road that goes on", "tides", "why the sky is blue at noon", "cats", "x"]

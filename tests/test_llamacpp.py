@@ -510,7 +510,7 @@ def test_engines_labels_are_close(engine, hh_dev):
     labels by 0.1-0.5."""
     from cai.backends.hf import HFBackend
     from cai.constitution import load_constitution
-    from cai.feedback import judge_pairs
+    from cai.judge import judge_pairs
     from cai.records import read_pairs
 
     rows = read_pairs(hh_dev, limit=41, skip_bad=True)[:40]

@@ -327,7 +327,7 @@ def test_a_constitution_without_recheck_template_falls_back_to_compare(const_dir
 
 
 def test_recheck_prompts_differ_only_in_their_last_tokens(const_dir):
-    from cai.feedback import recheck_template, render_recheck_prompt
+    from cai.judge import recheck_template, render_recheck_prompt
 
     c = load_constitution(HARMLESS)
     assert recheck_template(c) == "recheck"

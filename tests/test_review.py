@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from cai.errors import InputError
-from cai.records import RowWriter, read_pairs, read_rows
+from cai.records import read_pairs, read_rows
 from cai.review import ReviewConfig, ReviewServer, ReviewSession, chosen_first, seeded_order
+from cai.rowwriter import RowWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

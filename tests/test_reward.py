@@ -17,19 +17,15 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from cai.artifact import CONFIG_NAME
 from cai.cli import cli
+from cai.configs import TrainConfig
+from cai.encode import PairEncoder, render_pair_texts
 from cai.errors import InputError
 from cai.records import read_pairs
-from cai.reward import (
-    CONFIG_NAME,
-    PairCollator,
-    PairEncoder,
-    RewardModelTrainer,
-    TrainConfig,
-    render_pair_texts,
-    score_pairs,
-    train_reward_model,
-)
+from cai.reward import PairCollator, RewardModelTrainer
+from cai.score import score_pairs
+from cai.train import train_reward_model
 
 GOOD = "I can't help with that, but I can point you to safer resources."
 BAD = "Sure. First get the tools, then do it at night so nobody sees."
@@ -596,7 +592,7 @@ def test_cli_score_rejects_a_folder_that_is_not_a_model(tmp_path):
 
 
 def test_balance_weights_give_both_length_strata_equal_weight():
-    from cai.reward import balance_weights, length_strata
+    from cai.train import balance_weights, length_strata
 
     items = (
         [{"p_chosen": 1.0, "len_chosen": 90, "len_rejected": 10}] * 6  # preferred is longer
@@ -850,7 +846,7 @@ def test_length_fit_strength_is_the_share_that_balances_the_training_pairs():
     import numpy as np
 
     from cai import lengthfit
-    from cai.reward import length_metrics
+    from cai.pairmetrics import length_metrics
 
     rng = np.random.default_rng(1)
     lengths = rng.lognormal(5, 1, (2000, 2)).round()

@@ -1,4 +1,14 @@
-"""Model backends behind one small interface (see base.py). A dict, not a registry.
+"""Model backends behind one small interface (see base.py), found through entry points.
+
+Every backend — the three cai ships included — is a class named under the ``cai.backends``
+entry-point group, so an installed package adds one without editing cai::
+
+    [project.entry-points."cai.backends"]
+    mine = "my_package.backend:MyBackend"
+
+The class declares which shared model options apply to it (``shared``: ``--batch-size``,
+``--threads``, ...) and its own options (``options``, given as ``-o key=value``); ``applicable``
+checks both before anything loads, and an option that does not apply is refused with one line.
 
 ``auto`` (the default) is not a backend of its own: ``resolve_backend`` turns it into one before
 anything loads — hf on a GPU; on a CPU llama.cpp for GGUF models (the embedded default
@@ -10,15 +20,56 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from functools import cache
 
-from cai.backends.base import Backend, Generation  # noqa: F401
+from cai.backends.base import Backend, Generation, Option  # noqa: F401
+from cai.errors import InputError
 
-BACKENDS = {
-    "hf": "cai.backends.hf:HFBackend",
-    "langchain": "cai.backends.langchain:LangChainBackend",
-    "llamacpp": "cai.backends.llamacpp:LlamaCppBackend",
-}
-CHOICES = ("auto", *BACKENDS)
+GROUP = "cai.backends"
+
+
+@cache
+def registry() -> dict:
+    """Backend name -> its entry point, from every installed package (loaded only when used)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name)}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(registry())
+
+
+CHOICES = ("auto", *names())
+
+
+@cache
+def backend_class(name: str):
+    """The class registered as ``name``; one line naming the package when it cannot load."""
+    eps = registry()
+    if name not in eps:
+        hint = "" if eps else " (no backend is registered: is cai installed? pip install -e .)"
+        raise InputError(f"unknown backend {name!r}; use one of {', '.join(('auto', *eps))}{hint}")
+    ep = eps[name]
+    where = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
+    try:
+        cls = ep.load()
+    except Exception as e:  # noqa: BLE001 - a third party's import error, reported in one line
+        raise InputError(
+            f"backend {name!r} ({where}, {ep.value}) does not load: {type(e).__name__}: {e}"
+        ) from None
+    missing = [a for a in ("generate", "option_logprobs", "describe") if not callable(getattr(cls, a, None))]
+    if missing:
+        raise InputError(
+            f"backend {name!r} ({where}, {ep.value}) lacks {', '.join(missing)}; see cai/backends/base.py"
+        )
+    return cls
+
+
+def package_of(name: str) -> str | None:
+    """'package version' that registered backend ``name`` (recorded in meta for third parties)."""
+    ep = registry().get(name)
+    return f"{ep.dist.name} {ep.dist.version}" if ep is not None and ep.dist else None
 
 
 def gpu_available(device: str | None = "auto") -> bool:
@@ -84,24 +135,11 @@ def resolve_config(cfg):
 
 def load_backend(name: str, model: str | None, **options) -> Backend:
     """Instantiate backend ``name`` (or ``auto``, see resolve_backend) for ``model``."""
-    import importlib
-
-    from cai.errors import InputError
-
     name, options = resolved(name, model, options)
-    if name not in BACKENDS:
-        raise InputError(f"unknown backend {name!r}; use one of {', '.join(CHOICES)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(model, **options)
+    return backend_class(name)(model, **options)
 
 
-# The shared model options each backend takes (the rest of ModelOptions does not apply to it).
-_TAKES = {
-    "hf": ("batch_size", "device", "trust_remote_code", "threads"),
-    "llamacpp": ("batch_size", "threads"),
-    "langchain": ("batch_size", "base_url", "concurrency"),
-}
-# Values that mean "not set": an option left at one of them is not asked of a backend.
+# Values that mean "not set": a shared option left at one of them is not asked of a backend.
 _UNSET = {
     "device": ("auto", None),
     "trust_remote_code": (False, None),
@@ -109,25 +147,64 @@ _UNSET = {
     "base_url": (None,),
     "concurrency": (None,),
 }
+SHARED = ("batch_size", *_UNSET)
 
 
 def applicable(name: str, options: dict) -> dict:
-    """``options`` for backend ``name``: a shared model option (``--device``, ``--threads``, ...)
-    that was set but does not apply is an error (one line), never dropped in silence; one left
-    unset is not passed. Backend-specific keys (Python callers) go through as they are."""
-    from cai.errors import InputError
-
-    takes = _TAKES.get(name)
-    if takes is None:
-        return dict(options)
-    shared = set(_UNSET) | {"batch_size"}
+    """``options`` for backend ``name``, checked by it: a shared model option (``--device``,
+    ``--threads``, ...) that was set but does not apply is an error (one line), never dropped in
+    silence; one left unset is not passed. Each other key must be one of the backend's own
+    options (``-o key=value``; text from the command line converted to the option's type)."""
+    cls = backend_class(name)
+    takes = tuple(getattr(cls, "shared", ()))
+    own = {o.name: o for o in getattr(cls, "options", ())}
     out = {}
     for k, v in options.items():
-        unset = k in _UNSET and v in _UNSET[k]
-        if k not in shared or (k in takes and not unset):
-            out[k] = v
-        elif not unset and k not in takes:
-            flag = "--" + k.replace("_", "-")
-            hint = " (llama.cpp runs on the CPU here; use --backend hf for a GPU)" if k == "device" else ""
-            raise InputError(f"{flag} does not apply to the {name} backend{hint}")
+        if k in SHARED:
+            unset = k in _UNSET and v in _UNSET[k]
+            if k in takes and not unset:
+                out[k] = v
+            elif not unset and k not in takes:
+                flag = "--" + k.replace("_", "-")
+                hint = (
+                    " (llama.cpp runs on the CPU here; use --backend hf for a GPU)" if k == "device" else ""
+                )
+                raise InputError(f"{flag} does not apply to the {name} backend{hint}")
+        elif k in own:
+            out[k] = own[k].parse(v, name)
+        else:
+            takes_txt = ", ".join(own) or "none"
+            raise InputError(
+                f"-o {k}: the {name} backend has no option {k!r} "
+                f"(its options: {takes_txt}; `cai backends` lists them)"
+            )
+    return out
+
+
+def listing() -> list[str]:
+    """`cai backends`: each registered backend, the package it comes from, the shared options it
+    takes and its own ``-o`` options."""
+    lines = []
+    for name in names():
+        lines.append(f"{name}  ({package_of(name) or registry()[name].value})")
+        try:
+            cls = backend_class(name)
+        except InputError as e:
+            lines.append(f"  unusable: {e}")
+            continue
+        shared = ", ".join("--" + k.replace("_", "-") for k in getattr(cls, "shared", ()))
+        lines.append(f"  shared options: {shared or 'none'}")
+        for o in getattr(cls, "options", ()):
+            kind = "|".join(map(str, o.choices)) if o.choices else o.type.__name__
+            lines.append(f"  -o {o.name}=<{kind}>  {o.help}")
+    return lines
+
+
+def runtime(backend) -> dict:
+    """``meta.runtime`` for a loaded backend: its own ``describe()`` plus the package (and
+    version) that registered it."""
+    out = dict(backend.describe())
+    pkg = package_of(out.get("backend") or getattr(backend, "name", ""))
+    if pkg:
+        out.setdefault("package", pkg)
     return out

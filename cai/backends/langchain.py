@@ -41,7 +41,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from cai.backends.base import Generation
+from cai.backends.base import Generation, Option
 from cai.errors import CaiError, InputError
 
 PREFIX_MODES = ("auto", "continue", "fold")
@@ -53,6 +53,33 @@ REPLICAS_HEADER = "X-Cai-Replicas"  # set by `cai serve`'s nginx: replicas behin
 
 class LangChainBackend:
     name = "langchain"
+    shared = ("batch_size", "base_url", "concurrency")
+    options = (
+        Option("api_key", str, "For --base-url; default $OPENAI_API_KEY (prefer it: -o is visible to ps)."),
+        Option(
+            "logprobs", bool, "Require option log-probs (true) or never ask (false); default: probe once."
+        ),
+        Option(
+            "top_logprobs",
+            int,
+            "Alternatives the server lists per token (OpenAI's and vLLM's cap: 20).",
+            min=1,
+        ),
+        Option("prefix", str, "How a trailing assistant message is sent.", PREFIX_MODES),
+        Option("timeout", float, "Seconds before a request is given up (and retried).", min=0),
+        Option(
+            "cache_prompt",
+            bool,
+            "llama.cpp servers: false prefills every prompt afresh, so rows are the same on any fleet "
+            "(slower; see docs/architecture.md, 'A fleet').",
+        ),
+        Option(
+            "max_retries",
+            int,
+            f"Retries of a request on connection errors, timeouts, 408/409/429, 5xx (default {MAX_RETRIES}).",
+            min=0,
+        ),
+    )
 
     def __init__(
         self,
@@ -66,6 +93,7 @@ class LangChainBackend:
         logprobs: bool | None = None,
         top_logprobs: int = 20,
         prefix: str = "auto",
+        cache_prompt: bool | None = None,
         **kw,
     ):
         """
@@ -84,6 +112,7 @@ class LangChainBackend:
         top_logprobs: alternatives the server lists per token (OpenAI and vLLM's default cap: 20).
         prefix: how a trailing assistant message is sent: ``continue`` (vLLM's
             continue_final_message), ``fold`` (into the last user message) or ``auto``.
+        cache_prompt: llama.cpp's per-request prompt cache (None: the server's default, on).
         kw: passed to the chat model (``timeout`` in seconds, provider options).
         """
         if prefix not in PREFIX_MODES:
@@ -103,6 +132,11 @@ class LangChainBackend:
             "retries": 0,
         }
         self._lock = threading.Lock()  # stats are updated from every request's thread
+        self.cache_prompt = cache_prompt
+        if cache_prompt is not None:
+            if not self.base_url:
+                raise InputError("cache_prompt is a llama.cpp server's field: use it with --base-url")
+            kw = dict(kw, extra_body={**(kw.get("extra_body") or {}), "cache_prompt": bool(cache_prompt)})
         if self.base_url:
             self._init_server(model, api_key, dict(kw, max_retries=0))  # retries are ours (_invoke)
         else:
@@ -240,6 +274,7 @@ class LangChainBackend:
             "server_slots": self.slots,  # what the server reported (None: not asked or not said)
             "max_retries": self.max_retries,
             "timeout": self.timeout,
+            **({"cache_prompt": self.cache_prompt} if self.cache_prompt is not None else {}),
             "prefix": self.prefix,
             "logprobs": self._logprobs,  # None: not yet probed
             "top_logprobs": self.top_logprobs,

@@ -40,7 +40,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cai.backends.base import Generation
+from cai.backends.base import Generation, Option
 from cai.backends.gguf_weights import is_gguf, resolve_gguf  # noqa: F401 (re-exported)
 from cai.errors import CaiError, InputError
 
@@ -69,6 +69,20 @@ def import_xllamacpp():
 class LlamaCppBackend:
     name = "llamacpp"
     supports_logprobs = True
+    shared = ("batch_size", "threads")
+    options = (
+        Option("ctx_per_seq", int, "Longest prompt + generation one slot holds (tokens).", min=64),
+        Option("n_batch", int, "At most this many tokens per llama_decode call.", min=1),
+        Option(
+            "weights",
+            str,
+            "auto: run a Q4_1 file as its cached Q8_0 copy; as-is: the file's format.",
+            WEIGHTS,
+        ),
+        Option(
+            "flash_attn", bool, "llama.cpp's flash attention (off: its numbers depend on batch partners)."
+        ),
+    )
 
     def __init__(
         self,
