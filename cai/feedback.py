@@ -329,17 +329,36 @@ def calibrated(label: dict, calib: dict) -> dict:
 def _label(
     cfg: LabelConfig, const, principles, lo: float, hi: float, calib: dict | None = None
 ) -> LabelSummary:
-    from tqdm.auto import tqdm
-
-    from cai import __version__
-    from cai.backends import load_backend, runtime
-    from cai.backends.base import note_retries, warn_truncation
-    from cai.models import fingerprint
-    from cai.records import file_sha256, read_pairs, read_rows
+    """The label stage once its inputs are checked and its output claimed: read the pairs, check
+    a resumed file's settings, judge what is left chunk by chunk, write the summary file."""
+    from cai.records import read_pairs
     from cai.rowwriter import RowWriter, check_resume_meta
 
     read_stats: dict = {}
     rows = read_pairs(cfg.pairs, limit=cfg.limit, skip_bad=cfg.skip_bad, stats=read_stats)
+    params = _params(cfg, const, principles, lo, hi, calib)
+    meta = _meta(cfg, const, params)
+    writer = RowWriter(cfg.out, overwrite=cfg.overwrite)
+    check_resume_meta(writer, meta, keys=("constitution", "seed", "params"))  # before loading a model
+    todo = [r for r in rows if r["id"] not in writer.done]
+    s = LabelSummary(
+        out=str(cfg.out),
+        summary_path=str(summary_path(cfg.out)),
+        resumed=len(rows) - len(todo),
+        skipped=len(read_stats.get("skipped", [])),
+        duplicates=read_stats.get("duplicates", 0),
+        skipped_lines=list(read_stats.get("skipped", [])),
+    )
+    if todo:
+        _judge_rows(cfg, const, principles, (lo, hi), calib, meta, writer, todo, len(rows), s)
+    _write_summary(cfg, const, rows, params, calib, s)
+    return s
+
+
+def _params(cfg: LabelConfig, const, principles, lo: float, hi: float, calib: dict | None) -> dict:
+    """The settings a labelled file records (and a resume must match). A calibration map is
+    checked against them here, before any model loads."""
+    from cai.records import file_sha256
 
     # verdict_max_new_tokens only matters for backends without log-probs; always recorded so a
     # resume can be checked before any model is loaded
@@ -357,119 +376,124 @@ def _label(
         from cai.calibration import check_judge, judge_signature
 
         calib["sha256"] = file_sha256(calib["_path"])
-        where = calib["_path"]
-        constitution = {"name": const.name, "sha256": const.sha256}
-        # the model is checked once it is loaded (below), before any row is written
+        # the model is checked once it is loaded (_judge_rows), before any row is written
         unloaded = judge_signature({"model": "(not loaded)", "params": params})
-        check_judge(calib, where, constitution=constitution, signature=unloaded, model=False)
+        check_judge(calib, calib["_path"], constitution=_constitution(const), signature=unloaded, model=False)
         params["calibration"] = calib["sha256"]
-    meta = {
-        "constitution": {"name": const.name, "sha256": const.sha256},
+    return params
+
+
+def _constitution(const) -> dict:
+    return {"name": const.name, "sha256": const.sha256}
+
+
+def _meta(cfg: LabelConfig, const, params: dict) -> dict:
+    from cai import __version__
+    from cai.records import file_sha256
+
+    return {
+        "constitution": _constitution(const),
         "seed": cfg.seed,
         "params": params,
         "version": __version__,
         "pairs": {"path": str(cfg.pairs), "sha256": file_sha256(cfg.pairs)},
     }
-    writer = RowWriter(cfg.out, overwrite=cfg.overwrite)
-    check_resume_meta(writer, meta, keys=("constitution", "seed", "params"))  # before loading a model
-    todo = [r for r in rows if r["id"] not in writer.done]
-    s = LabelSummary(
-        out=str(cfg.out),
-        summary_path=str(summary_path(cfg.out)),
-        resumed=len(rows) - len(todo),
-        skipped=len(read_stats.get("skipped", [])),
-        duplicates=read_stats.get("duplicates", 0),
-        skipped_lines=list(read_stats.get("skipped", [])),
-    )
-    if todo:
-        backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
-        meta = {
-            "model": backend.model_id,
-            "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
-            "backend": backend.name,
-            **meta,
-            "runtime": runtime(backend),
-        }
-        check_resume_meta(writer, meta)
-        if calib is not None:
-            check_judge(calib, where, constitution=constitution, signature=judge_signature(meta))
-        bar = tqdm(
-            total=len(rows), initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True
+
+
+def _judge_rows(cfg: LabelConfig, const, principles, clamp, calib, meta, writer, todo, total, s) -> None:
+    """Load the judge, check the resumed file and the calibration map against it, and label
+    ``todo`` in chunks (side by side on a server), each chunk's rows written whole."""
+    from tqdm.auto import tqdm
+
+    from cai.backends import load_backend, runtime
+    from cai.backends.base import note_retries, warn_truncation
+    from cai.models import fingerprint
+    from cai.rowwriter import check_resume_meta
+
+    backend = load_backend(cfg.backend, cfg.model, **cfg.backend_options)
+    meta = {
+        "model": backend.model_id,
+        "model_sha256": fingerprint(getattr(backend, "model_path", None) or ""),
+        "backend": backend.name,
+        **meta,
+        "runtime": runtime(backend),
+    }
+    check_resume_meta(writer, meta)
+    if calib is not None:
+        from cai.calibration import check_judge, judge_signature
+
+        check_judge(calib, calib["_path"], constitution=_constitution(const), signature=judge_signature(meta))
+    bar = tqdm(total=total, initial=s.resumed, unit="pair", desc="label", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    workers = chunks_in_flight(backend)
+    # on a server, a chunk's judge requests (2 orders x K principles per pair) fill --concurrency
+    per_pair = 2 * (principles or len(const.principles))
+    size = cfg.chunk_size or (max(16, -(-backend.concurrency // per_pair)) if workers > 1 else 16)
+
+    def work(chunk):
+        labels = judge_pairs(
+            backend,
+            const,
+            chunk,
+            principles=principles,
+            cot=cfg.cot,
+            clamp=clamp,
+            seed=cfg.seed,
+            progress=bar,
+            max_new_tokens=cfg.max_new_tokens,
         )
-        t0 = time.perf_counter()
-        workers = chunks_in_flight(backend)
-        # on a server, a chunk's judge requests (2 orders x K principles per pair) fill --concurrency
-        per_pair = 2 * (principles or len(const.principles))
-        size = cfg.chunk_size or (max(16, -(-backend.concurrency // per_pair)) if workers > 1 else 16)
+        if cfg.recheck:
+            chunk = _rechecked(backend, const, chunk, cfg)
+        if calib is not None:
+            labels = [calibrated(lab, calib) for lab in labels]
+        return [_output_row(r, lab, meta) for r, lab in zip(chunk, labels)]
 
-        def work(chunk):
-            labels = judge_pairs(
-                backend,
-                const,
-                chunk,
-                principles=principles,
-                cot=cfg.cot,
-                clamp=(lo, hi),
-                seed=cfg.seed,
-                progress=bar,
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            if cfg.recheck:
-                chunk = _rechecked(backend, const, chunk, cfg)
-            if calib is not None:
-                labels = [calibrated(lab, calib) for lab in labels]
-            return [_output_row(r, lab, meta) for r, lab in zip(chunk, labels)]
+    def write_chunk(chunk, out_rows):
+        writer.write_many(out_rows)
+        s.labelled += len(out_rows)
+        s.truncated = warn_truncation(backend, s.truncated)
 
-        def write_chunk(chunk, out_rows):
-            writer.write_many(out_rows)
-            s.labelled += len(out_rows)
-            s.truncated = warn_truncation(backend, s.truncated)
+    try:
+        with writer:
+            chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
+            run_chunks(chunks, work, write_chunk, workers=workers, cancel=getattr(backend, "cancel", None))
+    finally:
+        bar.close()
+        s.seconds = time.perf_counter() - t0
+        s.pairs_per_s = s.labelled / s.seconds if s.seconds > 0 else 0.0
+    note_retries(backend)
 
-        try:
-            with writer:
-                chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
-                run_chunks(
-                    chunks, work, write_chunk, workers=workers, cancel=getattr(backend, "cancel", None)
-                )
-        finally:
-            bar.close()
-            s.seconds = time.perf_counter() - t0
-            s.pairs_per_s = s.labelled / s.seconds if s.seconds > 0 else 0.0
-        note_retries(backend)
+
+def _write_summary(cfg: LabelConfig, const, rows, params: dict, calib: dict | None, s: LabelSummary) -> None:
+    """The run's summary (the agreement, position and length numbers of every row of this input
+    in the output, resumed ones included) into ``s`` and the summary file."""
+    from cai.records import read_rows
 
     ids = {r["id"] for r in rows}
     done = [r for r in read_rows(cfg.out) if str(r.get("id")) in ids] if Path(cfg.out).exists() else []
     s.stats = summarize(done)
     if cfg.recheck:
         s.recheck = recheck_stats(done)
+    calibration = None
+    if calib:
+        calibration = {"path": calib["_path"], "sha256": calib["sha256"], "method": calib["map"]["method"]}
+    run = {
+        "pairs": str(cfg.pairs),
+        "out": str(cfg.out),
+        "labelled": s.labelled,
+        "resumed": s.resumed,
+        "skipped": s.skipped,
+        "duplicates": s.duplicates,
+        "seconds": round(s.seconds, 2),
+        "pairs_per_s": round(s.pairs_per_s, 4),
+        "params": params,
+        "seed": cfg.seed,
+        "constitution": _constitution(const),
+        "calibration": calibration,
+    }
     write_json(
-        Path(s.summary_path),
-        {
-            **s.stats,
-            "run": {
-                "pairs": str(cfg.pairs),
-                "out": str(cfg.out),
-                "labelled": s.labelled,
-                "resumed": s.resumed,
-                "skipped": s.skipped,
-                "duplicates": s.duplicates,
-                "seconds": round(s.seconds, 2),
-                "pairs_per_s": round(s.pairs_per_s, 4),
-                "params": params,
-                "seed": cfg.seed,
-                "constitution": {"name": const.name, "sha256": const.sha256},
-                "calibration": {
-                    "path": calib["_path"],
-                    "sha256": calib["sha256"],
-                    "method": calib["map"]["method"],
-                }
-                if calib
-                else None,
-            },
-            **({"recheck": s.recheck} if cfg.recheck else {}),
-        },
+        Path(s.summary_path), {**s.stats, "run": run, **({"recheck": s.recheck} if cfg.recheck else {})}
     )
-    return s
 
 
 def _rechecked(backend, const, chunk: list[dict], cfg: LabelConfig) -> list[dict]:
