@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 # The hf backend's one-time path checks run in every test (their cached verdicts would skip them;
 # tests/test_hf_decode.py covers the cache itself).
 os.environ["CAI_CHECK_CACHE"] = "0"
+
+
+# A test run started in the background of a non-interactive shell (`make test &`, some CI
+# runners) ignores SIGINT, and its children would inherit that, so the tests that stop a
+# `cai review` or `cai serve` with Ctrl-C would wait forever. A handler here (not SIG_IGN) makes
+# every child start with the default again, as it would from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
