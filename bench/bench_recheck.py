@@ -4,9 +4,10 @@ a one-principle label of the same pairs, measured in one run on one loaded model
 Both sides go through the code `cai label --recheck` runs: `judge.judge_pairs` (the label,
 one principle drawn per pair, both orders) and `judge.recheck_pairs` (the re-check: 15
 principles x 2 orders per pair, from recheck.jinja, whose prompts share everything but a few
-tokens per principle). The default hf backend computes shared prefixes once (its prefix tree).
+tokens per principle), alternating as `--recheck` alternates them, on the default engine
+(`--backend auto`: llama.cpp on a CPU) or the one named. Each repeat judges pairs of its own.
 
-    .venv/bin/python bench/bench_recheck.py                   # 8 HH-RLHF dev pairs, 2 repeats
+    .venv/bin/python bench/bench_recheck.py                   # 2 x 8 HH-RLHF dev pairs
     .venv/bin/python bench/bench_recheck.py --pairs 16 --repeats 3 --fallback
 
 Reports wall seconds, CPU seconds of this process and model tokens computed (padding included:
@@ -37,7 +38,6 @@ HARMLESS = ROOT / "constitutions" / "harmless"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 OUT: list[str] = []
 
@@ -64,6 +64,9 @@ def main():
     ap.add_argument("--pairs", type=int, default=8, help="HH-RLHF dev pairs (the first N)")
     ap.add_argument("--repeats", type=int, default=2, help="label/re-check alternations")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--backend", default="auto", help="auto (the default engine: llama.cpp on a CPU), hf, ..."
+    )
     ap.add_argument("--fallback", action="store_true", help="also time the re-check from compare.jinja")
     a = ap.parse_args()
     if not DATA.exists():
@@ -78,42 +81,48 @@ def main():
     from cai.records import read_pairs, response_text
 
     const = load_constitution(HARMLESS)
-    rows = read_pairs(DATA, limit=a.pairs)
-    items = [(r["prompt"], response_text(r["chosen"]), response_text(r["rejected"])) for r in rows]
+    # Each repeat judges pairs of its own (the engines remember results for prompts they saw, so a
+    # repeat on the same pairs would time a lookup), and the warm-up two more.
+    every = read_pairs(DATA, limit=a.pairs * a.repeats + 2)
+    if len(every) < a.pairs * a.repeats + 2:
+        sys.exit(f"bench_recheck: {DATA} has {len(every)} pairs; ask for fewer --pairs or --repeats")
+
+    def items_of(rows):
+        return [(r["prompt"], response_text(r["chosen"]), response_text(r["rejected"])) for r in rows]
+
+    warm, sets = every[-2:], [every[k * a.pairs : (k + 1) * a.pairs] for k in range(a.repeats)]
     load0 = os.getloadavg()[0]
-    backend = load_backend("hf", None, batch_size=a.batch_size)
+    backend = load_backend(a.backend, None, batch_size=a.batch_size)
     say(f"# What `--recheck` costs: {len(const.ids)} principles vs a one-principle label")
     say()
     say("command: `" + " ".join([".venv/bin/python bench/bench_recheck.py", *sys.argv[1:]]) + "`")
     say(
-        f"{cpu_line()}, shared with other work (load average "
+        f"{cpu_line()} (load average "
         f"{load0:.1f} at start), torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"cai {__version__}, backend hf ({backend.model_id}), batch size {a.batch_size}"
+        f"cai {__version__}, backend {backend.name} ({backend.model_id}), batch size {a.batch_size}"
     )
     say(f"date: {time.strftime('%Y-%m-%d %H:%M')}")
     say()
     say("```")
     # the one-time path checks (prefix tree vs plain batches) and caches, outside the timings
-    judge_pairs(backend, const, rows[:2])
-    recheck_pairs(backend, const, items[:1])
-
-    def label():
-        judge_pairs(backend, const, rows, principles=1)
-
-    def recheck():
-        recheck_pairs(backend, const, items)
+    # (on llama.cpp the warm re-check puts the question list in every slot, as a long run has it)
+    judge_pairs(backend, const, warm)
+    recheck_pairs(backend, const, items_of(warm))
 
     runs: dict[str, list[dict]] = {"label": [], "recheck": []}
-    for k in range(a.repeats):  # alternate the order, so a change in machine load hits both sides
-        order = (("label", label), ("recheck", recheck))
+    for k, rows in enumerate(sets):  # alternate the order, so a change in machine load hits both sides
+        order = (
+            ("label", lambda: judge_pairs(backend, const, rows, principles=1)),
+            ("recheck", lambda: recheck_pairs(backend, const, items_of(rows))),
+        )
         for name, fn in order if k % 2 == 0 else order[::-1]:
             runs[name].append(measure(backend, fn))
 
     def med(name, key):
         return statistics.median(x[key] for x in runs[name])
 
-    n = len(rows)
-    say(f"{n} HH-RLHF harmless dev pairs, both orders, {a.repeats} runs each (median)")
+    n = a.pairs
+    say(f"{a.repeats} runs of {n} HH-RLHF harmless dev pairs each (its own pairs), both orders (median)")
     say(f"{'':38s} {'wall s':>8s} {'CPU s':>8s} {'tokens':>8s} {'tokens/pair':>12s}")
     for name, desc in (
         ("label", "label, 1 principle (2 prompts/pair)"),
@@ -142,7 +151,7 @@ def main():
             shutil.copytree(HARMLESS, plain)
             (plain / "templates" / "recheck.jinja").unlink()
             pc = load_constitution(plain)
-            f = measure(backend, lambda: recheck_pairs(backend, pc, items))
+            f = measure(backend, lambda: recheck_pairs(backend, pc, items_of(sets[0])))
         say(
             f"{'re-check from compare.jinja (fallback)':38s} {f['wall']:8.2f} {f['cpu']:8.2f} "
             f"{f['tokens']:8.0f} {f['tokens'] / n:12.0f}"

@@ -521,3 +521,66 @@ def test_engines_labels_are_close(engine, hh_dev):
     median, p95 = d[len(d) // 2], d[int(0.95 * len(d))]
     assert median <= 0.02 and p95 <= 0.07, (median, p95, d[-1])
     assert engine.stats["options_floored"] == 0  # the letters are always in the top 100
+
+
+def test_runs_keep_families_of_prompts_together():
+    """cut_runs cuts where a family of prompts sharing a long prefix ends (no slot computes a
+    pair's conversation twice), uses fewer runs than slots when there are fewer families, and
+    cuts a single family evenly."""
+    from cai.backends.llamacpp import cut_runs
+
+    head = list(range(400))  # the prefix every prompt shares (the re-check's questions)
+
+    def family(f, o, p):  # pair f, order o, principle p
+        return head + [1000 + f] * 100 + [2000 + o] * 80 + [3000 + p] * 3
+
+    for pairs, runs in ((8, 8), (3, 3), (40, 16)):
+        prompts = sorted(family(f, o, p) for f in range(pairs) for o in range(2) for p in range(15))
+        got = cut_runs(prompts, 16)
+        assert len(got) == runs and sum(map(len, got)) == len(prompts)
+        assert [j for r in got for j in r] == list(range(len(prompts)))  # neighbours, in order
+        assert all(r[0] % 30 == 0 for r in got)  # every run starts a pair: nothing recomputed
+    one = sorted(family(0, 0, p) for p in range(100))
+    assert [len(r) for r in cut_runs(one, 16)] == [6, 6, 7, 6, 6, 6, 7, 6, 6, 6, 7, 6, 6, 6, 7, 6]
+    assert cut_runs([[1, 2]], 16) == [[0]] and cut_runs([[1], [2]], 1) == [[0, 1]] and cut_runs([], 4) == []
+
+
+def test_slots_are_kept_for_the_calls_that_share_them():
+    """A run goes to the slot holding the longest prefix of its first prompt; sharing no more than
+    the call's common prefix (a chat template's header) counts as nothing, so an empty slot is
+    taken before one that keeps another call's prefix."""
+    from cai.backends.llamacpp import assign_slots
+
+    header, questions, label = [1, 2, 3], list(range(10, 60)), list(range(100, 120))
+    held = [header + questions + [7], header + questions + [8], header + label + [9], []]
+    # a label call: its prompts share header + label; slot 2 holds that, then the empty slot 3
+    assert assign_slots([header + label + [5], header + label + [6]], held) == [2, 3]
+    # a re-check call goes back to the slots with the questions, even for one pair
+    assert assign_slots([header + questions + [1], header + questions + [2]], held) == [0, 1]
+    assert assign_slots([header + questions + [1]], [held[2], held[0]]) == [1]
+
+
+def test_recheck_after_a_label_call_reuses_the_questions(engine, hh_dev):
+    """Label and re-check calls alternate (`--recheck`); the label call leaves alone the slots
+    holding the re-check's question list, so the next re-check computes its pairs and a few
+    tokens per principle, not the list again; and the results are the same bit for bit as on
+    a fresh engine (a reused prefix is the one a fresh prefill computes)."""
+    from cai.backends.llamacpp import LlamaCppBackend
+    from cai.constitution import load_constitution
+    from cai.judge import judge_pairs, recheck_pairs
+    from cai.records import read_pairs, response_text
+
+    const = load_constitution(HARMLESS)
+    rows = read_pairs(hh_dev, limit=4, skip_bad=True)[:2]
+    items = [(r["prompt"], response_text(r["chosen"]), response_text(r["rejected"])) for r in rows]
+    b = LlamaCppBackend(None, batch_size=2)
+    judge_pairs(b, const, rows[:1], principles=1)
+    recheck_pairs(b, const, items[:1])
+    judge_pairs(b, const, rows[1:], principles=1)
+    before = b.stats["computed_tokens"]
+    got = recheck_pairs(b, const, items[1:])
+    computed = b.stats["computed_tokens"] - before
+    fresh = LlamaCppBackend(None, batch_size=2)
+    ref = recheck_pairs(fresh, const, items[1:])
+    assert got == ref
+    assert computed < 0.7 * fresh.stats["computed_tokens"], (computed, fresh.stats["computed_tokens"])

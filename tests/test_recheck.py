@@ -338,7 +338,7 @@ def test_recheck_prompts_differ_only_in_their_last_tokens(const_dir):
     assert all(p[:-1] == prompts[0][:-1] for p in prompts)  # one shared user message
     tails = [p[-1]["content"] for p in prompts]
     assert len(set(tails)) == len(tails) == 15
-    assert {re.sub(r"\d+", "N", t) for t in tails} == {"Answer to question N: ("}
+    assert {re.sub(r"\d+", "N", t) for t in tails} == {"Answer to question N ("}
     assert all(q.compare in prompts[0][0]["content"] for q in c.principles.values())
 
 

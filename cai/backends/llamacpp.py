@@ -7,12 +7,14 @@ llama.cpp with its native server (``xllamacpp.Server``), called in process:
 * **Several sequences per decode call, continuous admission.** The server has ``batch_size``
   slots; every request this backend has in flight takes one, and each decode step carries one
   token for every generating slot plus prompt chunks for slots that are starting.
-* **Shared prefixes computed once.** Prompts are sorted by their tokens and split into
-  ``batch_size`` runs of neighbours; each run goes through the server one request after the
-  other, so a request lands on the slot that holds its predecessor (the server picks the idle
-  slot with the longest common prefix) and only the tokens after the shared prefix are
-  computed. The judge's prompts for one pair (both orders, every principle) are neighbours, as
-  are a critique prompt and the generation it repeats.
+* **Shared prefixes computed once.** Prompts are sorted by their tokens and split into at most
+  ``batch_size`` runs of neighbours, cut where a family of prompts sharing a long prefix ends
+  (cut_runs); each run goes through the server one request after the other on the slot that
+  holds the longest prefix of its first prompt (assign_slots), so a request finds its
+  predecessor there and only the tokens after the shared prefix are computed. The judge's
+  prompts for one pair (both orders, every principle) are neighbours, as are a critique prompt
+  and the generation it repeats. Judge calls use half the slots (judge_slots), leaving the
+  others' prefixes (the re-check's question list) for the next call.
 * **The weight format that runs fastest.** A Q4_1 file (the embedded default) runs as its Q8_0
   copy, made once (gguf_weights.py); ``weights="as-is"`` keeps the file's own format.
 
@@ -339,7 +341,9 @@ class LlamaCppBackend:
                 self.stats["options_floored"] += sum(o not in listed for o in opt)
             return [listed.get(o, bound - math.log(2)) for o in opt]
 
-        return self._run(ids, one, memo=("options", tuple(opt)))
+        # Half the slots (judge_slots): a judge prompt is all prefill, as fast in one slot as in
+        # many, and the other half keep what the previous call left (the re-check's questions).
+        return self._run(ids, one, memo=("options", tuple(opt)), max_runs=judge_slots(self.batch_size))
 
     def _count(self, r: dict, n_prompt: int):
         t = r.get("timings") or {}
@@ -347,13 +351,14 @@ class LlamaCppBackend:
             self.stats["computed_tokens"] += int(t.get("prompt_n", n_prompt))
             self.stats["prefix_tokens_reused"] += int(t.get("cache_n", 0))
 
-    def _run(self, ids: list[list[int]], one, memo: tuple | None = None):
+    def _run(self, ids: list[list[int]], one, memo: tuple | None = None, max_runs: int | None = None):
         """``one(i, slot)`` for every prompt, ``batch_size`` at a time; results in input order.
 
-        The prompts are sorted by their tokens and cut into ``batch_size`` runs of neighbours.
-        Each run is given the slot whose cached tokens share the longest prefix with its first
-        prompt (ties: the lowest slot), and its worker sends it there one request after the other
-        (``id_slot``), so every request finds its predecessor's tokens in its slot. Which slot a
+        The prompts are sorted by their tokens and cut into at most ``max_runs`` (default
+        ``batch_size``) runs of neighbours, where a family of prompts sharing a long prefix ends
+        (cut_runs). Each run is given a slot (assign_slots: the longest prefix its cached tokens
+        share with the run's first prompt), and its worker sends it there one request after the
+        other (``id_slot``), so every request finds its predecessor's tokens in its slot. Which slot a
         request uses, and so what it reuses, is decided here and not by thread timing: the same
         calls reuse the same prefixes in every run.
 
@@ -367,14 +372,10 @@ class LlamaCppBackend:
             if memo is None or key(i) not in self._memo:
                 first.setdefault(key(i), i)
         uniq = sorted(set(first.values()), key=lambda i: (ids[i], i))
-        n = len(uniq)
-        k = min(self.batch_size, n)
-        runs = [uniq[(j * n) // k : ((j + 1) * n) // k] for j in range(k)]
-        free, slots = list(range(self.batch_size)), []
-        for run in runs:
-            best = max(free, key=lambda s: (_lcp(self._held[s], ids[run[0]]), -s))
-            free.remove(best)
-            slots.append(best)
+        max_runs = max_runs or self.batch_size
+        runs = [[uniq[j] for j in run] for run in cut_runs([ids[i] for i in uniq], max_runs)]
+        k = len(runs)
+        slots = assign_slots([ids[run[0]] for run in runs], self._held)
         done: dict[int, object] = {}
 
         def work(run, slot):
@@ -400,6 +401,84 @@ class LlamaCppBackend:
 
 # Results remembered per backend for identical prompts (see LlamaCppBackend._run).
 MEMO = 20_000
+# cut_runs' cost model, in prompt tokens: what one request costs beyond its tokens (a server
+# iteration, the top-N list; measured below), and how many tokens a run may recompute at its
+# start and still count as a cheap place to cut.
+REQUEST_COST = 8
+CHEAP_CUT = 16
+
+
+def judge_slots(batch_size: int) -> int:
+    """Runs a judge call (prompts only, one token each) may use: half the slots. Measured on the
+    embedded model, 2 cores: a 3-token request after a cached 500-token prefix took 14.5 ms alone
+    and 8.8 ms each with 16 slots at once, against ~1.9 ms per token of prefill, so prompt tokens
+    cost the same in one slot as spread over many, while a slot a judge call leaves alone keeps
+    its prefix for the next call: `--recheck` alternates label calls with re-check calls whose 30
+    prompts per pair all start with the same ~420-token list of questions."""
+    return max(1, batch_size // 2)
+
+
+def cut_runs(prompts: list[list[int]], k: int) -> list[list[int]]:
+    """Cut sorted ``prompts`` into at most ``k`` runs of neighbours of about equal work; returns
+    the runs as lists of positions.
+
+    A run computes a prompt's tokens after its predecessor's shared prefix, and its first prompt
+    after what its slot holds (at best the prefix every prompt of the call shares). So a cut
+    between two prompts that share much more than that (the 30 re-check prompts of one pair,
+    which share the pair's conversation and responses) makes a second slot compute the shared
+    part again, while a cut where a new family of prompts starts costs nothing. Each of the
+    ``k - 1`` even cuts (by work: tokens computed plus REQUEST_COST per request) moves to the
+    nearest cheap place (recomputing at most CHEAP_CUT tokens beyond the common prefix); cuts
+    landing on the same place merge, so a call with fewer families than slots uses fewer slots
+    (prompt tokens cost the same in one slot as in many: judge_slots). A call with no cheap place
+    (one family) is cut evenly by count. Deterministic: it depends on the tokens only."""
+    import bisect
+
+    n = len(prompts)
+    if n == 0:
+        return []
+    if k <= 1 or n <= 1:
+        return [list(range(n))]
+    shared = [0] + [_lcp(prompts[j - 1], prompts[j]) for j in range(1, n)]
+    base = min(shared[1:])
+    shared[0] = min(base, len(prompts[0]))  # the slots hold the common prefix (after the first call)
+    cum = [0]
+    for j in range(n):
+        cum.append(cum[-1] + len(prompts[j]) - shared[j] + REQUEST_COST)
+    cheap = [j for j in range(1, n) if shared[j] - base <= CHEAP_CUT]
+    k = min(k, n)
+    if not cheap:
+        return [list(range((j * n) // k, ((j + 1) * n) // k)) for j in range(k)]
+    at = [cum[j] for j in cheap]
+    cuts = set()
+    for r in range(1, k):
+        target = cum[n] * r / k
+        q = bisect.bisect_left(at, target)
+        near = [c for c in (q - 1, q) if 0 <= c < len(cheap)]
+        cuts.add(cheap[min(near, key=lambda c: (abs(at[c] - target), c))])
+    bounds = [0, *sorted(cuts), n]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+def assign_slots(firsts: list[list[int]], held: list[list[int]]) -> list[int]:
+    """A distinct slot for each run (given its first prompt): the pairs (run, slot) whose cached
+    tokens share the longest prefix with the run go first; among equals, the slot holding the
+    fewest tokens (an empty slot before one that keeps a prefix), then the lowest run and slot.
+    What every run shares with every occupied slot (a chat template's header) counts as nothing:
+    sharing only that is no reason to overwrite what a slot holds (a label call would otherwise
+    take the slots that keep the re-check's questions)."""
+    lcps = [[_lcp(h, f) for h in held] for f in firsts]
+    floor = min((n for row in lcps for n, h in zip(row, held) if h), default=0)
+    pairs = sorted(
+        (-max(0, lcps[r][s] - floor), len(h), r, s) for r in range(len(firsts)) for s, h in enumerate(held)
+    )
+    out: dict[int, int] = {}
+    used: set[int] = set()
+    for _, _, r, s in pairs:
+        if r not in out and s not in used:
+            out[r] = s
+            used.add(s)
+    return [out[r] for r in range(len(firsts))]
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
