@@ -33,6 +33,7 @@ in-process server listens on (guarded by a random API key held by this process).
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import secrets
@@ -341,8 +342,7 @@ class LlamaCppBackend:
                 self.stats["options_floored"] += sum(o not in listed for o in opt)
             return [listed.get(o, bound - math.log(2)) for o in opt]
 
-        # Half the slots (judge_slots): a judge prompt is all prefill, as fast in one slot as in
-        # many, and the other half keep what the previous call left (the re-check's questions).
+        # half the slots: the other half keep what the previous call left (judge_slots)
         return self._run(ids, one, memo=("options", tuple(opt)), max_runs=judge_slots(self.batch_size))
 
     def _count(self, r: dict, n_prompt: int):
@@ -430,9 +430,8 @@ def cut_runs(prompts: list[list[int]], k: int) -> list[list[int]]:
     ``k - 1`` even cuts (by work: tokens computed plus REQUEST_COST per request) moves to the
     nearest cheap place (recomputing at most CHEAP_CUT tokens beyond the common prefix); cuts
     landing on the same place merge, so a call with fewer families than slots uses fewer slots
-    (prompt tokens cost the same in one slot as in many: judge_slots). A call with no cheap place
-    (one family) is cut evenly by count. Deterministic: it depends on the tokens only."""
-    import bisect
+    (prompt tokens cost the same in one slot as in many: judge_slots). Deterministic: it depends
+    on the tokens only."""
 
     n = len(prompts)
     if n == 0:
@@ -445,10 +444,8 @@ def cut_runs(prompts: list[list[int]], k: int) -> list[list[int]]:
     cum = [0]
     for j in range(n):
         cum.append(cum[-1] + len(prompts[j]) - shared[j] + REQUEST_COST)
-    cheap = [j for j in range(1, n) if shared[j] - base <= CHEAP_CUT]
+    cheap = [j for j in range(1, n) if shared[j] - base <= CHEAP_CUT]  # never empty: base is a min
     k = min(k, n)
-    if not cheap:
-        return [list(range((j * n) // k, ((j + 1) * n) // k)) for j in range(k)]
     at = [cum[j] for j in cheap]
     cuts = set()
     for r in range(1, k):
