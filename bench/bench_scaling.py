@@ -1,11 +1,12 @@
 """How `cai generate` scales: rows/s against the number of prompts (should stay flat), and time
-against rounds and max_new_tokens (should grow linearly). One model load, then each setting
-through run_generate (the CLI's code path), greedy, judge on, batch 16.
+against rounds and max_new_tokens (should grow linearly). Each setting runs through
+run_generate (the CLI's code path) on a fresh default engine (`--backend auto`: llama.cpp on a
+CPU), loaded before the clock starts; greedy, judge on, batch 16.
 
-Prompts: the 31 shipped red-team prompts, cycled with fresh ids to reach 64 and 256 (every size
-then has the same mix of prompts, so rows/s compares like with like). To keep the 256-prompt run
-affordable on a CPU every size uses a short --max-new-tokens (default 16); the rounds sweep turns
-early stop off so each round really runs.
+Prompts: the 31 shipped red-team prompts, then the first user turns of the shared HH-RLHF dev
+pairs (distinct texts; see prompt_pool), so a larger size adds prompts and repeats none. To keep
+the 256-prompt run affordable on a CPU every size uses a short --max-new-tokens (default 16); the
+rounds sweep turns early stop off so each round really runs.
 
     .venv/bin/python bench/bench_scaling.py                 # ~10-20 min on 2 busy cores
     .venv/bin/python bench/bench_scaling.py --sizes 16 32 --rounds 1 2 --tokens 8 16   # quick
@@ -34,13 +35,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
+
+
+def prompt_pool() -> list[dict]:
+    """The 31 shipped red-team prompts, then the first user turn of each shared HH-RLHF dev pair
+    (distinct texts, in file order) where that data is present. Every size takes the first n, so a
+    larger size adds prompts and never repeats one: the llama.cpp engine computes a repeated
+    prompt once, which would make larger sizes look cheaper per row."""
+    pool = [json.loads(x) for x in (HARMLESS / "prompts.jsonl").read_text().splitlines() if x.strip()]
+    if DATA.exists():
+        from cai.records import read_pairs
+
+        seen = {json.dumps(p["prompt"]) for p in pool}  # a prompt is a text or a conversation
+        for r in read_pairs(DATA, skip_bad=True):
+            text = r["prompt"][0]["content"] if isinstance(r["prompt"], list) else str(r["prompt"])
+            if text.strip() and json.dumps(text) not in seen:
+                seen.add(json.dumps(text))
+                pool.append({"id": f"hh-dev-{r['id']}", "prompt": text})
+    return pool
+
+
 def prompts_file(n: int, d: Path) -> Path:
-    base = [json.loads(x) for x in (HARMLESS / "prompts.jsonl").read_text().splitlines() if x.strip()]
+    pool = prompt_pool()
+    if n > len(pool):
+        sys.exit(f"bench_scaling: {n} prompts asked for, {len(pool)} distinct ones available (see --sizes)")
     out = d / f"prompts-{n}.jsonl"
     with open(out, "w") as f:
-        for i in range(n):
-            p = base[i % len(base)]
-            f.write(json.dumps({"id": f"{p['id']}#{i // len(base)}", "prompt": p["prompt"]}) + "\n")
+        for p in pool[:n]:
+            f.write(json.dumps({"id": p["id"], "prompt": p["prompt"]}) + "\n")
     return out
 
 
@@ -55,16 +78,20 @@ def main():
     ap.add_argument("--plot", default=str(ROOT / "bench" / "scaling.png"))
     a = ap.parse_args()
 
-    import torch
-
     import cai.backends as backends
     from cai.revise import GenerateConfig, run_generate
 
-    backend = backends.load_backend("auto", None, batch_size=16)  # the default engine here
-    backends.load_backend = lambda *x, **k: backend  # run_generate's own path, one model load for all runs
+    load_backend = backends.load_backend
+    engines: set[str] = set()
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
 
     def run(n, rounds, tokens, early_stop=True):
+        # A fresh engine for every run, loaded before the clock starts: run_generate's own path,
+        # without one run's cached prefixes or remembered results making the next one cheaper.
+        backend = load_backend("auto", None, batch_size=16)  # the default engine here
+        backends.load_backend = lambda *x, **k: backend
+        rt = backends.runtime(backend)
+        engines.add(f"{rt.get('backend')} ({rt.get('engine') or ''}, {rt.get('weights') or 'as stored'})")
         cfg = GenerateConfig(
             constitution=str(HARMLESS),
             prompts=str(prompts_file(n, tmp)),
@@ -117,17 +144,16 @@ def main():
 
     L = []
     say = L.append
-    say(
-        f"# Scaling of `cai generate` (greedy, judge on, batch 16, CPU, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s))"
-    )
+    engine = "; ".join(sorted(engines))
+    say("# Scaling of `cai generate` (greedy, judge on, batch 16, CPU, the default engine)")
     say("")
     say(f"command: `{' '.join(['.venv/bin/python', 'bench/bench_scaling.py', *sys.argv[1:]])}`  ")
     say(cpu_line() + "  ")
     say(
-        f"date {time.strftime('%Y-%m-%d %H:%M')}; model loaded once; prompts = the 31 shipped ones cycled "
-        "with fresh ids; "
-        "wall and CPU time of run_generate only. CPU-s is the steadier column on a shared machine."
+        f"date {time.strftime('%Y-%m-%d %H:%M')}; engine: {engine}; a fresh engine per run, loaded "
+        "before the clock starts; prompts: the 31 shipped ones, then HH-RLHF dev first turns (none "
+        "repeated); wall and CPU time of run_generate only. CPU-s is the steadier column on a shared "
+        "machine."
     )
     say("")
     say(f"## Rows/s against prompts (1 round, {a.size_tokens} new tokens)")
