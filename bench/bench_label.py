@@ -290,6 +290,12 @@ def main():
         )
         labelled = {r["id"]: r for r in read_rows(out)}
         main_rows = [_row(r, labelled[r["id"]]["label"]["judge"]["orders"]) for r in rows]
+        rt = next(iter(labelled.values()))["meta"]["runtime"]
+        engine = rt.get("engine") or rt.get("backend")
+        say(f"engine (the default, --backend auto): {engine}, {rt.get('weights') or 'weights as stored'}")
+        say(
+            "the speed and quality sections below run the hf backend (fp32 transformers, the exact reference)"
+        )
         say()
 
         ql_dir = tmp / "question-last"
@@ -381,12 +387,17 @@ def main():
         # -- 3. quality variants on the same pairs -----------------------------------------------
         if a.variants:
             sub = rows[: a.variants]
-            base = main_rows[: len(sub)]
+            # the baseline on the variants' own engine (hf), so each line differs in one thing only
+            base = []
+            for k in range(0, len(sub), 16):
+                chunk = sub[k : k + 16]
+                labels = judge_pairs(backend, const, chunk, seed=a.seed)
+                base += [_row(r, lab["judge"]["orders"]) for r, lab in zip(chunk, labels)]
             say(
                 f"== quality on the first {len(sub)} pairs: "
                 "agreement with humans [95% CI], position consistency =="
             )
-            _line("default (1 principle drawn per pair)", base)
+            _line("default (1 principle drawn per pair), hf", base)
 
             t = clock()
             ens = []
