@@ -430,7 +430,11 @@ def main():
     say(f"cai command: `{cai['cmd']}`")
     text = "\n".join(L) + "\n"
     print("\n" + text)
-    Path(a.results).write_text(text)
+    res = Path(a.results)
+    before = res.read_text() if res.exists() else ""
+    if "\n## Reading" in before:  # the hand-written reading stays, for whoever reruns to revise
+        text += "\n" + before[before.index("\n## Reading") + 1 :]
+    res.write_text(text)
 
 
 if __name__ == "__main__":
