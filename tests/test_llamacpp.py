@@ -365,8 +365,10 @@ def test_server_killed_mid_run_then_rerun_completes(tmp_path):
 
 
 def test_engine_matches_the_server_and_is_batch_invariant(server, engine):
-    """The same engine in process and behind HTTP; and a prompt's numbers do not depend on what
-    else is in its batch or on which slot's cached prefix it reused (bit for bit)."""
+    """The same engine in process and behind HTTP; and a judge prompt's numbers do not depend on
+    which prompts are prefilled beside it or on which slot's cached prefix it reused (bit for
+    bit). Not every batching is exact (docs/architecture.md, "Results and batching"): a prompt
+    chunk of a single token runs another attention kernel; these prompts are never split so."""
     from cai.backends.langchain import LangChainBackend
     from cai.backends.llamacpp import LlamaCppBackend
 

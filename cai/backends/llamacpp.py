@@ -18,11 +18,15 @@ llama.cpp with its native server (``xllamacpp.Server``), called in process:
 * **The weight format that runs fastest.** A Q4_1 file (the embedded default) runs as its Q8_0
   copy, made once (gguf_weights.py); ``weights="as-is"`` keeps the file's own format.
 
-Results do not depend on batching: llama.cpp computes each row of a batch with the same
-kernels whatever else is in it, and a reused prefix's keys and values are the ones a fresh
-prefill computes (tests/test_llamacpp.py checks both, bit for bit). The prebuilt CPU wheel is
-built without ``-march=native`` (AVX2 kernels, also on AVX-512 machines), so two x86-64
-machines with AVX2 give the same numbers.
+Batching and results: a prompt prefilled beside others in one batch, or after a prefix reused
+from a slot's cache, gets the numbers a fresh prefill gives (tests/test_llamacpp.py, bit for
+bit). Not every case is exact: when the server splits a prompt so that one chunk holds a
+single token of it, llama.cpp's F16-KV attention computes that token with another kernel
+(0.04 apart in log-prob), and how the server splits concurrent prompts depends on when their
+requests arrive, so a greedy run can differ from the same run repeated at a near-tie
+(docs/architecture.md, "Results and batching", has the measurements). The prebuilt
+CPU wheel is built without ``-march=native`` (AVX2 kernels, also on AVX-512 machines), so two
+x86-64 machines with AVX2 run the same kernels.
 
 The chat template is the one in the GGUF file, rendered with Jinja exactly as transformers
 does (a trailing assistant message is continued), and tokenised by llama.cpp with special
