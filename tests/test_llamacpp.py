@@ -366,9 +366,9 @@ def test_server_killed_mid_run_then_rerun_completes(tmp_path):
 
 def test_engine_matches_the_server_and_is_batch_invariant(server, engine):
     """The same engine in process and behind HTTP; and a judge prompt's numbers do not depend on
-    which prompts are prefilled beside it or on which slot's cached prefix it reused (bit for
-    bit). Not every batching is exact (docs/architecture.md, "Results and batching"): a prompt
-    chunk of a single token runs another attention kernel; these prompts are never split so."""
+    which prompts are prefilled beside it, on which slot's cached prefix it reused, or on how it
+    is cut into chunks (here chunks of 8 tokens, some of them holding a single token: with an F32
+    K cache that takes no other kernel), bit for bit."""
     from cai.backends.langchain import LangChainBackend
     from cai.backends.llamacpp import LlamaCppBackend
 
@@ -381,13 +381,39 @@ def test_engine_matches_the_server_and_is_batch_invariant(server, engine):
     a = one.option_logprobs(prompts, ["A", "B"])
     b = engine.option_logprobs(prompts, ["A", "B"])
     again = engine.option_logprobs(list(reversed(prompts)), ["A", "B"])[::-1]  # other slots, cached prefixes
-    assert a == b == again
+    chunked = LlamaCppBackend(None, batch_size=2, n_batch=8).option_logprobs(prompts, ["A", "B"])
+    assert a == b == again == chunked
     assert one.stats["prefix_tokens_reused"] > 0  # the shared system prompt was computed once
     long = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(7)]
     alone = [engine.generate([c], max_new_tokens=12)[0].text for c in long[:2]]
     assert [g.text for g in engine.generate(long, max_new_tokens=12)][:2] == alone
     # the continued prefix is rendered as transformers renders it: no end of turn after it
     assert engine.render(PREFIXED).endswith("<|im_start|>assistant\nThe answer is: (")
+
+
+def test_a_run_repeats_bit_for_bit():
+    """Two fresh engines given the same calls, more prompts than slots and of different lengths
+    (so prompts are admitted while others decode), return the same text and numbers: each wave
+    of prompts reaches the server as one request, so what shares each decode step does not
+    depend on request timing (docs/architecture.md, "Results and batching")."""
+    from cai.backends.llamacpp import LlamaCppBackend
+
+    asks = [
+        [{"role": "user", "content": "Tell me, briefly, " + "why " * (i % 5) + f"about {i}."}]
+        for i in range(10)
+    ]
+
+    def session():
+        b = LlamaCppBackend(None, batch_size=4)
+        first = [g.text for g in b.generate(asks, max_new_tokens=16)]
+        follow = [
+            [*c, {"role": "assistant", "content": t}, {"role": "user", "content": "Say why."}]
+            for c, t in zip(asks, first)
+        ]
+        second = [g.text for g in b.generate(follow, max_new_tokens=16)]
+        return first, second, b.option_logprobs(follow, ["A", "B"])
+
+    assert session() == session()
 
 
 def test_engine_sampling_is_seeded_per_prompt(engine):
@@ -547,42 +573,29 @@ def test_runs_keep_families_of_prompts_together():
     assert cut_runs([[1, 2]], 16) == [[0]] and cut_runs([[1], [2]], 1) == [[0, 1]] and cut_runs([], 4) == []
 
 
-def test_slots_are_kept_for_the_calls_that_share_them():
-    """A run goes to the slot holding the longest prefix of its first prompt; sharing no more than
-    the call's common prefix (a chat template's header) counts as nothing, so an empty slot is
-    taken before one that keeps another call's prefix."""
-    from cai.backends.llamacpp import assign_slots
-
-    header, questions, label = [1, 2, 3], list(range(10, 60)), list(range(100, 120))
-    held = [header + questions + [7], header + questions + [8], header + label + [9], []]
-    # a label call: its prompts share header + label; slot 2 holds that, then the empty slot 3
-    assert assign_slots([header + label + [5], header + label + [6]], held) == [2, 3]
-    # a re-check call goes back to the slots with the questions, even for one pair
-    assert assign_slots([header + questions + [1], header + questions + [2]], held) == [0, 1]
-    assert assign_slots([header + questions + [1]], [held[2], held[0]]) == [1]
-
-
 def test_recheck_after_a_label_call_reuses_the_questions(engine, hh_dev):
-    """Label and re-check calls alternate (`--recheck`); the label call leaves alone the slots
-    holding the re-check's question list, so the next re-check computes its pairs and a few
-    tokens per principle, not the list again; and the results are the same bit for bit as on
-    a fresh engine (a reused prefix is the one a fresh prefill computes)."""
+    """Label and re-check calls alternate (`--recheck`); the server gives each prompt the idle
+    slot whose cache shares the longest prefix with it, so the label call's prompts go to the
+    slots holding label prompts and the next re-check finds its question list still cached: it
+    computes its pairs and a few tokens per principle, not the list again. The results are the
+    same bit for bit as on a fresh engine (a reused prefix is the one a fresh prefill computes)."""
     from cai.backends.llamacpp import LlamaCppBackend
     from cai.constitution import load_constitution
     from cai.judge import judge_pairs, recheck_pairs
     from cai.records import read_pairs, response_text
 
     const = load_constitution(HARMLESS)
-    rows = read_pairs(hh_dev, limit=4, skip_bad=True)[:2]
+    rows = read_pairs(hh_dev, limit=8, skip_bad=True)[:4]
     items = [(r["prompt"], response_text(r["chosen"]), response_text(r["rejected"])) for r in rows]
-    b = LlamaCppBackend(None, batch_size=2)
-    judge_pairs(b, const, rows[:1], principles=1)
-    recheck_pairs(b, const, items[:1])
-    judge_pairs(b, const, rows[1:], principles=1)
+    b = LlamaCppBackend(None, batch_size=4)
+    judge_pairs(b, const, rows[:2], principles=1)
+    recheck_pairs(b, const, items[:2])
+    judge_pairs(b, const, rows[2:], principles=1)
     before = b.stats["computed_tokens"]
-    got = recheck_pairs(b, const, items[1:])
+    got = recheck_pairs(b, const, items[2:])
     computed = b.stats["computed_tokens"] - before
-    fresh = LlamaCppBackend(None, batch_size=2)
-    ref = recheck_pairs(fresh, const, items[1:])
+    fresh = LlamaCppBackend(None, batch_size=4)
+    ref = recheck_pairs(fresh, const, items[2:])
     assert got == ref
-    assert computed < 0.7 * fresh.stats["computed_tokens"], (computed, fresh.stats["computed_tokens"])
+    # the ~420-token question list is the difference (computed tokens: the server's own count)
+    assert fresh.stats["computed_tokens"] - computed >= 400, (computed, fresh.stats["computed_tokens"])

@@ -5,28 +5,31 @@ embedded default included). It runs llama.cpp through ``xllamacpp``, a prebuilt 
 llama.cpp with its native server (``xllamacpp.Server``), called in process:
 
 * **Several sequences per decode call, continuous admission.** The server has ``batch_size``
-  slots; every request this backend has in flight takes one, and each decode step carries one
-  token for every generating slot plus prompt chunks for slots that are starting.
+  slots; each decode step carries one token for every generating slot plus prompt chunks for
+  slots that are starting, and a slot that finishes takes the next waiting prompt.
 * **Shared prefixes computed once.** Prompts are sorted by their tokens and split into at most
   ``batch_size`` runs of neighbours, cut where a family of prompts sharing a long prefix ends
-  (cut_runs); each run goes through the server one request after the other on the slot that
-  holds the longest prefix of its first prompt (assign_slots), so a request finds its
-  predecessor there and only the tokens after the shared prefix are computed. The judge's
-  prompts for one pair (both orders, every principle) are neighbours, as are a critique prompt
-  and the generation it repeats. Judge calls use half the slots (judge_slots), leaving the
-  others' prefixes (the re-check's question list) for the next call.
+  (cut_runs); wave k holds the k-th prompt of every run, and the server gives each prompt the
+  idle slot whose cache shares the longest prefix with it (its predecessor's), so only the
+  tokens after the shared prefix are computed. The judge's prompts for one pair (both orders,
+  every principle) are neighbours, as are a critique prompt and the generation it repeats.
+  Judge calls use half the slots (judge_slots), leaving the others' prefixes (the re-check's
+  question list) for the next call.
 * **The weight format that runs fastest.** A Q4_1 file (the embedded default) runs as its Q8_0
   copy, made once (gguf_weights.py); ``weights="as-is"`` keeps the file's own format.
 
-Batching and results: a prompt prefilled beside others in one batch, or after a prefix reused
-from a slot's cache, gets the numbers a fresh prefill gives (tests/test_llamacpp.py, bit for
-bit). Not every case is exact: when the server splits a prompt so that one chunk holds a
-single token of it, llama.cpp's F16-KV attention computes that token with another kernel
-(0.04 apart in log-prob), and how the server splits concurrent prompts depends on when their
-requests arrive, so a greedy run can differ from the same run repeated at a near-tie
-(docs/architecture.md, "Results and batching", has the measurements). The prebuilt
-CPU wheel is built without ``-march=native`` (AVX2 kernels, also on AVX-512 machines), so two
-x86-64 machines with AVX2 run the same kernels.
+Batching and results: a run repeated on the same machine gives the same rows bit for bit.
+llama.cpp's numbers for a prompt depend on how the server chunks it beside the other slots'
+work, so (1) each wave reaches the server as one request holding all of its prompts (what
+shares each decode step then follows from the prompts, not from when requests arrived), and
+(2) the K cache is F32 and weights are not repacked, so a prompt cut into chunks of any size,
+a single token included, gets the numbers of one whole prefill (tests/test_llamacpp.py).
+What still moves a rounding: a prefix computed while generating (the response a critique
+extends) and the same prefix prefilled differ (8-bit activations amplify it, up to 0.2 in
+log-prob), and which one a prompt reuses follows from ``batch_size`` and the calls before it,
+so another ``--batch-size`` can give other rows (docs/architecture.md, "Results and batching",
+has the measurements). The prebuilt CPU wheel is built without ``-march=native`` (AVX2
+kernels, also on AVX-512 machines), so two x86-64 machines with AVX2 run the same kernels.
 
 The chat template is the one in the GGUF file, rendered with Jinja exactly as transformers
 does (a trailing assistant message is continued), and tokenised by llama.cpp with special
@@ -42,6 +45,7 @@ import json
 import os
 import secrets
 import threading
+import urllib.error
 import urllib.request
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +140,7 @@ class LlamaCppBackend:
             "truncated_prompts": 0,
             "options_floored": 0,
             "server_starts": 0,
+            "requests": 0,
         }
         meta = _metadata(self.path)
         self._template = meta.get("tokenizer.chat_template")
@@ -148,7 +153,6 @@ class LlamaCppBackend:
         self._eos = _token(tokens, meta.get("tokenizer.ggml.eos_token_id"))
         self.run_path, self.run_weights = weights_to_run(self.path, self.quantisation, weights)
         self._key = secrets.token_hex(16)  # the in-process server's HTTP side answers only us
-        self._held: list[list[int]] = []  # the tokens each slot's KV cache holds (see _run)
         self._memo: OrderedDict = OrderedDict()  # identical prompts' results (see _run)
         self._server = None
         self._lock = threading.Lock()
@@ -181,7 +185,6 @@ class LlamaCppBackend:
                 "check the file, or lower --batch-size"
             ) from None
         self.ctx_per_seq = ctx_per_seq
-        self._held = [[] for _ in range(self.batch_size)]
         self._url = self._server.listening_address
         self.stats["server_starts"] += 1
 
@@ -213,24 +216,33 @@ class LlamaCppBackend:
             "omp_wait_policy": _described_policy(),
             "batch_size": self.batch_size,
             "ctx_per_seq": self.max_ctx,
+            "kv_cache": "K f32, V f16",
+            "weight_repack": False,
         }
 
-    def _post(self, endpoint: str, body: dict) -> dict:
+    def _post(self, endpoint: str, body: dict, timeout: float | None = 60) -> dict | list:
         req = urllib.request.Request(
             self._url + endpoint,
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._key}"},
         )
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
 
-    def _complete(self, body: dict) -> dict:
-        r = self._server.handle_completions(body)
-        if isinstance(r, dict) and "error" in r:
-            err = r["error"]
+    def _complete(self, body: dict) -> list[dict]:
+        """llama.cpp's own ``/completion`` endpoint for a list of prompts: one result per
+        prompt, in order, each with its own timings (the OpenAI-style endpoint reports one
+        prompt's timings for the whole list). No timeout: the server is this process's own."""
+        try:
+            r = self._post("/completion", body, timeout=None)
+        except urllib.error.HTTPError as e:
+            try:
+                err = json.loads(e.read()).get("error", {})
+            except ValueError:
+                err = {}
             msg = err.get("message", err) if isinstance(err, dict) else err
-            raise CaiError(f"llama.cpp refused a request for {self.path}: {msg}")
-        return r
+            raise CaiError(f"llama.cpp refused a request for {self.path}: {msg or e}") from None
+        return r if isinstance(r, list) else [r]
 
     # -- text <-> tokens -------------------------------------------------------------------
 
@@ -296,7 +308,7 @@ class LlamaCppBackend:
         ids = self._encode(conversations, room=max_new)
         sampled = bool(temperature and temperature > 0)
         base = {
-            "max_tokens": max_new,
+            "n_predict": max_new,
             "cache_prompt": True,
             # plain temperature sampling over the whole vocabulary, as the hf backend samples
             "temperature": float(temperature) if sampled else 0.0,
@@ -306,35 +318,25 @@ class LlamaCppBackend:
             "repeat_penalty": 1.0,
         }
 
-        def one(i, slot):
-            body = dict(base, prompt=ids[i], id_slot=slot, n_probs=1)  # n_probs: the tokens' ids
-            if sampled:
-                # Seeded per (seed, position in the call): reproducible whatever the batching.
-                body["seed"] = _seed(seed or 0, i)
-            r = self._complete(body)
-            self._count(r, len(ids[i]))
-            choice = r["choices"][0]
-            out_ids = [int(t["id"]) for t in (choice.get("logprobs") or {}).get("content") or []]
-            self._held[slot] = ids[i] + out_ids
-            n = int(r.get("usage", {}).get("completion_tokens", len(out_ids)))
+        def parse(i, res):
+            n = int(res.get("tokens_predicted", 0))
             with self._lock:
                 self.stats["generated_tokens"] += n
-            return Generation(choice["text"].strip(), n)
+            return Generation(res["content"].strip(), n)
 
-        return self._run(ids, one, memo=None if sampled else ("generate", max_new))
+        if sampled:
+            return self._sampled(ids, base, parse, seed or 0)
+        return self._run(ids, base, parse, memo=("generate", max_new))
 
     def option_logprobs(self, prompts, options):
         import math
 
         opt = self.option_token_ids(options)
         ids = self._encode(prompts, room=1)
-        base = {"max_tokens": 1, "temperature": 0.0, "cache_prompt": True, "n_probs": TOP_PROBS}
+        base = {"n_predict": 1, "temperature": 0.0, "cache_prompt": True, "n_probs": TOP_PROBS}
 
-        def one(i, slot):
-            r = self._complete(dict(base, prompt=ids[i], id_slot=slot))
-            self._count(r, len(ids[i]))
-            self._held[slot] = list(ids[i])
-            top = r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        def parse(i, res):
+            top = res["completion_probabilities"][0]["top_logprobs"]
             listed = {int(t["id"]): float(t["logprob"]) for t in top}
             if all(o in listed for o in opt):
                 return [listed[o] for o in opt]
@@ -346,61 +348,85 @@ class LlamaCppBackend:
                 self.stats["options_floored"] += sum(o not in listed for o in opt)
             return [listed.get(o, bound - math.log(2)) for o in opt]
 
-        # half the slots: the other half keep what the previous call left (judge_slots)
-        return self._run(ids, one, memo=("options", tuple(opt)), max_runs=judge_slots(self.batch_size))
+        # half the slots at a time: the other half keep what the previous call left (judge_slots)
+        return self._run(
+            ids, base, parse, memo=("options", tuple(opt)), max_runs=judge_slots(self.batch_size)
+        )
 
-    def _count(self, r: dict, n_prompt: int):
-        t = r.get("timings") or {}
+    def _wave(self, ids: list[list[int]], wave: list[int], body: dict, parse) -> dict:
+        """One request carrying the prompts ``wave`` (positions in ``ids``); their results by
+        position. The server receives the whole wave at once, so which prompts share each of its
+        decode steps depends on the prompts only, never on when requests arrived."""
+        results = self._complete(dict(body, prompt=[ids[i] for i in wave]))
+        if len(results) != len(wave):
+            raise CaiError(f"llama.cpp answered {len(results)} results for {len(wave)} prompts ({self.path})")
+        out = {}
+        for k, res in enumerate(results):
+            i = wave[int(res.get("index", k))]
+            t = res.get("timings") or {}
+            with self._lock:
+                self.stats["computed_tokens"] += int(t.get("prompt_n", len(ids[i])))
+                self.stats["prefix_tokens_reused"] += int(t.get("cache_n", 0))
+            out[i] = parse(i, res)
         with self._lock:
-            self.stats["computed_tokens"] += int(t.get("prompt_n", n_prompt))
-            self.stats["prefix_tokens_reused"] += int(t.get("cache_n", 0))
+            self.stats["requests"] += 1
+        return out
 
-    def _run(self, ids: list[list[int]], one, memo: tuple | None = None, max_runs: int | None = None):
-        """``one(i, slot)`` for every prompt, ``batch_size`` at a time; results in input order.
+    def _run(self, ids: list[list[int]], body: dict, parse, memo: tuple, max_runs: int | None = None):
+        """Greedy results for every prompt, in input order, computed in waves.
 
-        The prompts are sorted by their tokens and cut into at most ``max_runs`` (default
-        ``batch_size``) runs of neighbours, where a family of prompts sharing a long prefix ends
-        (cut_runs). Each run is given a slot (assign_slots: the longest prefix its cached tokens
-        share with the run's first prompt), and its worker sends it there one request after the
-        other (``id_slot``), so every request finds its predecessor's tokens in its slot. Which slot a
-        request uses, and so what it reuses, is decided here and not by thread timing: the same
-        calls reuse the same prefixes in every run.
+        Reproducible: llama.cpp's numbers for a prompt depend on how the server chunks it
+        beside the other slots' work in each decode step (docs/architecture.md, "Results and
+        batching"), and with one request per prompt that depends on when each request arrives.
+        So the prompts go in waves, each wave one request holding all of its prompts: the server
+        takes a wave in whole, and every decode step's content follows from the prompts alone.
 
-        ``memo`` (the request's settings; None for sampled generations) makes identical prompts
-        computed once per backend: a prompt found whole in a slot's cache would get its last
-        token's logits from a one-row kernel, a rounding apart from the prefill's, so the
-        first result is remembered (at most MEMO results) instead of computed again."""
-        key = (lambda i: (memo, tuple(ids[i]))) if memo is not None else (lambda i: i)
+        Shared prefixes: the prompts are sorted by their tokens and cut into at most
+        ``max_runs`` (default ``batch_size``) runs of neighbours, where a family of prompts
+        sharing a long prefix ends (cut_runs); wave k holds the k-th prompt of every run, so a
+        prompt follows its predecessor in the run, and the server gives each prompt the idle slot
+        whose cache shares the longest prefix with it (its predecessor's), computing only the
+        tokens after that prefix.
+
+        ``memo`` (the request's settings) makes identical prompts computed once per backend: a
+        prompt found whole in a slot's cache would get its last token's logits from a one-row
+        kernel, a rounding apart from the prefill's, so the first result is remembered (at most
+        MEMO results) instead of computed again."""
+        key = lambda i: (memo, tuple(ids[i]))  # noqa: E731
         first: dict = {}
         for i in range(len(ids)):
-            if memo is None or key(i) not in self._memo:
+            if key(i) not in self._memo:
                 first.setdefault(key(i), i)
-        uniq = sorted(set(first.values()), key=lambda i: (ids[i], i))
-        max_runs = max_runs or self.batch_size
-        runs = [[uniq[j] for j in run] for run in cut_runs([ids[i] for i in uniq], max_runs)]
-        k = len(runs)
-        slots = assign_slots([ids[run[0]] for run in runs], self._held)
+        uniq = sorted(first.values(), key=lambda i: (ids[i], i))
+        runs = [
+            [uniq[j] for j in run] for run in cut_runs([ids[i] for i in uniq], max_runs or self.batch_size)
+        ]
         done: dict[int, object] = {}
-
-        def work(run, slot):
-            for i in run:
-                done[i] = one(i, slot)
-
-        if k <= 1:
-            for run, slot in zip(runs, slots):
-                work(run, slot)
-        else:
-            with ThreadPoolExecutor(k) as ex:
-                for f in [ex.submit(work, r, s) for r, s in zip(runs, slots)]:
-                    f.result()  # re-raises the first error
-        if memo is None:
-            return [done[i] for i in range(len(ids))]
+        for k in range(max((len(r) for r in runs), default=0)):
+            done.update(self._wave(ids, [run[k] for run in runs if k < len(run)], body, parse))
         for k, i in first.items():
             self._memo[k] = done[i]
         out = [self._memo[key(i)] for i in range(len(ids))]
         while len(self._memo) > MEMO:
             self._memo.popitem(last=False)
         return out
+
+    def _sampled(self, ids: list[list[int]], body: dict, parse, seed: int):
+        """Sampled results, in input order. Wave j holds the j-th occurrence of each distinct
+        prompt and is seeded by (seed, j): a run repeats exactly, and the same prompt asked n
+        times in a call gets n different samples."""
+        seen: dict = {}
+        waves: list[list[int]] = []
+        for i in range(len(ids)):
+            j = seen.get(tuple(ids[i]), 0)
+            seen[tuple(ids[i])] = j + 1
+            if j == len(waves):
+                waves.append([])
+            waves[j].append(i)
+        done: dict[int, object] = {}
+        for j, wave in enumerate(waves):
+            done.update(self._wave(ids, wave, dict(body, seed=_seed(seed, j)), parse))
+        return [done[i] for i in range(len(ids))]
 
 
 # Results remembered per backend for identical prompts (see LlamaCppBackend._run).
@@ -459,27 +485,6 @@ def cut_runs(prompts: list[list[int]], k: int) -> list[list[int]]:
         cuts.add(cheap[min(near, key=lambda c: (abs(at[c] - target), c))])
     bounds = [0, *sorted(cuts), n]
     return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
-
-
-def assign_slots(firsts: list[list[int]], held: list[list[int]]) -> list[int]:
-    """A distinct slot for each run (given its first prompt): the pairs (run, slot) whose cached
-    tokens share the longest prefix with the run go first; among equals, the slot holding the
-    fewest tokens (an empty slot before one that keeps a prefix), then the lowest run and slot.
-    What every run shares with every occupied slot (a chat template's header) counts as nothing:
-    sharing only that is no reason to overwrite what a slot holds (a label call would otherwise
-    take the slots that keep the re-check's questions)."""
-    lcps = [[_lcp(h, f) for h in held] for f in firsts]
-    floor = min((n for row in lcps for n, h in zip(row, held) if h), default=0)
-    pairs = sorted(
-        (-max(0, lcps[r][s] - floor), len(h), r, s) for r in range(len(firsts)) for s, h in enumerate(held)
-    )
-    out: dict[int, int] = {}
-    used: set[int] = set()
-    for _, _, r, s in pairs:
-        if r not in out and s not in used:
-            out[r] = s
-            used.add(s)
-    return [out[r] for r in range(len(firsts))]
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -562,6 +567,14 @@ def server_params(xl, path, *, parallel, ctx_per_seq, threads, n_batch=512, flas
     p.n_parallel = parallel
     p.n_ctx = ctx_per_seq * parallel
     p.kv_unified = False  # one KV stream per slot: attention reads only its own cells
+    # The numbers of a prompt must not depend on how the server happened to chunk it beside
+    # other slots' work (which depends on when requests arrive). Two of ggml's CPU paths do:
+    # with an F16 K cache, a chunk holding one token of a prompt takes another attention
+    # kernel; with repacked weights (ggml's "extra" buffer types), a row takes the 4-row GEMM
+    # or the one-row GEMV by its place in the batch. An F32 K cache and no repacking make
+    # repeated runs agree bit for bit (docs/architecture.md, "Results and batching").
+    p.cache_type_k = xl.ggml_type.GGML_TYPE_F32
+    p.no_extra_bufts = True
     p.n_batch = p.n_ubatch = n_batch
     p.cpuparams.n_threads = p.cpuparams_batch.n_threads = threads
     p.n_gpu_layers = 0  # the CPU engine (hf is the GPU path)
