@@ -34,8 +34,9 @@ kernels, also on AVX-512 machines), so two x86-64 machines with AVX2 run the sam
 The chat template is the one in the GGUF file, rendered with Jinja exactly as transformers
 does (a trailing assistant message is continued), and tokenised by llama.cpp with special
 tokens parsed and none added, as the hf backend does: the same model gives the same prompt
-tokens on both. Tokenising uses the server's ``/tokenize`` endpoint on the loopback address the
-in-process server listens on (guarded by a random API key held by this process).
+tokens on both. Requests (llama.cpp's native ``/completion`` and ``/tokenize``) go to the
+loopback address the in-process server listens on, guarded by a random API key held by this
+process.
 """
 
 from __future__ import annotations
@@ -242,6 +243,8 @@ class LlamaCppBackend:
                 err = {}
             msg = err.get("message", err) if isinstance(err, dict) else err
             raise CaiError(f"llama.cpp refused a request for {self.path}: {msg or e}") from None
+        except urllib.error.URLError as e:
+            raise CaiError(f"llama.cpp's in-process server did not answer ({e.reason})") from None
         return r if isinstance(r, list) else [r]
 
     # -- text <-> tokens -------------------------------------------------------------------
