@@ -176,6 +176,7 @@ class LlamaCppBackend:
         )
         p.n_threads_http = 2
         p.api_keys = [self._key]
+        self._params = p  # what describe() records
         self._server = None  # free the old KV cache before the new one is allocated
         try:
             self._server = xl.Server(p)
@@ -203,7 +204,7 @@ class LlamaCppBackend:
         self._server = None
 
     def describe(self) -> dict:
-        xl = self._xl
+        xl, p = self._xl, self._params
         return {
             "backend": self.name,
             "model": self.model_id,
@@ -217,8 +218,8 @@ class LlamaCppBackend:
             "omp_wait_policy": _described_policy(),
             "batch_size": self.batch_size,
             "ctx_per_seq": self.max_ctx,
-            "kv_cache": "K f32, V f16",
-            "weight_repack": False,
+            "kv_cache": f"K {_type_name(p.cache_type_k)}, V {_type_name(p.cache_type_v)}",
+            "weight_repack": not p.no_extra_bufts,
         }
 
     def _post(self, endpoint: str, body: dict, timeout: float | None = 60) -> dict | list:
@@ -570,12 +571,13 @@ def server_params(xl, path, *, parallel, ctx_per_seq, threads, n_batch=512, flas
     p.n_parallel = parallel
     p.n_ctx = ctx_per_seq * parallel
     p.kv_unified = False  # one KV stream per slot: attention reads only its own cells
-    # The numbers of a prompt must not depend on how the server happened to chunk it beside
-    # other slots' work (which depends on when requests arrive). Two of ggml's CPU paths do:
-    # with an F16 K cache, a chunk holding one token of a prompt takes another attention
-    # kernel; with repacked weights (ggml's "extra" buffer types), a row takes the 4-row GEMM
-    # or the one-row GEMV by its place in the batch. An F32 K cache and no repacking make
-    # repeated runs agree bit for bit (docs/architecture.md, "Results and batching").
+    # A prompt's numbers must not depend on how it is cut into chunks. Two of ggml's CPU paths
+    # make them: with an F16 K cache, a chunk holding one token of a prompt takes another
+    # attention kernel; with repacked weights (ggml's "extra" buffer types), a row takes the
+    # 4-row GEMM or the one-row GEMV by its place in the batch. With an F32 K cache and no
+    # repacking, any chunking gives one whole prefill's numbers; the backend's waves (one
+    # request each) make what shares a decode step independent of request timing, and the two
+    # together make repeated runs agree bit for bit (docs/architecture.md, "Results and batching").
     p.cache_type_k = xl.ggml_type.GGML_TYPE_F32
     p.no_extra_bufts = True
     p.n_batch = p.n_ubatch = n_batch
@@ -589,6 +591,11 @@ def server_params(xl, path, *, parallel, ctx_per_seq, threads, n_batch=512, flas
     fa = xl.llama_flash_attn_type
     p.flash_attn_type = fa.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else fa.LLAMA_FLASH_ATTN_TYPE_DISABLED
     return p
+
+
+def _type_name(t) -> str:
+    """``GGML_TYPE_F32`` -> ``f32``."""
+    return t.name.removeprefix("GGML_TYPE_").lower()
 
 
 def _seed(seed: int, index: int) -> int:
