@@ -61,10 +61,14 @@ demo: $(STAMP)
 	    --out outputs/demo-pairs.jsonl --rounds 1 --seed 0 --max-new-tokens 64
 	@echo "pairs written to outputs/demo-pairs.jsonl"
 
+# Two pytest workers, each taking whole files (their module fixtures are built once): much of the
+# suite waits on subprocesses and loopback servers, so two workers finish sooner even on 2 cores.
+TEST_JOBS ?= 2
+
 test: $(STAMP) browser nginx
 	$(BIN)/ruff check cai tests bench
 	$(BIN)/ruff format --check cai tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 $(PEER)/.cai-installed: pyproject.toml Makefile
 	test -x $(PEER)/bin/python || $(PY) -m venv $(PEER)

@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 OUT: list[str] = []
+WARM_FROM = 100  # pairs after the timed ones the warm-up's two longest are taken from
 
 
 def say(line: str = ""):
@@ -82,15 +83,25 @@ def main():
 
     const = load_constitution(HARMLESS)
     # Each repeat judges pairs of its own (the engines remember results for prompts they saw, so a
-    # repeat on the same pairs would time a lookup), and the warm-up two more.
-    every = read_pairs(DATA, limit=a.pairs * a.repeats + 2)
-    if len(every) < a.pairs * a.repeats + 2:
+    # repeat on the same pairs would time a lookup). The warm-up brings the engine to where a
+    # long run is: it judges the two longest of the next WARM_FROM pairs, so the slots have
+    # grown (llama.cpp's slots start at 512 tokens and double, restarting the server and
+    # dropping every cached prefix, when a call needs more), then labels and re-checks a chunk
+    # of other pairs, so the judge slots hold the re-check's question list again.
+    n_timed = a.pairs * a.repeats
+    every = read_pairs(DATA, limit=n_timed + WARM_FROM)
+    if len(every) < n_timed + 2:
         sys.exit(f"bench_recheck: {DATA} has {len(every)} pairs; ask for fewer --pairs or --repeats")
 
     def items_of(rows):
         return [(r["prompt"], response_text(r["chosen"]), response_text(r["rejected"])) for r in rows]
 
-    warm, sets = every[-2:], [every[k * a.pairs : (k + 1) * a.pairs] for k in range(a.repeats)]
+    def size(r):
+        return sum(len(m["content"]) for m in [*r["prompt"], *r["chosen"], *r["rejected"]])
+
+    rest = sorted(every[n_timed:], key=size)
+    warm, chunk = rest[-2:], rest[: a.pairs]
+    sets = [every[k * a.pairs : (k + 1) * a.pairs] for k in range(a.repeats)]
     load0 = os.getloadavg()[0]
     backend = load_backend(a.backend, None, batch_size=a.batch_size)
     say(f"# What `--recheck` costs: {len(const.ids)} principles vs a one-principle label")
@@ -104,11 +115,13 @@ def main():
     say(f"date: {time.strftime('%Y-%m-%d %H:%M')}")
     say()
     say("```")
-    # the one-time path checks (prefix tree vs plain batches) and caches, outside the timings
-    # (on llama.cpp the warm re-check puts the question list in every slot, as a long run has it)
-    judge_pairs(backend, const, warm)
-    recheck_pairs(backend, const, items_of(warm))
+    # the one-time path checks (prefix tree vs plain batches), caches and slot growth, outside
+    # the timings; the second round leaves the question list in the judge slots, as a long run has it
+    for rows in (warm, chunk):
+        judge_pairs(backend, const, rows, principles=1)
+        recheck_pairs(backend, const, items_of(rows))
 
+    starts = backend.stats.get("server_starts", 0)
     runs: dict[str, list[dict]] = {"label": [], "recheck": []}
     for k, rows in enumerate(sets):  # alternate the order, so a change in machine load hits both sides
         order = (
@@ -160,6 +173,8 @@ def main():
             f"fallback / label: {f['wall'] / med('label', 'wall'):.2f}x wall, "
             f"{f['tokens'] / med('label', 'tokens'):.2f}x tokens (what recheck.jinja saves)"
         )
+    if "server_starts" in backend.stats:
+        say(f"server restarts during the timed runs: {backend.stats['server_starts'] - starts} (slots grown)")
     say(f"load average at the end: {os.getloadavg()[0]:.1f}")
     say("```")
     (ROOT / "bench" / "RESULTS-recheck.md").write_text("\n".join(OUT) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,7 +55,12 @@ def default_model_dir() -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     # rename is atomic: a concurrent or killed conversion never leaves a half-written cache
-    tmp.rename(out) if not out.exists() else None
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep its copy
     return out
 
 

@@ -120,7 +120,7 @@ class LlamaCppBackend:
         weights: "auto" runs a Q4_1 file as its cached Q8_0 copy (gguf_weights.py); "as-is"
             runs the file's own format.
         flash_attn: llama.cpp's flash attention. Off: its CPU kernel gives a prompt different
-            numbers depending on which other prompts share its batch (up to 0.2 in log-prob on
+            numbers depending on which other prompts share its batch (up to 0.3 in log-prob on
             the embedded model), and which prompts are prefilled together depends on timing.
         """
         if weights not in WEIGHTS:
@@ -220,6 +220,7 @@ class LlamaCppBackend:
             "ctx_per_seq": self.max_ctx,
             "kv_cache": f"K {_type_name(p.cache_type_k)}, V {_type_name(p.cache_type_v)}",
             "weight_repack": not p.no_extra_bufts,
+            "flash_attn": self.flash_attn,
         }
 
     def _post(self, endpoint: str, body: dict, timeout: float | None = 60) -> dict | list:
