@@ -157,13 +157,18 @@ def main():
     # --only: keep the other commands' rows from the previous results
     old = Path(a.results).read_text().splitlines() if a.only and Path(a.results).exists() else []
     names = {name for name, _ in jobs}
-    kept = [x for x in old if x.startswith("| `") and x.split(" | ")[0][2:] not in names]
+    kept = [
+        x for x in old if x.startswith("| `") and x.split(" | ")[0][2:].split(" (earlier run")[0] not in names
+    ]
     kept_cmds = [
         x
         for x in old
         if x.startswith("- `cai ") and not any(x.startswith(f"- `cai {args[len(cai)]} ") for _, args in jobs)
     ]
-    lines += [x.replace(" |", " (earlier run) |", 1) if "(earlier run)" not in x else x for x in kept]
+    # a kept row names the CPU of the run that measured it (the header names this run's)
+    cpu_then = next((x[5:].split(",")[0] for x in old if x.startswith("CPU: ")), "")
+    tag = f" (earlier run, {cpu_then}) |" if cpu_then else " (earlier run) |"
+    lines += [x.replace(" |", tag, 1) if "(earlier run" not in x else x for x in kept]
     over = []
     for name, args in jobs:
         load = "/".join(f"{x:.1f}" for x in os.getloadavg())
