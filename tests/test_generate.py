@@ -178,8 +178,12 @@ def test_ctrl_c_stops_after_the_chunk_in_flight(tiny_model, tmp_path):
 
 def test_sigterm_stops_now_and_exits_non_zero(tiny_model, tmp_path):
     """SIGTERM: the run stops at once (a row being written is rolled back), exits 143, keeps every
-    whole row and removes its lock; the same command then finishes the rest."""
-    proc, out, args = _start_long_run(tiny_model, tmp_path, min_rows=2, stderr=subprocess.PIPE)
+    whole row and removes its lock; the same command then finishes the rest.
+
+    Rows on view are not yet acknowledged: a chunk is written, then fsynced, and a SIGTERM during
+    that fsync rolls the chunk back (the contract), so the signal waits for two chunks of 2 rows,
+    of which the first is then on disk."""
+    proc, out, args = _start_long_run(tiny_model, tmp_path, min_rows=4, stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
