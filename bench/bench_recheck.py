@@ -121,7 +121,7 @@ def main():
         judge_pairs(backend, const, rows, principles=1)
         recheck_pairs(backend, const, items_of(rows))
 
-    starts = backend.stats.get("server_starts", 0)
+    starts = backend.stats.get("server_starts")  # None: the engine does not restart (not llama.cpp)
     runs: dict[str, list[dict]] = {"label": [], "recheck": []}
     for k, rows in enumerate(sets):  # alternate the order, so a change in machine load hits both sides
         order = (
@@ -173,7 +173,7 @@ def main():
             f"fallback / label: {f['wall'] / med('label', 'wall'):.2f}x wall, "
             f"{f['tokens'] / med('label', 'tokens'):.2f}x tokens (what recheck.jinja saves)"
         )
-    if "server_starts" in backend.stats:
+    if starts is not None:
         say(f"server restarts during the timed runs: {backend.stats['server_starts'] - starts} (slots grown)")
     say(f"load average at the end: {os.getloadavg()[0]:.1f}")
     say("```")

@@ -220,7 +220,7 @@ class LlamaCppBackend:
             "ctx_per_seq": self.max_ctx,
             "kv_cache": f"K {_type_name(p.cache_type_k)}, V {_type_name(p.cache_type_v)}",
             "weight_repack": not p.no_extra_bufts,
-            "flash_attn": self.flash_attn,
+            "flash_attn": p.flash_attn_type == xl.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED,
         }
 
     def _post(self, endpoint: str, body: dict, timeout: float | None = 60) -> dict | list:
