@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _machine import cpu_line  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -294,7 +295,7 @@ def main():
     finally:
         if server:
             server.stop()
-    (ROOT / "bench" / "RESULTS-engines.md").write_text(report)
+    write_results(ROOT / "bench" / "RESULTS-engines.md", report)
     print("\n" + report)
 
 

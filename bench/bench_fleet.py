@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_line, load  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -230,7 +231,7 @@ def main():
         f"--max-new-tokens {a.max_new_tokens} --threads {a.threads} --slots {a.slots}`",
     ]
     text = "\n".join(lines) + "\n"
-    (ROOT / "bench" / "RESULTS-fleet.md").write_text(text)
+    write_results(ROOT / "bench" / "RESULTS-fleet.md", text)
     print(text)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_line  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,7 +89,7 @@ def main():
             f"--max-new-tokens {a.max_new_tokens} --batch-size {a.batch_size}`",
         ]
         print(f"ratio: {ratio:.2f}x")
-    (ROOT / "bench" / "RESULTS-generate.md").write_text("\n".join(lines) + "\n")
+    write_results(ROOT / "bench" / "RESULTS-generate.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

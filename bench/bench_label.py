@@ -45,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_line  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
@@ -191,20 +192,6 @@ def _naive(backend, const, rows, seed, k):
 
 
 # ---------------------------------------------------------------------------- main
-
-
-def _kept_reading(res: Path) -> str:
-    """The hand-written "## Reading" section of the previous results, carried over below the new
-    block with the date of the run it was written for (this script does not write it)."""
-    old = res.read_text() if res.exists() else ""
-    if "## Reading" not in old:
-        return ""
-    keep = old[old.index("## Reading") :]
-    when = next((x[len("date: ") :] for x in old.splitlines() if x.startswith("date: ")), "an earlier run")
-    head, _, body = keep.partition("\n")
-    if "(written for the run of" in body.split("\n", 2)[1 if body.startswith("\n") else 0]:
-        return "\n" + keep
-    return f"\n{head}\n\n(written for the run of {when}; the block above is from this run)\n{body}"
 
 
 def main():
@@ -481,7 +468,7 @@ def main():
         say("```")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        Path(a.results).write_text("\n".join(OUT) + "\n" + _kept_reading(Path(a.results)))
+        write_results(a.results, "\n".join(OUT))
         print(f"\nwritten: {a.results}")
 
 

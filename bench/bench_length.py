@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_line  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
@@ -33,7 +34,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 GOAL_GAP = 0.15
-MARK = "<!-- READING"
 
 
 def figures(m: dict) -> dict:
@@ -171,8 +171,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
-    kept = out.read_text().split(MARK, 1) if out.exists() else []
-    out.write_text(text + (MARK + kept[1] if len(kept) == 2 else ""))  # hand-written notes survive a rerun
+    write_results(out, text)  # hand-written notes (from the READING mark on) survive a rerun
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from _machine import cpu_line  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless"
 HARMLESS = ROOT / "constitutions" / "harmless"
@@ -195,7 +196,7 @@ def main():
     lines += [f"- `{c.replace(str(tmp), '$TMP').replace(str(ROOT) + '/', '')}`" for c in shown]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    Path(a.results).write_text(text)
+    write_results(a.results, text)
 
 
 if __name__ == "__main__":

@@ -280,6 +280,7 @@ def main():
         return
 
     from _machine import cpu_line
+    from _results import write as write_results
 
     from cai.constitution import load_constitution
     from cai.records import read_prompts
@@ -431,10 +432,7 @@ def main():
     text = "\n".join(L) + "\n"
     print("\n" + text)
     res = Path(a.results)
-    before = res.read_text() if res.exists() else ""
-    if "\n## Reading" in before:  # the hand-written reading stays, for whoever reruns to revise
-        text += "\n" + before[before.index("\n## Reading") + 1 :]
-    res.write_text(text)
+    write_results(res, text)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_line  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
@@ -177,7 +178,7 @@ def main():
         say(f"server restarts during the timed runs: {backend.stats['server_starts'] - starts} (slots grown)")
     say(f"load average at the end: {os.getloadavg()[0]:.1f}")
     say("```")
-    (ROOT / "bench" / "RESULTS-recheck.md").write_text("\n".join(OUT) + "\n")
+    write_results(ROOT / "bench" / "RESULTS-recheck.md", "\n".join(OUT))
 
 
 if __name__ == "__main__":

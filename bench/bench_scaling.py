@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_line  # noqa: E402
+from _results import write as write_results  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 HARMLESS = ROOT / "constitutions" / "harmless"
@@ -215,7 +216,7 @@ def main():
     say(f"plot: `{Path(a.plot).relative_to(ROOT) if Path(a.plot).is_relative_to(ROOT) else a.plot}`")
     text = "\n".join(L) + "\n"
     print("\n" + text)
-    Path(a.results).write_text(text)
+    write_results(a.results, text)
 
 
 if __name__ == "__main__":
