@@ -12,15 +12,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-MARKS = ("<!-- READING", "## Reading")
+_MARK = re.compile(r"^(?:<!-- READING|## Reading)", re.M)  # where the hand-written part starts
 NOTE = "for the run of"  # a reading that names its run already
 _DATE = re.compile(r"\b(\d{4}-\d{2}-\d{2}(?: \d{2}:\d{2})?)\b")
 
 
 def reading(old: str) -> str:
     """The hand-written part of ``old``: from the first line that starts with a mark, or ''."""
-    starts = [m.start() + 1 for mark in MARKS for m in re.finditer(r"\n" + re.escape(mark), "\n" + old)]
-    return old[min(starts) - 1 :] if starts else ""
+    m = _MARK.search(old)
+    return old[m.start() :] if m else ""
 
 
 def write(path: str | Path, text: str) -> None:

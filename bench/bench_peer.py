@@ -431,8 +431,7 @@ def main():
     say(f"cai command: `{cai['cmd']}`")
     text = "\n".join(L) + "\n"
     print("\n" + text)
-    res = Path(a.results)
-    write_results(res, text)
+    write_results(a.results, text)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def main():
     # of other pairs, so the judge slots hold the re-check's question list again.
     n_timed = a.pairs * a.repeats
     every = read_pairs(DATA, limit=n_timed + WARM_FROM)
-    if len(every) < n_timed + 2:
+    if len(every) < n_timed + a.pairs + 2:  # the warm-up's two and its chunk are pairs of their own
         sys.exit(f"bench_recheck: {DATA} has {len(every)} pairs; ask for fewer --pairs or --repeats")
 
     def items_of(rows):
