@@ -424,6 +424,36 @@ def test_engine_sampling_is_seeded_per_prompt(engine):
     assert a != [g.text for g in engine.generate(twice, max_new_tokens=8, temperature=1.0, seed=4)]
 
 
+def test_judge_scores_a_prompt_whose_next_token_is_part_of_a_character(engine):
+    """llama.cpp reports no probabilities when the token it samples is an incomplete UTF-8
+    character (here the first byte of an emoji): the engine pins the one sampled token to the
+    first option, and the list it reads is the model's distribution before that bias."""
+    from cai.backends import llamacpp
+
+    emoji = [
+        {"role": "user", "content": "Repeat: " + "\U0001f600" * 8},
+        {"role": "assistant", "content": "\U0001f600" * 6},
+    ]
+    ids = engine.tokenize(engine.render(emoji))
+    plain = {"prompt": [ids], "n_predict": 1, "temperature": 0.0, "n_probs": 5, "cache_prompt": False}
+    assert "completion_probabilities" not in engine._complete(plain)[0]  # what llama.cpp does
+    [lp] = engine.option_logprobs([emoji], ["A", "B"])
+    assert all(math.isfinite(x) for x in lp)
+
+    # the pin leaves the reported distribution as it is, also where it changes the sampled token
+    conv = [*CONVERSATIONS[0], {"role": "assistant", "content": "The answer is ("}]
+    ids = engine.tokenize(engine.render(conv))
+    body = dict(plain, prompt=[ids], n_probs=100)
+    free = engine._complete(body)[0]
+    b = engine.option_token_ids(["B"])[0]
+    pinned = engine._complete(dict(body, logit_bias=[[b, llamacpp.PIN_BIAS]]))[0]
+    assert pinned["completion_probabilities"][0]["id"] == b != free["completion_probabilities"][0]["id"]
+    assert (
+        pinned["completion_probabilities"][0]["top_logprobs"]
+        == free["completion_probabilities"][0]["top_logprobs"]
+    )
+
+
 def test_engine_runs_a_q4_1_file_as_its_cached_q8_0_copy(engine, tmp_path, monkeypatch):
     """The shipped Q4_1 file runs as a Q8_0 copy made once and cached by content hash; as-is runs
     the file itself. Both give the same greedy start on an easy prompt (the copy rounds each

@@ -338,10 +338,26 @@ class LlamaCppBackend:
 
         opt = self.option_token_ids(options)
         ids = self._encode(prompts, room=1)
-        base = {"n_predict": 1, "temperature": 0.0, "cache_prompt": True, "n_probs": TOP_PROBS}
+        # The one token sampled is never read: it is pinned to the first option, because llama.cpp
+        # reports no probabilities at all when the sampled token is an incomplete UTF-8 character
+        # (a byte of an emoji, say), and the list it reports is the model's own distribution,
+        # taken before any bias (tests/test_llamacpp.py).
+        base = {
+            "n_predict": 1,
+            "temperature": 0.0,
+            "cache_prompt": True,
+            "n_probs": TOP_PROBS,
+            "logit_bias": [[opt[0], PIN_BIAS]],
+        }
 
         def parse(i, res):
-            top = res["completion_probabilities"][0]["top_logprobs"]
+            probs = res.get("completion_probabilities")
+            if not probs:
+                raise CaiError(
+                    f"llama.cpp returned no next-token probabilities for a judge prompt ({self.path}; "
+                    f"it stopped with {res.get('stop_type')!r})"
+                )
+            top = probs[0]["top_logprobs"]
             listed = {int(t["id"]): float(t["logprob"]) for t in top}
             if all(o in listed for o in opt):
                 return [listed[o] for o in opt]
@@ -436,6 +452,9 @@ class LlamaCppBackend:
 
 # Results remembered per backend for identical prompts (see LlamaCppBackend._run).
 MEMO = 20_000
+# Added to the first option's logit for the judge's one sampled token (option_logprobs): enough to
+# make it the greedy pick whatever the model's logits are.
+PIN_BIAS = 1.0e4
 # cut_runs' cost model, in prompt tokens: what one request costs beyond its tokens (a server
 # iteration, the top-N list; measured below), and how many tokens a run may recompute at its
 # start and still count as a cheap place to cut.
