@@ -76,12 +76,24 @@ def _capture_backend():
     return seen
 
 
-def child(task: str, engine: str, out: str, limit: int, pairs: int, base_url: str | None) -> dict:
+def model_for(engine: str, shape: str | None) -> str | None:
+    """What ``engine`` loads: the embedded default (None), or the random-weight model of ``shape``
+    (bench/_shapes.py) in the engine's format."""
+    if not shape:
+        return None
+    from _shapes import gguf_for, hf_folder_for
+
+    return str(hf_folder_for(shape) if ENGINES[engine][0] == "hf" else gguf_for(shape))
+
+
+def child(
+    task: str, engine: str, out: str, limit: int, pairs: int, base_url: str | None, shape: str | None = None
+) -> dict:
     from cai.configs import GenerateConfig, LabelConfig
 
     backend, options = ENGINES[engine]
     options = dict(options)
-    model = None
+    model = model_for(engine, shape)
     if backend == "langchain":
         options["base_url"], model = base_url, "smollm2"
     seen = _capture_backend()
@@ -178,7 +190,7 @@ def scaling(engine: str) -> dict:
 # -- the driver ---------------------------------------------------------------------------------
 
 
-def measure(task, engine, out, a, base_url=None) -> dict:
+def measure(task, engine, out, a, base_url=None, shape=None) -> dict:
     args = [
         sys.executable,
         __file__,
@@ -195,6 +207,8 @@ def measure(task, engine, out, a, base_url=None) -> dict:
         args += ["--limit", str(a.limit)]
     if base_url:
         args += ["--base-url", base_url]
+    if shape:
+        args += ["--shape", shape]
     load = os.getloadavg()[0]
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)  # each engine with its own default
@@ -206,7 +220,8 @@ def measure(task, engine, out, a, base_url=None) -> dict:
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["load"] = (load + os.getloadavg()[0]) / 2
     print(
-        f"{task:8s} {engine:11s} {res['seconds']:7.1f}s  {res['rows'] / res['seconds']:.3f} rows/s  "
+        f"{task:8s} {engine:11s} {shape or '':13s}{res['seconds']:7.1f}s  "
+        f"{res['rows'] / res['seconds']:.3f} rows/s  "
         f"peak RSS {res['peak_rss_mb']:.0f} MB  (load {res['load']:.1f})",
         flush=True,
     )
@@ -246,12 +261,13 @@ def main():
     ap.add_argument("--engine", choices=tuple(ENGINES))
     ap.add_argument("--out")
     ap.add_argument("--base-url")
+    ap.add_argument("--shape", help="a child's model: the random-weight model of this shape (bench_size.py)")
     a = ap.parse_args()
     if a.child == "scaling":
         print(json.dumps(scaling(a.engine)))
         return
     if a.child:
-        print(json.dumps(child(a.child, a.engine, a.out, a.limit, a.pairs, a.base_url)))
+        print(json.dumps(child(a.child, a.engine, a.out, a.limit, a.pairs, a.base_url, a.shape)))
         return
 
     engines = a.engines.split(",")

@@ -9,6 +9,8 @@ tokens per principle), alternating as `--recheck` alternates them, on the defaul
 
     .venv/bin/python bench/bench_recheck.py                   # 2 x 8 HH-RLHF dev pairs
     .venv/bin/python bench/bench_recheck.py --pairs 16 --repeats 3 --fallback
+    .venv/bin/python bench/bench_recheck.py --shape smollm2-1.7b   # a judge of that size (random
+                                                                   # weights: bench/_shapes.py)
 
 Reports wall seconds, CPU seconds of this process and model tokens computed (padding included:
 the work done, independent of machine load) for each side, and their ratios, re-check / label.
@@ -70,6 +72,12 @@ def main():
         "--backend", default="auto", help="auto (the default engine: llama.cpp on a CPU), hf, ..."
     )
     ap.add_argument("--fallback", action="store_true", help="also time the re-check from compare.jinja")
+    ap.add_argument(
+        "--shape", help="a random-weight model of this shape (bench/_shapes.py), not the embedded one"
+    )
+    ap.add_argument(
+        "--json", action="store_true", help="end with the figures as a JSON line; write no RESULTS"
+    )
     a = ap.parse_args()
     if not DATA.exists():
         sys.exit(f"bench_recheck: shared HH-RLHF data not found at {DATA} (see docs/pairs-contract.md)")
@@ -104,7 +112,12 @@ def main():
     warm, chunk = rest[-2:], rest[: a.pairs]
     sets = [every[k * a.pairs : (k + 1) * a.pairs] for k in range(a.repeats)]
     load0 = os.getloadavg()[0]
-    backend = load_backend(a.backend, None, batch_size=a.batch_size)
+    model = None
+    if a.shape:
+        from _shapes import gguf_for, hf_folder_for
+
+        model = str(hf_folder_for(a.shape) if a.backend == "hf" else gguf_for(a.shape))
+    backend = load_backend(a.backend, model, batch_size=a.batch_size)
     say(f"# What `--recheck` costs: {len(const.ids)} principles vs a one-principle label")
     say()
     say("command: `" + " ".join([".venv/bin/python bench/bench_recheck.py", *sys.argv[1:]]) + "`")
@@ -178,6 +191,12 @@ def main():
         say(f"server restarts during the timed runs: {backend.stats['server_starts'] - starts} (slots grown)")
     say(f"load average at the end: {os.getloadavg()[0]:.1f}")
     say("```")
+    if a.json:
+        import json
+
+        figures = {name: {k: med(name, k) for k in ("wall", "cpu", "tokens")} for name in runs}
+        print(json.dumps({**figures, "ratio": r, "pairs": n, "repeats": a.repeats}))
+        return
     write_results(ROOT / "bench" / "RESULTS-recheck.md", "\n".join(OUT))
 
 

@@ -20,6 +20,7 @@ for script in (
     "bench_scaling.py",
     "bench_engines.py",
     "bench_recheck.py",
+    "bench_size.py",
     "bench_fleet.py",
 ):
     print(f"\n=== {script} ===", flush=True)
