@@ -3,7 +3,7 @@ embedded SmolLM2-135M, and random-weight models in the shapes of SmolLM2-360M an
 (bench/_shapes.py: the same tokenizer, so the same prompts and token counts; timings only).
 
     .venv/bin/python bench/bench_size.py                                  # 135m and 360m
-    .venv/bin/python bench/bench_size.py --shapes 135m,360m,1.7b --limit 8 --pairs 16 --recheck-pairs 4
+    .venv/bin/python bench/bench_size.py --shapes 135m,360m,1.7b --limit 8 --pairs 24   # ~50 min
 
 For each model, one process per measurement: generate (the first --limit shipped prompts, one
 critique + revision, 64 new tokens) and label (the first --pairs HH-RLHF dev pairs, one
@@ -11,8 +11,8 @@ principle, both orders) on hf (fp32), on hf with torch held to AVX2, and on the 
 engine (llama.cpp, Q8_0), as bench_engines.py runs them; and on the default engine a re-check
 of every principle against a one-principle label of the same pairs, as bench_recheck.py runs
 it. Ratios are within one model and one run. The random models' texts and labels are noise:
-only their costs are reported.
-Writes bench/RESULTS-size.md.
+only their costs are reported. The model files are written once under $CAI_CACHE/shapes
+(1.7B: a 1.8 GB GGUF and 6.8 GB of safetensors). Writes bench/RESULTS-size.md.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from _shapes import EMBEDDED, SHAPES, parameters  # noqa: E402
 from bench_engines import HH_DEV, measure  # noqa: E402
 
 NAMES = {"135m": None, "360m": "smollm2-360m", "1.7b": "smollm2-1.7b"}
+TASKS = ("generate", "label")
 RUN = ("hf", "hf-avx2", "auto")  # bench_engines.py's engines: fp32 torch, the same held to AVX2, the default
 
 
@@ -80,7 +81,7 @@ def main():
         for s in shapes:
             shape = NAMES[s]
             got = {}
-            for task in ("generate", "label"):
+            for task in TASKS:
                 for e in RUN:
                     got[task, e] = measure(task, e, Path(d) / f"{s}-{task}-{e}.jsonl", opts, shape=shape)
             got["recheck"] = recheck(shape, a.recheck_pairs, a.repeats)
@@ -105,7 +106,7 @@ def main():
         "",
         "| model | weights | generate s hf / hf-avx2 / auto | generate auto ÷ hf, ÷ hf-avx2 | "
         "label s hf / hf-avx2 / auto | label auto ÷ hf, ÷ hf-avx2 | judge prompt tokens/s "
-        "hf / hf-avx2 / auto | re-check ÷ label (wall, tokens) | peak RSS MB hf / auto (label) |",
+        "hf / hf-avx2 / auto | re-check ÷ label (wall, tokens) | peak RSS MB hf / auto: generate, label |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s, shape, g in rows:
@@ -124,7 +125,8 @@ def main():
             f"| {name} | {n / 1e6:.0f}M | {cells('generate')} | {cells('label')} | "
             + " / ".join(f"{tps[e]:.0f}" for e in RUN)
             + f" | **{rc['wall']:.2f}×**, {rc['tokens']:.2f}× | "
-            f"{g['label', 'hf']['peak_rss_mb']:.0f} / {g['label', 'auto']['peak_rss_mb']:.0f} |"
+            + ", ".join(f"{g[t, 'hf']['peak_rss_mb']:.0f} / {g[t, 'auto']['peak_rss_mb']:.0f}" for t in TASKS)
+            + " |"
         )
     lines += [
         "",
