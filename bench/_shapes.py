@@ -10,8 +10,8 @@ noise: use these for timings only, never for agreement or accuracy.
 
 ``gguf_for(shape)`` writes the GGUF once (Q8_0 matrices, seeded) under ``$CAI_CACHE/shapes``;
 ``hf_folder_for(shape)`` converts it to a safetensors folder for the hf backend the way cai
-converts the embedded model (transformers' GGUF loader, de-quantised to fp32), so both engines
-run the same weights.
+converts the embedded model (``cai.models.gguf_to_safetensors``), so both engines run the same
+weights; ``model_for(shape, backend)`` is what a backend loads.
 """
 
 from __future__ import annotations
@@ -139,31 +139,24 @@ def write_gguf(s: dict, out: Path, *, name: str, seed: int = SEED, std: float = 
 
 
 def hf_folder_for(shape: str) -> Path:
-    """A safetensors folder (fp32) holding the same weights as ``gguf_for(shape)``."""
+    """A safetensors folder (fp32) holding the same weights as ``gguf_for(shape)``, converted the
+    way cai converts the embedded model (``cai.models.gguf_to_safetensors``)."""
+    from cai.models import gguf_to_safetensors
+
     out = _cache() / f"{shape}-random-seed{SEED}-hf"
     if not (out / "config.json").exists():
         g = gguf_for(shape)
         print(f"bench: converting {g.name} to safetensors (once) -> {out}", file=sys.stderr, flush=True)
-        to_hf(g, out)
+        gguf_to_safetensors(g, out)
     return out
 
 
-def to_hf(g: Path, out: Path) -> Path:
-    """Convert the GGUF ``g`` to a safetensors folder the way cai converts the embedded model
-    (transformers' GGUF loader, de-quantised to fp32), atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    kw = dict(gguf_file=g.name)
-    tok = AutoTokenizer.from_pretrained(str(g.parent), **kw)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(g.parent), quantization_config=GgufConfig(dequantize=True), dtype="float32", **kw
-    )
-    model.generation_config.pad_token_id = tok.pad_token_id
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+def model_for(shape: str | None, backend: str) -> str | None:
+    """What ``backend`` loads for ``shape``: None (the embedded default) without one, else the
+    random model in that backend's format (hf: the safetensors folder; others: the GGUF)."""
+    if not shape:
+        return None
+    return str(hf_folder_for(shape) if backend == "hf" else gguf_for(shape))
 
 
 if __name__ == "__main__":

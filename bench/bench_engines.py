@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from _machine import cpu_line  # noqa: E402
 from _results import write as write_results  # noqa: E402
+from _shapes import model_for  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,16 +77,6 @@ def _capture_backend():
     return seen
 
 
-def model_for(engine: str, shape: str | None) -> str | None:
-    """What ``engine`` loads: the embedded default (None), or the random-weight model of ``shape``
-    (bench/_shapes.py) in the engine's format."""
-    if not shape:
-        return None
-    from _shapes import gguf_for, hf_folder_for
-
-    return str(hf_folder_for(shape) if ENGINES[engine][0] == "hf" else gguf_for(shape))
-
-
 def child(
     task: str, engine: str, out: str, limit: int, pairs: int, base_url: str | None, shape: str | None = None
 ) -> dict:
@@ -93,7 +84,7 @@ def child(
 
     backend, options = ENGINES[engine]
     options = dict(options)
-    model = model_for(engine, shape)
+    model = model_for(shape, backend)
     if backend == "langchain":
         options["base_url"], model = base_url, "smollm2"
     seen = _capture_backend()

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_line  # noqa: E402
 from _results import write as write_results  # noqa: E402
+from _shapes import model_for  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl.gz"
@@ -112,12 +113,7 @@ def main():
     warm, chunk = rest[-2:], rest[: a.pairs]
     sets = [every[k * a.pairs : (k + 1) * a.pairs] for k in range(a.repeats)]
     load0 = os.getloadavg()[0]
-    model = None
-    if a.shape:
-        from _shapes import gguf_for, hf_folder_for
-
-        model = str(hf_folder_for(a.shape) if a.backend == "hf" else gguf_for(a.shape))
-    backend = load_backend(a.backend, model, batch_size=a.batch_size)
+    backend = load_backend(a.backend, model_for(a.shape, a.backend), batch_size=a.batch_size)
     say(f"# What `--recheck` costs: {len(const.ids)} principles vs a one-principle label")
     say()
     say("command: `" + " ".join([".venv/bin/python bench/bench_recheck.py", *sys.argv[1:]]) + "`")

@@ -41,10 +41,15 @@ def default_model_dir() -> Path:
     out = cache_dir() / DEFAULT_MODEL
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    gguf = default_gguf()
+    print(f"cai: converting the embedded default model to safetensors (once) -> {out}", file=sys.stderr)
+    return gguf_to_safetensors(default_gguf(), out)
+
+
+def gguf_to_safetensors(gguf: Path, out: Path) -> Path:
+    """Convert a GGUF file to a dense fp32 safetensors folder ``out`` for the hf backend
+    (transformers' GGUF loader, de-quantised), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    print(f"cai: converting the embedded default model to safetensors (once) -> {out}", file=sys.stderr)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     kw = dict(gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)

@@ -9,7 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 pytest.importorskip("xllamacpp")
-from _shapes import parameters, to_hf, write_gguf  # noqa: E402
+from _shapes import parameters, write_gguf  # noqa: E402
+
+from cai.models import gguf_to_safetensors
 
 TOY = {
     "block_count": 2,
@@ -33,7 +35,7 @@ def test_a_random_model_gives_both_engines_the_same_weights(tmp_path):
     from cai.backends.llamacpp import LlamaCppBackend
 
     g = write_gguf(TOY, tmp_path / "toy.gguf", name="toy", std=0.3)
-    folder = to_hf(g, tmp_path / "toy-hf")
+    folder = gguf_to_safetensors(g, tmp_path / "toy-hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy-hf", "toy.gguf"]  # no temporary left
     cfg = json.loads((folder / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (64, 2, 2)
